@@ -1,0 +1,14 @@
+"""alignkit: fine-tune language models with SFT and DPO (+NLL) through LoRA adapters.
+
+    from alignkit import SFT, DPO, SFTGym, PreferenceGym, make_dataset, load_model, load_tokenizer
+"""
+
+from peft import LoraConfig
+
+from .agents import DPO, SFT
+from .data import make_dataset
+from .gyms import PreferenceGym, SFTGym
+from .models import load_model, load_tokenizer
+
+__all__ = ["SFT", "DPO", "SFTGym", "PreferenceGym", "make_dataset", "load_model", "load_tokenizer", "LoraConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Checkpoints as safetensors + JSON, written atomically. No pickle anywhere.
+
+A checkpoint folder holds:
+
+- ``actor/``: a standard PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) that
+  ``peft.PeftModel.from_pretrained(base, "actor")`` loads;
+- ``training_state.json``: step, schedule, the loop's extra state (data position, epoch, ...);
+- ``optimizer.safetensors``: the optimizer's tensors and the torch RNG state.
+
+Each piece is written under a temporary name and renamed into place, the state file last, so an
+interrupted save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
+    state = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                meta[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": meta}
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save(agent, path, base_model_name: str | None = None, extra_state: dict | None = None) -> Path:
+    """Write ``agent``'s adapter and training state into folder ``path`` (replacing an older checkpoint).
+
+    Other files in ``path`` (metrics, figures) are left alone.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path))
+    try:
+        model = agent.unwrapped_model()
+        config = model.peft_config[agent.adapter_name]
+        if base_model_name:
+            config.base_model_name_or_path = base_model_name
+        model.save_pretrained(tmp / "actor", selected_adapters=[agent.adapter_name], save_embedding_layers=False)
+        if agent.adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
+            sub = tmp / "actor" / agent.adapter_name
+            for f in sub.iterdir():
+                f.rename(tmp / "actor" / f.name)
+            sub.rmdir()
+        tensors, opt_meta = _optimizer_tensors(agent.optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        state = {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(), "optimizer": opt_meta,
+                 "extra": extra_state or {}}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
+        # Move the finished pieces into place; the state file goes last and marks completion.
+        (path / STATE_FILE).unlink(missing_ok=True)
+        os.replace(tmp / OPTIMIZER_FILE, path / OPTIMIZER_FILE)
+        old = tmp / "actor.old"
+        if (path / "actor").exists():
+            os.replace(path / "actor", old)
+        os.replace(tmp / "actor", path / "actor")
+        os.replace(tmp / STATE_FILE, path / STATE_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load(agent, path) -> dict:
+    """Restore adapter weights, optimizer, scheduler, step and RNG; returns the extra state."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        raise UserError(f"no checkpoint at {path} (missing {STATE_FILE})")
+    weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(agent.unwrapped_model(), weights, adapter_name=agent.adapter_name)
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = load_file(str(path / OPTIMIZER_FILE))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
+    agent.scheduler.load_state_dict(state["scheduler"])
+    agent.steps = state["steps"]
+    return state["extra"]
+
+
+def adapter_base_model(load_path) -> str | None:
+    """The base model an adapter folder was trained on (``base_model_name_or_path``), if recorded."""
+    config_file = Path(load_path) / "adapter_config.json"
+    if not config_file.exists():
+        hint = " (did you mean its actor/ folder?)" if (Path(load_path) / "actor").is_dir() else ""
+        raise UserError(f"{load_path} is not a LoRA adapter folder: no adapter_config.json{hint}")
+    return json.loads(config_file.read_text()).get("base_model_name_or_path")
+
+
+def load_adapter(base_model, load_path, adapter_name="default", is_trainable=True, model=None):
+    """Attach the adapter at ``load_path`` to ``base_model`` (or add it to PEFT ``model``).
+
+    A mismatch between the adapter and the base (other shapes or module names) is a UserError.
+    """
+    from peft import PeftModel
+
+    try:
+        if model is None:
+            return PeftModel.from_pretrained(base_model, str(load_path), adapter_name=adapter_name,
+                                             is_trainable=is_trainable)
+        model.load_adapter(str(load_path), adapter_name=adapter_name, is_trainable=is_trainable)
+        return model
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the adapter at {load_path} does not fit this base model: {first}") from None

@@ -1,0 +1,216 @@
+"""Run options: one typed dataclass per algorithm, filled from defaults <- YAML <- command line.
+
+The dataclasses are the only source of defaults: the command line's flags and help text are
+generated from their fields, and a YAML file may set any field by name. ``validate`` reports
+every problem at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import BUNDLED_DATASET
+from .errors import UserError
+from .losses import PREFERENCE_LOSSES
+
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field with its help text (shown by ``--help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SFTConfig:
+    """Options of a supervised fine-tuning run."""
+
+    # -- model --------------------------------------------------------------------------------
+    model: str | None = opt(None, "model: 'smollm2-135m-instruct' (embedded, offline), a hub id, a local "
+                                  "folder or a .gguf file [default: the --load-path adapter's base, else the embedded model]")
+    device: str = opt("auto", "cpu, cuda, cuda:N, mps or auto (CUDA when available)")
+    dtype: str = opt("auto", "float32, bfloat16, float16 or auto (bf16 on CUDA that supports it, else float32)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
+    # -- data ---------------------------------------------------------------------------------
+    dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id")
+    test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
+    max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit")
+    # -- optimisation ---------------------------------------------------------------------------
+    epochs: float = opt(1.0, "passes over the training split (ignored when --max-steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to take; 0 means as many as --epochs needs")
+    batch_size: int = opt(8, "rows per optimizer step")
+    micro_batch_size: int = opt(0, "rows per forward/backward (gradients accumulate); 0 = batch size")
+    lr: float = opt(2e-4, "peak learning rate")
+    warmup_ratio: float = opt(0.1, "share of the steps with linear warm-up, in [0, 1)")
+    min_lr_ratio: float = opt(0.1, "cosine decay ends at this share of the peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping")
+    update_epochs: int = opt(1, "optimizer steps taken on each batch")
+    seed: int = opt(42, "seed of the split, shuffling and adapter initialisation")
+    # -- speed --------------------------------------------------------------------------------
+    packing: bool = opt(True, "padding-free forward passes (rows packed with a block-diagonal mask)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, slower)")
+    threads: int = opt(0, "torch CPU threads; 0 keeps torch's default")
+    # -- loop and output ------------------------------------------------------------------------
+    eval_interval: int = opt(10, "evaluate on the test split every N steps (and at the end); 0 = end only")
+    save_path: str = opt("outputs/sft", "where the run folder goes")
+    no_timestamp: bool = opt(False, "write into --save-path itself, not a <YYYYmmdd_HHMMSS>_<ALGO> subfolder")
+    load_path: str | None = opt(None, "a LoRA adapter folder (e.g. outputs/sft/actor) to start from")
+    save_interval: int = opt(0, "also write a checkpoint every N steps; 0 = at the end only")
+    report_to: str = opt("none", "extra loggers: none, tensorboard or wandb (offline)")
+    plot: bool = opt(True, "write training-curve PNGs into the run folder at the end")
+    config: str | None = opt(None, "YAML file of options (keys are these option names); flags override it")
+    # -- interactive evaluation -------------------------------------------------------------------
+    eval: bool = opt(False, "chat with the model at --load-path instead of training")
+    max_new_tokens: int = opt(200, "longest generated answer, in tokens (greedy decoding)")
+
+    algo = "sft"
+
+    def validate(self) -> None:
+        """Raise one UserError that lists every invalid option."""
+        problems = []
+
+        def need(cond, msg):
+            if not cond:
+                problems.append(msg)
+
+        for name in ("lora_r", "lora_alpha", "max_length", "batch_size", "update_epochs", "max_new_tokens"):
+            need(getattr(self, name) >= 1, f"--{flag(name)} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "threads"):
+            need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        need(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
+        need(self.epochs > 0, f"--epochs must be > 0 (got {self.epochs})")
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must be >= 0")
+        need(self.test_size > 0 and (self.test_size < 1 or float(self.test_size).is_integer()),
+             f"--test-size must be a fraction in (0, 1) or a whole row count (got {self.test_size})")
+        need(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
+             f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size ({self.micro_batch_size})")
+        need(bool(self.lora_target_modules), "--lora-target-modules needs at least one module name")
+        for target in self.report_to.split(","):
+            need(target.strip() in REPORT_TARGETS, f"--report-to takes {', '.join(REPORT_TARGETS)} (got {target!r})")
+        need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
+        problems += self._extra_problems()
+        if problems:
+            raise UserError("invalid options: " + "; ".join(problems))
+
+    def _extra_problems(self) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """Options of a DPO run: the SFT options plus the preference loss's."""
+
+    lr: float = opt(5e-5, "peak learning rate")
+    save_path: str = opt("outputs/dpo", "where the run folder goes")
+    beta: float = opt(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
+    nll_alpha: float = opt(1.0, "weight of the NLL term on the chosen response; 0 gives vanilla DPO")
+    loss_type: str = opt("sigmoid", "preference loss: " + ", ".join(PREFERENCE_LOSSES))
+    label_smoothing: float = opt(0.0, "label smoothing of the sigmoid loss (conservative DPO), in [0, 0.5)")
+    simpo_gamma: float = opt(0.5, "target reward margin of the simpo loss")
+
+    algo = "dpo"
+
+    def _extra_problems(self):
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"--beta must be > 0 (got {self.beta})")
+        if self.nll_alpha < 0:
+            problems.append(f"--nll-alpha must be >= 0 (got {self.nll_alpha})")
+        if self.loss_type not in PREFERENCE_LOSSES:
+            problems.append(f"--loss-type must be one of {', '.join(PREFERENCE_LOSSES)} (got {self.loss_type!r})")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        return problems
+
+
+CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(tp):
+    """``int`` for ``int``, ``str`` for ``str | None``, ``list`` for ``list[str]``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one flag per field of ``cls``; defaults stay unset so explicit flags can be told apart."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, help_text = _base_type(hints[f.name]), f.metadata["help"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"default": argparse.SUPPRESS, "dest": f.name}
+        if tp is bool and default is False:
+            parser.add_argument(f"--{flag(f.name)}", action="store_true", help=help_text, **kwargs)
+        elif tp is bool:
+            parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} [default: on]", **kwargs)
+        elif tp is list:
+            parser.add_argument(f"--{flag(f.name)}", nargs="+", metavar="NAME",
+                                help=f"{help_text} [default: {' '.join(default)}]", **kwargs)
+        else:
+            shown = "" if default is None or "[default" in help_text else f" [default: {default}]"
+            parser.add_argument(f"--{flag(f.name)}", type=tp, metavar=tp.__name__.upper(),
+                                help=help_text + shown, **kwargs)
+
+
+def _coerce(cls, key: str, value, source: str):
+    tp = _base_type(typing.get_type_hints(cls)[key])
+    if value is None or tp is list and isinstance(value, list) or isinstance(value, tp):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise UserError(f"{source}: {key} must be {tp.__name__}, got {value!r}")
+
+
+def load_yaml(path, cls) -> dict:
+    """Options from a YAML file; unknown keys are an error (a misspelt key is never ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option names to values")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.algo}")
+    return {k: _coerce(cls, k, v, str(path)) for k, v in data.items()}
+
+
+def build_config(algo: str, flags: dict | None = None, **overrides):
+    """The config of ``algo`` from defaults, then ``flags['config']``'s YAML, then flags and overrides."""
+    cls = CONFIGS[algo]
+    values = dict(flags or {}, **overrides)
+    merged = load_yaml(values["config"], cls) if values.get("config") else {}
+    merged.update(values)
+    cfg = cls(**merged)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,254 @@
+"""Preference data: load it, check it, split it.
+
+Every source goes through the same steps: load rows -> check the needed columns exist -> drop
+rows with bad values (counted in a warning) -> drop exact duplicates -> seeded train/test split.
+
+Sources (see `make_dataset`): the bundled sample by name, a local `.jsonl` / `.json` / `.csv` /
+`.parquet` file, or a Hugging Face hub dataset id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from datasets import Dataset
+
+from alignkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DATASET = "human-like-sample"
+"""Command-line name of the preference set shipped with alignkit (prompt/chosen/rejected)."""
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def bundled_dataset_path() -> Path:
+    """Path of the bundled preference set, `alignkit/resources/human_like_sample.jsonl`."""
+    return Path(__file__).resolve().parent / "resources" / "human_like_sample.jsonl"
+
+
+def make_dataset(
+    name_or_path: str | os.PathLike = BUNDLED_DATASET,
+    test_size: float | int = 0.1,
+    seed: int = 42,
+    columns: Sequence[str] = PREFERENCE_COLUMNS,
+) -> tuple[Dataset, Dataset]:
+    """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
+
+    Args:
+        name_or_path: `BUNDLED_DATASET`, a local `.jsonl`/`.json`/`.csv`/`.parquet` file, or a
+            hub id such as `HumanLLMs/Human-Like-DPO-Dataset` (its "train" split is used).
+        test_size: a fraction in (0, 1) (the test count is rounded up) or a row count.
+        seed: seeds the shuffle before the split; the same seed gives the same split.
+        columns: the columns every row needs, each a non-empty string. Only these are kept.
+
+    Rows with a missing, non-string or blank value in a needed column are dropped, and so are
+    exact duplicates; each drop is counted in a warning. Raises `UserError` for a missing file,
+    an unknown format, missing columns, a bad `test_size`, or too few rows to split.
+    """
+    columns = _check_columns_arg(columns)
+    label, rows, found = _load_rows(name_or_path, columns)
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise UserError(
+            f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: {', '.join(found) or 'none'}"
+        )
+    rows = _drop_bad_rows(rows, columns, label)
+    rows = _drop_duplicates(rows, columns, label)
+    if not rows:
+        raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in {', '.join(columns)})")
+    n_test = _test_count(test_size, len(rows), label)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    test_rows = [rows[i] for i in order[:n_test]]
+    train_rows = [rows[i] for i in order[n_test:]]
+    return Dataset.from_list(train_rows), Dataset.from_list(test_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: every source ends as a list of dicts plus the column names it has
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_rows(name_or_path, columns: tuple[str, ...]) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """Rows (only the needed columns) and all column names found, from any source."""
+    text = os.fspath(name_or_path)
+    if text == BUNDLED_DATASET:
+        path = bundled_dataset_path()
+        if not path.is_file():
+            raise UserError(f"the bundled dataset is missing from this install (expected {path})")
+        return (text, *_read_file(path))
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file() or suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise UserError(f"dataset file '{text}' does not exist")
+        return (text, *_read_file(path))
+    if path.exists():
+        raise UserError(f"dataset '{text}' is a folder; give a file ({', '.join(FILE_FORMATS)})")
+    if _HUB_ID.match(text):
+        return (text, *_read_hub(text, columns))
+    raise UserError(
+        f"dataset '{text}' is not '{BUNDLED_DATASET}', an existing file or a hub id like 'org/name'; "
+        f"accepted file types: {', '.join(FILE_FORMATS)}"
+    )
+
+
+def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read a local file into row dicts; values keep their parsed types so bad ones can be counted."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_json_lines(path)
+    elif suffix == ".json":
+        records = _read_json(path)
+    elif suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        try:
+            # dtype=str keeps CSV text as written ("007" stays "007"); empty cells become NaN.
+            frame = pd.read_csv(path, dtype=str) if suffix == ".csv" else pd.read_parquet(path)
+        except (ValueError, OSError, pd.errors.ParserError) as err:
+            raise UserError(f"could not read '{path}': {' '.join(str(err).split())}") from err
+        frame = frame.astype(object).where(frame.notna(), None)
+        records = frame.to_dict("records")
+    else:
+        raise UserError(f"unknown dataset file type '{path.suffix}' for '{path}'; accepted: {', '.join(FILE_FORMATS)}")
+    return records, _column_names(records)
+
+
+def _read_json_lines(path: Path) -> list[Any]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"'{path}' line {number} is not valid JSON: {err.msg}") from err
+    return records
+
+
+def _read_json(path: Path) -> list[Any]:
+    """A list of objects, or an object of equal-length column lists; JSON lines as a fallback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return _read_json_lines(path)  # many ".json" files on the hub are JSON lines
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise UserError(f"'{path}' holds columns of different lengths")
+        return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if isinstance(data, list):
+        return data
+    raise UserError(f"'{path}' must hold a list of row objects or an object of column lists")
+
+
+def _read_hub(repo_id: str, columns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo_id, split="train")
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise UserError(
+            f"could not load dataset '{repo_id}' from the Hugging Face hub ({reason}); "
+            f"the bundled '{BUNDLED_DATASET}' works offline"
+        ) from err
+    found = list(ds.column_names)
+    # Only the needed columns are converted to Python objects: hub sets can carry large extras.
+    ds = ds.select_columns([c for c in columns if c in found])
+    return ds.to_list(), found
+
+
+def _column_names(records: list[Any]) -> list[str]:
+    """Column names in first-seen order across all rows (JSON lines rows may differ in keys)."""
+    names: dict[str, None] = {}
+    for record in records:
+        if not isinstance(record, dict):
+            raise UserError(f"every row must be an object with named fields, found {type(record).__name__}")
+        names.update(dict.fromkeys(record))
+    return list(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning and splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_columns_arg(columns: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(columns, str) or not columns or not all(isinstance(c, str) and c for c in columns):
+        raise UserError(f"columns must be a non-empty list of column names, got {columns!r}")
+    return tuple(columns)
+
+
+def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...], label: str) -> list[dict[str, str]]:
+    """Keep rows whose needed values are all non-blank strings; warn with counts per reason."""
+    kept, reasons = [], Counter()
+    for row in rows:
+        problem = None
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                problem = "a missing value"
+            elif not isinstance(value, str):
+                problem = "a non-string value"
+            elif not value.strip():
+                problem = "an empty value"
+            if problem:
+                break
+        if problem:
+            reasons[problem] += 1
+        else:
+            kept.append({column: row[column] for column in columns})
+    if reasons:
+        detail = ", ".join(f"{n} with {why}" for why, n in reasons.most_common())
+        logger.warning(
+            "dataset '%s': dropped %d of %d rows (%s) in columns %s",
+            label, sum(reasons.values()), len(rows), detail, ", ".join(columns),
+        )
+    return kept
+
+
+def _drop_duplicates(rows: list[dict[str, str]], columns: tuple[str, ...], label: str) -> list[dict[str, str]]:
+    """Drop exact repeats: a repeat could land in both splits and inflate test scores."""
+    seen, kept = set(), []
+    for row in rows:
+        key = tuple(row[c] for c in columns)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    if len(kept) < len(rows):
+        logger.warning("dataset '%s': dropped %d exact duplicate rows", label, len(rows) - len(kept))
+    return kept
+
+
+def _test_count(test_size: float | int, n_rows: int, label: str) -> int:
+    """Rows for the test split: a fraction is rounded up, a count taken as is; both splits non-empty."""
+    if isinstance(test_size, numbers.Integral) and not isinstance(test_size, bool):
+        n_test = int(test_size)
+    elif isinstance(test_size, numbers.Real) and 0 < test_size < 1:
+        # round() first: 0.3 * 10 is 3.0000000000000004 in floats, which must not become 4
+        n_test = math.ceil(round(float(test_size) * n_rows, 9))
+    else:
+        raise UserError(f"test_size must be a fraction in (0, 1) or a whole row count, got {test_size!r}")
+    if n_rows < 2:
+        raise UserError(f"dataset '{label}' has {n_rows} usable row(s); at least 2 are needed for a train/test split")
+    if not 1 <= n_test <= n_rows - 1:
+        raise UserError(
+            f"test_size {test_size} gives {n_test} test rows out of {n_rows}; both splits need at least one row"
+        )
+    return n_test

@@ -1,0 +1,305 @@
+"""Gyms: turn text rows into token batches. The agent never sees text.
+
+A gym renders each row with the tokenizer's chat template (user turn = prompt, assistant turn =
+response), finds the prompt/response boundary, masks everything but the response tokens, and
+serves shuffled batches: ``reset()`` gives the first batch of an epoch, ``step()`` the next one.
+
+Batch layout (all tensors, right-padded with ``pad_token_id``):
+
+- ``SFTGym``: ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) with -100
+  everywhere except the response tokens (end-of-turn token included).
+- ``PreferenceGym``: the same three keys with 2B rows (the B chosen sequences first, then the
+  B rejected ones, so one forward pass serves both), plus ``example_ids`` (B,) int64: a stable
+  hash of each pair's tokens, used to cache reference log-probs across epochs and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenized sequence: prompt tokens followed by response tokens."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * len(self.prompt_ids) + list(self.response_ids)
+
+
+@dataclass
+class EncodeStats:
+    """Counts of what tokenization had to change, reported once per split."""
+
+    rows: int = 0
+    dropped_prompt_too_long: int = 0
+    truncated_responses: int = 0
+    boundary_merges: int = field(default=0)
+
+
+def render_prompt_response(tokenizer, prompt: str, response: str) -> tuple[str, str]:
+    """Render ``(prompt_text, response_text)`` so that their concatenation is the training text.
+
+    With a chat template, the prompt text ends with the assistant header (generation prompt) and
+    the response text runs up to and including the end-of-turn token. Without one, the prompt is
+    followed by a newline and the response ends with the EOS token.
+    """
+    eos = tokenizer.eos_token or ""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full_text.startswith(prompt_text):
+            raise UserError("the tokenizer's chat template renders the prompt differently with and without "
+                            "the answer; cannot find the prompt/response boundary")
+        response_text = full_text[len(prompt_text):]
+        # Templates add a newline after the end-of-turn token; the model should learn to stop at
+        # the end-of-turn token, not to predict what follows it.
+        if eos and eos in response_text:
+            response_text = response_text[: response_text.rindex(eos) + len(eos)]
+        else:
+            response_text = response_text.rstrip("\n") + eos
+        return prompt_text, response_text
+    return prompt + "\n", response + eos
+
+
+def encode_pair(tokenizer, prompt: str, response: str) -> tuple[Encoded, bool]:
+    """Tokenize one prompt/response; returns the encoding and whether tokens merged at the boundary.
+
+    Prompt and response are tokenized separately and concatenated, so the response starts exactly
+    where generation would start after the prompt. When tokenizing the joint text would have merged
+    tokens across the boundary, the separate tokenization is kept and the merge is reported.
+    """
+    prompt_text, response_text = render_prompt_response(tokenizer, prompt, response)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    # Chat templates write their own special tokens; plain text gets the tokenizer's BOS, if any.
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not has_template)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(prompt_text + response_text, add_special_tokens=not has_template)["input_ids"]
+    merged = joint != prompt_ids + response_ids
+    return Encoded(list(prompt_ids), list(response_ids)), merged
+
+
+def fit_to_length(enc: Encoded, max_length: int) -> Encoded | None:
+    """Keep the whole prompt and truncate the response; ``None`` when the prompt alone does not fit."""
+    room = max_length - len(enc.prompt_ids)
+    if room < 1:
+        return None
+    return Encoded(enc.prompt_ids, enc.response_ids[:room])
+
+
+def pad_batch(sequences: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encodings into ``input_ids``, ``attention_mask`` and ``labels``, each (B, T)."""
+    width = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(s.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _example_id(*parts: list[int]) -> int:
+    """A stable signed 63-bit hash of token lists (same tokens -> same id, in any process)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in p))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class _Gym:
+    """Shared batching: seeded shuffling per epoch, ``reset``/``step``, test-split iteration."""
+
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
+                 accelerator=None, max_context_length=512, seed=42):
+        if data_batch_size_per_gpu < 1:
+            raise UserError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}")
+        if max_context_length < 2:
+            raise UserError(f"max_context_length must be >= 2, got {max_context_length}")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.batch_size = data_batch_size_per_gpu
+        self.accelerator = accelerator
+        self.max_context_length = max_context_length
+        self.seed = seed
+        self.pad_token_id = tokenizer.pad_token_id
+        self.train_examples = self._encode_split(train_dataset, "train")
+        self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
+        if not self.train_examples:
+            raise UserError("no training rows left after tokenization (every prompt is longer than "
+                            f"max_context_length={max_context_length})")
+        self.epoch = 0
+        self._order: list[int] = []
+        self._cursor = 0
+
+    # -- subclasses provide these -------------------------------------------------------------
+    def _encode_row(self, row, stats: EncodeStats):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _collate(self, examples) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def _encode_split(self, dataset, split: str) -> list:
+        stats = EncodeStats()
+        examples = []
+        for row in dataset:
+            stats.rows += 1
+            ex = self._encode_row(row, stats)
+            if ex is not None:
+                examples.append(ex)
+        if stats.dropped_prompt_too_long:
+            logger.warning("%s split: dropped %d of %d rows whose prompt alone exceeds max_context_length=%d",
+                           split, stats.dropped_prompt_too_long, stats.rows, self.max_context_length)
+        if stats.truncated_responses:
+            logger.info("%s split: truncated %d responses to fit max_context_length=%d",
+                        split, stats.truncated_responses, self.max_context_length)
+        if stats.boundary_merges:
+            logger.info("%s split: %d rows would merge tokens across the prompt/response boundary; "
+                        "prompt and response were tokenized separately", split, stats.boundary_merges)
+        self.__dict__.setdefault("encode_stats", {})[split] = stats
+        return examples
+
+    def _fit(self, enc: Encoded, stats: EncodeStats) -> Encoded | None:
+        fitted = fit_to_length(enc, self.max_context_length)
+        if fitted is not None and len(fitted.response_ids) < len(enc.response_ids):
+            stats.truncated_responses += 1
+        return fitted
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches in one pass over the train split (the last one may be smaller)."""
+        return math.ceil(len(self.train_examples) / self.batch_size)
+
+    def _shuffle(self) -> None:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self._order = torch.randperm(len(self.train_examples), generator=g).tolist()
+        self._cursor = 0
+
+    def reset(self) -> dict[str, torch.Tensor]:
+        """Start from epoch 0 and return its first training batch."""
+        self.epoch = 0
+        self._shuffle()
+        return self.step()
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """Return the next training batch, starting a new (reshuffled) epoch when one runs out."""
+        if not self._order:
+            self._shuffle()
+        if self._cursor >= len(self._order):
+            self.epoch += 1
+            self._shuffle()
+        idx = self._order[self._cursor: self._cursor + self.batch_size]
+        self._cursor += len(idx)
+        return self._collate([self.train_examples[i] for i in idx])
+
+    def state_dict(self) -> dict:
+        """Data position, so a resumed run continues with the same next batch."""
+        return {"epoch": self.epoch, "cursor": self._cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch = state["seed"], state["epoch"]
+        self._shuffle()
+        self._cursor = state["cursor"]
+
+    def test_batches(self, batch_size: int | None = None):
+        """Yield batches covering the whole test split once, in order."""
+        size = batch_size or self.batch_size
+        for start in range(0, len(self.test_examples), size):
+            yield self._collate(self.test_examples[start: start + size])
+
+
+class SFTGym(_Gym):
+    """Supervised fine-tuning data: the prompt is context, the response column is the target.
+
+    Args:
+        train_dataset, test_dataset: datasets (or lists of dicts) with ``prompt`` and the response column.
+        tokenizer: a Hugging Face tokenizer; its chat template is used where it has one.
+        data_batch_size_per_gpu: rows per batch.
+        response_column: which column holds the target answer (``"chosen"`` on preference data).
+        accelerator: an ``accelerate.Accelerator`` or ``None``.
+        max_context_length: longest sequence in tokens; responses are cut to fit, rows whose prompt
+            alone does not fit are dropped with a counted warning.
+        seed: shuffling seed (each epoch reshuffles with ``seed + epoch``).
+    """
+
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
+                 response_column="chosen", accelerator=None, max_context_length=512, seed=42,
+                 prompt_column="prompt"):
+        self.response_column = response_column
+        self.prompt_column = prompt_column
+        super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
+                         accelerator, max_context_length, seed)
+
+    def _encode_row(self, row, stats):
+        enc, merged = encode_pair(self.tokenizer, row[self.prompt_column], row[self.response_column])
+        stats.boundary_merges += merged
+        fitted = self._fit(enc, stats)
+        if fitted is None:
+            stats.dropped_prompt_too_long += 1
+        return fitted
+
+    def _collate(self, examples):
+        return pad_batch(examples, self.pad_token_id)
+
+
+@dataclass
+class PreferencePair:
+    """A tokenized preference pair sharing one prompt."""
+
+    chosen: Encoded
+    rejected: Encoded
+    example_id: int
+
+
+class PreferenceGym(_Gym):
+    """Preference data (``prompt``, ``chosen``, ``rejected``) for DPO-style training.
+
+    Arguments as for :class:`SFTGym`. Each batch holds the chosen sequences followed by the
+    rejected ones, so both run in a single forward pass.
+    """
+
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
+                 accelerator=None, max_context_length=512, seed=42):
+        super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
+                         accelerator, max_context_length, seed)
+
+    def _encode_row(self, row, stats):
+        chosen, merged_c = encode_pair(self.tokenizer, row["prompt"], row["chosen"])
+        rejected, merged_r = encode_pair(self.tokenizer, row["prompt"], row["rejected"])
+        stats.boundary_merges += merged_c or merged_r
+        chosen, rejected = self._fit(chosen, stats), self._fit(rejected, stats)
+        if chosen is None or rejected is None:
+            stats.dropped_prompt_too_long += 1
+            return None
+        return PreferencePair(chosen, rejected, _example_id(chosen.input_ids, rejected.input_ids))
+
+    def _collate(self, pairs):
+        batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)
+        batch["example_ids"] = torch.tensor([p.example_id for p in pairs], dtype=torch.long)
+        return batch

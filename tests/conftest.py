@@ -1,0 +1,65 @@
+"""Shared fixtures: the embedded tokenizer, tiny random-weight models and a few preference rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignkit.models import DEFAULT_MODEL, load_tokenizer
+
+ROWS = [
+    {"prompt": "Do you like rainy days?", "chosen": "Oh, I love them! Cozy blankets and tea.",
+     "rejected": "Weather preferences are not applicable to me."},
+    {"prompt": "What's your favorite snack?", "chosen": "Popcorn, hands down. Salty and buttery!",
+     "rejected": "I do not consume food and therefore have no preference."},
+    {"prompt": "Any tips for sleeping better?", "chosen": "Try a screen-free hour before bed, it really helps.",
+     "rejected": "It is advisable to maintain a consistent sleep schedule."},
+    {"prompt": "Should I learn guitar or piano?", "chosen": "Guitar if you want to jam with friends soon!",
+     "rejected": "Both instruments possess distinct advantages and disadvantages."},
+    {"prompt": "How was your weekend?", "chosen": "Pretty chill! How about yours, do anything fun?",
+     "rejected": "I do not experience weekends. Please state your query."},
+    {"prompt": "Is coffee bad for you?", "chosen": "In moderation it's fine, a cup or two won't hurt.",
+     "rejected": "Caffeine consumption should be evaluated with a medical professional."},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer (with its chat template)."""
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer(tokenizer):
+    """The same vocabulary without a chat template (the prompt + response + EOS path)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+@pytest.fixture
+def rows():
+    return [dict(r) for r in ROWS]
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A small Llama with random weights, built from a config (no download)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_model(len(tokenizer))
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Factory of tiny models with the embedded tokenizer's vocabulary: ``make_model(seed=0)``."""
+    return lambda seed=0, layers=2: make_tiny_model(len(tokenizer), seed=seed, layers=layers)

@@ -1,0 +1,165 @@
+"""SFT and DPO agents on a tiny random-weight model: losses, what trains, accumulation, checkpoints."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel
+
+from alignkit import DPO, SFT, PreferenceGym, SFTGym
+from alignkit.agents import lr_factor
+from alignkit.forward import sequence_logps
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def _sft(tokenizer, model, **kw):
+    kw.setdefault("lr", 1e-2)
+    return SFT(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
+               lora_config=copy.deepcopy(LORA), **kw)
+
+
+def _dpo(tokenizer, model, **kw):
+    kw.setdefault("lr", 1e-2)
+    return DPO(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
+               lora_config=copy.deepcopy(LORA), **kw)
+
+
+def _first_lora_b(agent):
+    return next(p for n, p in agent.model.named_parameters() if "lora_B" in n)
+
+
+def test_sft_loss_is_cross_entropy_on_response_tokens(tokenizer, tiny_model, rows):
+    gym = SFTGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    agent = _sft(tokenizer, tiny_model, batch_size=len(rows))
+    batch = gym.reset()
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    metrics = agent.test(gym, batch_size=2)   # 3 micro-batches, true mean over all tokens
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(float(expected.exp()), rel=1e-5)
+
+
+def test_sft_trains_lora_only_and_loss_falls(tokenizer, tiny_model, rows):
+    gym = SFTGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    agent = _sft(tokenizer, tiny_model, batch_size=len(rows), lr=5e-2)
+    base_before = {n: p.detach().clone() for n, p in agent.model.named_parameters() if "lora_" not in n}
+    lora_b_before = _first_lora_b(agent).detach().clone()
+    batch = gym.reset()
+    first = agent.learn(batch)
+    for _ in range(5):
+        last = agent.learn(batch)
+    assert last["loss"] < first["loss"]
+    assert not torch.equal(_first_lora_b(agent), lora_b_before)
+    for n, p in agent.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    assert {"loss", "perplexity", "tokens", "lr", "grad_norm"} <= set(last)
+    assert last["tokens"] == int(batch["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_accumulation_equals_one_big_batch(tokenizer, rows, algo, make_model):
+    gym_cls, make = (SFTGym, _sft) if algo == "sft" else (PreferenceGym, _dpo)
+    gym = gym_cls(rows, None, tokenizer, data_batch_size_per_gpu=4)
+    batch = gym.reset()
+    results = []
+    for micro in (4, 1):
+        agent = make(tokenizer, make_model(seed=1), batch_size=4, micro_batch_size=micro,
+                     max_grad_norm=0.0, seed=3)
+        metrics = agent.learn(batch)
+        results.append((metrics, [p.detach().clone() for p in agent.params]))
+    (m_big, p_big), (m_acc, p_acc) = results
+    assert m_big["loss"] == pytest.approx(m_acc["loss"], rel=1e-5)
+    assert m_big["grad_norm"] == pytest.approx(m_acc["grad_norm"], rel=1e-4)
+    for a, b in zip(p_big, p_acc, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_reproduces_logits(tokenizer, rows, tmp_path, make_model):
+    gym = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows))
+    agent = _sft(tokenizer, make_model(), batch_size=len(rows), lr=5e-2)
+    batch = gym.reset()
+    agent.learn(batch)
+    agent.save_checkpoint(tmp_path / "run", base_model_name="tiny")
+    assert (tmp_path / "run" / "actor" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "run" / "actor" / "adapter_config.json").exists()
+    assert not list((tmp_path / "run").glob("*.bin")) and not list((tmp_path / "run").glob("*.pt"))
+    agent.model.eval()
+    with torch.no_grad():
+        expected = agent.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reloaded = PeftModel.from_pretrained(make_model(), tmp_path / "run" / "actor").eval()
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected)
+    # the optimizer state comes back too: the next step is identical
+    other = _sft(tokenizer, make_model(), batch_size=len(rows), lr=5e-2, seed=9)
+    other.load_checkpoint(tmp_path / "run")
+    assert other.steps == 1
+    assert agent.learn(batch)["loss"] == pytest.approx(other.learn(batch)["loss"], rel=1e-5)
+
+
+def test_dpo_one_concatenated_forward_equals_two_passes(tokenizer, tiny_model, rows):
+    gym = PreferenceGym(rows, None, tokenizer, data_batch_size_per_gpu=3)
+    batch = gym.reset()
+    both, _ = sequence_logps(tiny_model, batch)
+    n = 3
+    chosen = {k: batch[k][:n] for k in ("input_ids", "attention_mask", "labels")}
+    rejected = {k: batch[k][n:] for k in ("input_ids", "attention_mask", "labels")}
+    torch.testing.assert_close(both[:n], sequence_logps(tiny_model, chosen, packed=False)[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(both[n:], sequence_logps(tiny_model, rejected, packed=False)[0], atol=1e-4, rtol=1e-5)
+
+
+def test_dpo_reference_is_frozen_and_only_adapter_trains(tokenizer, tiny_model, rows):
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    agent = _dpo(tokenizer, tiny_model, batch_size=len(rows), lr=5e-2, nll_alpha=0.0)
+    batch = gym.reset()
+    ref_before = agent.reference_logps(batch)
+    base_before = {n: p.detach().clone() for n, p in agent.model.named_parameters() if "lora_" not in n}
+    start = agent.test(gym)
+    for _ in range(4):
+        agent.learn(batch)
+    agent.ref_cache.clear()   # recompute: the reference must not have moved
+    ref_after = agent.reference_logps(batch)
+    torch.testing.assert_close(ref_after[0], ref_before[0])
+    torch.testing.assert_close(ref_after[1], ref_before[1])
+    for n, p in agent.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    end = agent.test(gym)
+    assert start["rewards/accuracies"] == 0.0 and start["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert end["rewards/margins"] > 0 and end["rewards/accuracies"] > 0.5
+    keys = {"loss", "dpo_loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "logps/chosen", "logps/rejected"}
+    assert keys <= set(end)
+    assert end["rewards/margins"] == pytest.approx(end["rewards/chosen"] - end["rewards/rejected"])
+
+
+def test_dpo_metrics_match_hand_computation(tokenizer, tiny_model, rows):
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    agent = _dpo(tokenizer, tiny_model, batch_size=len(rows), beta=0.5, nll_alpha=1.0)
+    batch = gym.reset()
+    agent.learn(batch)   # move the policy away from the reference
+    metrics = agent.test(gym, batch_size=4)
+    with torch.no_grad():
+        agent.model.eval()
+        logps, counts = sequence_logps(agent.model, batch)
+        ref_c, ref_r = agent.reference_logps(batch)
+    n = len(rows)
+    rc, rr = 0.5 * (logps[:n] - ref_c), 0.5 * (logps[n:] - ref_r)
+    dpo = -F.logsigmoid(rc - rr).mean()
+    nll = -logps[:n].sum() / counts[:n].sum()
+    assert metrics["dpo_loss"] == pytest.approx(float(dpo), rel=1e-4)
+    assert metrics["nll_loss"] == pytest.approx(float(nll), rel=1e-4)
+    assert metrics["loss"] == pytest.approx(float(dpo + nll), rel=1e-4)
+    assert metrics["rewards/accuracies"] == pytest.approx(float((rc > rr).float().mean()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(19, 4, 20, 0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 0, None, 0.1) == 1.0
+    assert lr_factor(0, 0, 1, 0.1) == 1.0

@@ -1,0 +1,222 @@
+"""Tests for alignkit.data: sources, validation, duplicates and the seeded split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datasets import Dataset
+
+from alignkit.data import BUNDLED_DATASET, PREFERENCE_COLUMNS, bundled_dataset_path, make_dataset
+from alignkit.errors import UserError
+
+
+def _rows(n: int) -> list[dict[str, str]]:
+    return [{"prompt": f"question {i}?", "chosen": f"warm answer {i}!", "rejected": f"formal answer {i}."}
+            for i in range(n)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def jsonl(tmp_path) -> Path:
+    return _write_jsonl(tmp_path / "prefs.jsonl", _rows(20))
+
+
+def _prompts(ds: Dataset) -> list[str]:
+    return list(ds["prompt"])
+
+
+# --- split ------------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_and_reproducible(jsonl):
+    train_a, test_a = make_dataset(jsonl, test_size=0.25, seed=7)
+    train_b, test_b = make_dataset(str(jsonl), test_size=0.25, seed=7)
+    assert _prompts(train_a) == _prompts(train_b) and _prompts(test_a) == _prompts(test_b)
+    _, test_c = make_dataset(jsonl, test_size=0.25, seed=8)
+    assert set(_prompts(test_c)) != set(_prompts(test_a))
+
+
+def test_split_sizes_cover_every_row_once(jsonl):
+    train, test = make_dataset(jsonl, test_size=0.25)
+    assert (len(train), len(test)) == (15, 5)
+    assert sorted(_prompts(train) + _prompts(test)) == sorted(r["prompt"] for r in _rows(20))
+    assert train.column_names == list(PREFERENCE_COLUMNS)
+    train, test = make_dataset(jsonl, test_size=3)
+    assert (len(train), len(test)) == (17, 3)
+    _, test = make_dataset(jsonl, test_size=0.01)  # rounded up so the test split is never empty
+    assert len(test) == 1
+
+
+def test_fraction_is_not_rounded_up_by_float_error(tmp_path):
+    path = _write_jsonl(tmp_path / "25.jsonl", _rows(25))
+    _, test = make_dataset(path, test_size=0.28)  # 0.28 * 25 is 7.000000000000001 in floats
+    assert len(test) == 7
+
+
+@pytest.mark.parametrize("bad", [0, 20, 25, 0.0, 1.0, 1.5, -0.2, True, "0.1", None])
+def test_bad_test_size_is_user_error(jsonl, bad):
+    with pytest.raises(UserError, match="test_size"):
+        make_dataset(jsonl, test_size=bad)
+
+
+def test_single_row_cannot_be_split(tmp_path):
+    path = _write_jsonl(tmp_path / "one.jsonl", _rows(1))
+    with pytest.raises(UserError, match="at least 2"):
+        make_dataset(path)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_dropped_and_counted(tmp_path, caplog):
+    rows = _rows(10)
+    rows[1]["chosen"] = "   "          # blank
+    rows[2]["rejected"] = None         # missing
+    del rows[3]["prompt"]              # missing
+    rows[4]["prompt"] = 42             # not a string
+    rows[5]["chosen"] = ""             # blank
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(path, test_size=1)
+    assert len(train) + len(test) == 5
+    kept = set(_prompts(train) + _prompts(test))
+    assert kept == {f"question {i}?" for i in (0, 6, 7, 8, 9)}
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "dropped 5 of 10 rows" in message
+    assert "2 with a missing value" in message and "2 with an empty value" in message
+    assert "1 with a non-string value" in message
+
+
+def test_duplicates_are_dropped_and_counted(tmp_path, caplog):
+    rows = _rows(6) + _rows(2)
+    path = _write_jsonl(tmp_path / "dups.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(path, test_size=1)
+    assert len(train) + len(test) == 6
+    assert "dropped 2 exact duplicate rows" in caplog.text
+
+
+def test_missing_columns_are_named(tmp_path):
+    rows = [{"question": "q", "chosen": "a", "answer_b": "b"}] * 3
+    path = _write_jsonl(tmp_path / "wrong.jsonl", rows)
+    with pytest.raises(UserError) as info:
+        make_dataset(path)
+    message = str(info.value)
+    assert "prompt, rejected" in message and "question, chosen, answer_b" in message
+    assert "\n" not in message
+
+
+def test_custom_columns_keep_only_those(tmp_path):
+    rows = [{"text": f"row {i}", "extra": i} for i in range(5)]
+    path = _write_jsonl(tmp_path / "sft.jsonl", rows)
+    train, test = make_dataset(path, test_size=1, columns=["text"])
+    assert train.column_names == ["text"] and len(train) + len(test) == 5
+
+
+def test_nothing_usable_is_user_error(tmp_path):
+    path = _write_jsonl(tmp_path / "empty.jsonl", [{"prompt": " ", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(UserError, match="no usable rows"):
+        make_dataset(path)
+
+
+def test_missing_file_unknown_type_and_bad_name(tmp_path):
+    with pytest.raises(UserError, match="nope.jsonl' does not exist"):
+        make_dataset(tmp_path / "nope.jsonl")
+    odd = tmp_path / "data.txt"
+    odd.write_text("hello")
+    with pytest.raises(UserError, match=r"\.jsonl, \.json, \.csv, \.parquet"):
+        make_dataset(odd)
+    with pytest.raises(UserError, match="not 'human-like-sample'"):
+        make_dataset("not-a-dataset-name")
+
+
+def test_invalid_json_line_names_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(_rows(1)[0]) + "\n{oops\n")
+    with pytest.raises(UserError, match="line 2"):
+        make_dataset(path)
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+
+def _write(fmt: str, path: Path, rows: list[dict]) -> Path:
+    if fmt == "jsonl":
+        return _write_jsonl(path, rows)
+    if fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "json-columns":
+        path.write_text(json.dumps({c: [r[c] for r in rows] for c in rows[0]}))
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif fmt == "parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt, suffix", [("jsonl", ".jsonl"), ("json", ".json"), ("json-columns", ".json"),
+                                         ("csv", ".csv"), ("parquet", ".parquet")])
+def test_each_file_format_loads_the_same_rows(tmp_path, fmt, suffix):
+    rows = _rows(10)
+    rows[0]["chosen"] = "Sure, \"quoted\", with commas\nand a newline"
+    path = _write(fmt, tmp_path / f"prefs{suffix}", rows)
+    train, test = make_dataset(path, test_size=2, seed=3)
+    reference_train, reference_test = make_dataset(_write_jsonl(tmp_path / "ref.jsonl", rows), test_size=2, seed=3)
+    assert train.to_list() == reference_train.to_list() and test.to_list() == reference_test.to_list()
+
+
+def test_csv_empty_cells_are_dropped(tmp_path, caplog):
+    path = tmp_path / "holes.csv"
+    path.write_text("prompt,chosen,rejected\nhi,hey!,Greetings.\nyo,,Salutations.\nsup,hello!,Good day.\n")
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(path, test_size=1)
+    assert len(train) + len(test) == 2
+    assert "1 with a missing value" in caplog.text
+
+
+# --- bundled set and hub ----------------------------------------------------------------------
+
+
+def test_bundled_dataset_loads():
+    if not bundled_dataset_path().is_file():
+        pytest.skip(f"bundled dataset not written yet: {bundled_dataset_path()}")
+    train, test = make_dataset(BUNDLED_DATASET)
+    assert len(train) > len(test) > 0
+    assert train.column_names == list(PREFERENCE_COLUMNS)
+    row = train[0]
+    assert all(isinstance(row[c], str) and row[c].strip() for c in PREFERENCE_COLUMNS)
+
+
+def test_hub_id_offline_is_user_error(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/prefs' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(UserError) as info:
+        make_dataset("org/prefs")
+    assert "org/prefs" in str(info.value) and BUNDLED_DATASET in str(info.value)
+
+
+def test_hub_dataset_goes_through_the_same_checks(monkeypatch, caplog):
+    import datasets
+
+    rows = [dict(r, source="web") for r in _rows(8)]
+    rows[0]["rejected"] = ""
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_list(rows))
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset("org/prefs", test_size=2)
+    assert (len(train), len(test)) == (5, 2) and train.column_names == list(PREFERENCE_COLUMNS)
+    assert "dropped 1 of 8 rows" in caplog.text
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_list([{"text": "x"}]))
+    with pytest.raises(UserError, match="lacks column.*prompt, chosen, rejected; it has: text"):
+        make_dataset("org/prefs")

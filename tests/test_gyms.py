@@ -1,0 +1,86 @@
+"""Tokenization, masks and batching of the gyms."""
+
+import logging
+
+import pytest
+import torch
+
+from alignkit.gyms import IGNORE_INDEX, PreferenceGym, SFTGym, encode_pair
+
+
+def _response_text(tok, batch, row):
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    return tok.decode(ids[labels != IGNORE_INDEX])
+
+
+def test_chat_template_labels_are_exactly_the_response(tokenizer, rows):
+    gym = SFTGym(rows, rows[:2], tokenizer, data_batch_size_per_gpu=len(rows))
+    batch = gym._collate(gym.train_examples)
+    for i, row in enumerate(rows):
+        assert _response_text(tokenizer, batch, i) == row["chosen"] + "<|im_end|>"
+        first_label = int((batch["labels"][i] != IGNORE_INDEX).nonzero()[0])
+        prompt_text = tokenizer.decode(batch["input_ids"][i][:first_label])
+        assert prompt_text.endswith(f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+    # padding is masked out of the labels and the attention mask
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == IGNORE_INDEX).all()
+
+
+def test_plain_tokenizer_labels_are_response_plus_eos(plain_tokenizer, rows):
+    gym = SFTGym(rows, None, plain_tokenizer, data_batch_size_per_gpu=2, response_column="rejected")
+    batch = gym._collate(gym.train_examples[:2])
+    assert _response_text(plain_tokenizer, batch, 0) == rows[0]["rejected"] + plain_tokenizer.eos_token
+    first = batch["input_ids"][0][: batch["attention_mask"][0].sum()]
+    assert plain_tokenizer.decode(first) == rows[0]["prompt"] + "\n" + rows[0]["rejected"] + plain_tokenizer.eos_token
+
+
+def test_encode_pair_prompt_is_prefix(tokenizer):
+    enc, _ = encode_pair(tokenizer, "Hi!", "Hello there, friend.")
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True)
+    full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
+    assert enc.prompt_ids == list(full)
+
+
+def test_truncation_keeps_prompt_and_drops_long_prompts(tokenizer, rows, caplog):
+    long_prompt = {"prompt": "word " * 300, "chosen": "ok", "rejected": "no"}
+    with caplog.at_level(logging.WARNING):
+        gym = SFTGym(rows + [long_prompt], None, tokenizer, max_context_length=50)
+    assert len(gym.train_examples) == len(rows)
+    assert "dropped 1 of 7 rows" in caplog.text
+    for ex in gym.train_examples:
+        assert len(ex.input_ids) <= 50 and len(ex.response_ids) >= 1
+    assert gym.encode_stats["train"].truncated_responses > 0
+
+
+def test_reset_and_step_cover_each_row_once_per_epoch(tokenizer, rows):
+    gym = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=4)
+    assert gym.batches_per_epoch == 2
+    seen = []
+    batch = gym.reset()
+    for _ in range(gym.batches_per_epoch):
+        seen += [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+        batch = gym.step()
+    assert gym.epoch == 1
+    assert sorted(seen) == sorted(tuple(e.input_ids) for e in gym.train_examples)
+
+
+def test_preference_batch_layout(tokenizer, rows):
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=3)
+    batch = gym.reset()
+    assert batch["input_ids"].shape[0] == 6 and batch["example_ids"].shape == (3,)
+    for i in range(3):
+        chosen, rejected = batch["input_ids"][i], batch["input_ids"][i + 3]
+        n_prompt = int((batch["labels"][i] == IGNORE_INDEX).logical_and(batch["attention_mask"][i] == 1).sum())
+        assert torch.equal(chosen[:n_prompt], rejected[:n_prompt])
+    ids = {p.example_id for p in gym.train_examples}
+    again = PreferenceGym(rows, None, tokenizer)
+    assert ids == {p.example_id for p in again.train_examples} and len(ids) == len(rows)
+    test_rows = sum(b["example_ids"].numel() for b in gym.test_batches(4))
+    assert test_rows == len(rows)
+
+
+def test_bad_batch_size_is_a_user_error(tokenizer, rows):
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError):
+        SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=0)

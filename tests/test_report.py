@@ -1,0 +1,202 @@
+"""Tests for alignkit.report: the repetition score, the HTML page and results.json."""
+
+import base64
+import json
+import math
+import re
+
+import pytest
+
+from alignkit.errors import UserError
+from alignkit.plots import plot_runs
+from alignkit.report import repetition_score, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROMPTS = ["Do you have any favorite memories?", "Is <b>pineapple</b> on pizza & 'fine'?"]
+
+
+def make_configs(n_prompts: int = 2) -> list[dict]:
+    """Five configurations as the tutorial compares them, with distinct answers."""
+    names = ["Base model", "SFT", "DPO", "DPO + NLL", "SFT → DPO + NLL"]
+    return [{"name": name, "run_dir": None if i == 0 else f"outputs/run{i}",
+             "answers": [f"{name} answers prompt {k}." for k in range(n_prompts)],
+             "metrics": {"preference_accuracy": 0.5 + i / 10, "reward_chosen": -0.1 * i,
+                         "reward_rejected": -0.3 * i, "sft_loss": 1.5 + i}}
+            for i, name in enumerate(names)]
+
+
+def write_fake_run(run_dir, algo, nll_alpha=0.0, steps=50):
+    """A minimal run folder: decaying loss, and rewards for DPO."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"algo": algo, "run_name": run_dir.name, "config": {"nll_alpha": nll_alpha, "lr": 5e-5}}))
+    lines = []
+    for step in range(1, steps + 1):
+        record = {"step": step, "split": "train", "loss": 2.0 * math.exp(-step / 10) + 0.3}
+        if algo == "dpo":
+            record.update({"rewards/chosen": -0.01 * step, "rewards/rejected": -0.05 * step,
+                           "rewards/margins": 0.04 * step})
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- repetition
+
+
+def test_repetition_loop_hand_worked():
+    # 9 words -> 7 trigrams: abc bca cab abc bca cab abc; 3 distinct, so 4 repeat: 4/7.
+    assert repetition_score("a b c a b c a b c") == pytest.approx(4 / 7)
+
+
+def test_repetition_no_repeats_and_short_texts():
+    assert repetition_score("the quick brown fox jumps over the lazy dog") == 0.0
+    assert repetition_score("") == 0.0
+    assert repetition_score("two words") == 0.0  # fewer than n = 3 words
+    assert repetition_score("exactly three words") == 0.0  # one trigram, nothing earlier
+
+
+def test_repetition_other_n_case_and_punctuation():
+    # unigrams: a a a b -> 4 grams, 2 distinct -> 2/4
+    assert repetition_score("a a a b", n=1) == pytest.approx(0.5)
+    # "Feel?", "feel" and "FEEL." are one word once case and edge punctuation go: 3 grams, 1 distinct
+    assert repetition_score("Feel? feel FEEL.", n=1) == pytest.approx(2 / 3)
+    # bigrams of "x y x y": xy yx xy -> 3 grams, 2 distinct -> 1/3
+    assert repetition_score("x y x y", n=2) == pytest.approx(1 / 3)
+
+
+def test_repetition_long_loop_tends_to_one():
+    text = "What do they make you feel? " * 40
+    words = 6 * 40
+    assert repetition_score(text) == pytest.approx((words - 2 - 6) / (words - 2))
+    assert repetition_score(text) > 0.95
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_repetition_rejects_bad_n(bad):
+    with pytest.raises(ValueError):
+        repetition_score("a b c", n=bad)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_escapes_everything(tmp_path):
+    configs = make_configs()
+    configs[1]["answers"][0] = "<script>alert('x')</script> & done"
+    configs[2]["name"] = "DPO <beta=0.1>"
+    page = write_report(tmp_path, PROMPTS, configs, title="Runs <&> more").read_text()
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; done" in page
+    assert "Is &lt;b&gt;pineapple&lt;/b&gt; on pizza &amp; &#x27;fine&#x27;?" in page
+    assert "DPO &lt;beta=0.1&gt;" in page
+    assert "<title>Runs &lt;&amp;&gt; more</title>" in page
+    assert page.count("<script>") == 1  # only the page's own tab script
+
+
+def test_report_keeps_whitespace_and_marks_empty_answers(tmp_path):
+    configs = make_configs()
+    configs[0]["answers"][0] = "Day 1:\n  walk\n\nDay 2:\tboat"
+    configs[1]["answers"][1] = "   "
+    page = write_report(tmp_path, PROMPTS, configs).read_text()
+    assert "Day 1:\n  walk\n\nDay 2:\tboat" in page
+    assert "(empty answer)" in page
+    assert "white-space:pre-wrap" in page
+
+
+def test_report_layout_and_generation_note(tmp_path):
+    page = write_report(tmp_path, PROMPTS, make_configs()).read_text()
+    headers = re.findall(r'<th scope="col">([^<]+)</th>', page)
+    assert headers == ["Configuration", "Held-out preference accuracy", "Mean chosen reward",
+                       "Mean rejected reward", "Held-out SFT loss", "Mean answer length (words)",
+                       "Repetition score"]
+    assert page.count('role="tab"') == 5 * len(PROMPTS)
+    assert page.count('role="tabpanel"') == 5 * len(PROMPTS)
+    assert "SFT → DPO + NLL" in page and "60.0%" in page
+    assert "greedy decoding" in page and "do_sample=False" in page and "max_new_tokens=200" in page
+    other = write_report(tmp_path / "b", PROMPTS, make_configs(), generation={"do_sample": True, "top_p": 0.9})
+    assert "top_p=0.9" in other.read_text() and "greedy" not in other.read_text()
+
+
+def test_missing_metrics_show_as_dash_and_null(tmp_path):
+    configs = make_configs()
+    configs[0]["metrics"] = {"preference_accuracy": None, "reward_chosen": float("nan"),
+                             "reward_rejected": float("inf")}
+    page = write_report(tmp_path, PROMPTS, configs).read_text()
+    first_row = re.search(r'<tr><th scope="row">Base model</th>(.*?)</tr>', page).group(1)
+    assert first_row.count("<td>\u2013</td>") == 4  # accuracy, both rewards, sft_loss
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["configs"][0]["metrics"]["reward_chosen"] is None
+
+
+def test_results_json_holds_the_same_numbers(tmp_path):
+    configs = make_configs()
+    configs[3]["answers"] = ["a b c a b c a b c", "one two three four"]
+    configs[4]["metrics"]["repetition"] = 0.25  # given values win over computed ones
+    write_report(tmp_path, PROMPTS, configs)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["prompts"] == PROMPTS
+    assert results["generation"] == {"do_sample": False, "max_new_tokens": 200}
+    assert [c["name"] for c in results["configs"]] == [c["name"] for c in configs]
+    dpo_nll = results["configs"][3]
+    assert dpo_nll["answers"] == configs[3]["answers"]
+    assert dpo_nll["metrics"]["mean_answer_words"] == pytest.approx((9 + 4) / 2)
+    assert dpo_nll["metrics"]["repetition"] == pytest.approx((4 / 7 + 0.0) / 2)
+    assert dpo_nll["metrics"]["preference_accuracy"] == pytest.approx(0.8)
+    assert dpo_nll["run_dir"] == "outputs/run3"
+    assert results["configs"][4]["metrics"]["repetition"] == 0.25
+    page = (tmp_path / "index.html").read_text()
+    assert f"{(4 / 7) / 2:.3f}" in page and "6.5" in page
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c[0]["answers"].pop(), "one answer string per prompt"),
+    (lambda c: c[1].update(name="Base model"), "more than once"),
+    (lambda c: c[2].update(name=" "), "no name"),
+    (lambda c: c[2].update(answers=None), "one answer string per prompt"),
+    (lambda c: c.clear(), "at least one configuration"),
+])
+def test_bad_configs_are_user_errors(tmp_path, mutate, message):
+    configs = make_configs()
+    mutate(configs)
+    with pytest.raises(UserError, match=message):
+        write_report(tmp_path, PROMPTS, configs)
+    assert not (tmp_path / "index.html").exists()
+
+
+def test_missing_figure_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nope.png"):
+        write_report(tmp_path / "out", PROMPTS, make_configs(), figures=[tmp_path / "nope.png"])
+
+
+def test_plots_written_and_embedded_offline(tmp_path):
+    runs = [write_fake_run(tmp_path / "sft", "sft"), write_fake_run(tmp_path / "dpo", "dpo", 0.0),
+            write_fake_run(tmp_path / "dpo_nll", "dpo", 1.0)]
+    figures = plot_runs(runs, out_dir=tmp_path / "figures")
+    names = sorted(p.name for p in figures)
+    assert names == ["dpo_nll_comparison.png", "dpo_plus_nll_reward_margins.png",
+                     "dpo_plus_nll_training_loss.png", "dpo_reward_margins.png", "dpo_training_loss.png",
+                     "sft_training_loss.png"]
+    for path in figures:
+        data = path.read_bytes()
+        assert path.stat().st_size > 0 and data[:8] == PNG_MAGIC
+    out = tmp_path / "report"
+    captioned = [(figures[0], "My own caption")] + figures[1:]
+    page = write_report(out, PROMPTS, make_configs(), figures=captioned).read_text()
+    sources = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(sources) == len(figures)
+    assert base64.b64decode(sources[0]) == figures[0].read_bytes()
+    assert "My own caption" in page and "NLL term" in page
+    # Nothing is fetched from anywhere: no external scripts, styles, fonts or images.
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    results = json.loads((out / "results.json").read_text())
+    assert results["figures"][0] == {"file": figures[0].name, "caption": "My own caption"}
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "results.json"]  # no temp files
+
+
+def test_report_overwrites_atomically(tmp_path):
+    write_report(tmp_path, PROMPTS, make_configs(), title="first")
+    write_report(tmp_path, PROMPTS, make_configs(), title="second")
+    assert "second" in (tmp_path / "index.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "results.json"]
