@@ -26,6 +26,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="float32", help="dtype of the written weights [default: float32]")
     p.set_defaults(handler=export)
 
+    from .pipeline import add_pipeline_parser
+
+    add_pipeline_parser(sub)
+
 
 def plot(flags: dict) -> int:
     """``alignkit plot``: figures of each run (and a DPO with/without NLL comparison)."""
@@ -63,9 +67,21 @@ def export(flags: dict) -> int:
     return 0
 
 
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)

@@ -165,7 +165,7 @@ def trl_dpo_dataset(batches, tokenizer=None):
         pairs = b["example_ids"].shape[0]
         for i in range(pairs):
             (prompt, chosen), (_, rejected) = split_row(b, i), split_row(b, pairs + i)
-            for key, ids in zip(cols, (prompt, chosen, rejected)):
+            for key, ids in zip(cols, (prompt, chosen, rejected), strict=True):
                 cols[key].append(ids if tokenizer is None else
                                  tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
     return Dataset.from_dict(cols if tokenizer else {f"{k}_ids": v for k, v in cols.items()})
@@ -176,6 +176,7 @@ def trl_dpo_dataset(batches, tokenizer=None):
 def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
                 max_length=None, callbacks=()):
     """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring)."""
+    from transformers import TrainingArguments
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     on_gpu = model.device.type == "cuda"
@@ -186,6 +187,8 @@ def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.
                   bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
                   report_to="none", disable_tqdm=True, seed=seed, train_sampling_strategy="sequential",
                   dataloader_pin_memory=False, max_length=max_length or max(b["input_ids"].shape[1] for b in batches))
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # the new name, transformers >= 5.x
+        common["activation_checkpointing"] = False
     kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=list(callbacks))
     if algo == "sft":
         args = SFTConfig(completion_only_loss=True, **common)
@@ -198,7 +201,7 @@ def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.
 def batch_mismatches(trainer, batches, algo) -> int:
     """How many of TRL's training batches differ from ours (ids, attention mask, loss positions)."""
     bad = 0
-    for theirs, ours in zip(trainer.get_train_dataloader(), batches):
+    for theirs, ours in zip(trainer.get_train_dataloader(), batches, strict=True):
         theirs = {k: v.cpu() for k, v in theirs.items() if torch.is_tensor(v)}
         loss_at = theirs["labels"] != -100 if algo == "sft" else theirs["completion_mask"].bool()
         same = (theirs["input_ids"].shape == ours["input_ids"].shape
@@ -240,7 +243,8 @@ def run_trl(spec, model, tokenizer, batches) -> dict:
             mismatches = batch_mismatches(trainer, batches, spec["algo"])
         trainer.train()
     first = {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]}
-    return {"stamps": watch.stamps, "first": first, "peak_mem_mb": peak_mb(device),
+    checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+    return {"stamps": watch.stamps, "first": first, "peak_mem_mb": peak_mb(device), "checkpointing": checkpointing,
             "batch_mismatches": mismatches, "trl_given_our_ids": fallback or spec["algo"] == "sft"}
 
 
@@ -265,7 +269,8 @@ def run_ours(spec, model, tokenizer, batches) -> dict:
     stamps, metrics, profile = [clock(spec["device"])], [], None
     for i, batch in enumerate(batches):
         if spec["profile"] and i == len(batches) - 1:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
             with torch_profile(activities=activities) as prof:
@@ -372,18 +377,66 @@ def worker(spec: dict) -> None:
     Path(spec["out"]).write_text(json.dumps(result))
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``), else None."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.1) -> None:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` of the CPUs."""
+    deadline = time.monotonic() + max_wait_s
+    while busy_cpu_seconds() is not None:
+        start = busy_cpu_seconds()
+        time.sleep(3)
+        share = (busy_cpu_seconds() - start) / (3 * os.cpu_count())
+        if share < threshold or time.monotonic() > deadline:
+            return
+        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy", flush=True)
+        time.sleep(20)
+
+
 def launch(spec: dict) -> dict:
-    """Run ``worker(spec)`` in a fresh interpreter; its output goes to a log shown only on failure."""
+    """Run ``worker(spec)`` in a fresh interpreter; its output goes to a log shown only on failure.
+
+    Also returns ``foreign_cpu``: the share of the machine's CPU time that processes other than the
+    worker used while it ran (other jobs on a shared machine distort the timing).
+    """
+    import resource
+
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=str(Path(tmp) / "result.json"))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy, start = busy_cpu_seconds(), time.monotonic()
         with open(Path(tmp) / "log.txt", "w+") as log:
             code = subprocess.call([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
             if code != 0:
                 log.seek(0)
                 sys.exit(f"worker {spec['algo']}/{spec['side']} failed (exit {code}):\n" + log.read()[-4000:])
-        return json.loads(Path(spec["out"]).read_text())
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = json.loads(Path(spec["out"]).read_text())
+    own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if busy is not None:
+        wall = (time.monotonic() - start) * os.cpu_count()
+        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / wall
+    return result
+
+
+def measured(spec: dict, max_wait_s: float, tries: int = 3) -> dict:
+    """``launch(spec)`` on a quiet machine, retried while other processes disturbed the run."""
+    for attempt in range(tries):
+        wait_for_quiet(max_wait_s)
+        result = launch(spec)
+        if result.get("foreign_cpu", 0.0) < 0.1:
+            break
+        print(f"  run disturbed: other processes used {result['foreign_cpu']:.0%} of the CPUs"
+              + ("; again" if attempt < tries - 1 else "; kept, marked"), flush=True)
+    return result
 
 
 def spec_for(args, algo, side, **extra) -> dict:
@@ -415,7 +468,8 @@ def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int
                      "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in side_runs),
                      "mfu": tps * flops_per_token / (peak_gflops * 1e9),
                      "process_peak_mb": statistics.median(r["process_peak_mb"] or 0 for r in side_runs),
-                     "runs_tokens_per_s": [r["tokens_per_s"] for r in per_run]}
+                     "runs_tokens_per_s": [r["tokens_per_s"] for r in per_run],
+                     "runs_foreign_cpu": [r.get("foreign_cpu") for r in side_runs]}
     if "trl" in runs:
         trl = out["trl"]
         out["speedup"] = out["ours"]["tokens_per_s"] / trl["tokens_per_s"]
@@ -469,7 +523,7 @@ def run_scaling(args, algos, peak_gflops) -> dict:
         for batch, length in configs:
             spec = spec_for(args, algo, "ours", batch_size=batch, max_length=length, steps=args.scaling_steps,
                             warmup=1, synthetic=[batch, length])
-            run = launch(spec)
+            run = measured(spec, args.max_wait)
             r = rates(run, 1)
             mfu = r["tokens_per_s"] * (4 if algo == "sft" else 6) * run["n_params"] / (peak_gflops * 1e9)
             row = {"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
@@ -505,6 +559,8 @@ def parse_args(argv=None):
     p.add_argument("--scaling-batch", type=int, default=4, help="batch of the sequence-length sweep")
     p.add_argument("--scaling-steps", type=int, default=2, help="timed steps per scaling point")
     p.add_argument("--profile", action="store_true", help="profile one alignkit step per algorithm")
+    p.add_argument("--max-wait", type=float, default=1800,
+                   help="seconds to wait, before each run, for other processes to leave the CPUs idle")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -527,6 +583,7 @@ def main(argv=None) -> None:
     if not args.skip_trl and not with_trl:
         print("TRL is not installed (pip install 'alignkit[bench]'): timing alignkit alone.")
     algos = [args.only] if args.only else ["sft", "dpo"]
+    wait_for_quiet(args.max_wait)
     peak = matmul_peak_gflops(args.device)
     report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}}
@@ -537,7 +594,7 @@ def main(argv=None) -> None:
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
             for side in (sides if r % 2 == 0 else sides[::-1]):
-                runs[side].append(launch(spec_for(args, algo, side)))
+                runs[side].append(measured(spec_for(args, algo, side), args.max_wait))
                 print(f"  {algo} {side} repeat {r + 1}: "
                       f"{rates(runs[side][-1], args.warmup)['tokens_per_s']:.1f} tokens/s", flush=True)
         report[algo] = summarise(algo, runs, peak, args.warmup)

@@ -63,3 +63,25 @@ def tiny_model(tokenizer):
 def make_model(tokenizer):
     """Factory of tiny models with the embedded tokenizer's vocabulary: ``make_model(seed=0)``."""
     return lambda seed=0, layers=2: make_tiny_model(len(tokenizer), seed=seed, layers=layers)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random-weight model saved as a local model folder (config, safetensors, tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rows_file(tmp_path_factory):
+    """A small preference JSONL file (24 rows: the fixture rows with numbered prompts)."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(4):
+            for r in ROWS:
+                f.write(json.dumps({**r, "prompt": f"{r['prompt']} ({i})"}) + "\n")
+    return path

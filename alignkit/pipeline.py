@@ -1,0 +1,114 @@
+"""Train several configurations in order and compare them in one report.
+
+``alignkit pipeline`` runs SFT -> DPO+NLL (warm-started from the SFT adapter) and compares the base
+model, SFT and SFT -> DPO+NLL. ``benchmarking/evaluate_models.py`` uses the same functions for the
+five-way comparison (base, SFT, DPO, DPO+NLL, SFT -> DPO+NLL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .compare import LABELS, compare, read_prompts
+from .config import build_config
+from .data import BUNDLED_DATASET
+from .errors import UserError
+
+# How each trainable configuration is made: algorithm, options, and the run it warm-starts from.
+RECIPES = {
+    "sft": ("sft", {}, None),
+    "dpo": ("dpo", {"nll_alpha": 0.0}, None),
+    "dpo_nll": ("dpo", {"nll_alpha": 1.0}, None),
+    "sft_dpo_nll": ("dpo", {"nll_alpha": 1.0}, "sft"),
+}
+PIPELINE_CONFIGS = ("base", "sft", "sft_dpo_nll")
+ALL_CONFIGS = tuple(LABELS)
+
+
+def train_configurations(names, out_dir, max_steps: int = 0, model: str | None = None,
+                         dataset: str = BUNDLED_DATASET, reuse: bool = False) -> dict[str, str | None]:
+    """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
+
+    ``base`` needs no training (None). A warm-started configuration trains its parent first.
+    With ``reuse``, a configuration whose folder already holds a finished checkpoint is kept.
+    """
+    from .train import run
+
+    out_dir = Path(out_dir)
+    runs: dict[str, str | None] = {}
+
+    def ensure(name):
+        if name in runs:
+            return runs[name]
+        if name == "base":
+            runs[name] = None
+            return None
+        algo, options, parent = RECIPES[name]
+        folder = out_dir / name
+        if not (reuse and (folder / "training_state.json").exists()):
+            extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
+            cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "max_steps": max_steps,
+                                      "model": model, "dataset": dataset, **options, **extra})
+            started = time.time()
+            print(f"== training {LABELS[name]} -> {folder}")
+            run(cfg)
+            print(f"== {LABELS[name]} trained in {time.time() - started:.0f} s")
+        runs[name] = str(folder)
+        return runs[name]
+
+    for name in names:
+        ensure(name)
+    return {name: runs[name] for name in names}
+
+
+def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_tokens=200, model=None,
+                      dataset=BUNDLED_DATASET, given: dict[str, str] | None = None, reuse=False) -> Path:
+    """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``."""
+    unknown = [n for n in names if n not in LABELS]
+    if unknown:
+        raise UserError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
+    prompts = read_prompts(prompts_file) if prompts_file else None
+    given = dict(given or {})
+    for name, folder in given.items():
+        if not (Path(folder) / "actor" / "adapter_config.json").exists():
+            raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
+    to_train = [n for n in names if n not in given]
+    runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse) if to_train else {}
+    runs = {n: given.get(n, runs.get(n)) for n in names}
+    report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset,
+                     max_new_tokens=max_new_tokens)
+    print(f"report: {report}")
+    print(f"numbers: {report.parent / 'results.json'}")
+    return report
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """Flags shared by ``alignkit pipeline`` and ``benchmarking/evaluate_models.py``."""
+    from .commands import non_negative_int, positive_int
+
+    parser.add_argument("--out", default=default_out, help=f"output folder [default: {default_out}]")
+    parser.add_argument("--max-steps", type=non_negative_int, default=0,
+                        help="optimizer steps per training stage; 0 = one epoch each [default: 0]")
+    parser.add_argument("--prompts", default=None, help="text file of prompts, one per line "
+                        "[default: the seed's four prompts and two more]")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length cap [default: 200]")
+    parser.add_argument("--model", default=None, help="base model [default: the embedded SmolLM2-135M-Instruct]")
+    parser.add_argument("--dataset", default=BUNDLED_DATASET, help=f"dataset [default: {BUNDLED_DATASET}]")
+    parser.add_argument("--reuse", action="store_true", help="keep configurations already trained in --out")
+
+
+def add_pipeline_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="SFT -> DPO+NLL -> comparison report, in one go",
+                       description="Train SFT, then DPO+NLL warm-started from it, then compare the base model, "
+                       "SFT and SFT -> DPO+NLL in one HTML report (answers, numbers, training curves).")
+    add_comparison_arguments(p, "outputs/pipeline")
+    p.set_defaults(handler=pipeline)
+
+
+def pipeline(flags: dict) -> int:
+    """``alignkit pipeline``."""
+    train_and_compare(PIPELINE_CONFIGS, flags["out"], flags["max_steps"], flags["prompts"], flags["max_new_tokens"],
+                      flags["model"], flags["dataset"], reuse=flags["reuse"])
+    return 0

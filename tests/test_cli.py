@@ -1,0 +1,141 @@
+"""The command line on a tiny local model: files written, warm start, chat, export, user errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignkit.cli import main
+from alignkit.config import DPOConfig, SFTConfig, build_config
+from alignkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demos" / "llm" / "demo_llm_finetuning.py"
+
+
+def _train_flags(model_dir, data, out, *extra):
+    return [*extra, "--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
+            "--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--lr", "1e-2", "--eval-interval", "2",
+            "--test-size", "6"]
+
+
+def _read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_dpo_warm_start_then_chat_and_export(tiny_model_dir, rows_file, tmp_path, capsys):
+    sft = tmp_path / "sft"
+    assert main(["sft", *_train_flags(tiny_model_dir, rows_file, sft)]) == 0
+    for name in ("actor/adapter_model.safetensors", "actor/adapter_config.json", "training_state.json",
+                 "optimizer.safetensors", "run.json", "metrics.jsonl", "sft_training_loss.png", "eval_metrics.png"):
+        assert (sft / name).is_file(), name
+    records = _read_metrics(sft)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 3]
+    assert all({"loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "epoch"} <= set(r)
+               for r in records if r["split"] == "train")
+    adapter_cfg = json.loads((sft / "actor" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir)
+
+    dpo = tmp_path / "sft_dpo"
+    flags = _train_flags(tiny_model_dir, rows_file, dpo, "--load-path", str(sft / "actor"), "--nll-alpha", "1.0")
+    flags.remove("--model")
+    flags.remove(str(tiny_model_dir))   # the base comes from the adapter
+    assert main(["dpo", *flags]) == 0
+    records = _read_metrics(dpo)
+    start = records[0]
+    assert start["split"] == "eval" and start["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "nll_loss", "dpo_loss"):
+        assert key in records[-1]
+    assert (dpo / "dpo_plus_nll_reward_margins.png").is_file()
+
+    # chat, with prompts piped on standard input: one answer line per prompt
+    proc = subprocess.run([sys.executable, str(DEMO), "dpo", "--eval", "--load-path", str(dpo / "actor"),
+                           "--max-new-tokens", "5"], input="Hello there\nHow are you?\nquit\nignored\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 2   # one (possibly empty) answer line per prompt, none after quit
+
+    # export: a plain model folder that answers like the adapter on its base
+    out = tmp_path / "merged"
+    assert main(["export", "--load-path", str(dpo / "actor"), "--out", str(out)]) == 0
+    from alignkit.evaluate import generate_answers, load_for_generation
+
+    adapted, tok = load_for_generation(str(tiny_model_dir), dpo / "actor", device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    prompt = ["Do you like rainy days?"]
+    assert generate_answers(merged, tok, prompt, max_new_tokens=8) == generate_answers(adapted, tok, prompt, 8)
+    assert (out / "tokenizer_config.json").is_file() and list(out.glob("*.safetensors"))
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3, 4]])
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sft", "--lr", "-1"], "--lr must be > 0"),
+    (["sft", "--lr", "abc"], "invalid float value"),
+    (["sft", "--batch-size", "8", "--micro-batch-size", "3"], "multiple of --micro-batch-size"),
+    (["sft", "--dataset", "no/such/file.jsonl"], "no/such/file.jsonl"),
+    (["sft", "--model", "./not-a-model-dir"], "not-a-model-dir"),
+    (["dpo", "--loss-type", "nope"], "--loss-type must be one of"),
+    (["dpo", "--eval"], "--eval needs --load-path"),
+    (["sft", "--frobnicate"], "unrecognized arguments"),
+    (["dpo", "--load-path", "/nonexistent/actor"], "not a LoRA adapter folder"),
+    (["plot", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_wrong_columns_name_the_columns(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi", "answer": "yo"}\n')
+    assert main(["sft", "--dataset", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "question" in err and "prompt" in err
+
+
+def test_load_path_on_another_base_is_an_error(tmp_path, capsys):
+    actor = tmp_path / "actor"
+    actor.mkdir()
+    (actor / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}))
+    assert main(["dpo", "--load-path", str(actor), "--model", "smollm2-135m-instruct"]) == 2
+    assert "trained on 'Qwen/Qwen2.5-0.5B'" in capsys.readouterr().err
+
+
+def test_yaml_config_is_overridden_by_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.001\nbatch_size: 4\nnll_alpha: 0\n")
+    cfg = build_config("dpo", {"config": str(cfg_file), "batch_size": 2})
+    assert isinstance(cfg, DPOConfig) and (cfg.lr, cfg.batch_size, cfg.nll_alpha) == (0.001, 2, 0.0)
+    cfg_file.write_text("lr: 0.001\nbatchsize: 4\n")
+    with pytest.raises(UserError, match="unknown option.*batchsize"):
+        build_config("sft", {"config": str(cfg_file)})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(UserError) as info:
+        SFTConfig(lr=0, batch_size=0, lora_dropout=1.5).validate()
+    assert all(s in str(info.value) for s in ("--lr", "--batch-size", "--lora-dropout"))
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        algo = "dpo" if "dpo" in path.stem else "sft"
+        build_config(algo, {"config": str(path)})
+
+
+def test_help_explains_every_flag():
+    proc = subprocess.run([sys.executable, str(DEMO), "dpo", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--model", "--dataset", "--config", "--max-steps", "--epochs", "--batch-size", "--lr",
+                 "--max-length", "--seed", "--eval-interval", "--lora-r", "--lora-alpha", "--save-path",
+                 "--no-timestamp", "--load-path", "--eval", "--beta", "--nll-alpha", "--loss-type",
+                 "--max-new-tokens"):
+        assert flag in proc.stdout, flag
