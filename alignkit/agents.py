@@ -239,7 +239,8 @@ class DPO(LLMAgent):
 
     Extra args: ``beta`` (strength of the implicit KL penalty), ``nll_alpha`` (weight of the NLL
     term; 0 gives vanilla DPO), ``loss_type`` (one of ``alignkit.losses.PREFERENCE_LOSSES``),
-    ``label_smoothing`` (sigmoid only), ``simpo_gamma`` (simpo only).
+    ``label_smoothing`` (sigmoid only), ``simpo_gamma`` (simpo only), ``share_prompts`` (with
+    ``packed``: run each pair's prompt once for both responses; same numbers, fewer FLOPs).
 
     Metrics: ``loss``, ``dpo_loss``, ``nll_loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``tokens``.
@@ -249,16 +250,21 @@ class DPO(LLMAgent):
 
     def __init__(self, actor_network, pad_token_id, pad_token, batch_size=16, lr=5e-5, beta=0.1, nll_alpha=1.0,
                  update_epochs=1, lora_config=None, accelerator=None, loss_type="sigmoid", label_smoothing=0.0,
-                 simpo_gamma=0.5, **kwargs):
+                 simpo_gamma=0.5, share_prompts=True, **kwargs):
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown loss_type {loss_type!r}; choose from {sorted(PREFERENCE_LOSSES)}")
         if beta <= 0 or nll_alpha < 0:
             raise ValueError("beta must be > 0 and nll_alpha >= 0")
         self.beta, self.nll_alpha, self.loss_type = beta, nll_alpha, loss_type
         self.label_smoothing, self.simpo_gamma = label_smoothing, simpo_gamma
+        self.share_prompts = share_prompts
         self.ref_cache: dict[int, tuple[float, float]] = {}
         super().__init__(actor_network, pad_token_id, pad_token, batch_size=batch_size, lr=lr,
                          update_epochs=update_epochs, lora_config=lora_config, accelerator=accelerator, **kwargs)
+
+    def _logps(self, batch, pairs: int):
+        shared = pairs if self.packed and self.share_prompts else 0
+        return sequence_logps(self.model, batch, packed=self.packed, shared_prompts=shared)
 
     @property
     def reference_free(self) -> bool:
@@ -307,7 +313,7 @@ class DPO(LLMAgent):
             was_training = self.model.training
             self.model.eval()  # no dropout in the reference
             with self.reference_mode():
-                logps, _ = sequence_logps(self.model, sub, packed=self.packed)
+                logps, _ = self._logps(sub, len(missing))
             self.model.train(was_training)
             for j, i in enumerate(missing):
                 self.ref_cache[ids[i]] = (float(logps[j]), float(logps[len(missing) + j]))
@@ -320,7 +326,7 @@ class DPO(LLMAgent):
             ref_c = ref_r = torch.zeros(pairs, device=self.device)
         else:
             ref_c, ref_r = self.reference_logps(micro)
-        logps, counts = sequence_logps(self.model, micro, packed=self.packed)
+        logps, counts = self._logps(micro, pairs)
         pc, pr = logps[:pairs], logps[pairs:]
         losses, reward_c, reward_r = preference_loss(
             self.loss_type, pc, pr, ref_c, ref_r, self.beta, chosen_lengths=counts[:pairs],

@@ -126,6 +126,8 @@ class DPOConfig(SFTConfig):
     loss_type: str = opt("sigmoid", "preference loss: " + ", ".join(PREFERENCE_LOSSES))
     label_smoothing: float = opt(0.0, "label smoothing of the sigmoid loss (conservative DPO), in [0, 0.5)")
     simpo_gamma: float = opt(0.5, "target reward margin of the simpo loss")
+    share_prompts: bool = opt(True, "with --packing, run each pair's prompt once for both responses")
+    reuse_reference: bool = opt(True, "cache reference log-probs under $ALIGNKIT_CACHE so reruns skip them")
 
     algo = "dpo"
 

@@ -3,12 +3,18 @@
 SFT (train and eval), the DPO policy and the DPO reference all go through
 :func:`sequence_logps`, so a speed or correctness fix lands everywhere at once.
 
-Two levers keep it fast and small:
+Three levers keep it fast and small:
 - Only response positions reach the LM head, in chunks (``losses.token_logps``): the full
   (B, T, V) logits tensor is never built.
 - ``packed=True`` removes most padding: short rows share a packed row with restarting
   ``position_ids`` and a block-diagonal causal mask, so few FLOPs go to pad tokens.
   (With SDPA attention, ``position_ids`` alone do not separate sequences: the 4-D mask is needed.)
+- ``shared_prompts=N`` (DPO): rows ``i`` and ``N + i`` share a prompt, which then runs once:
+  the packed unit is ``prompt, chosen, rejected``, and the rejected tokens see the prompt but
+  not the chosen ones, with positions that continue from the prompt as if the chosen were absent.
+
+Every layout is described by ``token_index`` (B, T): where each original token's hidden state sits
+in the flattened output, so the log-prob gather is the same code for all of them.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def plan_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing: group row indices into bins whose total length fits ``capacity``."""
+    """First-fit-decreasing: group item indices into bins whose total length fits ``capacity``."""
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -54,49 +60,79 @@ def plan_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
-               capacity: int | None = None):
-    """Pack the non-padding tokens of B right-padded rows into R <= B rows of ``capacity`` tokens.
+def _units(input_ids, attention_mask, labels, shared_prompts: int):
+    """Split rows into packing units: lists of (row, first token, last token + 1, group).
 
-    Bins are as long as the longest row unless ``capacity`` says otherwise, so attention costs
-    about what it did padded while the linear layers (most of the FLOPs) skip the padding.
-
-    Args: (B, T) tensors. Returns ``input_ids``, ``position_ids``, ``targets``, ``row_of`` (the
-    source row of each token, -1 on padding), each (R, C), and ``mask`` (R, 1, C, C) boolean
-    (True = may attend: same sequence and not in the future; padding attends to padding so no
-    softmax row is empty).
+    A unit is one row, or with ``shared_prompts`` a pair's prompt + chosen + rejected. ``group``
+    tells which tokens of a unit may see each other (0 = the shared prompt, seen by all).
     """
     lengths = attention_mask.sum(dim=1).tolist()
-    capacity = max(capacity or 0, max(lengths))
-    bins = plan_bins(lengths, capacity)
-    shape = (len(bins), capacity)
-    out_ids = input_ids.new_zeros(shape)
-    out_pos = input_ids.new_zeros(shape)
-    out_targets = targets.new_full(shape, IGNORE_INDEX)
-    row_of = input_ids.new_full(shape, -1)
-    for r, members in enumerate(bins):
+    if not shared_prompts:
+        return [[(r, 0, n, 1)] for r, n in enumerate(lengths)]
+    units = []
+    for i in range(shared_prompts):
+        j = shared_prompts + i
+        # The prompt is everything before the first response label, in both rows.
+        p = min(int((labels[i] != IGNORE_INDEX).nonzero()[0]), int((labels[j] != IGNORE_INDEX).nonzero()[0]))
+        if not torch.equal(input_ids[i, :p], input_ids[j, :p]):
+            units += [[(i, 0, lengths[i], 1)], [(j, 0, lengths[j], 1)]]
+            continue
+        units.append([(i, 0, p, 0), (i, p, lengths[i], 1), (j, p, lengths[j], 2)])
+    return units
+
+
+def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+               shared_prompts: int = 0, capacity: int | None = None) -> dict[str, torch.Tensor]:
+    """Pack the tokens of right-padded rows into R bins of ``capacity`` tokens (see the module doc).
+
+    Args: (B, T) tensors; ``shared_prompts`` = number of pairs when rows i and B/2 + i share a prompt.
+    Returns ``input_ids`` and ``position_ids`` (R, C), ``mask`` (R, 1, C, C) boolean (True = may
+    attend; padding attends to padding so no softmax row is empty) and ``token_index`` (B, T): the
+    flat index in (R * C) holding each original token, -1 on padding.
+    """
+    units = _units(input_ids, attention_mask, labels, shared_prompts)
+    sizes = [sum(end - start for _, start, end, _ in u) for u in units]
+    capacity = max(capacity or 0, max(sizes))
+    bins = plan_bins(sizes, capacity)
+    device = input_ids.device
+    out_ids = input_ids.new_zeros((len(bins), capacity))
+    out_pos = torch.zeros_like(out_ids)
+    unit_of = torch.full_like(out_ids, -1)   # which unit a packed token belongs to
+    group = torch.zeros_like(out_ids)        # its visibility group inside the unit
+    token_index = torch.full_like(input_ids, -1)
+    for b, members in enumerate(bins):
         at = 0
-        for i in members:
-            n = lengths[i]
-            out_ids[r, at:at + n] = input_ids[i, :n]
-            out_pos[r, at:at + n] = torch.arange(n)
-            out_targets[r, at:at + n] = targets[i, :n]
-            row_of[r, at:at + n] = i
-            at += n
-    same = row_of[:, :, None] == row_of[:, None, :]
-    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=input_ids.device).tril_()
-    return {"input_ids": out_ids, "position_ids": out_pos, "targets": out_targets,
-            "row_of": row_of, "mask": (same & causal)[:, None]}
+        for u in members:
+            for row, start, end, grp in units[u]:
+                n = end - start
+                out_ids[b, at:at + n] = input_ids[row, start:end]
+                # Positions are those of the original row: the rejected response continues from the
+                # prompt exactly as if the chosen one were not there.
+                out_pos[b, at:at + n] = torch.arange(start, end, device=device)
+                unit_of[b, at:at + n] = u
+                group[b, at:at + n] = grp
+                token_index[row, start:end] = b * capacity + at + torch.arange(n, device=device)
+                if grp == 2:  # the rejected row's prompt tokens are the shared ones
+                    token_index[row, :start] = token_index[row - shared_prompts, :start]
+                at += n
+    same_unit = unit_of[:, :, None] == unit_of[:, None, :]
+    visible = (group[:, None, :] == 0) | (group[:, :, None] == group[:, None, :])
+    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril_()
+    return {"input_ids": out_ids, "position_ids": out_pos, "mask": (same_unit & visible & causal)[:, None],
+            "token_index": token_index}
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, chunk_size: int = 1024):
+def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, chunk_size: int = 1024,
+                   shared_prompts: int = 0):
     """Summed log-prob of each row's response tokens and the number of those tokens.
 
     Args:
         model: a causal LM (optionally wrapped by PEFT); LoRA adapters active as set by the caller.
         batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T), right-padded.
-        packed: drop padding and pack rows into one sequence (same result, fewer FLOPs).
+        packed: drop padding and pack rows into bins (same result, fewer FLOPs).
         chunk_size: positions per LM-head chunk.
+        shared_prompts: with ``packed``, the number of pairs whose rows ``i`` and ``shared_prompts + i``
+            start with the same prompt (DPO batches); the prompt then runs once per pair.
 
     Returns:
         ``(logps, n_tokens)``: (B,) float32 sums of response-token log-probs, (B,) long counts.
@@ -104,25 +140,24 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     lm = _unwrap(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     device = head.weight.device
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    targets = shifted_targets(batch["labels"].to(device))
-    n_rows = ids.shape[0]
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    n_rows, width = ids.shape
     if packed:
-        p = pack_batch(ids, mask, targets)
+        p = pack_batch(ids, mask, labels, shared_prompts=shared_prompts)
         hidden = decoder(input_ids=p["input_ids"], position_ids=p["position_ids"],
                          attention_mask=p["mask"], use_cache=False).last_hidden_state  # (R, C, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        flat_targets, row_of = p["targets"].reshape(-1), p["row_of"].reshape(-1)
+        token_index = p["token_index"]
     else:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        flat_targets = targets.reshape(-1)
-        row_of = torch.arange(n_rows, device=device).repeat_interleave(ids.shape[1])
-    selected = flat_targets != IGNORE_INDEX
-    logps = token_logps(hidden[selected], head.weight, flat_targets[selected], chunk_size=chunk_size,
+        token_index = torch.arange(n_rows * width, device=device).view(n_rows, width)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    # The hidden state of token t predicts token t + 1 of the same row.
+    targets = labels[:, 1:]
+    selected = targets != IGNORE_INDEX  # (B, T - 1)
+    source = token_index[:, :-1][selected]
+    logps = token_logps(hidden[source], head.weight, targets[selected], chunk_size=chunk_size,
                         bias=getattr(head, "bias", None))  # (M,)
-    rows = row_of[selected]
+    rows = torch.arange(n_rows, device=device)[:, None].expand_as(selected)[selected]
     sums = torch.zeros(n_rows, dtype=torch.float32, device=device).index_add(0, rows, logps)
     counts = torch.zeros(n_rows, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
     return sums, counts

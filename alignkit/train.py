@@ -12,9 +12,11 @@ run folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +32,7 @@ from .config import SFTConfig
 from .data import make_dataset
 from .errors import UserError
 from .gyms import PreferenceGym, SFTGym
-from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,40 @@ class MetricsLog:
         return record
 
 
+def reference_cache_file(cfg, base_model: str) -> Path:
+    """Where the reference log-probs of this base model (+ warm-start adapter, dtype) are cached.
+
+    Pairs are keyed by a hash of their tokens, so one file serves every dataset, split and epoch;
+    the file name hashes what determines the reference policy.
+    """
+    h = hashlib.sha256(f"{base_model}|{cfg.dtype}|{cfg.device}".encode())
+    source = Path(base_model)
+    for f in ([source / "model.safetensors", source / "config.json"] if source.is_dir() else [source]):
+        if f.is_file():  # a local model rewritten in place gets a new cache
+            h.update(f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    if cfg.load_path:
+        h.update((Path(cfg.load_path) / "adapter_model.safetensors").read_bytes())
+    return cache_dir() / "reference_logps" / f"{h.hexdigest()[:24]}.json"
+
+
+def load_reference_cache(path: Path) -> dict[int, tuple[float, float]]:
+    """The cached reference log-probs, or an empty cache when the file is missing or unreadable."""
+    try:
+        return {int(k): tuple(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            logger.warning("ignoring unreadable reference cache %s: %s", path, exc)
+        return {}
+
+
+def save_reference_cache(path: Path, cache: dict) -> None:
+    """Write the cache atomically (a crash leaves the old file, never half a new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({str(k): list(v) for k, v in cache.items()}))
+    os.replace(tmp, path)
+
+
 @dataclass
 class Setup:
     """Everything a run needs, built in order by :func:`setup`."""
@@ -109,6 +145,7 @@ class Setup:
     gym: object
     agent: object
     total_steps: int
+    ref_cache_file: Path | None = None
 
 
 def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
@@ -140,10 +177,15 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
                   gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.algo == "dpo":
         agent = DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, **common)
+                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                    share_prompts=cfg.share_prompts, **common)
     else:
         agent = SFT(model, **common)
-    return Setup(cfg, run_dir or run_dir_for(cfg), base_model, tokenizer, gym, agent, total)
+    ref_file = None
+    if cfg.algo == "dpo" and cfg.reuse_reference and not agent.reference_free:
+        ref_file = reference_cache_file(cfg, base_model)
+        agent.ref_cache.update(load_reference_cache(ref_file))
+    return Setup(cfg, run_dir or run_dir_for(cfg), base_model, tokenizer, gym, agent, total, ref_file)
 
 
 def _short(metrics: dict) -> str:
@@ -191,6 +233,8 @@ def train(s: Setup) -> dict:
             batch = gym.step()
     bar.close()
     final = evaluate(s.total_steps)
+    if s.ref_cache_file:
+        save_reference_cache(s.ref_cache_file, agent.ref_cache)
     agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
     if cfg.plot:
         from .plots import plot_run

@@ -497,6 +497,10 @@ def print_table(algo, s: dict, args) -> None:
             r = s[side]
             print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
                   f"{r['mfu']:>8.1%}")
+    disturbed = sum(f is not None and f >= 0.1 for side in ("ours", "ours_warm", "trl") if side in s
+                    for f in s[side]["runs_foreign_cpu"])
+    if disturbed:
+        print(f"warning: {disturbed} run(s) shared the CPUs with other processes (>= 10% of them): see runs_foreign_cpu")
     if "speedup" in s:
         goal_speed, goal_mem = TARGETS[algo]
         print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x"

@@ -139,3 +139,21 @@ def test_help_explains_every_flag():
                  "--no-timestamp", "--load-path", "--eval", "--beta", "--nll-alpha", "--loss-type",
                  "--max-new-tokens"):
         assert flag in proc.stdout, flag
+
+
+def test_reference_logps_are_reused_across_runs(tiny_model_dir, rows_file, tmp_path, monkeypatch):
+    from alignkit.train import setup, train
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    flags = dict(model=str(tiny_model_dir), dataset=str(rows_file), max_steps=2, batch_size=4, max_length=64,
+                 test_size=6, eval_interval=0, plot=False, no_timestamp=True)
+    first = setup(build_config("dpo", flags, save_path=str(tmp_path / "a")))
+    assert first.agent.ref_cache == {}
+    train(first)
+    cached = dict(first.agent.ref_cache)
+    assert first.ref_cache_file.is_file() and len(cached) >= 6 + 8   # test split + two batches of 4
+    second = setup(build_config("dpo", flags, save_path=str(tmp_path / "b")))
+    assert second.ref_cache_file == first.ref_cache_file and second.agent.ref_cache == cached
+    # a different reference (another seed's adapter init does not matter; another base or dtype does)
+    third = setup(build_config("dpo", flags, save_path=str(tmp_path / "c"), dtype="bfloat16"))
+    assert third.ref_cache_file != first.ref_cache_file and third.agent.ref_cache == {}

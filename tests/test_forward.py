@@ -39,3 +39,29 @@ def test_pack_batch_mask_is_block_diagonal_causal():
     m = p["mask"][0, 0]
     assert m[3].tolist() == [False, False, False, True]   # the packed 2nd sequence sees only itself
     assert m[2].tolist() == [True, True, True, False]      # causal within the first
+    assert p["token_index"].tolist() == [[0, 1, 2, -1], [4, 5, -1, -1], [3, -1, -1, -1]]
+
+
+def test_shared_prompt_layout():
+    # pair: prompt [7, 8], chosen [1, 2], rejected [3]; labels mark the responses
+    ids = torch.tensor([[7, 8, 1, 2], [7, 8, 3, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, 1, 2], [-100, -100, 3, -100]])
+    p = pack_batch(ids, mask, labels, shared_prompts=1)
+    assert p["input_ids"].tolist() == [[7, 8, 1, 2, 3]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2]]
+    assert p["token_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, -1]]
+    m = p["mask"][0, 0].int().tolist()
+    assert m[4] == [1, 1, 0, 0, 1]   # the rejected token sees the prompt and itself, not the chosen
+    assert m[3] == [1, 1, 1, 1, 0]
+
+
+def test_shared_prompts_match_separate_rows(tokenizer, tiny_model, rows):
+    from alignkit.gyms import PreferenceGym
+
+    gym = PreferenceGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows))
+    batch = gym.reset()
+    expected, counts = _reference_logps(tiny_model, batch)
+    got, n = sequence_logps(tiny_model, batch, packed=True, shared_prompts=len(rows))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    assert torch.equal(n, counts)
