@@ -175,8 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                                 help=f"{help_text} [default: {' '.join(default)}]", **kwargs)
         else:
             shown = "" if default is None or "[default" in help_text else f" [default: {default}]"
-            parser.add_argument(f"--{flag(f.name)}", type=tp, metavar=tp.__name__.upper(),
-                                help=help_text + shown, **kwargs)
+            parser.add_argument(f"--{flag(f.name)}", type=tp, help=help_text + shown, **kwargs)
 
 
 def _coerce(cls, key: str, value, source: str):

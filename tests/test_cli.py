@@ -157,3 +157,11 @@ def test_reference_logps_are_reused_across_runs(tiny_model_dir, rows_file, tmp_p
     # a different reference (another seed's adapter init does not matter; another base or dtype does)
     third = setup(build_config("dpo", flags, save_path=str(tmp_path / "c"), dtype="bfloat16"))
     assert third.ref_cache_file != first.ref_cache_file and third.agent.ref_cache == {}
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_model_dir, rows_file, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional logger")
+    run = tmp_path / "tb"
+    flags = _train_flags(tiny_model_dir, rows_file, run, "--report-to", "tensorboard", "--no-plot")
+    assert main(["sft", *flags]) == 0
+    assert list(run.glob("events.out.tfevents.*"))
