@@ -65,22 +65,33 @@ def train_or_chat(algo: str, flags: dict) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``alignkit`` console command."""
+def guarded(fn, *args) -> int:
+    """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
+    a UserError becomes one line on stderr and exit code 2."""
     try:
-        args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
-        flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "handler")}
-        if args.command in CONFIGS:
-            return train_or_chat(args.command, flags)
-        return args.handler(flags)
+        result = fn(*args)
+        return result if isinstance(result, int) else 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(argv) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "handler")}
+    if args.command in CONFIGS:
+        return train_or_chat(args.command, flags)
+    return args.handler(flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``alignkit`` console command."""
+    return guarded(_dispatch, argv)
 
 
 if __name__ == "__main__":

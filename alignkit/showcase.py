@@ -43,3 +43,16 @@ def train_and_show(algo: str, n_prompts: int = 3, max_new_tokens: int = 200, **o
     for key, value in final.items():
         print(f"  {key:<22} {value:.4f}")
     return {"metrics": final, "prompts": prompts, "base": base, "tuned": tuned}
+
+
+def script_main(algo: str, argv: list[str]) -> int:
+    """Entry of the argument-free ``benchmarking_<algo>.py`` scripts."""
+    import sys
+
+    from .cli import guarded
+
+    if argv:
+        print(f"benchmarking_{algo}.py takes no arguments; 'alignkit {algo} --help' shows a configurable run",
+              file=sys.stderr)
+        return 2
+    return guarded(train_and_show, algo)

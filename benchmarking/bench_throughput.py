@@ -4,53 +4,47 @@
     python benchmarking/bench_throughput.py --json bench.json --scaling --profile
     python benchmarking/bench_throughput.py --device cuda --random-init qwen2.5-0.5b
 
-The same work on both sides: the same model weights (the embedded SmolLM2-135M-Instruct, or a
-random-weight Qwen2.5-0.5B-shaped model built from a hand-written ``Qwen2Config`` with seed 0),
-LoRA r=16, alpha=32, dropout 0 on q/k/v/o, the bundled preference data in the order of alignkit's
-gym (seed 42), the same batch size, max length, learning rate (constant), AdamW (``adamw_torch``,
-no weight decay), gradient clipping at 1.0 and number of optimizer steps; float32 on CPU, bfloat16
-weights on GPU; no gradient checkpointing; no accumulation (one forward/backward per step).
+Same work on both sides: the same weights (the embedded SmolLM2-135M-Instruct, or with
+``--random-init`` a random Qwen2.5-0.5B-shaped model from a hand-written ``Qwen2Config``, seed 0,
+fed the embedded tokenizer's ids, all valid in Qwen's larger vocabulary); LoRA r=16, alpha=32,
+dropout 0 on q/k/v/o; the bundled data in the order of alignkit's gym (seed 42); the same batch
+size, max length, constant learning rate, AdamW (``adamw_torch``), clipping at 1.0 and number of
+optimizer steps; float32 on CPU, bfloat16 weights on GPU; no gradient checkpointing or accumulation.
 
-Same token ids: the batches come from alignkit's gyms. TRL's SFTTrainer gets them pre-tokenized
-(``input_ids`` + ``completion_mask``, ``completion_only_loss=True``). TRL's DPOTrainer gets them as
-text (prompt rendered with the chat template, chosen/rejected ending in ``<|im_end|>``, decoded
-from our ids) and tokenizes them itself. Before timing, every TRL batch is compared with ours
-(input ids, attention mask, loss positions); should TRL's tokenization differ, its dataset is
-replaced by our ids and the report says so. Rows are never shuffled by TRL
-(``train_sampling_strategy="sequential"``). TRL pads each batch; alignkit packs it (``packed=True``).
+Same token ids: the batches come from alignkit's gyms. SFTTrainer gets them pre-tokenized
+(``input_ids`` + ``completion_mask``, ``completion_only_loss=True``); DPOTrainer gets text (the
+chat-templated prompt and responses ending in ``<|im_end|>``, decoded from our ids) and tokenizes
+it itself. Every TRL batch is compared with ours before timing (ids, attention mask, loss
+positions); if TRL's tokenization differed, it would be given our ids, and the report says which.
+TRL reads rows in order (``train_sampling_strategy="sequential"``) and pads; alignkit packs.
 
-Like with like for DPO: sigmoid loss, beta 0.1, reference = the base model with the adapter
-disabled (TRL's default for a PEFT model; it runs the reference forward in every step). With
-``--nll-alpha 0`` (default) TRL uses ``loss_type=["sigmoid"]``; with ``--nll-alpha A`` it uses
-``loss_type=["sigmoid", "sft"], loss_weights=[1, A]``, TRL's form of the per-token NLL term.
-alignkit caches reference log-probs per pair, so DPO is reported twice: **cold** (the cache is
-empty, the reference forward runs inside the timed step, as on a first epoch: the headline) and
-**warm** (cache filled before timing, as on later epochs or a rerun).
+DPO, like with like: sigmoid loss, beta 0.1, reference = base model with the adapter disabled
+(TRL's default for PEFT, run in every step). ``--nll-alpha 0`` (default): TRL
+``loss_type=["sigmoid"]``; ``--nll-alpha A``: ``loss_type=["sigmoid", "sft"], loss_weights=[1, A]``
+(TRL's per-token NLL term). alignkit caches reference log-probs per pair, so DPO is reported
+**cold** (empty cache: the reference forward runs in the step, as on a first epoch; the headline)
+and **warm** (cache filled before timing, as on later epochs).
 
-Measured per side, median of ``--repeats`` runs (the order of the sides alternates between
-repeats), each run in its own subprocess so that memory peaks do not mix:
-- real tokens/s: non-padding tokens (prompt + response, both sequences of a DPO pair) of the
-  timed steps divided by their wall time; ``--warmup`` first steps are not timed;
-- optimizer steps/s;
-- peak memory: CPU: the peak resident set (VmHWM) during training, reset after the model is
-  loaded and the trainer built (``peak_mem_mb``; the whole process's peak, loading included, is
-  in ``process_peak_mb``); GPU: ``torch.cuda.max_memory_allocated`` during training;
-- MFU: model FLOPs per second over the measured peak of one large matmul (float32 on CPU,
-  bfloat16 on GPU) in the same run. Model FLOPs per real token: forward ``2N``, LoRA backward
-  ``2N`` (activation gradients only; the frozen weights get no weight gradients), where ``N`` =
-  every weight matrix used per token: all parameters except the input embedding, with the LM head
-  (``V x H``) counted once even when tied to the embedding. SFT: ``4N``; DPO: ``4N`` for the policy
-  plus ``2N`` for the reference forward when it runs in the step (TRL, alignkit cold): ``6N``.
-  The LM head counts on every token (alignkit scores response tokens only); attention-score
-  FLOPs (~3% at these lengths) and the LoRA matrices are left out.
+Measured per side, median of ``--repeats`` runs whose side order alternates, each run in its own
+subprocess (memory peaks do not mix), each started on a quiet machine (runs that other processes
+disturbed are repeated, see ``measured``):
+- real tokens/s: non-padding tokens (prompt + response; both sequences of a DPO pair) of the
+  timed steps over their wall time, the ``--warmup`` first steps untimed; optimizer steps/s;
+- peak memory: CPU: peak resident set (VmHWM) during training, reset once the model is loaded and
+  the trainer built (``process_peak_mb`` includes loading); GPU: ``torch.cuda.max_memory_allocated``;
+- MFU: model FLOPs/s over the best rate of one large matmul measured in the same run (float32 on
+  CPU, bfloat16 on GPU). Per real token: forward ``2N`` + LoRA backward ``2N`` (activation
+  gradients only: frozen weights get no weight gradients), ``N`` = all parameters except the input
+  embedding, the LM head (``V x H``) counted once even when tied. SFT ``4N``; DPO ``4N`` + ``2N`` for
+  the reference forward when it runs in the step (TRL, alignkit cold) = ``6N``. The head counts on
+  every token (alignkit scores response tokens only); attention scores (~3% here) and LoRA
+  matrices are left out.
 
-Step-1 agreement: lora_B starts at zero, so the first step's loss is the base model's loss on
-the batch on both sides; the benchmark prints both and their relative difference (target 1e-3).
-``--scaling`` times alignkit alone on synthetic rows (random ids, no padding, prompt = first
-quarter) over lengths 128..1024 and batch sizes 1..8. ``--profile`` prints where one alignkit
-step spends its time (torch.profiler). TRL is the optional ``[bench]`` extra: without it only
-alignkit runs. ``--random-init`` keeps the embedded tokenizer: its ids (< 49152) are valid in
-Qwen's larger vocabulary, whose full width still costs its LM-head FLOPs.
+Step-1 agreement: lora_B starts at zero, so step 1's loss is the base model's loss on the batch
+on both sides; both are printed with their relative difference (target 1e-3). ``--scaling`` times
+alignkit alone on synthetic rows (random ids, no padding, prompt = first quarter) over lengths
+128..1024 and batch sizes 1..8; ``--profile`` shows where one alignkit step spends its time.
+TRL is the optional ``[bench]`` extra: without it, alignkit runs alone.
 """
 
 from __future__ import annotations
@@ -60,6 +54,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,11 +64,11 @@ from pathlib import Path
 
 import torch
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SCALING_LENGTHS = (128, 256, 512, 1024)
 SCALING_BATCHES = (1, 2, 4, 8)
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
 FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
+QUIET = 0.1  # share of the CPUs other processes may use during a run
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -81,12 +76,12 @@ FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/reje
 def lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none",
-                      task_type="CAUSAL_LM")
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def build_model(spec):
-    """The embedded (or ``--model``) model, or a random Qwen2.5-0.5B-shaped one, on the spec's device/dtype."""
+    """The ``--model`` model, or a random Qwen2.5-0.5B-shaped one, on the spec's device and dtype."""
     from alignkit import load_model
 
     dtype = torch.float32 if spec["device"] == "cpu" else torch.bfloat16
@@ -103,7 +98,7 @@ def build_model(spec):
 
 
 def flop_params(model) -> int:
-    """``N`` of the docstring: every parameter but the input embedding, the LM head counted once."""
+    """``N`` of the module docstring: all parameters but the input embedding, the LM head counted once."""
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     n = sum(p.numel() for p in model.parameters()) - emb.numel()
     return n + head.numel() if head is emb else n
@@ -113,28 +108,23 @@ def gym_batches(spec, tokenizer) -> list[dict]:
     """The first ``warmup + steps`` batches of alignkit's gym over the bundled train split."""
     from alignkit import PreferenceGym, SFTGym, make_dataset
 
-    train, _ = make_dataset()
     gym_cls = SFTGym if spec["algo"] == "sft" else PreferenceGym
-    gym = gym_cls(train, None, tokenizer, data_batch_size_per_gpu=spec["batch_size"],
+    gym = gym_cls(make_dataset()[0], None, tokenizer, data_batch_size_per_gpu=spec["batch_size"],
                   max_context_length=spec["max_length"])
-    n = spec["warmup"] + spec["steps"]
-    return [gym.reset()] + [gym.step() for _ in range(n - 1)]
+    return [gym.reset()] + [gym.step() for _ in range(spec["warmup"] + spec["steps"] - 1)]
 
 
 def synthetic_batches(spec, vocab: int) -> list[dict]:
-    """Batches of random ids without padding: ``rows`` x ``length``, loss on the last 3/4 of each row."""
+    """Random ids without padding, ``rows x length`` (DPO: pairs sharing the prompt), loss on the last 3/4."""
     rows, length = spec["synthetic"]
-    g = torch.Generator().manual_seed(spec["seed"])
-    batches = []
+    g, batches, prompt = torch.Generator().manual_seed(spec["seed"]), [], length // 4
     for step in range(spec["warmup"] + spec["steps"]):
-        n = rows if spec["algo"] == "sft" else 2 * rows
-        ids = torch.randint(100, vocab - 100, (n, length), generator=g)
-        if spec["algo"] == "dpo":
-            ids[rows:, : length // 4] = ids[:rows, : length // 4]  # a pair shares its prompt
+        ids = torch.randint(100, vocab - 100, (rows if spec["algo"] == "sft" else 2 * rows, length), generator=g)
         labels = ids.clone()
-        labels[:, : length // 4] = -100
+        labels[:, :prompt] = -100
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         if spec["algo"] == "dpo":
+            ids[rows:, :prompt] = ids[:rows, :prompt]
             batch["example_ids"] = torch.arange(rows) + step * rows
         batches.append(batch)
     return batches
@@ -171,7 +161,7 @@ def trl_dpo_dataset(batches, tokenizer=None):
     return Dataset.from_dict(cols if tokenizer else {f"{k}_ids": v for k, v in cols.items()})
 
 
-# ----------------------------------------------------------------------------- TRL side
+# ----------------------------------------------------------------------------- the two sides
 
 def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
                 max_length=None, callbacks=()):
@@ -180,14 +170,13 @@ def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     on_gpu = model.device.type == "cuda"
-    rows_per_batch = batches[0]["input_ids"].shape[0] // (1 if algo == "sft" else 2)
-    common = dict(output_dir=output_dir, per_device_train_batch_size=rows_per_batch, gradient_accumulation_steps=1,
-                  max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
-                  bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
-                  report_to="none", disable_tqdm=True, seed=seed, train_sampling_strategy="sequential",
-                  dataloader_pin_memory=False, max_length=max_length or max(b["input_ids"].shape[1] for b in batches))
-    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # the new name, transformers >= 5.x
+    common = dict(output_dir=output_dir, per_device_train_batch_size=len(batches[0]["input_ids"]) // (1 + (algo == "dpo")),
+                  gradient_accumulation_steps=1, max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant",
+                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
+                  bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no", report_to="none",
+                  disable_tqdm=True, seed=seed, train_sampling_strategy="sequential", dataloader_pin_memory=False,
+                  max_length=max_length or max(b["input_ids"].shape[1] for b in batches))
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # its newer name
         common["activation_checkpointing"] = False
     kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=list(callbacks))
     if algo == "sft":
@@ -204,30 +193,27 @@ def batch_mismatches(trainer, batches, algo) -> int:
     for theirs, ours in zip(trainer.get_train_dataloader(), batches, strict=True):
         theirs = {k: v.cpu() for k, v in theirs.items() if torch.is_tensor(v)}
         loss_at = theirs["labels"] != -100 if algo == "sft" else theirs["completion_mask"].bool()
-        same = (theirs["input_ids"].shape == ours["input_ids"].shape
-                and torch.equal(theirs["input_ids"] * theirs["attention_mask"], ours["input_ids"] * ours["attention_mask"])
-                and torch.equal(theirs["attention_mask"].long(), ours["attention_mask"].long())
-                and torch.equal(loss_at, ours["labels"] != -100))
-        bad += not same
+        bad += not (theirs["input_ids"].shape == ours["input_ids"].shape
+                    and torch.equal(theirs["input_ids"] * theirs["attention_mask"],
+                                    ours["input_ids"] * ours["attention_mask"])
+                    and torch.equal(theirs["attention_mask"].long(), ours["attention_mask"].long())
+                    and torch.equal(loss_at, ours["labels"] != -100))
     return bad
 
 
 def run_trl(spec, model, tokenizer, batches) -> dict:
     from transformers import TrainerCallback
 
-    device = spec["device"]
-
     class Stopwatch(TrainerCallback):
         def __init__(self):
-            self.stamps: list[float] = []
-            self.logs: list[dict] = []
+            self.stamps, self.logs = [], []
 
         def on_train_begin(self, args, state, control, **kw):
-            reset_peak(device)
-            self.stamps.append(clock(device))
+            reset_peak(spec["device"])
+            self.stamps.append(clock(spec["device"]))
 
         def on_step_end(self, args, state, control, **kw):
-            self.stamps.append(clock(device))
+            self.stamps.append(clock(spec["device"]))
 
         def on_log(self, args, state, control, logs=None, **kw):
             self.logs.append(dict(logs or {}))
@@ -237,51 +223,44 @@ def run_trl(spec, model, tokenizer, batches) -> dict:
         trainer = trl_trainer(spec["algo"], model, tokenizer, batches, out, lr=spec["lr"], beta=spec["beta"],
                               nll_alpha=spec["nll_alpha"], seed=spec["seed"], max_length=spec["max_length"],
                               callbacks=[watch])
-        mismatches, fallback = batch_mismatches(trainer, batches, spec["algo"]), False
-        if mismatches and spec["algo"] == "dpo":  # TRL tokenized the text differently: give it our ids
-            trainer.train_dataset, fallback = trl_dpo_dataset(batches), True
+        mismatches, given_ids = batch_mismatches(trainer, batches, spec["algo"]), spec["algo"] == "sft"
+        if mismatches and not given_ids:  # TRL tokenized the text differently: give it our ids
+            trainer.train_dataset, given_ids = trl_dpo_dataset(batches), True
             mismatches = batch_mismatches(trainer, batches, spec["algo"])
         trainer.train()
-    first = {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]}
-    checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
-    return {"stamps": watch.stamps, "first": first, "peak_mem_mb": peak_mb(device), "checkpointing": checkpointing,
-            "batch_mismatches": mismatches, "trl_given_our_ids": fallback or spec["algo"] == "sft"}
+    return {"stamps": watch.stamps, "first": {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
+            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches, "trl_given_our_ids": given_ids,
+            "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False))}
 
 
-# ----------------------------------------------------------------------------- alignkit side
-
-def make_agent(spec, model, tokenizer):
+def run_ours(spec, model, tokenizer, batches) -> dict:
     from alignkit import DPO, SFT
 
     common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=spec["batch_size"],
                   lr=spec["lr"], lora_config=lora_config(), seed=spec["seed"])
     if spec["algo"] == "sft":
-        return SFT(model, **common)
-    return DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common)
-
-
-def run_ours(spec, model, tokenizer, batches) -> dict:
-    agent = make_agent(spec, model, tokenizer)
+        agent = SFT(model, **common)
+    else:
+        agent = DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common)
     if spec["warm"]:
         for batch in batches:
             agent.reference_logps(batch)  # fills agent.ref_cache, as a previous epoch would have
     reset_peak(spec["device"])
-    stamps, metrics, profile = [clock(spec["device"])], [], None
+    stamps, metrics, table = [clock(spec["device"])], [], None
     for i, batch in enumerate(batches):
         if spec["profile"] and i == len(batches) - 1:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
+            from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
-            with torch_profile(activities=activities) as prof:
+            with profile(activities=activities) as prof:
                 metrics.append(agent.learn(batch))
-            sort = "self_cuda_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
-            profile = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)
+            sort = "self_device_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)
         else:
             metrics.append(agent.learn(batch))
         stamps.append(clock(spec["device"]))
-    first = {k: metrics[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]}
-    return {"stamps": stamps, "first": first, "peak_mem_mb": peak_mb(spec["device"]), "profile": profile}
+    return {"stamps": stamps, "first": {k: metrics[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
+            "peak_mem_mb": peak_mb(spec["device"]), "profile": table}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -306,26 +285,22 @@ def peak_mb(device) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return process_peak_mb()
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return process_peak_mb()
 
 
 def process_peak_mb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def matmul_peak_gflops(device: str, repeats: int = 8) -> float:
+def matmul_peak_gflops(device: str, repeats: int = 10) -> float:
     """Best rate of one large square matmul: float32 (n=2048) on CPU, bfloat16 (n=8192) on GPU."""
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(repeats + 2):
+    for _ in range(repeats):
         start = clock(device)
         a @ b
         best = min(best, clock(device) - start)
@@ -334,26 +309,37 @@ def matmul_peak_gflops(device: str, repeats: int = 8) -> float:
 
 def machine_info(device: str) -> dict:
     cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import psutil
-
-        ram_gb = psutil.virtual_memory().total / 2**30
-    except ImportError:
-        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_gb": round(ram_gb, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "device": device}
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("transformers", "peft", "trl"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except ImportError:
-            info[pkg] = None
+        info[pkg] = __import__(pkg).__version__ if importlib.util.find_spec(pkg) else None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``), else None."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def wait_for_quiet(max_wait_s: float) -> None:
+    """Wait, up to ``max_wait_s``, until other processes leave the CPUs idle (under ``QUIET`` of them)."""
+    deadline = time.monotonic() + max_wait_s
+    while (start := busy_cpu_seconds()) is not None:
+        time.sleep(3)
+        share = (busy_cpu_seconds() - start) / (3 * os.cpu_count())
+        if share < QUIET or time.monotonic() > deadline:
+            return
+        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy", flush=True)
+        time.sleep(20)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -366,52 +352,20 @@ def worker(spec: dict) -> None:
     tokenizer = load_tokenizer() if spec["random_init"] else load_tokenizer(spec["model"])
     model = build_model(spec)
     n_params = flop_params(model)
-    if spec["synthetic"]:
-        batches = synthetic_batches(spec, len(tokenizer))
-    else:
-        batches = gym_batches(spec, tokenizer)
-    run = run_trl if spec["side"] == "trl" else run_ours
-    result = run(spec, model, tokenizer, batches)
+    batches = synthetic_batches(spec, len(tokenizer)) if spec["synthetic"] else gym_batches(spec, tokenizer)
+    result = (run_trl if spec["side"] == "trl" else run_ours)(spec, model, tokenizer, batches)
     result.update(n_params=n_params, tokens=[int(b["attention_mask"].sum()) for b in batches],
                   process_peak_mb=process_peak_mb() if spec["device"] == "cpu" else None)
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``), else None."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.1) -> None:
-    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` of the CPUs."""
-    deadline = time.monotonic() + max_wait_s
-    while busy_cpu_seconds() is not None:
-        start = busy_cpu_seconds()
-        time.sleep(3)
-        share = (busy_cpu_seconds() - start) / (3 * os.cpu_count())
-        if share < threshold or time.monotonic() > deadline:
-            return
-        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy", flush=True)
-        time.sleep(20)
-
-
 def launch(spec: dict) -> dict:
-    """Run ``worker(spec)`` in a fresh interpreter; its output goes to a log shown only on failure.
-
-    Also returns ``foreign_cpu``: the share of the machine's CPU time that processes other than the
-    worker used while it ran (other jobs on a shared machine distort the timing).
-    """
-    import resource
-
+    """``worker(spec)`` in a fresh interpreter (its output shown only on failure), plus ``foreign_cpu``:
+    the share of the machine's CPU time that other processes used while it ran."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=str(Path(tmp) / "result.json"))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy, start = busy_cpu_seconds(), time.monotonic()
+        before, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), time.monotonic()
         with open(Path(tmp) / "log.txt", "w+") as log:
             code = subprocess.call([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
@@ -420,66 +374,58 @@ def launch(spec: dict) -> dict:
                 sys.exit(f"worker {spec['algo']}/{spec['side']} failed (exit {code}):\n" + log.read()[-4000:])
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = json.loads(Path(spec["out"]).read_text())
-    own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if busy is not None:
-        wall = (time.monotonic() - start) * os.cpu_count()
-        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / wall
+        own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / ((time.monotonic() - start) * os.cpu_count())
     return result
 
 
 def measured(spec: dict, max_wait_s: float, tries: int = 3) -> dict:
-    """``launch(spec)`` on a quiet machine, retried while other processes disturbed the run."""
+    """``launch(spec)`` on a quiet machine, again (up to ``tries`` times) when other processes disturbed it."""
     for attempt in range(tries):
         wait_for_quiet(max_wait_s)
         result = launch(spec)
-        if result.get("foreign_cpu", 0.0) < 0.1:
+        if result.get("foreign_cpu", 0.0) < QUIET:
             break
-        print(f"  run disturbed: other processes used {result['foreign_cpu']:.0%} of the CPUs"
-              + ("; again" if attempt < tries - 1 else "; kept, marked"), flush=True)
+        print(f"  run disturbed: other processes used {result['foreign_cpu']:.0%} of the CPUs; "
+              + ("again" if attempt < tries - 1 else "kept, marked"), flush=True)
     return result
 
 
 def spec_for(args, algo, side, **extra) -> dict:
-    spec = dict(algo=algo, side="trl" if side == "trl" else "ours", warm=side == "ours_warm",
+    return dict(algo=algo, side="trl" if side == "trl" else "ours", warm=side == "ours_warm",
                 batch_size=args.batch_size if algo == "sft" else args.dpo_batch_size, max_length=args.max_length,
                 steps=args.steps, warmup=args.warmup, lr=args.lr, beta=args.beta, nll_alpha=args.nll_alpha,
                 device=args.device, model=args.model, random_init=args.random_init, seed=args.seed,
-                synthetic=None, profile=False)
-    spec.update(extra)
-    return spec
+                synthetic=None, profile=False) | extra
 
 
-def rates(run: dict, warmup: int) -> dict:
-    """Tokens/s and steps/s over the timed (post-warm-up) steps of one run."""
-    seconds = run["stamps"][-1] - run["stamps"][warmup]
-    steps = len(run["stamps"]) - 1 - warmup
-    return {"tokens_per_s": sum(run["tokens"][warmup:]) / seconds, "steps_per_s": steps / seconds,
-            "s_per_step": seconds / steps}
+# ----------------------------------------------------------------------------- reporting
+
+def rates(run: dict, warmup: int, n_params_factor: float = 0, peak_gflops: float = 1) -> dict:
+    """Tokens/s, steps/s and s/step over the timed steps of one run, and its MFU given FLOPs per N per token."""
+    seconds, steps = run["stamps"][-1] - run["stamps"][warmup], len(run["stamps"]) - 1 - warmup
+    tps = sum(run["tokens"][warmup:]) / seconds
+    return {"tokens_per_s": tps, "steps_per_s": steps / seconds, "s_per_step": seconds / steps,
+            "mfu": tps * n_params_factor * run["n_params"] / (peak_gflops * 1e9)}
 
 
 def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int) -> dict:
-    """Medians over repeats per side, MFU, ratios ours/TRL and the step-1 agreement."""
+    """Medians over repeats per side, ratios ours/TRL and the step-1 agreement."""
     out = {}
     for side, side_runs in runs.items():
-        per_run = [rates(r, warmup) for r in side_runs]
-        tps = statistics.median(r["tokens_per_s"] for r in per_run)
-        flops_per_token = (6 if algo == "dpo" and side != "ours_warm" else 4) * side_runs[0]["n_params"]
-        out[side] = {"tokens_per_s": tps, "steps_per_s": statistics.median(r["steps_per_s"] for r in per_run),
-                     "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in side_runs),
-                     "mfu": tps * flops_per_token / (peak_gflops * 1e9),
-                     "process_peak_mb": statistics.median(r["process_peak_mb"] or 0 for r in side_runs),
-                     "runs_tokens_per_s": [r["tokens_per_s"] for r in per_run],
-                     "runs_foreign_cpu": [r.get("foreign_cpu") for r in side_runs]}
+        per_run = [rates(r, warmup, 6 if algo == "dpo" and side != "ours_warm" else 4, peak_gflops) for r in side_runs]
+        out[side] = {k: statistics.median(r[k] for r in per_run) for k in ("tokens_per_s", "steps_per_s", "mfu")}
+        out[side].update({k: statistics.median(r[k] or 0 for r in side_runs) for k in ("peak_mem_mb", "process_peak_mb")})
+        out[side].update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run],
+                         runs_foreign_cpu=[r.get("foreign_cpu") for r in side_runs])
     if "trl" in runs:
-        trl = out["trl"]
-        out["speedup"] = out["ours"]["tokens_per_s"] / trl["tokens_per_s"]
-        out["mem_ratio"] = out["ours"]["peak_mem_mb"] / trl["peak_mem_mb"]
-        if "ours_warm" in out:
-            out["speedup_warm"] = out["ours_warm"]["tokens_per_s"] / trl["tokens_per_s"]
-            out["mem_ratio_warm"] = out["ours_warm"]["peak_mem_mb"] / trl["peak_mem_mb"]
-        ours_first, trl_first = runs["ours"][0]["first"], runs["trl"][0]["first"]
-        out["step1"] = {k: {"ours": ours_first[k], "trl": trl_first[k],
-                            "rel_diff": abs(ours_first[k] - trl_first[k]) / max(abs(trl_first[k]), 1e-12)}
+        for suffix, side in (("", "ours"), ("_warm", "ours_warm")):
+            if side in out:
+                out["speedup" + suffix] = out[side]["tokens_per_s"] / out["trl"]["tokens_per_s"]
+                out["mem_ratio" + suffix] = out[side]["peak_mem_mb"] / out["trl"]["peak_mem_mb"]
+        ours, trl = runs["ours"][0]["first"], runs["trl"][0]["first"]
+        out["step1"] = {k: {"ours": ours[k], "trl": trl[k], "rel_diff": abs(ours[k] - trl[k]) / max(abs(trl[k]), 1e-12)}
                         for k in FIRST_STEP_KEYS[algo]}
         out["trl_batch_mismatches"] = max(r["batch_mismatches"] for r in runs["trl"])
         out["trl_given_our_ids"] = runs["trl"][0]["trl_given_our_ids"]
@@ -489,22 +435,19 @@ def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int
 def print_table(algo, s: dict, args) -> None:
     batch = f"{args.batch_size} rows" if algo == "sft" else f"{args.dpo_batch_size} pairs"
     print(f"\n{algo.upper()}: batch {batch}, max length {args.max_length}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, median of {args.repeats}")
+          f"{args.warmup} warm-up, median of {args.repeats}\n{'side':<18}{'tokens/s':>10}{'steps/s':>10}"
+          f"{'peak MB':>10}{'MFU':>8}")
     names = {"ours": "alignkit" + (" (cold)" if algo == "dpo" else ""), "ours_warm": "alignkit (warm)", "trl": "TRL"}
-    print(f"{'side':<18}{'tokens/s':>10}{'steps/s':>10}{'peak MB':>10}{'MFU':>8}")
-    for side in ("ours", "ours_warm", "trl"):
-        if side in s:
-            r = s[side]
-            print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
-                  f"{r['mfu']:>8.1%}")
-    disturbed = sum(f is not None and f >= 0.1 for side in ("ours", "ours_warm", "trl") if side in s
-                    for f in s[side]["runs_foreign_cpu"])
+    for side in (side for side in names if side in s):
+        r = s[side]
+        print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
+              f"{r['mfu']:>8.1%}")
+    disturbed = sum((f or 0) >= QUIET for side in names if side in s for f in s[side]["runs_foreign_cpu"])
     if disturbed:
-        print(f"warning: {disturbed} run(s) shared the CPUs with other processes (>= 10% of them): see runs_foreign_cpu")
+        print(f"warning: other processes used >= {QUIET:.0%} of the CPUs during {disturbed} run(s)")
     if "speedup" in s:
-        goal_speed, goal_mem = TARGETS[algo]
-        print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x"
-              f"   (targets: >= {goal_speed}x tokens/s, <= {goal_mem}x memory)")
+        print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x   (targets: >= "
+              f"{TARGETS[algo][0]}x tokens/s, <= {TARGETS[algo][1]}x memory)")
         if "speedup_warm" in s:
             print(f"{'ours warm/TRL':<18}{s['speedup_warm']:>9.2f}x{'':>10}{s['mem_ratio_warm']:>9.2f}x")
         for key, v in s["step1"].items():
@@ -521,21 +464,17 @@ def run_scaling(args, algos, peak_gflops) -> dict:
     table = {}
     for algo in algos:
         print(f"\nalignkit scaling, {algo.upper()} ({'rows' if algo == 'sft' else 'pairs'} x length, synthetic, "
-              f"{args.scaling_steps} timed steps after 1 warm-up)")
-        print(f"{'batch':>6}{'length':>8}{'tokens/step':>13}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'MFU':>7}")
-        rows = []
+              f"{args.scaling_steps} timed steps after 1 warm-up)\n"
+              f"{'batch':>6}{'length':>8}{'tokens/step':>13}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'MFU':>7}")
+        table[algo] = []
         for batch, length in configs:
-            spec = spec_for(args, algo, "ours", batch_size=batch, max_length=length, steps=args.scaling_steps,
-                            warmup=1, synthetic=[batch, length])
-            run = measured(spec, args.max_wait)
-            r = rates(run, 1)
-            mfu = r["tokens_per_s"] * (4 if algo == "sft" else 6) * run["n_params"] / (peak_gflops * 1e9)
-            row = {"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
-                   "peak_mem_mb": run["peak_mem_mb"], "mfu": mfu}
-            rows.append(row)
-            print(f"{batch:>6}{length:>8}{row['tokens_per_step']:>13}{r['s_per_step']:>9.2f}"
-                  f"{r['tokens_per_s']:>10.1f}{row['peak_mem_mb']:>9.0f}{mfu:>7.1%}", flush=True)
-        table[algo] = rows
+            run = measured(spec_for(args, algo, "ours", batch_size=batch, max_length=length, warmup=1,
+                                    steps=args.scaling_steps, synthetic=[batch, length]), args.max_wait)
+            r = rates(run, 1, 4 if algo == "sft" else 6, peak_gflops)
+            table[algo].append({"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
+                                "peak_mem_mb": run["peak_mem_mb"], "foreign_cpu": run.get("foreign_cpu")})
+            print(f"{batch:>6}{length:>8}{run['tokens'][-1]:>13}{r['s_per_step']:>9.2f}{r['tokens_per_s']:>10.1f}"
+                  f"{run['peak_mem_mb']:>9.0f}{r['mfu']:>7.1%}", flush=True)
     return table
 
 
@@ -552,7 +491,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant) on both sides")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
     p.add_argument("--nll-alpha", type=float, default=0.0,
-                   help="weight of the NLL term; >0 gives TRL loss_type=[sigmoid, sft] with this weight")
+                   help="NLL weight; above 0, TRL runs loss_type=[sigmoid, sft] with this weight")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model for alignkit.load_model")
     p.add_argument("--random-init", choices=["qwen2.5-0.5b"], default=None,
@@ -590,17 +529,16 @@ def main(argv=None) -> None:
     wait_for_quiet(args.max_wait)
     peak = matmul_peak_gflops(args.device)
     report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}}
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, device {args.device}; "
-          f"matmul peak {peak:.1f} GFLOP/s")
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}}
+    print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; matmul peak {peak:.1f} GFLOP/s")
     for algo in algos:
         sides = ["ours"] + (["ours_warm"] if algo == "dpo" else []) + (["trl"] if with_trl else [])
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
-            for side in (sides if r % 2 == 0 else sides[::-1]):
+            for side in sides if r % 2 == 0 else sides[::-1]:
                 runs[side].append(measured(spec_for(args, algo, side), args.max_wait))
-                print(f"  {algo} {side} repeat {r + 1}: "
-                      f"{rates(runs[side][-1], args.warmup)['tokens_per_s']:.1f} tokens/s", flush=True)
+                tps = rates(runs[side][-1], args.warmup)["tokens_per_s"]
+                print(f"  {algo} {side} repeat {r + 1}: {tps:.1f} tokens/s", flush=True)
         report[algo] = summarise(algo, runs, peak, args.warmup)
         print_table(algo, report[algo], args)
     if args.scaling:
@@ -608,7 +546,7 @@ def main(argv=None) -> None:
     if args.profile:
         report["profile"] = {}
         for algo in algos:
-            run = launch(spec_for(args, algo, "ours", steps=1, profile=True))
+            run = measured(spec_for(args, algo, "ours", steps=1, profile=True), args.max_wait)
             report["profile"][algo] = run["profile"]
             print(f"\nprofile of one alignkit {algo.upper()} step (cold):\n{run['profile']}")
     if args.json:

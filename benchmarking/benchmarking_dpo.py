@@ -9,21 +9,7 @@ folder goes under outputs/benchmark_dpo/.
 
 import sys
 
-from alignkit.errors import UserError
-from alignkit.showcase import train_and_show
-
-
-def main() -> int:
-    if len(sys.argv) > 1:
-        print("benchmarking_dpo.py takes no arguments; use 'alignkit dpo --help' for a configurable run", file=sys.stderr)
-        return 2
-    try:
-        train_and_show("dpo")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+from alignkit.showcase import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("dpo", sys.argv[1:]))

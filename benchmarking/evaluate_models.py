@@ -15,8 +15,7 @@ prompt, the numbers and the training curves) and ``<out>/report/results.json``.
 import argparse
 import sys
 
-from alignkit.cli import _Parser
-from alignkit.errors import UserError
+from alignkit.cli import _Parser, guarded
 from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, train_and_compare
 
 
@@ -28,15 +27,14 @@ def main(argv=None) -> int:
                             help=f"an existing {name} run folder (holding actor/) to use instead of training")
     parser.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS), choices=ALL_CONFIGS,
                         help="which configurations to compare [default: all five]")
-    try:
+
+    def run():
         args = parser.parse_args(argv)
         given = {n: getattr(args, n) for n in ALL_CONFIGS[1:] if getattr(args, n)}
         train_and_compare(args.configs, args.out, args.max_steps, args.prompts, args.max_new_tokens, args.model,
                           args.dataset, given=given, reuse=args.reuse)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return guarded(run)
 
 
 if __name__ == "__main__":
