@@ -17,19 +17,48 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # --------------------------------------------------------------------------- token log-probs
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> Tensor:
-    # Upcast inside the chunk: a float32 copy of a bf16 LM head is then transient (and
-    # recomputed in backward) instead of being held for the whole step.
-    logits = hidden.float() @ weight.float().T  # (n, V)
-    if bias is not None:
-        logits = logits + bias.float()
-    picked = logits.gather(1, labels.unsqueeze(1)).squeeze(1)  # (n,)
-    return picked - torch.logsumexp(logits, dim=-1)
+class _ChunkLogps(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T + bias)[labels]`` for one chunk, with a hand-written backward.
+
+    d logp_i / d logits_i = onehot(labels_i) - softmax(logits_i), so backward needs only the
+    softmax. With ``keep`` the forward turns the logits into that softmax in place and keeps it:
+    backward is then one matmul. Without ``keep`` only the inputs are kept and backward recomputes
+    the logits first (one more matmul, no (n, V) block held between forward and backward).
+    Math in float32 whatever the input dtype. Backward runs once (it works in place).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, keep):
+        logits = _logits(hidden, weight, bias)  # (n, V) float32
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        logp = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
+        probs = logits.sub_(lse.unsqueeze(1)).exp_() if keep else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, probs)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
+        if probs is None:
+            probs = _logits(hidden, weight, bias).sub_(lse.unsqueeze(1)).exp_()
+        # grad_logits = g * (onehot - softmax), built in place over the probabilities.
+        grad = probs.mul_(-grad_logp.float().unsqueeze(1))
+        grad.scatter_add_(1, labels.unsqueeze(1), grad_logp.float().unsqueeze(1))
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = (grad @ weight.float()).to(hidden.dtype) if need_h else None
+        grad_w = (grad.T @ hidden.float()).to(weight.dtype) if need_w else None
+        grad_b = grad.sum(0).to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # Upcast inside the chunk: a float32 copy of a bf16 LM head is transient, not held for the step.
+    logits = hidden.float() @ weight.float().T
+    return logits.add_(bias.float()) if bias is not None else logits
 
 
 def token_logps(
@@ -38,18 +67,20 @@ def token_logps(
     labels: Tensor,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
+    keep_budget_mb: float = 256.0,
 ) -> Tensor:
-    """Log-probability of each label token, without holding the full (N, V) logits.
+    """Log-probability of each label token, without the usual (N, V) logits bookkeeping.
 
     For each row ``i``::
 
         logits_i = hidden_i @ weight.T (+ bias)                      # (V,)
         logp_i   = logits_i[labels_i] - logsumexp_v(logits_i[v])     # = log_softmax(logits_i)[labels_i]
 
-    Rows go ``chunk_size`` at a time, in float32 whatever the input dtype. When autograd is
-    recording and an input requires grad, each chunk runs under ``checkpoint(...,
-    use_reentrant=False)``: backward recomputes the chunk's logits instead of keeping them,
-    so memory holds one ``(chunk_size, V)`` block, not ``(N, V)``, for one extra matmul.
+    Rows go ``chunk_size`` at a time, in float32 whatever the input dtype, through a custom
+    autograd function (``_ChunkLogps``): when gradients are needed and all N x V softmax values fit
+    in ``keep_budget_mb``, they are kept (computed in place over the logits, no other copy) and
+    backward is one matmul per chunk; past the budget each chunk keeps nothing and backward
+    recomputes its logits, so memory holds one ``(chunk_size, V)`` block at a time.
 
     Args:
         hidden: (N, H) final hidden states at the positions to score (already selected,
@@ -59,6 +90,7 @@ def token_logps(
             must be removed before the call.
         chunk_size: rows per chunk, >= 1.
         bias: optional (V,) LM-head bias.
+        keep_budget_mb: memory allowed for softmax values kept between forward and backward.
 
     Returns:
         (N,) float32 log-probabilities (each <= 0). Nothing is summed or averaged here.
@@ -78,16 +110,17 @@ def token_logps(
         return hidden.new_zeros(0, dtype=torch.float32)
 
     inputs = [t for t in (hidden, weight, bias) if t is not None]
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = start + chunk_size
-        args = (hidden[start:stop], weight, labels[start:stop], bias)
-        if recompute:
-            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(*args))
-    return torch.cat(pieces)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        pieces = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = _logits(hidden[start:start + chunk_size], weight, bias)
+            picked = logits.gather(1, labels[start:start + chunk_size].unsqueeze(1)).squeeze(1)
+            pieces.append(picked - torch.logsumexp(logits, dim=-1))
+        return torch.cat(pieces)
+    keep = hidden.shape[0] * weight.shape[0] * 4 <= keep_budget_mb * 2**20
+    return torch.cat([_ChunkLogps.apply(hidden[start:start + chunk_size], weight, bias,
+                                        labels[start:start + chunk_size], keep)
+                      for start in range(0, hidden.shape[0], chunk_size)])
 
 
 # --------------------------------------------------------------------------- SFT

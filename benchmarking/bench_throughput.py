@@ -4,52 +4,38 @@
     python benchmarking/bench_throughput.py --json bench.json --scaling --profile
     python benchmarking/bench_throughput.py --device cuda --random-init qwen2.5-0.5b
 
-Same work on both sides: the same weights (the embedded SmolLM2-135M-Instruct, or with
-``--random-init`` a random Qwen2.5-0.5B-shaped model from a hand-written ``Qwen2Config``, seed 0,
-fed the embedded tokenizer's ids, all valid in Qwen's larger vocabulary); LoRA r=16, alpha=32,
-dropout 0 on q/k/v/o; the bundled data in the order of alignkit's gym (seed 42); the same batch
-size, max length, constant learning rate, AdamW (``adamw_torch``), clipping at 1.0 and number of
-optimizer steps; float32 on CPU, bfloat16 weights on GPU; no gradient checkpointing or accumulation.
+Same work on both sides: same weights (the embedded SmolLM2-135M-Instruct, or a random
+Qwen2.5-0.5B-shaped model from a hand-written ``Qwen2Config``, seed 0, fed the embedded tokenizer's
+ids, all valid in its larger vocabulary), LoRA r=16 alpha=32 dropout 0 on q/k/v/o, the bundled data
+in the order of alignkit's gym (seed 42), same batch size, max length, constant learning rate,
+AdamW, clipping at 1.0 and step count; float32 on CPU, bfloat16 weights on GPU; no gradient
+checkpointing or accumulation. Same token ids: SFTTrainer gets our gym's batches pre-tokenized
+(``input_ids`` + ``completion_mask``), DPOTrainer as text (chat-templated prompt, responses ending in
+``<|im_end|>``, decoded from our ids) that it tokenizes itself; every TRL batch is compared with ours
+(ids, attention mask, loss positions) and differences are reported. TRL pads; alignkit packs.
+DPO: sigmoid loss, beta 0.1, reference = base model with the adapter disabled (TRL's PEFT default,
+run in every step); ``--nll-alpha A > 0`` gives TRL ``loss_type=["sigmoid", "sft"], loss_weights=[1,
+A]``. alignkit caches reference log-probs per pair: **cold** = empty cache, the reference forward
+runs in the step (a first epoch; the headline); **warm** = cache filled before timing.
 
-Same token ids: the batches come from alignkit's gyms. SFTTrainer gets them pre-tokenized
-(``input_ids`` + ``completion_mask``, ``completion_only_loss=True``); DPOTrainer gets text (the
-chat-templated prompt and responses ending in ``<|im_end|>``, decoded from our ids) and tokenizes
-it itself. Every TRL batch is compared with ours before timing (ids, attention mask, loss
-positions); if TRL's tokenization differed, it would be given our ids, and the report says which.
-TRL reads rows in order (``train_sampling_strategy="sequential"``) and pads; alignkit packs.
-
-DPO, like with like: sigmoid loss, beta 0.1, reference = base model with the adapter disabled
-(TRL's default for PEFT, run in every step). ``--nll-alpha 0`` (default): TRL
-``loss_type=["sigmoid"]``; ``--nll-alpha A``: ``loss_type=["sigmoid", "sft"], loss_weights=[1, A]``
-(TRL's per-token NLL term). alignkit caches reference log-probs per pair, so DPO is reported
-**cold** (empty cache: the reference forward runs in the step, as on a first epoch; the headline)
-and **warm** (cache filled before timing, as on later epochs).
-
-Measured per side, median of ``--repeats`` runs whose side order alternates, each run in its own
-subprocess (memory peaks do not mix), each started on a quiet machine (runs that other processes
-disturbed are repeated, see ``measured``):
-- real tokens/s: non-padding tokens (prompt + response; both sequences of a DPO pair) of the
-  timed steps over their wall time, the ``--warmup`` first steps untimed; optimizer steps/s;
-- peak memory: CPU: peak resident set (VmHWM) during training, reset once the model is loaded and
-  the trainer built (``process_peak_mb`` includes loading); GPU: ``torch.cuda.max_memory_allocated``;
-- MFU: model FLOPs/s over the best rate of one large matmul measured in the same run (float32 on
-  CPU, bfloat16 on GPU). Per real token: forward ``2N`` + LoRA backward ``2N`` (activation
-  gradients only: frozen weights get no weight gradients), ``N`` = all parameters except the input
-  embedding, the LM head (``V x H``) counted once even when tied. SFT ``4N``; DPO ``4N`` + ``2N`` for
-  the reference forward when it runs in the step (TRL, alignkit cold) = ``6N``. The head counts on
-  every token (alignkit scores response tokens only); attention scores (~3% here) and LoRA
-  matrices are left out.
-
-Step-1 agreement: lora_B starts at zero, so step 1's loss is the base model's loss on the batch
-on both sides; both are printed with their relative difference (target 1e-3). ``--scaling`` times
-alignkit alone on synthetic rows (random ids, no padding, prompt = first quarter) over lengths
-128..1024 and batch sizes 1..8; ``--profile`` shows where one alignkit step spends its time.
-TRL is the optional ``[bench]`` extra: without it, alignkit runs alone.
+Per side, the median of ``--repeats`` runs (side order alternating), each in its own subprocess on
+a quiet machine (see ``measured``): real tokens/s (non-padding prompt + response tokens, both
+sequences of a DPO pair, over the wall time of the steps after ``--warmup``), steps/s, peak memory
+(CPU: resident set, reset once model and trainer are built; GPU: max allocated) and MFU = model
+FLOPs/s over the best rate of one large matmul (float32 CPU, bfloat16 GPU) timed in the same run.
+Model FLOPs per real token: forward ``2N`` + LoRA backward ``2N`` (activation gradients only), ``N`` =
+all parameters but the input embedding, the LM head (``V x H``) counted once even when tied; SFT
+``4N``; DPO ``6N`` when the reference forward runs in the step (TRL, alignkit cold), else ``4N``. The
+head counts on every token (alignkit scores response tokens only); attention scores (~3% here) and
+LoRA matrices are left out. lora_B starts at zero, so step 1's loss is the base model's on both
+sides: both are printed with their relative difference. ``--scaling``: alignkit alone on synthetic
+rows (random ids, no padding, prompt = first quarter). Without TRL (``[bench]`` extra), alignkit alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -63,32 +49,28 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
-SCALING_LENGTHS = (128, 256, 512, 1024)
-SCALING_BATCHES = (1, 2, 4, 8)
+from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, load_tokenizer, make_dataset
+
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
 FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
 QUIET = 0.1  # share of the CPUs other processes may use during a run
 
 
-# ----------------------------------------------------------------------------- models and data
-
+# --- models and data
 def lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      bias="none", task_type="CAUSAL_LM")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
 def build_model(spec):
     """The ``--model`` model, or a random Qwen2.5-0.5B-shaped one, on the spec's device and dtype."""
-    from alignkit import load_model
-
     dtype = torch.float32 if spec["device"] == "cpu" else torch.bfloat16
     if spec["random_init"] is None:
         return load_model(spec["model"], device=spec["device"], dtype=dtype)
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                          max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
@@ -106,8 +88,6 @@ def flop_params(model) -> int:
 
 def gym_batches(spec, tokenizer) -> list[dict]:
     """The first ``warmup + steps`` batches of alignkit's gym over the bundled train split."""
-    from alignkit import PreferenceGym, SFTGym, make_dataset
-
     gym_cls = SFTGym if spec["algo"] == "sft" else PreferenceGym
     gym = gym_cls(make_dataset()[0], None, tokenizer, data_batch_size_per_gpu=spec["batch_size"],
                   max_context_length=spec["max_length"])
@@ -139,45 +119,37 @@ def split_row(batch, i) -> tuple[list[int], list[int]]:
 
 
 def trl_sft_dataset(batches):
-    from datasets import Dataset
-
-    rows = [split_row(b, i) for b in batches for i in range(b["input_ids"].shape[0])]
+    rows = [split_row(b, i) for b in batches for i in range(len(b["input_ids"]))]
     return Dataset.from_dict({"input_ids": [p + r for p, r in rows],
                               "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in rows]})
 
 
-def trl_dpo_dataset(batches, tokenizer=None):
-    """Pairs in batch order: as text for TRL to tokenize, or (``tokenizer=None``) as our token ids."""
-    from datasets import Dataset
-
+def trl_dpo_dataset(batches, tokenizer):
+    """Pairs in batch order, as text (decoded from our ids) for TRL to tokenize."""
     cols = {"prompt": [], "chosen": [], "rejected": []}
     for b in batches:
         pairs = b["example_ids"].shape[0]
         for i in range(pairs):
             (prompt, chosen), (_, rejected) = split_row(b, i), split_row(b, pairs + i)
             for key, ids in zip(cols, (prompt, chosen, rejected), strict=True):
-                cols[key].append(ids if tokenizer is None else
-                                 tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-    return Dataset.from_dict(cols if tokenizer else {f"{k}_ids": v for k, v in cols.items()})
+                cols[key].append(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return Dataset.from_dict(cols)
 
 
-# ----------------------------------------------------------------------------- the two sides
-
+# --- the two sides
 def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
                 max_length=None, callbacks=()):
     """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring)."""
-    from transformers import TrainingArguments
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     on_gpu = model.device.type == "cuda"
-    common = dict(output_dir=output_dir, per_device_train_batch_size=len(batches[0]["input_ids"]) // (1 + (algo == "dpo")),
-                  gradient_accumulation_steps=1, max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant",
-                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
-                  bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no", report_to="none",
-                  disable_tqdm=True, seed=seed, train_sampling_strategy="sequential", dataloader_pin_memory=False,
-                  max_length=max_length or max(b["input_ids"].shape[1] for b in batches))
-    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # its newer name
-        common["activation_checkpointing"] = False
+    rows = len(batches[0]["input_ids"]) // (1 if algo == "sft" else 2)
+    common = dict(output_dir=output_dir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
+                  max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
+                  bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
+                  report_to="none", disable_tqdm=True, seed=seed, train_sampling_strategy="sequential",
+                  dataloader_pin_memory=False, max_length=max_length or max(len(b["input_ids"][0]) for b in batches))
     kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=list(callbacks))
     if algo == "sft":
         args = SFTConfig(completion_only_loss=True, **common)
@@ -201,70 +173,56 @@ def batch_mismatches(trainer, batches, algo) -> int:
     return bad
 
 
+class Stopwatch(TrainerCallback):
+    """Times each TRL optimizer step (from the start of training) and keeps TRL's logged metrics."""
+
+    def __init__(self, device):
+        self.device, self.stamps, self.logs = device, [], []
+
+    def on_train_begin(self, args, state, control, **kw):
+        reset_peak(self.device)
+        self.stamps.append(clock(self.device))
+
+    def on_step_end(self, args, state, control, **kw):
+        self.stamps.append(clock(self.device))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+
 def run_trl(spec, model, tokenizer, batches) -> dict:
-    from transformers import TrainerCallback
-
-    class Stopwatch(TrainerCallback):
-        def __init__(self):
-            self.stamps, self.logs = [], []
-
-        def on_train_begin(self, args, state, control, **kw):
-            reset_peak(spec["device"])
-            self.stamps.append(clock(spec["device"]))
-
-        def on_step_end(self, args, state, control, **kw):
-            self.stamps.append(clock(spec["device"]))
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            self.logs.append(dict(logs or {}))
-
-    watch = Stopwatch()
+    watch = Stopwatch(spec["device"])
     with tempfile.TemporaryDirectory() as out:
         trainer = trl_trainer(spec["algo"], model, tokenizer, batches, out, lr=spec["lr"], beta=spec["beta"],
                               nll_alpha=spec["nll_alpha"], seed=spec["seed"], max_length=spec["max_length"],
                               callbacks=[watch])
-        mismatches, given_ids = batch_mismatches(trainer, batches, spec["algo"]), spec["algo"] == "sft"
-        if mismatches and not given_ids:  # TRL tokenized the text differently: give it our ids
-            trainer.train_dataset, given_ids = trl_dpo_dataset(batches), True
-            mismatches = batch_mismatches(trainer, batches, spec["algo"])
+        mismatches = batch_mismatches(trainer, batches, spec["algo"])
         trainer.train()
     return {"stamps": watch.stamps, "first": {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
-            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches, "trl_given_our_ids": given_ids,
-            "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False))}
+            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches}
 
 
 def run_ours(spec, model, tokenizer, batches) -> dict:
-    from alignkit import DPO, SFT
-
     common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=spec["batch_size"],
                   lr=spec["lr"], lora_config=lora_config(), seed=spec["seed"])
-    if spec["algo"] == "sft":
-        agent = SFT(model, **common)
-    else:
-        agent = DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common)
-    if spec["warm"]:
-        for batch in batches:
-            agent.reference_logps(batch)  # fills agent.ref_cache, as a previous epoch would have
+    agent = (SFT(model, **common) if spec["algo"] == "sft" else
+             DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common))
+    for batch in batches if spec["warm"] else []:
+        agent.reference_logps(batch)  # fills agent.ref_cache, as a previous epoch would have
+    prof = torch.profiler.profile() if spec["profile"] else None  # records the last step only
     reset_peak(spec["device"])
-    stamps, metrics, table = [clock(spec["device"])], [], None
+    stamps, metrics = [clock(spec["device"])], []
     for i, batch in enumerate(batches):
-        if spec["profile"] and i == len(batches) - 1:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
-            with profile(activities=activities) as prof:
-                metrics.append(agent.learn(batch))
-            sort = "self_device_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)
-        else:
+        with prof if prof is not None and i == len(batches) - 1 else contextlib.nullcontext():
             metrics.append(agent.learn(batch))
         stamps.append(clock(spec["device"]))
+    sort = "self_device_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
     return {"stamps": stamps, "first": {k: metrics[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
-            "peak_mem_mb": peak_mb(spec["device"]), "profile": table}
+            "peak_mem_mb": peak_mb(spec["device"]),
+            "profile": prof and prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)}
 
 
-# ----------------------------------------------------------------------------- measuring
-
+# --- measuring
 def clock(device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -274,51 +232,41 @@ def clock(device) -> float:
 def reset_peak(device) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
-    try:
+    elif Path("/proc/self/clear_refs").exists():
         Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the VmHWM high-water mark
-    except OSError:
-        pass
 
 
 def peak_mb(device) -> float:
+    """Peak memory in MiB since ``reset_peak``: GPU allocations, or the resident set (CPU)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     try:
         status = Path("/proc/self/status").read_text().splitlines()
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration):
-        return process_peak_mb()
-
-
-def process_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def matmul_peak_gflops(device: str, repeats: int = 10) -> float:
     """Best rate of one large square matmul: float32 (n=2048) on CPU, bfloat16 (n=8192) on GPU."""
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = clock(device)
         a @ b
-        best = min(best, clock(device) - start)
-    return 2 * n**3 / best / 1e9
+        times.append(clock(device) - start)
+    return 2 * n**3 / min(times) / 1e9
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "python": platform.python_version(),
             "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("transformers", "peft", "trl"):
-        info[pkg] = __import__(pkg).__version__ if importlib.util.find_spec(pkg) else None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+            **{pkg: __import__(pkg).__version__ if importlib.util.find_spec(pkg) else None
+               for pkg in ("torch", "transformers", "peft", "trl")}}
 
 
 def busy_cpu_seconds() -> float | None:
@@ -342,26 +290,21 @@ def wait_for_quiet(max_wait_s: float) -> None:
         time.sleep(20)
 
 
-# ----------------------------------------------------------------------------- worker processes
-
+# --- worker processes
 def worker(spec: dict) -> None:
     """One side of one run, in its own process; writes its result as JSON to ``spec["out"]``."""
-    from alignkit import load_tokenizer
-
     torch.manual_seed(spec["seed"])
     tokenizer = load_tokenizer() if spec["random_init"] else load_tokenizer(spec["model"])
     model = build_model(spec)
     n_params = flop_params(model)
     batches = synthetic_batches(spec, len(tokenizer)) if spec["synthetic"] else gym_batches(spec, tokenizer)
     result = (run_trl if spec["side"] == "trl" else run_ours)(spec, model, tokenizer, batches)
-    result.update(n_params=n_params, tokens=[int(b["attention_mask"].sum()) for b in batches],
-                  process_peak_mb=process_peak_mb() if spec["device"] == "cpu" else None)
+    result.update(n_params=n_params, tokens=[int(b["attention_mask"].sum()) for b in batches])
     Path(spec["out"]).write_text(json.dumps(result))
 
 
 def launch(spec: dict) -> dict:
-    """``worker(spec)`` in a fresh interpreter (its output shown only on failure), plus ``foreign_cpu``:
-    the share of the machine's CPU time that other processes used while it ran."""
+    """``worker(spec)`` in a fresh interpreter, plus ``foreign_cpu``: other processes' share of the CPUs meanwhile."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=str(Path(tmp) / "result.json"))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -376,7 +319,8 @@ def launch(spec: dict) -> dict:
         result = json.loads(Path(spec["out"]).read_text())
     if busy is not None:
         own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / ((time.monotonic() - start) * os.cpu_count())
+        wall = (time.monotonic() - start) * os.cpu_count()
+        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / wall
     return result
 
 
@@ -400,8 +344,7 @@ def spec_for(args, algo, side, **extra) -> dict:
                 synthetic=None, profile=False) | extra
 
 
-# ----------------------------------------------------------------------------- reporting
-
+# --- reporting
 def rates(run: dict, warmup: int, n_params_factor: float = 0, peak_gflops: float = 1) -> dict:
     """Tokens/s, steps/s and s/step over the timed steps of one run, and its MFU given FLOPs per N per token."""
     seconds, steps = run["stamps"][-1] - run["stamps"][warmup], len(run["stamps"]) - 1 - warmup
@@ -416,7 +359,7 @@ def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int
     for side, side_runs in runs.items():
         per_run = [rates(r, warmup, 6 if algo == "dpo" and side != "ours_warm" else 4, peak_gflops) for r in side_runs]
         out[side] = {k: statistics.median(r[k] for r in per_run) for k in ("tokens_per_s", "steps_per_s", "mfu")}
-        out[side].update({k: statistics.median(r[k] or 0 for r in side_runs) for k in ("peak_mem_mb", "process_peak_mb")})
+        out[side]["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in side_runs)
         out[side].update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run],
                          runs_foreign_cpu=[r.get("foreign_cpu") for r in side_runs])
     if "trl" in runs:
@@ -428,7 +371,6 @@ def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int
         out["step1"] = {k: {"ours": ours[k], "trl": trl[k], "rel_diff": abs(ours[k] - trl[k]) / max(abs(trl[k]), 1e-12)}
                         for k in FIRST_STEP_KEYS[algo]}
         out["trl_batch_mismatches"] = max(r["batch_mismatches"] for r in runs["trl"])
-        out["trl_given_our_ids"] = runs["trl"][0]["trl_given_our_ids"]
     return out
 
 
@@ -438,8 +380,7 @@ def print_table(algo, s: dict, args) -> None:
           f"{args.warmup} warm-up, median of {args.repeats}\n{'side':<18}{'tokens/s':>10}{'steps/s':>10}"
           f"{'peak MB':>10}{'MFU':>8}")
     names = {"ours": "alignkit" + (" (cold)" if algo == "dpo" else ""), "ours_warm": "alignkit (warm)", "trl": "TRL"}
-    for side in (side for side in names if side in s):
-        r = s[side]
+    for side, r in ((side, s[side]) for side in names if side in s):
         print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
               f"{r['mfu']:>8.1%}")
     disturbed = sum((f or 0) >= QUIET for side in names if side in s for f in s[side]["runs_foreign_cpu"])
@@ -453,14 +394,14 @@ def print_table(algo, s: dict, args) -> None:
         for key, v in s["step1"].items():
             print(f"step-1 {key}: alignkit {v['ours']:.6f}  TRL {v['trl']:.6f}  rel diff {v['rel_diff']:.1e}"
                   f"  ({'agree' if v['rel_diff'] <= 1e-3 else 'DISAGREE'} at 1e-3)")
-        how = "our token ids" if s["trl_given_our_ids"] else "text it tokenized itself"
-        print(f"TRL batches differing from ours: {s['trl_batch_mismatches']} (TRL was given {how})")
+        print(f"TRL batches differing from ours (ids, mask, loss positions): {s['trl_batch_mismatches']}"
+              + ("" if s["trl_batch_mismatches"] == 0 else ": NOT the same work"))
 
 
 def run_scaling(args, algos, peak_gflops) -> dict:
     """alignkit alone on synthetic rows: time per step against sequence length and batch size."""
-    configs = [(args.scaling_batch, n) for n in SCALING_LENGTHS]
-    configs += [(b, 256) for b in SCALING_BATCHES if b != args.scaling_batch]
+    configs = [(args.scaling_batch, n) for n in (128, 256, 512, 1024)]  # lengths, then batch sizes
+    configs += [(b, 256) for b in (1, 2, 4, 8) if b != args.scaling_batch]
     table = {}
     for algo in algos:
         print(f"\nalignkit scaling, {algo.upper()} ({'rows' if algo == 'sft' else 'pairs'} x length, synthetic, "
@@ -478,39 +419,40 @@ def run_scaling(args, algos, peak_gflops) -> dict:
     return table
 
 
-# ----------------------------------------------------------------------------- command line
+# --- command line
+INT_OPTIONS = (  # flag, default, minimum, help
+    ("--steps", 6, 1, "timed optimizer steps per run"),
+    ("--warmup", 1, 0, "untimed optimizer steps before them"),
+    ("--repeats", 3, 1, "runs per side; the median is reported"),
+    ("--batch-size", 8, 1, "SFT rows per optimizer step"),
+    ("--dpo-batch-size", 4, 1, "DPO pairs per optimizer step"),
+    ("--max-length", 256, 16, "longest sequence in tokens"),
+    ("--scaling-batch", 4, 1, "batch of the --scaling sequence-length sweep"),
+    ("--scaling-steps", 2, 1, "timed steps per --scaling point"),
+    ("--seed", 42, 0, "seed of the adapter initialisation and the data order"),
+)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
-    p.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported")
-    p.add_argument("--batch-size", type=int, default=8, help="SFT rows per optimizer step")
-    p.add_argument("--dpo-batch-size", type=int, default=4, help="DPO pairs per optimizer step")
-    p.add_argument("--max-length", type=int, default=256, help="longest sequence in tokens")
+    for flag, default, _, text in INT_OPTIONS:
+        p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant) on both sides")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
-    p.add_argument("--nll-alpha", type=float, default=0.0,
-                   help="NLL weight; above 0, TRL runs loss_type=[sigmoid, sft] with this weight")
+    p.add_argument("--nll-alpha", type=float, default=0.0, help="NLL weight (TRL: loss_type [sigmoid, sft])")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model for alignkit.load_model")
-    p.add_argument("--random-init", choices=["qwen2.5-0.5b"], default=None,
-                   help="a random-weight model of this shape instead of --model")
-    p.add_argument("--only", choices=["sft", "dpo"], default=None, help="benchmark one algorithm")
+    p.add_argument("--random-init", choices=["qwen2.5-0.5b"], help="a random-weight model of this shape instead")
+    p.add_argument("--only", choices=["sft", "dpo"], help="benchmark one algorithm")
     p.add_argument("--skip-trl", action="store_true", help="time alignkit alone")
     p.add_argument("--scaling", action="store_true", help="also time alignkit over lengths and batch sizes")
-    p.add_argument("--scaling-batch", type=int, default=4, help="batch of the sequence-length sweep")
-    p.add_argument("--scaling-steps", type=int, default=2, help="timed steps per scaling point")
     p.add_argument("--profile", action="store_true", help="profile one alignkit step per algorithm")
-    p.add_argument("--max-wait", type=float, default=1800,
-                   help="seconds to wait, before each run, for other processes to leave the CPUs idle")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for idle CPUs before a run")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    problems = [f"--{name.replace('_', '-')} must be >= {low}" for name, low in
-                (("steps", 1), ("warmup", 0), ("repeats", 1), ("batch_size", 1), ("dpo_batch_size", 1),
-                 ("max_length", 16), ("scaling_batch", 1), ("scaling_steps", 1)) if getattr(args, name) < low]
+    problems = [f"{flag} must be >= {low}" for flag, _, low, _ in INT_OPTIONS
+                if getattr(args, flag[2:].replace("-", "_")) < low]
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device here")
     if problems:
@@ -541,14 +483,12 @@ def main(argv=None) -> None:
                 print(f"  {algo} {side} repeat {r + 1}: {tps:.1f} tokens/s", flush=True)
         report[algo] = summarise(algo, runs, peak, args.warmup)
         print_table(algo, report[algo], args)
+        if args.profile:
+            table = measured(spec_for(args, algo, "ours", steps=1, profile=True), args.max_wait)["profile"]
+            report[algo]["profile"] = table
+            print(f"\nprofile of one alignkit {algo.upper()} step (cold):\n{table}")
     if args.scaling:
         report["scaling"] = run_scaling(args, algos, peak)
-    if args.profile:
-        report["profile"] = {}
-        for algo in algos:
-            run = measured(spec_for(args, algo, "ours", steps=1, profile=True), args.max_wait)
-            report["profile"][algo] = run["profile"]
-            print(f"\nprofile of one alignkit {algo.upper()} step (cold):\n{run['profile']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")

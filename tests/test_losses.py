@@ -299,7 +299,8 @@ def _reference_logps(hidden, weight, labels, bias=None):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_token_logps_matches_log_softmax_values_and_gradients(chunk_size, with_bias):
+@pytest.mark.parametrize("keep_budget_mb", [256.0, 0.0])   # softmax kept / recomputed in backward
+def test_token_logps_matches_log_softmax_values_and_gradients(chunk_size, with_bias, keep_budget_mb):
     torch.manual_seed(0)
     n, h, v = 7, 5, 13
     hidden = torch.randn(n, h, requires_grad=True)
@@ -310,7 +311,7 @@ def test_token_logps_matches_log_softmax_values_and_gradients(chunk_size, with_b
 
     params = [x for x in (hidden, weight, bias) if x is not None]
 
-    ours = token_logps(hidden, weight, labels, chunk_size=chunk_size, bias=bias)
+    ours = token_logps(hidden, weight, labels, chunk_size=chunk_size, bias=bias, keep_budget_mb=keep_budget_mb)
     grads = torch.autograd.grad((ours * upstream).sum(), params)
     ref = _reference_logps(hidden, weight, labels, bias)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), params)
@@ -323,7 +324,7 @@ def test_token_logps_matches_log_softmax_values_and_gradients(chunk_size, with_b
 
 
 def test_token_logps_does_not_keep_logits_for_backward():
-    """Only the chunk inputs are saved for backward, never a (rows, V) block of logits."""
+    """Past the budget only chunk inputs are saved; within it, the in-place softmax and nothing more."""
     torch.manual_seed(0)
     n, h, v = 10, 4, 97
     hidden = torch.randn(n, h, requires_grad=True)
@@ -345,7 +346,12 @@ def test_token_logps_does_not_keep_logits_for_backward():
         return any(len(s) == 2 and s[1] == v for s in shapes)
 
     assert holds_logits(saved_shapes(lambda: _reference_logps(hidden, weight, labels)))  # the check bites
-    assert not holds_logits(saved_shapes(lambda: token_logps(hidden, weight, labels, chunk_size=4)))
+    # past the memory budget nothing (N, V)-shaped is kept: backward recomputes each chunk
+    assert not holds_logits(saved_shapes(lambda: token_logps(hidden, weight, labels, chunk_size=4,
+                                                             keep_budget_mb=0)))
+    # within the budget only the softmax is kept, one block per chunk (no separate logits copy)
+    kept = [s for s in saved_shapes(lambda: token_logps(hidden, weight, labels, chunk_size=4)) if s[-1:] == (v,)]
+    assert kept == [(4, v), (4, v), (2, v)]
 
 
 def test_token_logps_upcasts_low_precision_and_skips_checkpoint_without_grad():
