@@ -41,7 +41,8 @@ class SFTConfig:
     dtype: str = opt("auto", "float32, bfloat16, float16 or auto (bf16 on CUDA that supports it, else float32)")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha / r)")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input, in [0, 1) (its random masks cost about 9%% "
+                                   "of a CPU training step)")
     lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
     # -- data ---------------------------------------------------------------------------------
     dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id")
@@ -64,7 +65,8 @@ class SFTConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, slower)")
     threads: int = opt(0, "torch CPU threads; 0 keeps torch's default")
     # -- loop and output ------------------------------------------------------------------------
-    eval_interval: int = opt(10, "evaluate on the test split every N steps (and at the end); 0 = end only")
+    eval_interval: int = opt(20, "evaluate on the test split every N steps (and at the start and end); 0 = start "
+                                 "and end only")
     save_path: str = opt("outputs/sft", "where the run folder goes")
     no_timestamp: bool = opt(False, "write into --save-path itself, not a <YYYYmmdd_HHMMSS>_<ALGO> subfolder")
     load_path: str | None = opt(None, "a LoRA adapter folder (e.g. outputs/sft/actor) to start from")

@@ -60,6 +60,24 @@ def plan_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def choose_capacity(sizes: list[int], attention_ratio: float) -> int:
+    """The bin length that packs ``sizes`` at the least estimated cost.
+
+    Bins as long as the longest unit waste room when units vary (a DPO pair is prompt + two
+    answers); longer bins waste less but every token then attends over more positions. Cost of a
+    layout = slots * (1 + capacity / attention_ratio), where ``attention_ratio`` is how many
+    positions of attention cost as much as one token's linear layers.
+    """
+    longest = max(sizes)
+    best = None
+    for factor in (1.0, 1.5, 2.0, 3.0, 4.0):
+        capacity = int(longest * factor)
+        cost = len(plan_bins(sizes, capacity)) * capacity * (1 + capacity / attention_ratio)
+        if best is None or cost < best[0]:
+            best = (cost, capacity)
+    return best[1]
+
+
 def _units(input_ids, attention_mask, labels, shared_prompts: int):
     """Split rows into packing units: lists of (row, first token, last token + 1, group).
 
@@ -82,16 +100,21 @@ def _units(input_ids, attention_mask, labels, shared_prompts: int):
 
 
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-               shared_prompts: int = 0, capacity: int | None = None) -> dict[str, torch.Tensor]:
+               shared_prompts: int = 0, capacity: int | None = None,
+               attention_ratio: float | None = None) -> dict[str, torch.Tensor]:
     """Pack the tokens of right-padded rows into R bins of ``capacity`` tokens (see the module doc).
 
-    Args: (B, T) tensors; ``shared_prompts`` = number of pairs when rows i and B/2 + i share a prompt.
+    Args: (B, T) tensors; ``shared_prompts`` = number of pairs when rows i and B/2 + i share a prompt;
+    ``capacity`` fixes the bin length, else :func:`choose_capacity` picks it with ``attention_ratio``
+    (without one, bins are as long as the longest unit).
     Returns ``input_ids`` and ``position_ids`` (R, C), ``mask`` (R, 1, C, C) boolean (True = may
     attend; padding attends to padding so no softmax row is empty) and ``token_index`` (B, T): the
     flat index in (R * C) holding each original token, -1 on padding.
     """
     units = _units(input_ids, attention_mask, labels, shared_prompts)
     sizes = [sum(end - start for _, start, end, _ in u) for u in units]
+    if capacity is None and attention_ratio:
+        capacity = choose_capacity(sizes, attention_ratio)
     capacity = max(capacity or 0, max(sizes))
     bins = plan_bins(sizes, capacity)
     device = input_ids.device
@@ -122,6 +145,18 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
             "token_index": token_index}
 
 
+def _attention_ratio(decoder) -> float:
+    """Attention span (in positions) that costs as much as one token's linear layers, per layer.
+
+    Linear FLOPs per token ~ 2 * (weights of one layer); attention FLOPs per token ~ 4 * span * hidden.
+    """
+    layers = getattr(decoder, "layers", None)
+    hidden = getattr(decoder.config, "hidden_size", None)
+    if not layers or not hidden:
+        return 4096.0
+    return sum(p.numel() for p in layers[0].parameters()) / (2 * hidden)
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, chunk_size: int = 1024,
                    shared_prompts: int = 0):
     """Summed log-prob of each row's response tokens and the number of those tokens.
@@ -143,7 +178,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     n_rows, width = ids.shape
     if packed:
-        p = pack_batch(ids, mask, labels, shared_prompts=shared_prompts)
+        p = pack_batch(ids, mask, labels, shared_prompts=shared_prompts, attention_ratio=_attention_ratio(decoder))
         hidden = decoder(input_ids=p["input_ids"], position_ids=p["position_ids"],
                          attention_mask=p["mask"], use_cache=False).last_hidden_state  # (R, C, H)
         token_index = p["token_index"]

@@ -192,6 +192,11 @@ class _Gym:
         return fitted
 
     @property
+    def progress(self) -> float:
+        """Epochs done so far, fractional (2.5 = half-way through the third epoch)."""
+        return self.epoch + self._cursor / len(self.train_examples)
+
+    @property
     def batches_per_epoch(self) -> int:
         """Training batches in one pass over the train split (the last one may be smaller)."""
         return math.ceil(len(self.train_examples) / self.batch_size)
@@ -216,6 +221,9 @@ class _Gym:
             self._shuffle()
         idx = self._order[self._cursor: self._cursor + self.batch_size]
         self._cursor += len(idx)
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            # Every process draws the same global batch and keeps its own share of the rows.
+            idx = idx[self.accelerator.process_index::self.accelerator.num_processes]
         return self._collate([self.train_examples[i] for i in idx])
 
     def state_dict(self) -> dict:

@@ -208,7 +208,7 @@ def train(s: Setup) -> dict:
         if not gym.test_examples:
             return {}
         metrics = agent.test(gym)
-        log.log(step, gym.epoch + gym._cursor / max(len(gym.train_examples), 1), "eval", metrics)
+        log.log(step, gym.progress, "eval", metrics)
         return metrics
 
     evaluate(0)
@@ -218,7 +218,7 @@ def train(s: Setup) -> dict:
         t0 = time.perf_counter()
         metrics = agent.learn(batch)
         metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
-        epoch = gym.epoch + gym._cursor / len(gym.train_examples)
+        epoch = gym.progress
         log.log(step, epoch, "train", metrics)
         bar.update(1)
         bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} epoch={epoch:.2f}")

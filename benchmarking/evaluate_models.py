@@ -1,7 +1,7 @@
 """The five-way comparison: Base model, SFT, DPO, DPO + NLL and SFT -> DPO + NLL.
 
 Given no run folders, it trains the four configurations on the embedded defaults (``--max-steps``
-optimizer steps per stage; 0 = one epoch each) and compares them with the base model (an untrained
+optimizer steps per stage, 20 by default; 0 = one epoch each) and compares them with the base model (an untrained
 LoRA) on a fixed prompt set that includes the seed's four prompts: greedy decoding
 (``do_sample=False``) and ``max_new_tokens=200``. Given run folders (``--sft outputs/sft`` ...), it
 compares those and trains only what is missing.
@@ -21,7 +21,7 @@ from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, train_and_c
 
 def main(argv=None) -> int:
     parser = _Parser(prog="evaluate_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_comparison_arguments(parser, "outputs/five_way")
+    add_comparison_arguments(parser, "outputs/five_way", default_steps=20)
     for name in ALL_CONFIGS[1:]:
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="RUN_DIR", default=None,
                             help=f"an existing {name} run folder (holding actor/) to use instead of training")

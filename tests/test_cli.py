@@ -165,3 +165,28 @@ def test_report_to_tensorboard_writes_event_files(tiny_model_dir, rows_file, tmp
     flags = _train_flags(tiny_model_dir, rows_file, run, "--report-to", "tensorboard", "--no-plot")
     assert main(["sft", *flags]) == 0
     assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path):
+    out = tmp_path / "pipe"
+    argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(rows_file), "--max-steps", "2",
+            "--max-new-tokens", "4", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "runs" / "sft" / "actor" / "adapter_model.safetensors").is_file()
+    warm = json.loads((out / "runs" / "sft_dpo_nll" / "run.json").read_text())
+    assert warm["config"]["load_path"].endswith("sft/actor") and warm["config"]["nll_alpha"] == 1.0
+    results = json.loads((out / "report" / "results.json").read_text())
+    text = json.dumps(results)
+    for name in ("Base model", "SFT", "SFT \\u2192 DPO + NLL"):
+        assert name in text
+    html = (out / "report" / "index.html").read_text()
+    assert "Do you have any favorite memories?" in html and "data:image/png;base64," in html
+
+    # evaluate_models.py reuses given runs and trains only what is missing
+    script = ROOT / "benchmarking" / "evaluate_models.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--dataset", str(rows_file),
+                           "--sft", str(out / "runs" / "sft"), "--configs", "base", "sft", "--max-new-tokens", "4",
+                           "--out", str(tmp_path / "five")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "five" / "runs").exists()   # nothing trained
+    assert (tmp_path / "five" / "report" / "index.html").is_file()

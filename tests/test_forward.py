@@ -65,3 +65,12 @@ def test_shared_prompts_match_separate_rows(tokenizer, tiny_model, rows):
     got, n = sequence_logps(tiny_model, batch, packed=True, shared_prompts=len(rows))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     assert torch.equal(n, counts)
+
+
+def test_capacity_choice_trades_padding_against_attention():
+    from alignkit.forward import choose_capacity
+
+    # uneven units: doubling the bin length removes most padding and attention is cheap
+    assert choose_capacity([300, 200, 180, 150, 250, 120], attention_ratio=3000) > 300
+    # even units: longer bins only add attention cost
+    assert choose_capacity([130, 128, 129, 127], attention_ratio=3000) == 130
