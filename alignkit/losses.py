@@ -67,7 +67,7 @@ def token_logps(
     labels: Tensor,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
-    keep_budget_mb: float = 256.0,
+    keep_budget_mb: float = 512.0,
 ) -> Tensor:
     """Log-probability of each label token, without the usual (N, V) logits bookkeeping.
 

@@ -18,18 +18,19 @@ run in every step); ``--nll-alpha A > 0`` gives TRL ``loss_type=["sigmoid", "sft
 A]``. alignkit caches reference log-probs per pair: **cold** = empty cache, the reference forward
 runs in the step (a first epoch; the headline); **warm** = cache filled before timing.
 
-Per side, the median of ``--repeats`` runs (side order alternating), each in its own subprocess on
-a quiet machine (see ``measured``): real tokens/s (non-padding prompt + response tokens, both
-sequences of a DPO pair, over the wall time of the steps after ``--warmup``), steps/s, peak memory
-(CPU: resident set, reset once model and trainer are built; GPU: max allocated) and MFU = model
-FLOPs/s over the best rate of one large matmul (float32 CPU, bfloat16 GPU) timed in the same run.
-Model FLOPs per real token: forward ``2N`` + LoRA backward ``2N`` (activation gradients only), ``N`` =
-all parameters but the input embedding, the LM head (``V x H``) counted once even when tied; SFT
-``4N``; DPO ``6N`` when the reference forward runs in the step (TRL, alignkit cold), else ``4N``. The
-head counts on every token (alignkit scores response tokens only); attention scores (~3% here) and
-LoRA matrices are left out. lora_B starts at zero, so step 1's loss is the base model's on both
-sides: both are printed with their relative difference. ``--scaling``: alignkit alone on synthetic
-rows (random ids, no padding, prompt = first quarter). Without TRL (``[bench]`` extra), alignkit alone.
+Per side, the median of ``--repeats`` runs (side order alternating), each in its own subprocess
+started on a quiet machine, steps that other processes disturbed left out (see ``rates``): real
+tokens/s (non-padding prompt + response tokens, both sequences of a DPO pair, over the wall time of
+the steps after ``--warmup``), steps/s, peak memory (CPU: resident set, reset once model and trainer
+are built; GPU: max allocated) and MFU = model FLOPs/s over the best rate of one large matmul
+(float32 CPU, bfloat16 GPU) timed in the same run. Model FLOPs per real token: forward ``2N`` + LoRA
+backward ``2N`` (activation gradients only), ``N`` = all parameters but the input embedding, the LM
+head (``V x H``) counted once even when tied; SFT ``4N``; DPO ``6N`` when the reference forward runs
+in the step (TRL, alignkit cold), else ``4N``. The head counts on every token (alignkit scores
+response tokens only); attention scores (~3% here) and LoRA matrices are left out. lora_B starts
+at zero, so step 1's loss is the base model's on both sides: both are printed with their relative
+difference. ``--scaling``: alignkit alone on synthetic rows (random ids, no padding, prompt = first
+quarter). Without TRL (``[bench]`` extra), alignkit runs alone.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, load_tokenizer
 
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
 FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
-QUIET = 0.1  # share of the CPUs other processes may use during a run
+QUIET = 0.1  # share of the CPUs other processes may use during a timed step
 
 
 # --- models and data
@@ -181,10 +182,10 @@ class Stopwatch(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         reset_peak(self.device)
-        self.stamps.append(clock(self.device))
+        self.stamps.append(stamp(self.device))
 
     def on_step_end(self, args, state, control, **kw):
-        self.stamps.append(clock(self.device))
+        self.stamps.append(stamp(self.device))
 
     def on_log(self, args, state, control, logs=None, **kw):
         self.logs.append(dict(logs or {}))
@@ -211,11 +212,11 @@ def run_ours(spec, model, tokenizer, batches) -> dict:
         agent.reference_logps(batch)  # fills agent.ref_cache, as a previous epoch would have
     prof = torch.profiler.profile() if spec["profile"] else None  # records the last step only
     reset_peak(spec["device"])
-    stamps, metrics = [clock(spec["device"])], []
+    stamps, metrics = [stamp(spec["device"])], []
     for i, batch in enumerate(batches):
         with prof if prof is not None and i == len(batches) - 1 else contextlib.nullcontext():
             metrics.append(agent.learn(batch))
-        stamps.append(clock(spec["device"]))
+        stamps.append(stamp(spec["device"]))
     sort = "self_device_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
     return {"stamps": stamps, "first": {k: metrics[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
             "peak_mem_mb": peak_mb(spec["device"]),
@@ -227,6 +228,11 @@ def clock(device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def stamp(device) -> tuple[float, float | None, float]:
+    """(wall clock, CPU seconds the machine has been busy, CPU seconds of this process): see ``rates``."""
+    return clock(device), busy_cpu_seconds(), time.process_time()
 
 
 def reset_peak(device) -> None:
@@ -304,35 +310,30 @@ def worker(spec: dict) -> None:
 
 
 def launch(spec: dict) -> dict:
-    """``worker(spec)`` in a fresh interpreter, plus ``foreign_cpu``: other processes' share of the CPUs meanwhile."""
+    """``worker(spec)`` in a fresh interpreter; its output is shown only when it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=str(Path(tmp) / "result.json"))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        before, busy, start = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds(), time.monotonic()
         with open(Path(tmp) / "log.txt", "w+") as log:
             code = subprocess.call([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
             if code != 0:
                 log.seek(0)
                 sys.exit(f"worker {spec['algo']}/{spec['side']} failed (exit {code}):\n" + log.read()[-4000:])
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result = json.loads(Path(spec["out"]).read_text())
-    if busy is not None:
-        own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        wall = (time.monotonic() - start) * os.cpu_count()
-        result["foreign_cpu"] = max(0.0, busy_cpu_seconds() - busy - own) / wall
-    return result
+        return json.loads(Path(spec["out"]).read_text())
 
 
 def measured(spec: dict, max_wait_s: float, tries: int = 3) -> dict:
-    """``launch(spec)`` on a quiet machine, again (up to ``tries`` times) when other processes disturbed it."""
+    """``launch(spec)`` on a quiet machine; again (up to ``tries`` times) while other processes disturbed
+    more than half of its timed steps."""
     for attempt in range(tries):
         wait_for_quiet(max_wait_s)
         result = launch(spec)
-        if result.get("foreign_cpu", 0.0) < QUIET:
+        r = rates(result, spec["warmup"])
+        if 2 * r["clean_steps"] >= r["steps"]:
             break
-        print(f"  run disturbed: other processes used {result['foreign_cpu']:.0%} of the CPUs; "
-              + ("again" if attempt < tries - 1 else "kept, marked"), flush=True)
+        print(f"  run disturbed: other processes used the CPUs during {r['steps'] - r['clean_steps']} of "
+              f"{r['steps']} timed steps; " + ("again" if attempt < tries - 1 else "kept"), flush=True)
     return result
 
 
@@ -345,12 +346,23 @@ def spec_for(args, algo, side, **extra) -> dict:
 
 
 # --- reporting
-def rates(run: dict, warmup: int, n_params_factor: float = 0, peak_gflops: float = 1) -> dict:
-    """Tokens/s, steps/s and s/step over the timed steps of one run, and its MFU given FLOPs per N per token."""
-    seconds, steps = run["stamps"][-1] - run["stamps"][warmup], len(run["stamps"]) - 1 - warmup
-    tps = sum(run["tokens"][warmup:]) / seconds
-    return {"tokens_per_s": tps, "steps_per_s": steps / seconds, "s_per_step": seconds / steps,
-            "mfu": tps * n_params_factor * run["n_params"] / (peak_gflops * 1e9)}
+def rates(run: dict, warmup: int, flops_per_n: float = 0, peak_gflops: float = 1) -> dict:
+    """Tokens/s, steps/s and MFU (given model FLOPs per token in units of ``N``) over the timed steps of a run.
+
+    A step during which other processes used ``QUIET`` or more of the CPUs is left out (all steps count
+    when every one was disturbed: ``clean_steps`` says how many were not).
+    """
+    steps = list(zip(run["stamps"][warmup:-1], run["stamps"][warmup + 1:], run["tokens"][warmup:], strict=True))
+
+    def foreign(a, b):  # other processes' share of the CPUs between two stamps
+        return 0.0 if a[1] is None else max(0.0, b[1] - a[1] - (b[2] - a[2])) / ((b[0] - a[0]) * os.cpu_count())
+
+    clean = [step for step in steps if foreign(*step[:2]) < QUIET]
+    seconds = sum(b[0] - a[0] for a, b, _ in clean or steps)
+    tps = sum(n for _, _, n in clean or steps) / seconds
+    return {"tokens_per_s": tps, "steps_per_s": len(clean or steps) / seconds, "s_per_step": seconds / len(clean or steps),
+            "mfu": tps * flops_per_n * run["n_params"] / (peak_gflops * 1e9), "clean_steps": len(clean),
+            "steps": len(steps)}
 
 
 def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int) -> dict:
@@ -361,7 +373,7 @@ def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int
         out[side] = {k: statistics.median(r[k] for r in per_run) for k in ("tokens_per_s", "steps_per_s", "mfu")}
         out[side]["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in side_runs)
         out[side].update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run],
-                         runs_foreign_cpu=[r.get("foreign_cpu") for r in side_runs])
+                         runs_clean_steps=[f"{r['clean_steps']}/{r['steps']}" for r in per_run])
     if "trl" in runs:
         for suffix, side in (("", "ours"), ("_warm", "ours_warm")):
             if side in out:
@@ -383,9 +395,10 @@ def print_table(algo, s: dict, args) -> None:
     for side, r in ((side, s[side]) for side in names if side in s):
         print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
               f"{r['mfu']:>8.1%}")
-    disturbed = sum((f or 0) >= QUIET for side in names if side in s for f in s[side]["runs_foreign_cpu"])
-    if disturbed:
-        print(f"warning: other processes used >= {QUIET:.0%} of the CPUs during {disturbed} run(s)")
+    left_out = [f"{names[side]} {c}" for side in names if side in s for c in s[side]["runs_clean_steps"]
+                if c.split("/")[0] != c.split("/")[1]]
+    if left_out:
+        print(f"steps left out (other processes used >= {QUIET:.0%} of the CPUs), clean/timed: {', '.join(left_out)}")
     if "speedup" in s:
         print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x   (targets: >= "
               f"{TARGETS[algo][0]}x tokens/s, <= {TARGETS[algo][1]}x memory)")
@@ -413,7 +426,7 @@ def run_scaling(args, algos, peak_gflops) -> dict:
                                     steps=args.scaling_steps, synthetic=[batch, length]), args.max_wait)
             r = rates(run, 1, 4 if algo == "sft" else 6, peak_gflops)
             table[algo].append({"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
-                                "peak_mem_mb": run["peak_mem_mb"], "foreign_cpu": run.get("foreign_cpu")})
+                                "peak_mem_mb": run["peak_mem_mb"]})
             print(f"{batch:>6}{length:>8}{run['tokens'][-1]:>13}{r['s_per_step']:>9.2f}{r['tokens_per_s']:>10.1f}"
                   f"{run['peak_mem_mb']:>9.0f}{r['mfu']:>7.1%}", flush=True)
     return table

@@ -45,16 +45,16 @@ def _trl_first_logs(bench, algo, model, tokenizer, batch, tmp_path, **kw):
     return keep.logs[0]
 
 
-def _ours(agent_cls, model, tokenizer, n, **kw):
+def _ours(bench, agent_cls, model, tokenizer, n, **kw):
     return agent_cls(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=n,
-                     lr=5e-5, lora_config=kw.pop("lora"), **kw)
+                     lr=5e-5, lora_config=bench.lora_config(), **kw)
 
 
 def test_sft_step1_loss_matches_trl(bench, tokenizer, make_model, rows, tmp_path):
     batch = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows)).reset()
     # rows of different lengths: a mean of per-row means would differ from the per-token mean
     assert len(set((batch["labels"] != -100).sum(1).tolist())) > 1
-    ours = _ours(SFT, make_model(seed=0), tokenizer, len(rows), lora=bench.lora_config()).learn(batch)
+    ours = _ours(bench, SFT, make_model(seed=0), tokenizer, len(rows)).learn(batch)
     theirs = _trl_first_logs(bench, "sft", make_model(seed=0), tokenizer, batch, tmp_path)
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=REL)
 
@@ -62,8 +62,8 @@ def test_sft_step1_loss_matches_trl(bench, tokenizer, make_model, rows, tmp_path
 @pytest.mark.parametrize("nll_alpha", [0.0, 1.0])
 def test_dpo_step1_metrics_match_trl(bench, tokenizer, make_model, rows, tmp_path, nll_alpha):
     batch = PreferenceGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows)).reset()
-    ours = _ours(DPO, make_model(seed=0), tokenizer, len(rows), lora=bench.lora_config(), beta=0.1,
-                 nll_alpha=nll_alpha, loss_type="sigmoid").learn(batch)
+    ours = _ours(bench, DPO, make_model(seed=0), tokenizer, len(rows), beta=0.1, nll_alpha=nll_alpha,
+                 loss_type="sigmoid").learn(batch)
     theirs = _trl_first_logs(bench, "dpo", make_model(seed=0), tokenizer, batch, tmp_path, beta=0.1,
                              nll_alpha=nll_alpha)
     for key in ("loss", "logps/chosen", "logps/rejected"):
