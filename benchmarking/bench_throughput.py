@@ -30,7 +30,7 @@ in the step (TRL, alignkit cold), else ``4N``. The head counts on every token (a
 response tokens only); attention scores (~3% here) and LoRA matrices are left out. lora_B starts
 at zero, so step 1's loss is the base model's on both sides: both are printed with their relative
 difference. ``--scaling``: alignkit alone on synthetic rows (random ids, no padding, prompt = first
-quarter). Without TRL (``[bench]`` extra), alignkit runs alone.
+quarter), as without TRL (the ``[bench]`` extra).
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/reje
 QUIET = 0.1  # share of the CPUs other processes may use during a timed step
 
 
-# --- models and data
 def lora_config():
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM")
@@ -137,7 +136,6 @@ def trl_dpo_dataset(batches, tokenizer):
     return Dataset.from_dict(cols)
 
 
-# --- the two sides
 def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
                 max_length=None, callbacks=()):
     """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring)."""
@@ -223,7 +221,6 @@ def run_ours(spec, model, tokenizer, batches) -> dict:
             "profile": prof and prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)}
 
 
-# --- measuring
 def clock(device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -253,15 +250,18 @@ def peak_mb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def matmul_peak_gflops(device: str, repeats: int = 10) -> float:
-    """Best rate of one large square matmul: float32 (n=2048) on CPU, bfloat16 (n=8192) on GPU."""
+def matmul_peak_gflops(device: str, max_wait_s: float, rounds: int = 3, repeats: int = 10) -> float:
+    """Best rate of a large square matmul, float32 (n=2048) on CPU, bfloat16 (n=8192) on GPU, over
+    ``rounds`` quiet moments."""
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = []
-    for _ in range(repeats):
-        start = clock(device)
-        a @ b
-        times.append(clock(device) - start)
+    for _ in range(rounds):
+        wait_for_quiet(max_wait_s)
+        for _ in range(repeats):
+            start = clock(device)
+            a @ b
+            times.append(clock(device) - start)
     return 2 * n**3 / min(times) / 1e9
 
 
@@ -292,11 +292,10 @@ def wait_for_quiet(max_wait_s: float) -> None:
         share = (busy_cpu_seconds() - start) / (3 * os.cpu_count())
         if share < QUIET or time.monotonic() > deadline:
             return
-        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy", flush=True)
+        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy")
         time.sleep(20)
 
 
-# --- worker processes
 def worker(spec: dict) -> None:
     """One side of one run, in its own process; writes its result as JSON to ``spec["out"]``."""
     torch.manual_seed(spec["seed"])
@@ -324,16 +323,15 @@ def launch(spec: dict) -> dict:
 
 
 def measured(spec: dict, max_wait_s: float, tries: int = 3) -> dict:
-    """``launch(spec)`` on a quiet machine; again (up to ``tries`` times) while other processes disturbed
-    more than half of its timed steps."""
+    """``launch(spec)`` on a quiet machine, again while other processes disturbed over half its timed steps."""
     for attempt in range(tries):
         wait_for_quiet(max_wait_s)
         result = launch(spec)
         r = rates(result, spec["warmup"])
         if 2 * r["clean_steps"] >= r["steps"]:
             break
-        print(f"  run disturbed: other processes used the CPUs during {r['steps'] - r['clean_steps']} of "
-              f"{r['steps']} timed steps; " + ("again" if attempt < tries - 1 else "kept"), flush=True)
+        print(f"  run disturbed in {r['steps'] - r['clean_steps']} of {r['steps']} timed steps; "
+              + ("again" if attempt < tries - 1 else "kept"))
     return result
 
 
@@ -345,22 +343,17 @@ def spec_for(args, algo, side, **extra) -> dict:
                 synthetic=None, profile=False) | extra
 
 
-# --- reporting
 def rates(run: dict, warmup: int, flops_per_n: float = 0, peak_gflops: float = 1) -> dict:
-    """Tokens/s, steps/s and MFU (given model FLOPs per token in units of ``N``) over the timed steps of a run.
-
-    A step during which other processes used ``QUIET`` or more of the CPUs is left out (all steps count
-    when every one was disturbed: ``clean_steps`` says how many were not).
-    """
+    """Tokens/s, steps/s and MFU (model FLOPs per token given in units of ``N``) over the timed steps,
+    leaving out steps in which other processes used ``QUIET`` or more of the CPUs (unless all were)."""
     steps = list(zip(run["stamps"][warmup:-1], run["stamps"][warmup + 1:], run["tokens"][warmup:], strict=True))
-
-    def foreign(a, b):  # other processes' share of the CPUs between two stamps
-        return 0.0 if a[1] is None else max(0.0, b[1] - a[1] - (b[2] - a[2])) / ((b[0] - a[0]) * os.cpu_count())
-
-    clean = [step for step in steps if foreign(*step[:2]) < QUIET]
-    seconds = sum(b[0] - a[0] for a, b, _ in clean or steps)
-    tps = sum(n for _, _, n in clean or steps) / seconds
-    return {"tokens_per_s": tps, "steps_per_s": len(clean or steps) / seconds, "s_per_step": seconds / len(clean or steps),
+    # other processes' CPU time in a step = the machine's busy time minus this process's CPU time
+    clean = [(a, b, n) for a, b, n in steps
+             if a[1] is None or b[1] - a[1] - (b[2] - a[2]) < QUIET * (b[0] - a[0]) * os.cpu_count()]
+    used = clean or steps
+    seconds = sum(b[0] - a[0] for a, b, _ in used)
+    tps = sum(n for _, _, n in used) / seconds
+    return {"tokens_per_s": tps, "steps_per_s": len(used) / seconds, "s_per_step": seconds / len(used),
             "mfu": tps * flops_per_n * run["n_params"] / (peak_gflops * 1e9), "clean_steps": len(clean),
             "steps": len(steps)}
 
@@ -395,15 +388,12 @@ def print_table(algo, s: dict, args) -> None:
     for side, r in ((side, s[side]) for side in names if side in s):
         print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
               f"{r['mfu']:>8.1%}")
-    left_out = [f"{names[side]} {c}" for side in names if side in s for c in s[side]["runs_clean_steps"]
-                if c.split("/")[0] != c.split("/")[1]]
-    if left_out:
-        print(f"steps left out (other processes used >= {QUIET:.0%} of the CPUs), clean/timed: {', '.join(left_out)}")
+    clean = ", ".join(f"{names[side]} {'+'.join(s[side]['runs_clean_steps'])}" for side in names if side in s)
+    print(f"clean/timed steps per run (others used < {QUIET:.0%} of the CPUs): {clean}")
     if "speedup" in s:
         print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x   (targets: >= "
-              f"{TARGETS[algo][0]}x tokens/s, <= {TARGETS[algo][1]}x memory)")
-        if "speedup_warm" in s:
-            print(f"{'ours warm/TRL':<18}{s['speedup_warm']:>9.2f}x{'':>10}{s['mem_ratio_warm']:>9.2f}x")
+              f"{TARGETS[algo][0]}x tokens/s, <= {TARGETS[algo][1]}x memory)"
+              + (f"; warm: {s['speedup_warm']:.2f}x, {s['mem_ratio_warm']:.2f}x" if "speedup_warm" in s else ""))
         for key, v in s["step1"].items():
             print(f"step-1 {key}: alignkit {v['ours']:.6f}  TRL {v['trl']:.6f}  rel diff {v['rel_diff']:.1e}"
                   f"  ({'agree' if v['rel_diff'] <= 1e-3 else 'DISAGREE'} at 1e-3)")
@@ -428,11 +418,10 @@ def run_scaling(args, algos, peak_gflops) -> dict:
             table[algo].append({"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
                                 "peak_mem_mb": run["peak_mem_mb"]})
             print(f"{batch:>6}{length:>8}{run['tokens'][-1]:>13}{r['s_per_step']:>9.2f}{r['tokens_per_s']:>10.1f}"
-                  f"{run['peak_mem_mb']:>9.0f}{r['mfu']:>7.1%}", flush=True)
+                  f"{run['peak_mem_mb']:>9.0f}{r['mfu']:>7.1%}")
     return table
 
 
-# --- command line
 INT_OPTIONS = (  # flag, default, minimum, help
     ("--steps", 6, 1, "timed optimizer steps per run"),
     ("--warmup", 1, 0, "untimed optimizer steps before them"),
@@ -477,12 +466,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
     with_trl = not args.skip_trl and importlib.util.find_spec("trl") is not None
     if not args.skip_trl and not with_trl:
         print("TRL is not installed (pip install 'alignkit[bench]'): timing alignkit alone.")
     algos = [args.only] if args.only else ["sft", "dpo"]
-    wait_for_quiet(args.max_wait)
-    peak = matmul_peak_gflops(args.device)
+    peak = matmul_peak_gflops(args.device, args.max_wait)
     report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}}
     print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; matmul peak {peak:.1f} GFLOP/s")
@@ -492,8 +481,7 @@ def main(argv=None) -> None:
         for r in range(args.repeats):
             for side in sides if r % 2 == 0 else sides[::-1]:
                 runs[side].append(measured(spec_for(args, algo, side), args.max_wait))
-                tps = rates(runs[side][-1], args.warmup)["tokens_per_s"]
-                print(f"  {algo} {side} repeat {r + 1}: {tps:.1f} tokens/s", flush=True)
+                print(f"  {algo} {side} repeat {r + 1}: {rates(runs[side][-1], args.warmup)['tokens_per_s']:.1f} tokens/s")
         report[algo] = summarise(algo, runs, peak, args.warmup)
         print_table(algo, report[algo], args)
         if args.profile:
