@@ -113,6 +113,11 @@ class SFTConfig:
     def _extra_problems(self) -> list[str]:
         return []
 
+    @property
+    def test_split(self) -> int | float:
+        """``test_size`` as ``make_dataset`` takes it: a whole number >= 1 is a row count, below 1 a fraction."""
+        return int(self.test_size) if self.test_size >= 1 else self.test_size
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

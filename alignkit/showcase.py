@@ -24,8 +24,7 @@ def train_and_show(algo: str, n_prompts: int = 3, max_new_tokens: int = 200, **o
     cfg = build_config(algo, {"save_path": f"outputs/benchmark_{algo}", **options})
     s = setup(cfg)
     final = train(s)
-    _, test = make_dataset(cfg.dataset, test_size=cfg.test_size if cfg.test_size < 1 else int(cfg.test_size),
-                           seed=cfg.seed)
+    _, test = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
     rows = [test[i] for i in range(min(n_prompts, len(test)))]
     prompts = [r["prompt"] for r in rows]
     model = s.agent.unwrapped_model()

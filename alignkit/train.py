@@ -155,9 +155,7 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
     torch.manual_seed(cfg.seed)
     base_model = resolve_base_model(cfg)
     tokenizer = load_tokenizer(base_model)
-    # A whole number >= 1 is a row count, below 1 a fraction (YAML and argparse both give floats).
-    test_size = int(cfg.test_size) if cfg.test_size >= 1 else cfg.test_size
-    train_ds, test_ds = make_dataset(cfg.dataset, test_size=test_size, seed=cfg.seed)
+    train_ds, test_ds = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
     gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
     gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=cfg.batch_size,
                   max_context_length=cfg.max_length, seed=cfg.seed)
