@@ -34,16 +34,6 @@ def _unwrap(model):
     return model
 
 
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with the positions that predict them: ``targets[:, t] = labels[:, t + 1]``.
-
-    labels: (B, T) with -100 on ignored tokens. Returns (B, T); the last column is ignored.
-    """
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
 def plan_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing: group item indices into bins whose total length fits ``capacity``."""
     bins: list[list[int]] = []

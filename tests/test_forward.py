@@ -2,13 +2,14 @@
 
 import torch
 
-from alignkit.forward import pack_batch, plan_bins, sequence_logps, shifted_targets
+from alignkit.forward import pack_batch, plan_bins, sequence_logps
 from alignkit.gyms import SFTGym
 
 
 def _reference_logps(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = shifted_targets(batch["labels"])
+    targets = torch.full_like(batch["labels"], -100)   # position t predicts token t + 1
+    targets[:, :-1] = batch["labels"][:, 1:]
     logp = torch.log_softmax(logits.float(), -1)
     keep = targets != -100
     per_token = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * keep
