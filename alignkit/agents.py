@@ -301,6 +301,32 @@ class DPO(LLMAgent):
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
 
+    def policy_is_reference(self, train: bool = False) -> bool:
+        """Whether a forward of the policy computes the reference's log-probs exactly right now.
+
+        True before the first optimizer step when the trained adapter adds nothing (every
+        ``lora_B`` is zero, as PEFT initialises it) or equals the frozen ``"reference"`` adapter of a
+        warm start, and, for a training forward, LoRA dropout is off. The policy's own log-probs
+        then serve as reference log-probs, which saves one forward over the test split at step 0
+        and over the first batch.
+        """
+        if self.steps > 0 or self.reference_free:
+            return False
+        model = self.unwrapped_model()
+        if train and model.training and model.peft_config[self.adapter_name].lora_dropout > 0:
+            return False
+        mine = {n.replace(f".{self.adapter_name}.", "."): p for n, p in model.named_parameters()
+                if f".{self.adapter_name}." in n}
+        if REFERENCE_ADAPTER in model.peft_config:
+            ref = {n.replace(f".{REFERENCE_ADAPTER}.", "."): p for n, p in model.named_parameters()
+                   if f".{REFERENCE_ADAPTER}." in n}
+            return ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
+        return all(not p.any() for n, p in mine.items() if "lora_B" in n)
+
+    def _cache_reference(self, ids: list[int], chosen: torch.Tensor, rejected: torch.Tensor):
+        for i in range(len(ids)):
+            self.ref_cache.setdefault(ids[i], (float(chosen[i]), float(rejected[i])))
+
     @torch.no_grad()
     def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs (chosen, rejected), each (B,), from the cache or one no-grad forward."""
@@ -315,18 +341,24 @@ class DPO(LLMAgent):
             with self.reference_mode():
                 logps, _ = self._logps(sub, len(missing))
             self.model.train(was_training)
-            for j, i in enumerate(missing):
-                self.ref_cache[ids[i]] = (float(logps[j]), float(logps[len(missing) + j]))
+            n = len(missing)
+            self._cache_reference([ids[i] for i in missing], logps[:n], logps[n:])
         ref = torch.tensor([self.ref_cache[k] for k in ids], dtype=torch.float32, device=self.device)
         return ref[:, 0], ref[:, 1]
 
     def _micro_loss(self, micro, denom, train):
         pairs = micro["example_ids"].shape[0]
+        logps = None
         if self.reference_free:
             ref_c = ref_r = torch.zeros(pairs, device=self.device)
         else:
+            if self.policy_is_reference(train):
+                logps, counts = self._logps(micro, pairs)
+                detached = logps.detach()
+                self._cache_reference(micro["example_ids"].tolist(), detached[:pairs], detached[pairs:])
             ref_c, ref_r = self.reference_logps(micro)
-        logps, counts = self._logps(micro, pairs)
+        if logps is None:
+            logps, counts = self._logps(micro, pairs)
         pc, pr = logps[:pairs], logps[pairs:]
         losses, reward_c, reward_r = preference_loss(
             self.loss_type, pc, pr, ref_c, ref_r, self.beta, chosen_lengths=counts[:pairs],

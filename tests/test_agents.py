@@ -1,6 +1,7 @@
 """SFT and DPO agents on a tiny random-weight model: losses, what trains, accumulation, checkpoints."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ def _sft(tokenizer, model, **kw):
 
 def _dpo(tokenizer, model, **kw):
     kw.setdefault("lr", 1e-2)
-    return DPO(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
-               lora_config=copy.deepcopy(LORA), **kw)
+    kw.setdefault("lora_config", copy.deepcopy(LORA))
+    return DPO(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, **kw)
 
 
 def _first_lora_b(agent):
@@ -135,6 +136,54 @@ def test_dpo_reference_is_frozen_and_only_adapter_trains(tokenizer, tiny_model, 
             "rewards/accuracies", "logps/chosen", "logps/rejected"}
     assert keys <= set(end)
     assert end["rewards/margins"] == pytest.approx(end["rewards/chosen"] - end["rewards/rejected"])
+
+
+def test_untrained_policy_supplies_the_reference_logps(tokenizer, rows, make_model):
+    """Before the first update the policy's log-probs are the reference's: no second forward is needed."""
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    batch = gym.reset()
+    agent = _dpo(tokenizer, make_model(), batch_size=len(rows))
+    assert agent.policy_is_reference(train=True)
+    real_mode = agent.reference_mode
+    agent.reference_mode = None   # any reference forward would fail
+    start = agent.test(gym)       # fills the cache from the policy's own forward
+    agent.reference_mode = real_mode
+    shortcut = torch.tensor([agent.ref_cache[k] for k in batch["example_ids"].tolist()])
+    agent.ref_cache.clear()
+    agent.steps = 1           # force a real forward with the adapter disabled
+    real = torch.stack(agent.reference_logps(batch), dim=1)
+    torch.testing.assert_close(shortcut, real, atol=1e-5, rtol=1e-6)
+    assert start["rewards/margins"] == 0.0 and start["rewards/accuracies"] == 0.0
+    agent.steps = 0
+    torch.nn.init.normal_(_first_lora_b(agent))   # an adapter that adds something is not the reference
+    assert not agent.policy_is_reference()
+    dropout = _dpo(tokenizer, make_model(), lora_config=LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
+    dropout.model.train()
+    assert dropout.policy_is_reference(train=False) and not dropout.policy_is_reference(train=True)
+
+
+def test_warm_start_reference_is_the_loaded_adapter(tokenizer, rows, tmp_path, make_model):
+    sft = _sft(tokenizer, make_model(), batch_size=len(rows), lr=5e-2)
+    sft.learn(SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows)).reset())
+    sft.save_checkpoint(tmp_path)
+    model = PeftModel.from_pretrained(make_model(), str(tmp_path / "actor"), adapter_name="default",
+                                      is_trainable=True)
+    model.load_adapter(str(tmp_path / "actor"), adapter_name="reference", is_trainable=False)
+    model.set_adapter("default")
+    agent = _dpo(tokenizer, model, batch_size=len(rows), nll_alpha=0.0)
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    batch = gym.reset()
+    assert agent.policy_is_reference(train=True)
+    first = agent.learn(batch)   # reference taken from the policy's forward at step 0
+    assert first["rewards/margins"] == 0.0 and first["dpo_loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert not agent.policy_is_reference()
+    shortcut = torch.tensor([agent.ref_cache[k] for k in batch["example_ids"].tolist()])
+    agent.ref_cache.clear()
+    real = torch.stack(agent.reference_logps(batch), dim=1)   # the frozen SFT adapter, not the base
+    torch.testing.assert_close(shortcut, real, atol=1e-5, rtol=1e-6)
+    with torch.no_grad(), agent.model.disable_adapter():
+        base, _ = sequence_logps(agent.model, batch)
+    assert not torch.allclose(base[: len(rows)], real[:, 0], atol=1e-3)
 
 
 def test_dpo_metrics_match_hand_computation(tokenizer, tiny_model, rows):
