@@ -348,8 +348,9 @@ def load_model(
     return model
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=DEFAULT_LORA_TARGETS):
-    """The house LoRA setup: rank 16, alpha 32, dropout 0.05 on the attention projections, no bias."""
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules=DEFAULT_LORA_TARGETS):
+    """The house LoRA setup: rank 16, alpha 32 on the attention projections, no bias, no dropout
+    (as the command line's defaults: dropout's random masks cost ~9% of a CPU step)."""
     from peft import LoraConfig
 
     return LoraConfig(

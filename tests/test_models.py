@@ -252,7 +252,13 @@ def test_add_lora_trains_only_lora_weights():
     targets = {n.split(".")[-4] for n in trainable}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
     config = peft_model.peft_config["default"]
-    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (16, 32, 0.05, "none")
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.bias) == (16, 32, 0.0, "none")
+    # the Python API's default adapter is the command line's default adapter
+    from alignkit.config import SFTConfig
+
+    cli = SFTConfig()
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (cli.lora_r, cli.lora_alpha, cli.lora_dropout)
+    assert targets == set(cli.lora_target_modules)
 
 
 def test_add_lora_second_adapter_shares_base():
