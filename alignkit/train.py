@@ -70,6 +70,7 @@ class MetricsLog:
         self.path.write_text("")
         self.start = time.time()
         self.sinks = []
+        self.closers = []
         targets = {t.strip() for t in report_to.split(",")} - {"none"}
         if "tensorboard" in targets:
             try:
@@ -78,6 +79,7 @@ class MetricsLog:
                 raise UserError("--report-to tensorboard needs the tensorboard package: "
                                 "pip install tensorboard") from None
             writer = SummaryWriter(log_dir=str(run_dir))
+            self.closers.append(writer.close)
             self.sinks.append(lambda rec, w=writer: [w.add_scalar(f"{rec['split']}/{k}", v, rec["step"])
                                                      for k, v in rec.items() if k not in ("step", "split", "epoch")]
                               and w.flush())
@@ -87,6 +89,7 @@ class MetricsLog:
             except ImportError:
                 raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
             wb = wandb.init(mode="offline", dir=str(run_dir), name=run_name, config=config)
+            self.closers.append(wb.finish)
             self.sinks.append(lambda rec, r=wb: r.log({f"{rec['split']}/{k}": v for k, v in rec.items()
                                                        if k not in ("step", "split")}, step=rec["step"]))
 
@@ -98,6 +101,12 @@ class MetricsLog:
         for sink in self.sinks:
             sink(record)
         return record
+
+    def close(self) -> None:
+        """Flush and close the optional loggers (a finished wandb run, closed event files)."""
+        for close in self.closers:
+            close()
+        self.closers = []
 
 
 def reference_cache_file(cfg, base_model: str) -> Path:
@@ -209,28 +218,31 @@ def train(s: Setup) -> dict:
         log.log(step, gym.progress, "eval", metrics)
         return metrics
 
-    evaluate(0)
-    bar = tqdm(total=s.total_steps, desc=cfg.algo.upper(), unit="step", dynamic_ncols=True)
-    batch = gym.reset()
-    for step in range(1, s.total_steps + 1):
-        t0 = time.perf_counter()
-        metrics = agent.learn(batch)
-        metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
-        epoch = gym.progress
-        log.log(step, epoch, "train", metrics)
-        bar.update(1)
-        bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} epoch={epoch:.2f}")
-        if not math.isfinite(metrics["loss"]):
-            bar.close()
-            raise RuntimeError(f"the loss became {metrics['loss']} at step {step}; lower --lr")
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < s.total_steps:
-            bar.write(f"step {step} eval: {_short(evaluate(step))}")
-        if cfg.save_interval and step % cfg.save_interval == 0 and step < s.total_steps:
-            agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
-        if step < s.total_steps:
-            batch = gym.step()
-    bar.close()
-    final = evaluate(s.total_steps)
+    try:
+        evaluate(0)
+        bar = tqdm(total=s.total_steps, desc=cfg.algo.upper(), unit="step", dynamic_ncols=True)
+        batch = gym.reset()
+        for step in range(1, s.total_steps + 1):
+            t0 = time.perf_counter()
+            metrics = agent.learn(batch)
+            metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
+            epoch = gym.progress
+            log.log(step, epoch, "train", metrics)
+            bar.update(1)
+            bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} epoch={epoch:.2f}")
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                raise UserError(f"the loss became {metrics['loss']} at step {step}; lower --lr (nothing was saved)")
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < s.total_steps:
+                bar.write(f"step {step} eval: {_short(evaluate(step))}")
+            if cfg.save_interval and step % cfg.save_interval == 0 and step < s.total_steps:
+                agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
+            if step < s.total_steps:
+                batch = gym.step()
+        bar.close()
+        final = evaluate(s.total_steps)
+    finally:
+        log.close()
     if s.ref_cache_file:
         save_reference_cache(s.ref_cache_file, agent.ref_cache)
     agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})

@@ -167,6 +167,29 @@ def test_report_to_tensorboard_writes_event_files(tiny_model_dir, rows_file, tmp
     assert list(run.glob("events.out.tfevents.*"))
 
 
+def test_report_to_wandb_offline_writes_a_finished_run(tiny_model_dir, rows_file, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional logger")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "wb"
+    assert main(["sft", *_train_flags(tiny_model_dir, rows_file, run, "--report-to", "wandb", "--no-plot")]) == 0
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None   # finished, so a second run in the same process starts cleanly
+
+
+def test_diverging_loss_is_one_line_and_saves_nothing(tiny_model_dir, rows_file, tmp_path, capsys):
+    run = tmp_path / "nan"
+    flags = _train_flags(tiny_model_dir, rows_file, run, "--no-plot")
+    flags[flags.index("--lr") + 1] = "1e30"
+    assert main(["sft", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: the loss became") and "lower --lr" in err
+    assert not (run / "actor").exists()
+
+
 def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path):
     out = tmp_path / "pipe"
     argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(rows_file), "--max-steps", "2",
