@@ -51,7 +51,7 @@ FIGURE_CAPTIONS = {
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
          ".svg": "image/svg+xml", ".webp": "image/webp"}
-_WORD_EDGES = re.compile(r"^\W+|\W+$")
+_WORD = re.compile(r"\w+")
 _DASH = "\u2013"
 
 
@@ -60,8 +60,9 @@ def repetition_score(text: str, n: int = 3) -> float:
 
     ``score = (N - U) / N`` where ``N = W - n + 1`` is the number of word n-grams in a text
     of ``W`` words and ``U`` the number of distinct ones. 0 means no n-gram occurs twice; a
-    text stuck in a loop tends to 1. Words are split on whitespace, lower-cased and stripped
-    of leading and trailing punctuation, so "feel?" and "feel" count as one word.
+    text stuck in a loop tends to 1. Words are the lower-cased runs of letters and digits
+    (``\\w+``), so "feel?" and "feel" count as one word and a loop inside one
+    whitespace-separated chunk ("remis-s-s-s-s") is still a loop of words.
     Example with ``n = 3``: "a b c a b c a b c" has N = 7 trigrams, U = 3 distinct
     (abc, bca, cab), so the score is 4/7.
 
@@ -70,7 +71,7 @@ def repetition_score(text: str, n: int = 3) -> float:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    words = [w for w in (_WORD_EDGES.sub("", raw.lower()) for raw in text.split()) if w]
+    words = _WORD.findall(text.lower())
     if len(words) < n:
         return 0.0
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]

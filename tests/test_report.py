@@ -65,6 +65,13 @@ def test_repetition_other_n_case_and_punctuation():
     assert repetition_score("x y x y", n=2) == pytest.approx(1 / 3)
 
 
+def test_repetition_sees_a_loop_inside_one_chunk():
+    # "remis-s-s-s-s-s" is one whitespace chunk but words remis s s s s s: trigrams remis-s-s, then
+    # s-s-s three times -> 4 grams, 2 distinct -> 2/4
+    assert repetition_score("remis-s-s-s-s-s") == pytest.approx(2 / 4)
+    assert repetition_score("I'd be remis" + "-s" * 100) > 0.95
+
+
 def test_repetition_long_loop_tends_to_one():
     text = "What do they make you feel? " * 40
     words = 6 * 40
