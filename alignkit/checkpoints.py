@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .models import quiet_peft
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -126,10 +127,11 @@ def load_adapter(base_model, load_path, adapter_name="default", is_trainable=Tru
     from peft import PeftModel
 
     try:
-        if model is None:
-            return PeftModel.from_pretrained(base_model, str(load_path), adapter_name=adapter_name,
-                                             is_trainable=is_trainable)
-        model.load_adapter(str(load_path), adapter_name=adapter_name, is_trainable=is_trainable)
+        with quiet_peft():
+            if model is None:
+                return PeftModel.from_pretrained(base_model, str(load_path), adapter_name=adapter_name,
+                                                 is_trainable=is_trainable)
+            model.load_adapter(str(load_path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from .config import CONFIGS, add_arguments, build_config
 from .errors import UserError
@@ -84,8 +83,6 @@ def _dispatch(argv) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # PEFT reads a property that transformers has renamed: a warning users can do nothing about.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "handler")}
     if args.command in CONFIGS:
         return train_or_chat(args.command, flags)

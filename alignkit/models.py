@@ -13,6 +13,7 @@ so only the first load pays for the conversion.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -363,6 +365,15 @@ def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, targ
     )
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence one FutureWarning that PEFT triggers by reading a property transformers renamed
+    (``is_gradient_checkpointing``): users can do nothing about it. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model, lora_config=None, adapter_name: str = "default"):
     """Put a LoRA adapter named `adapter_name` on `model` and make it the active one.
 
@@ -378,7 +389,9 @@ def add_lora(model, lora_config=None, adapter_name: str = "default"):
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
             raise ValueError(f"the model already has an adapter named '{adapter_name}'")
-        model.add_adapter(adapter_name, config)
+        with quiet_peft():
+            model.add_adapter(adapter_name, config)
         model.set_adapter(adapter_name)
         return model
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    with quiet_peft():
+        return get_peft_model(model, config, adapter_name=adapter_name)
