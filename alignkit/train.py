@@ -232,7 +232,8 @@ def train(s: Setup) -> dict:
             bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} epoch={epoch:.2f}")
             if not math.isfinite(metrics["loss"]):
                 bar.close()
-                raise UserError(f"the loss became {metrics['loss']} at step {step}; lower --lr (nothing was saved)")
+                raise UserError(f"the loss became {metrics['loss']} at step {step}; lower --lr "
+                                "(stopped before writing the final adapter)")
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < s.total_steps:
                 bar.write(f"step {step} eval: {_short(evaluate(step))}")
             if cfg.save_interval and step % cfg.save_interval == 0 and step < s.total_steps:
