@@ -196,6 +196,12 @@ def _split_rows(batch, size):
         yield {k: v[start:start + size] for k, v in batch.items()}
 
 
+def _adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The LoRA weights of one adapter, keyed by their names with the adapter's name taken out."""
+    tag = f".{adapter_name}."
+    return {n.replace(tag, "."): p for n, p in model.named_parameters() if tag in n}
+
+
 def _response_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Number of predicted (response) tokens per row of ``labels`` (B, T)."""
     return (labels[:, 1:] != -100).sum(dim=1)
@@ -315,11 +321,9 @@ class DPO(LLMAgent):
         model = self.unwrapped_model()
         if train and model.training and model.peft_config[self.adapter_name].lora_dropout > 0:
             return False
-        mine = {n.replace(f".{self.adapter_name}.", "."): p for n, p in model.named_parameters()
-                if f".{self.adapter_name}." in n}
+        mine = _adapter_weights(model, self.adapter_name)
         if REFERENCE_ADAPTER in model.peft_config:
-            ref = {n.replace(f".{REFERENCE_ADAPTER}.", "."): p for n, p in model.named_parameters()
-                   if f".{REFERENCE_ADAPTER}." in n}
+            ref = _adapter_weights(model, REFERENCE_ADAPTER)
             return ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
         return all(not p.any() for n, p in mine.items() if "lora_B" in n)
 
