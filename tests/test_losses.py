@@ -323,6 +323,27 @@ def test_token_logps_matches_log_softmax_values_and_gradients(chunk_size, with_b
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("keep_budget_mb", [256.0, 0.0])
+def test_token_logps_exact_for_logits_far_below_the_max(keep_budget_mb):
+    """Spreads of hundreds of nats (exp() underflows to 0 there): labels far below the max still get
+    their exact log-prob, the no-grad path agrees, and gradients match log_softmax's."""
+    torch.manual_seed(0)
+    n, h, v = 6, 4, 11
+    hidden = torch.randn(n, h, dtype=torch.float64).mul(60).float().requires_grad_()
+    weight = torch.randn(v, h, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    ref = _reference_logps(hidden, weight, labels)
+    assert ref.min() < -200  # some labels sit far below their row's max
+    ours = token_logps(hidden, weight, labels, keep_budget_mb=keep_budget_mb)
+    assert_close(ours, ref, rtol=1e-6, atol=1e-4)
+    with torch.no_grad():
+        assert_close(token_logps(hidden, weight, labels), ref.detach(), rtol=1e-6, atol=1e-4)
+    upstream = torch.randn(n)
+    for got, want in zip(torch.autograd.grad((ours * upstream).sum(), [hidden, weight]),
+                         torch.autograd.grad((ref * upstream).sum(), [hidden, weight]), strict=True):
+        assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_token_logps_does_not_keep_logits_for_backward():
     """Past the budget only chunk inputs are saved; within it, the in-place softmax and nothing more."""
     torch.manual_seed(0)
