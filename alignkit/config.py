@@ -64,6 +64,8 @@ class SFTConfig:
     packing: bool = opt(True, "padding-free forward passes (rows packed with a block-diagonal mask)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, slower)")
     threads: int = opt(0, "torch CPU threads; 0 keeps torch's default")
+    reuse_memory: bool = opt(True, "keep freed memory in the process for reuse (glibc): no fresh pages for each "
+                                   "large tensor, ~5%% faster CPU steps; resident memory stays at its peak")
     # -- loop and output ------------------------------------------------------------------------
     eval_interval: int = opt(20, "evaluate on the test split every N steps (and at the start and end); 0 = start "
                                  "and end only")

@@ -33,6 +33,7 @@ from .data import make_dataset
 from .errors import UserError
 from .gyms import PreferenceGym, SFTGym
 from .models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from .runtime import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
     """Load model, tokenizer and data, build the gym and the agent for ``cfg``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.reuse_memory:
+        reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     base_model = resolve_base_model(cfg)
     tokenizer = load_tokenizer(base_model)

@@ -17,6 +17,8 @@ DPO: sigmoid loss, beta 0.1, reference = base model with the adapter disabled (T
 run in every step); ``--nll-alpha A > 0`` gives TRL ``loss_type=["sigmoid", "sft"], loss_weights=[1,
 A]``. alignkit caches reference log-probs per pair: **cold** = empty cache, the reference forward
 runs in the step (a first epoch; the headline); **warm** = cache filled before timing.
+On CPU alignkit's process keeps freed memory for reuse (``alignkit.reuse_freed_memory``, on by
+default in its CLI); TRL's process keeps glibc's default unless ``--trl-reuse-memory``.
 
 Per side, the median of ``--repeats`` runs (side order alternating), each in its own subprocess
 started on a quiet machine, steps that other processes disturbed left out (see ``rates``): real
@@ -55,6 +57,7 @@ from peft import LoraConfig
 from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, load_tokenizer, make_dataset
+from alignkit.runtime import reuse_freed_memory
 
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
 FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
@@ -298,6 +301,8 @@ def wait_for_quiet(max_wait_s: float) -> None:
 
 def worker(spec: dict) -> None:
     """One side of one run, in its own process; writes its result as JSON to ``spec["out"]``."""
+    if spec["reuse_memory"]:
+        reuse_freed_memory()
     torch.manual_seed(spec["seed"])
     tokenizer = load_tokenizer() if spec["random_init"] else load_tokenizer(spec["model"])
     model = build_model(spec)
@@ -340,7 +345,8 @@ def spec_for(args, algo, side, **extra) -> dict:
                 batch_size=args.batch_size if algo == "sft" else args.dpo_batch_size, max_length=args.max_length,
                 steps=args.steps, warmup=args.warmup, lr=args.lr, beta=args.beta, nll_alpha=args.nll_alpha,
                 device=args.device, model=args.model, random_init=args.random_init, seed=args.seed,
-                synthetic=None, profile=False) | extra
+                synthetic=None, profile=False,
+                reuse_memory=args.device == "cpu" and (side != "trl" or args.trl_reuse_memory)) | extra
 
 
 def rates(run: dict, warmup: int, flops_per_n: float = 0, peak_gflops: float = 1) -> dict:
@@ -447,6 +453,8 @@ def parse_args(argv=None):
     p.add_argument("--random-init", choices=["qwen2.5-0.5b"], help="a random-weight model of this shape instead")
     p.add_argument("--only", choices=["sft", "dpo"], help="benchmark one algorithm")
     p.add_argument("--skip-trl", action="store_true", help="time alignkit alone")
+    p.add_argument("--trl-reuse-memory", action="store_true",
+                   help="give TRL's process alignkit's allocator setting too (alignkit.reuse_freed_memory)")
     p.add_argument("--scaling", action="store_true", help="also time alignkit over lengths and batch sizes")
     p.add_argument("--profile", action="store_true", help="profile one alignkit step per algorithm")
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for idle CPUs before a run")
@@ -475,6 +483,9 @@ def main(argv=None) -> None:
     report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}}
     print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; matmul peak {peak:.1f} GFLOP/s")
+    if args.device == "cpu":
+        print("allocator: alignkit's process keeps freed memory for reuse (its CLI default, reuse_freed_memory()); "
+              + ("so does TRL's (--trl-reuse-memory)" if args.trl_reuse_memory else "TRL's has glibc's default"))
     for algo in algos:
         sides = ["ours"] + (["ours_warm"] if algo == "dpo" else []) + (["trl"] if with_trl else [])
         runs: dict[str, list[dict]] = {side: [] for side in sides}
