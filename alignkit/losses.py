@@ -41,8 +41,7 @@ class _ChunkLogps(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
         if probs is None:
-            logits = _logits(hidden, weight, bias)
-            probs = logits.sub_(lse.unsqueeze(1)).clamp_(min=EXP_FLOOR).exp_()
+            probs = _shifted_exp(_logits(hidden, weight, bias), lse.unsqueeze(1))  # the softmax again
         # grad_logits = g * (onehot - softmax), built in place over the probabilities.
         grad = probs.mul_(-grad_logp.float().unsqueeze(1))
         grad.scatter_add_(1, labels.unsqueeze(1), grad_logp.float().unsqueeze(1))
@@ -65,6 +64,11 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 EXP_FLOOR = -80.0
 
 
+def _shifted_exp(logits: Tensor, shift: Tensor) -> Tensor:
+    """``exp(logits - shift)`` in place, the exponent floored at ``EXP_FLOOR``; ``shift`` (n, 1)."""
+    return logits.sub_(shift).clamp_(min=EXP_FLOOR).exp_()
+
+
 def _normalise(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(log p[labels], logsumexp, softmax)`` of (n, V) float32 ``logits``, overwritten in place.
 
@@ -73,7 +77,7 @@ def _normalise(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     picked = logits.gather(1, labels.unsqueeze(1)).squeeze(1)  # (n,)
     peak = logits.amax(dim=1, keepdim=True)  # (n, 1)
-    probs = logits.sub_(peak).clamp_(min=EXP_FLOOR).exp_()  # unnormalised, each in (0, 1]
+    probs = _shifted_exp(logits, peak)  # unnormalised, each in (0, 1]
     total = probs.sum(dim=1)  # (n,) >= 1
     lse = peak.squeeze(1) + total.log()
     return picked - lse, lse, probs.div_(total.unsqueeze(1))
