@@ -7,22 +7,20 @@ A checkpoint folder holds:
 - ``training_state.json``: step, schedule, the loop's extra state (data position, epoch, ...);
 - ``optimizer.safetensors``: the optimizer's tensors and the torch RNG state.
 
-Each piece is written under a temporary name and renamed into place, the state file last, so an
-interrupted save never leaves a checkpoint that looks complete.
+Each piece is written atomically (``alignkit.io``), the state file last, so an interrupted save
+never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .io import atomic_folder, atomic_write, atomic_write_json
 from .models import quiet_peft
 
 STATE_FILE = "training_state.json"
@@ -61,34 +59,24 @@ def save(agent, path, base_model_name: str | None = None, extra_state: dict | No
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=path))
-    try:
-        model = agent.unwrapped_model()
-        config = model.peft_config[agent.adapter_name]
-        if base_model_name:
-            config.base_model_name_or_path = base_model_name
-        model.save_pretrained(tmp / "actor", selected_adapters=[agent.adapter_name], save_embedding_layers=False)
+    model = agent.unwrapped_model()
+    config = model.peft_config[agent.adapter_name]
+    if base_model_name:
+        config.base_model_name_or_path = base_model_name
+    # Without the state file the folder is not a checkpoint; it comes back last, when all is written.
+    (path / STATE_FILE).unlink(missing_ok=True)
+    with atomic_folder(path / "actor", replace=True) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[agent.adapter_name], save_embedding_layers=False)
         if agent.adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
-            sub = tmp / "actor" / agent.adapter_name
+            sub = tmp / agent.adapter_name
             for f in sub.iterdir():
-                f.rename(tmp / "actor" / f.name)
+                f.rename(tmp / f.name)
             sub.rmdir()
-        tensors, opt_meta = _optimizer_tensors(agent.optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        state = {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(), "optimizer": opt_meta,
-                 "extra": extra_state or {}}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
-        # Move the finished pieces into place; the state file goes last and marks completion.
-        (path / STATE_FILE).unlink(missing_ok=True)
-        os.replace(tmp / OPTIMIZER_FILE, path / OPTIMIZER_FILE)
-        old = tmp / "actor.old"
-        if (path / "actor").exists():
-            os.replace(path / "actor", old)
-        os.replace(tmp / "actor", path / "actor")
-        os.replace(tmp / STATE_FILE, path / STATE_FILE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tensors, opt_meta = _optimizer_tensors(agent.optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    atomic_write(path / OPTIMIZER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(path / STATE_FILE, {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(),
+                                          "optimizer": opt_meta, "extra": extra_state or {}})
     return path
 
 

@@ -19,11 +19,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from alignkit.errors import UserError
+from alignkit.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -216,16 +216,7 @@ def _raw_and_smooth(ax, steps, values, smoothing, color, label, raw=True, **line
 
 def _save(fig, path: Path) -> Path:
     """Write the figure atomically so a crash never leaves a half-written PNG behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _plot_training_loss(records, info, out_dir: Path, smoothing: float) -> Path | None:

@@ -4,7 +4,10 @@ import base64
 import json
 import math
 import re
+from html.parser import HTMLParser
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 from alignkit.errors import UserError
@@ -39,6 +42,36 @@ def write_fake_run(run_dir, algo, nll_alpha=0.0, steps=50):
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run_dir
+
+
+class PageElements(HTMLParser):
+    """Every element of a page as ``(tag, attributes, text directly inside it)``, entities decoded."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.elements: list[tuple[str, dict, list[str]]] = []
+        self._open: list[list[str]] = []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        text: list[str] = []
+        self.elements.append((tag, dict(attrs), text))
+        if tag not in ("img", "meta"):  # void elements hold no text and have no end tag
+            self._open.append(text)
+
+    def handle_endtag(self, tag):
+        self._open.pop()
+
+    def handle_data(self, data):
+        if self._open:
+            self._open[-1].append(data)
+
+    def texts(self, tag: str, **attrs) -> list[str]:
+        """The text of each ``tag`` element whose attributes include ``attrs`` (``class_`` for class)."""
+        wanted = {k.rstrip("_"): v for k, v in attrs.items()}
+        return ["".join(text) for name, have, text in self.elements
+                if name == tag and all(have.get(k) == v for k, v in wanted.items())]
 
 
 # ----------------------------------------------------------------------------- repetition
@@ -94,8 +127,8 @@ def test_report_escapes_everything(tmp_path):
     configs[2]["name"] = "DPO <beta=0.1>"
     page = write_report(tmp_path, PROMPTS, configs, title="Runs <&> more").read_text()
     assert "<script>alert" not in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; done" in page
-    assert "Is &lt;b&gt;pineapple&lt;/b&gt; on pizza &amp; &#x27;fine&#x27;?" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; done" in page
+    assert "Is &lt;b&gt;pineapple&lt;/b&gt; on pizza &amp; &#39;fine&#39;?" in page
     assert "DPO &lt;beta=0.1&gt;" in page
     assert "<title>Runs &lt;&amp;&gt; more</title>" in page
     assert page.count("<script>") == 1  # only the page's own tab script
@@ -207,3 +240,60 @@ def test_report_overwrites_atomically(tmp_path):
     write_report(tmp_path, PROMPTS, make_configs(), title="second")
     assert "second" in (tmp_path / "index.html").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "results.json"]
+
+
+EVIL = '<script>alert(1)</script> "quotes" & ampersands'
+
+
+def test_hostile_text_is_shown_as_text_everywhere(tmp_path):
+    figure = tmp_path / "curve.png"
+    matplotlib.image.imsave(figure, np.zeros((2, 2, 3)))
+    prompts = [f"prompt {EVIL}", PROMPTS[1]]
+    configs = make_configs()
+    configs[2]["name"] = f"name {EVIL}"
+    configs[2]["run_dir"] = f"run {EVIL}"
+    configs[2]["answers"][0] = f"answer {EVIL}"
+    page = write_report(tmp_path / "out", prompts, configs, figures=[(figure, f"caption {EVIL}")],
+                        title=f"title {EVIL}").read_text()
+
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&amp; ampersands" in page
+    parsed = PageElements(page)
+    assert [tag for tag, _, _ in parsed.elements].count("script") == 1  # the page's own tab script
+    # Decoded, each value reads back exactly as given, in every place the page shows it.
+    assert parsed.texts("title") == parsed.texts("h1") == [f"title {EVIL}"]
+    assert parsed.texts("blockquote", class_="prompt-text")[0] == f"prompt {EVIL}"
+    assert parsed.texts("div", class_="answer")[2] == f"answer {EVIL}"  # prompt 1, third configuration
+    assert parsed.texts("th", scope="row", title=f"run {EVIL}") == [f"name {EVIL}"]
+    assert parsed.texts("button", role="tab").count(f"name {EVIL}") == len(prompts)
+    assert parsed.texts("p", class_="panel-name").count(f"name {EVIL}") == len(prompts)
+    assert parsed.texts("figcaption") == [f"caption {EVIL}"]
+    assert [a["alt"] for t, a, _ in parsed.elements if t == "img"] == [f"caption {EVIL}"]
+    # results.json keeps the raw text: escaping is the page's business only.
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["prompts"][0] == f"prompt {EVIL}"
+    assert results["configs"][2]["name"] == f"name {EVIL}"
+    assert results["configs"][2]["answers"][0] == f"answer {EVIL}"
+    assert results["figures"] == [{"file": "curve.png", "caption": f"caption {EVIL}"}]
+
+
+def test_failed_write_leaves_no_report_and_no_temporary_files(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "report"
+    with monkeypatch.context() as patch:
+        patch.setattr("alignkit.io.os.replace", refuse)
+        with pytest.raises(OSError, match="No space left"):
+            write_report(out, PROMPTS, make_configs(), title="first")
+    assert list(out.iterdir()) == []
+
+    # Over an existing report a failed write keeps the old files whole and adds nothing.
+    write_report(out, PROMPTS, make_configs(), title="first")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as patch:
+        patch.setattr("alignkit.io.os.replace", refuse)
+        with pytest.raises(OSError):
+            write_report(out, PROMPTS, make_configs(), title="second")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(before) == ["index.html", "results.json"]
