@@ -11,18 +11,21 @@ optimizer step (or once per evaluation), never as a mean of means.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel
 
 from . import checkpoints
+from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import sequence_logps
-from .losses import PREFERENCE_LOSSES, dpo_nll_loss, preference_loss, sft_loss
+from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import add_lora
+from .reference import ReferencePolicy, ReferenceStore
 
-REFERENCE_ADAPTER = "reference"
+# The option dataclasses are the one source of defaults; the keyword API below reads them.
+_SFT, _DPO = SFTConfig(), DPOConfig()
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
@@ -50,7 +53,7 @@ class LLMAgent:
         batch_size: rows (SFT) or pairs (DPO) per optimizer step.
         lr: peak learning rate.
         update_epochs: optimizer steps taken on each batch passed to :meth:`learn`.
-        lora_config: a ``peft.LoraConfig``; defaults to r=16, alpha=32 on q/k/v/o projections.
+        lora_config: a ``peft.LoraConfig``; defaults to the command line's (r=16, alpha=32 on q/k/v/o).
         accelerator: an ``accelerate.Accelerator`` or ``None`` for plain PyTorch.
         micro_batch_size: rows (pairs) per forward/backward; gradients accumulate over
             ``batch_size / micro_batch_size`` micro-batches. ``None`` means the whole batch at once.
@@ -62,10 +65,11 @@ class LLMAgent:
         adapter_name: the PEFT adapter this agent trains; other adapters on the same base are left alone.
     """
 
-    def __init__(self, actor_network, pad_token_id, pad_token, batch_size=16, lr=5e-5, update_epochs=1,
-                 lora_config: LoraConfig | None = None, accelerator=None, micro_batch_size=None,
-                 max_grad_norm=1.0, weight_decay=0.0, warmup_steps=0, total_steps=None, min_lr_ratio=0.1,
-                 seed=42, packed=True, adapter_name="default", gradient_checkpointing=False):
+    def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_SFT.batch_size, lr=_SFT.lr,
+                 update_epochs=_SFT.update_epochs, lora_config: LoraConfig | None = None, accelerator=None,
+                 micro_batch_size=None, max_grad_norm=_SFT.max_grad_norm, weight_decay=_SFT.weight_decay,
+                 warmup_steps=0, total_steps=None, min_lr_ratio=_SFT.min_lr_ratio, seed=_SFT.seed,
+                 packed=_SFT.packing, adapter_name="default", gradient_checkpointing=_SFT.gradient_checkpointing):
         if batch_size < 1 or update_epochs < 1 or lr <= 0:
             raise ValueError("batch_size and update_epochs must be >= 1 and lr > 0")
         torch.manual_seed(seed)
@@ -79,7 +83,7 @@ class LLMAgent:
         if isinstance(actor_network, PeftModel) and adapter_name in actor_network.peft_config:
             self.model = actor_network
         else:
-            self.model = add_lora(actor_network, lora_config, adapter_name=adapter_name)
+            self.model = add_lora(actor_network, lora_config or _SFT.lora_config(), adapter_name=adapter_name)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -126,11 +130,6 @@ class LLMAgent:
             sums = {k: self.accelerator.reduce(v.detach().float().to(self.device), "sum") for k, v in sums.items()}
         return {k: float(v) for k, v in sums.items()}
 
-    @staticmethod
-    def _add(total: dict, part: dict) -> None:
-        for k, v in part.items():
-            total[k] = total.get(k, 0) + v.detach().double().cpu()
-
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Take ``update_epochs`` optimizer steps on ``batch``; returns the last step's metrics.
 
@@ -144,7 +143,7 @@ class LLMAgent:
             for micro in self._split(batch, self.micro_batch_size):
                 loss, stats = self._micro_loss(micro, denom, train=True)
                 self._backward(loss)
-                self._add(sums, stats)
+                add_stats(sums, stats)
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._clip()
             self.optimizer.step()
@@ -167,10 +166,8 @@ class LLMAgent:
     def test(self, env, batch_size: int | None = None) -> dict[str, float]:
         """Metrics over the whole test split of ``env``, as true means over all its rows/tokens."""
         self.model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        for batch in env.test_batches(batch_size or self.micro_batch_size):
-            _, stats = self._micro_loss(batch, self._denominators(batch), train=False)
-            self._add(sums, stats)
+        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1]
+                         for batch in env.test_batches(batch_size or self.micro_batch_size))
         if not sums:
             raise ValueError("the test split is empty")
         return self._finalize(self._reduce(sums))
@@ -190,16 +187,25 @@ class LLMAgent:
         return checkpoints.load(self, path)
 
 
+def add_stats(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add a micro-batch's summed statistics into ``total`` (float64 on the CPU, no graph)."""
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v.detach().double().cpu()
+    return total
+
+
+def sum_stats(parts) -> dict[str, torch.Tensor]:
+    """The sum of an iterable of statistics dicts (empty when there are none)."""
+    total: dict[str, torch.Tensor] = {}
+    for part in parts:
+        add_stats(total, part)
+    return total
+
+
 def _split_rows(batch, size):
     n = batch["input_ids"].shape[0]
     for start in range(0, n, size):
         yield {k: v[start:start + size] for k, v in batch.items()}
-
-
-def _adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The LoRA weights of one adapter, keyed by their names with the adapter's name taken out."""
-    tag = f".{adapter_name}."
-    return {n.replace(tag, "."): p for n, p in model.named_parameters() if tag in n}
 
 
 def _response_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -210,9 +216,14 @@ def _response_tokens(labels: torch.Tensor) -> torch.Tensor:
 class SFT(LLMAgent):
     """Supervised fine-tuning: cross-entropy on the response tokens (the per-token mean NLL).
 
+    Takes :class:`LLMAgent`'s arguments, with the defaults of ``alignkit sft``.
+
     Metrics: ``loss`` (mean NLL per response token), ``perplexity`` (exp of it), ``tokens`` (real,
     non-padding tokens processed), plus ``lr`` and ``grad_norm`` from :meth:`learn`.
     """
+
+    def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_SFT.batch_size, lr=_SFT.lr, **kwargs):
+        super().__init__(actor_network, pad_token_id, pad_token, batch_size=batch_size, lr=lr, **kwargs)
 
     def _split(self, batch, size):
         return _split_rows(batch, size)
@@ -232,21 +243,137 @@ class SFT(LLMAgent):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums["tokens"]}
 
 
+def pair_counts(batch) -> tuple[int, int]:
+    """``(pairs, chosen response tokens)`` of a DPO batch: what a step's loss is divided by."""
+    pairs = batch["example_ids"].shape[0]
+    return pairs, int(_response_tokens(batch["labels"][:pairs]).sum())
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """What a DPO loss is made of; turns log-probs into the loss and summed statistics.
+
+    Fields (defaults as ``alignkit dpo``): ``beta`` > 0, the strength of the implicit KL penalty;
+    ``nll_alpha`` >= 0, the weight of the NLL term on the chosen response (0 = vanilla DPO);
+    ``loss_type``, a key of ``alignkit.losses.PREFERENCE_LOSSES``; ``label_smoothing`` in [0, 0.5),
+    ``sigmoid`` only; ``simpo_gamma``, the target margin of ``simpo``.
+    """
+
+    beta: float = _DPO.beta
+    nll_alpha: float = _DPO.nll_alpha
+    loss_type: str = _DPO.loss_type
+    label_smoothing: float = _DPO.label_smoothing
+    simpo_gamma: float = _DPO.simpo_gamma
+
+    def __post_init__(self):
+        problems = preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing, name=str)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss ignores the reference policy (``simpo``)."""
+        return self.loss_type == "simpo"
+
+    def __call__(self, logps, counts, ref_chosen, ref_rejected, n_pairs: int, n_tokens: int):
+        """Loss of P pairs and their summed statistics.
+
+        Args: ``logps`` and ``counts`` (2P,): the policy's summed response log-probs and response token
+        counts, chosen rows first; ``ref_chosen``/``ref_rejected`` (P,) or None (reference-free);
+        ``n_pairs`` and ``n_tokens``: pairs and chosen tokens of the whole optimizer step, which the
+        loss is divided by (so micro-batch losses add up to the step's).
+        """
+        pairs = logps.shape[0] // 2
+        pc, pr = logps[:pairs], logps[pairs:]
+        losses, reward_c, reward_r = preference_loss(
+            self.loss_type, pc, pr, ref_chosen, ref_rejected, self.beta, chosen_lengths=counts[:pairs],
+            rejected_lengths=counts[pairs:], label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+        loss, _, _ = dpo_nll_loss(losses, pc, counts[:pairs].sum(), self.nll_alpha,
+                                  n_pairs=n_pairs, n_tokens=max(n_tokens, 1))
+        sums = {"pairs": torch.tensor(pairs), "dpo_loss": losses.sum(), "nll": -pc.sum(),
+                "chosen_tokens": counts[:pairs].sum(), "rewards/chosen": reward_c.sum(),
+                "rewards/rejected": reward_r.sum(), "rewards/accuracies": (reward_c > reward_r).float().sum(),
+                "logps/chosen": pc.sum(), "logps/rejected": pr.sum()}
+        return loss, sums
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """True means from summed statistics (see :class:`DPO` for the names)."""
+        n = max(sums["pairs"], 1)
+        m = {k: sums[k] / n for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                      "logps/chosen", "logps/rejected")}
+        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
+        m["dpo_loss"] = sums["dpo_loss"] / n
+        m["nll_loss"] = sums["nll"] / max(sums["chosen_tokens"], 1)
+        m["loss"] = m["dpo_loss"] + self.nll_alpha * m["nll_loss"]
+        if "tokens" in sums:
+            m["tokens"] = sums["tokens"]
+        return m
+
+
+def preference_micro_loss(model, reference: ReferencePolicy | None, objective: PreferenceObjective, micro: dict,
+                          n_pairs: int, n_tokens: int, shortcut: bool, packed: bool = True,
+                          share_prompts: bool = True):
+    """One DPO micro-batch: policy log-probs, reference log-probs, loss and summed statistics.
+
+    ``micro`` holds P pairs (``input_ids``/``attention_mask``/``labels`` (2P, T), chosen rows first,
+    and ``example_ids`` (P,)). ``shortcut``: the policy is known to equal the reference
+    (``ReferencePolicy.is_policy``), so its own log-probs serve as the reference's. Returns
+    ``(loss, sums)`` as :class:`PreferenceObjective` does, plus ``tokens`` (real tokens processed).
+    """
+    pairs = micro["example_ids"].shape[0]
+    shared = pairs if packed and share_prompts else 0
+    ids = micro["example_ids"].tolist()
+    ref_c = ref_r = None
+    if reference is None:      # a reference-free loss
+        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)    # (2P,)
+    elif shortcut:             # before the first update the policy IS the reference
+        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)
+        ref_c, ref_r = reference.remember(ids, logps)
+    else:                      # cached, or one no-grad forward of the frozen reference
+        ref_c, ref_r = reference.logps(micro)                                                # (P,) each
+        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)
+    loss, sums = objective(logps, counts, ref_c, ref_r, n_pairs, n_tokens)
+    sums["tokens"] = micro["attention_mask"].sum()
+    return loss, sums
+
+
+@torch.no_grad()
+def score_preferences(model, batches, reference: ReferencePolicy | None, objective: PreferenceObjective,
+                      packed: bool = True, share_prompts: bool = True) -> dict[str, float]:
+    """Held-out DPO metrics of ``model`` (as it is: adapters active as set) over DPO ``batches``.
+
+    A plain function: no optimizer, nothing trainable. ``reference`` supplies the reference
+    log-probs (None for a reference-free loss). Returns the metrics of :class:`DPO`, true means
+    over all pairs of all batches.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        shortcut = reference is not None and reference.is_policy(updated=False)
+        sums = sum_stats(preference_micro_loss(model, reference, objective, batch, *pair_counts(batch), shortcut,
+                                               packed, share_prompts)[1] for batch in batches)
+    finally:
+        model.train(was_training)
+    if not sums:
+        raise ValueError("no held-out pairs to score")
+    return objective.metrics({k: float(v) for k, v in sums.items()})
+
+
 class DPO(LLMAgent):
     """Direct Preference Optimization with an optional NLL term on the chosen response.
 
     ``loss = mean over pairs of the preference loss + nll_alpha * mean NLL per chosen token``
     (see ``alignkit.losses``). Log-probs are summed over response tokens.
 
-    The reference policy is the model the run starts from, frozen: the base with this agent's
-    adapter disabled, or, when the model carries a ``"reference"`` adapter (a warm start from an
-    SFT adapter, loaded twice), that frozen adapter. Reference log-probs are computed once per
-    pair without gradients and cached by the pair's ``example_id``.
+    The reference policy (:class:`alignkit.reference.ReferencePolicy`) is the model the run starts
+    from, frozen: the base with this agent's adapter disabled, or, when the model carries a
+    ``"reference"`` adapter (a warm start from an SFT adapter, loaded twice), that frozen adapter.
 
-    Extra args: ``beta`` (strength of the implicit KL penalty), ``nll_alpha`` (weight of the NLL
-    term; 0 gives vanilla DPO), ``loss_type`` (one of ``alignkit.losses.PREFERENCE_LOSSES``),
-    ``label_smoothing`` (sigmoid only), ``simpo_gamma`` (simpo only), ``share_prompts`` (with
-    ``packed``: run each pair's prompt once for both responses; same numbers, fewer FLOPs).
+    Extra args (defaults as ``alignkit dpo``): ``beta``, ``nll_alpha``, ``loss_type``,
+    ``label_smoothing``, ``simpo_gamma`` (see :class:`PreferenceObjective`); ``share_prompts`` (with
+    ``packed``: run each pair's prompt once for both responses; same numbers, fewer FLOPs);
+    ``reference_cache``: a :class:`~alignkit.reference.ReferenceStore` to load reference log-probs
+    from and save them to (``reference.save()``).
 
     Metrics: ``loss``, ``dpo_loss``, ``nll_loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``tokens``.
@@ -254,27 +381,18 @@ class DPO(LLMAgent):
     of pairs whose chosen reward exceeds the rejected one.
     """
 
-    def __init__(self, actor_network, pad_token_id, pad_token, batch_size=16, lr=5e-5, beta=0.1, nll_alpha=1.0,
-                 update_epochs=1, lora_config=None, accelerator=None, loss_type="sigmoid", label_smoothing=0.0,
-                 simpo_gamma=0.5, share_prompts=True, **kwargs):
-        if loss_type not in PREFERENCE_LOSSES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose from {sorted(PREFERENCE_LOSSES)}")
-        if beta <= 0 or nll_alpha < 0:
-            raise ValueError("beta must be > 0 and nll_alpha >= 0")
-        self.beta, self.nll_alpha, self.loss_type = beta, nll_alpha, loss_type
-        self.label_smoothing, self.simpo_gamma = label_smoothing, simpo_gamma
+    def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_DPO.batch_size, lr=_DPO.lr,
+                 beta=_DPO.beta, nll_alpha=_DPO.nll_alpha, update_epochs=_DPO.update_epochs, lora_config=None,
+                 accelerator=None, loss_type=_DPO.loss_type, label_smoothing=_DPO.label_smoothing,
+                 simpo_gamma=_DPO.simpo_gamma, share_prompts=_DPO.share_prompts,
+                 reference_cache: ReferenceStore | None = None, **kwargs):
+        self.objective = PreferenceObjective(beta, nll_alpha, loss_type, label_smoothing, simpo_gamma)
         self.share_prompts = share_prompts
-        self.ref_cache: dict[int, tuple[float, float]] = {}
         super().__init__(actor_network, pad_token_id, pad_token, batch_size=batch_size, lr=lr,
                          update_epochs=update_epochs, lora_config=lora_config, accelerator=accelerator, **kwargs)
-
-    def _logps(self, batch, pairs: int):
-        shared = pairs if self.packed and self.share_prompts else 0
-        return sequence_logps(self.model, batch, packed=self.packed, shared_prompts=shared)
-
-    @property
-    def reference_free(self) -> bool:
-        return self.loss_type == "simpo"
+        self.reference = None if self.objective.reference_free else ReferencePolicy(
+            self.unwrapped_model(), self.adapter_name, packed=self.packed, share_prompts=share_prompts,
+            store=reference_cache)
 
     def _split(self, batch, size):
         pairs = batch["example_ids"].shape[0]
@@ -286,104 +404,12 @@ class DPO(LLMAgent):
             yield micro
 
     def _denominators(self, batch):
-        pairs = batch["example_ids"].shape[0]
-        return {"pairs": pairs, "chosen_tokens": int(_response_tokens(batch["labels"][:pairs]).sum())}
-
-    @contextlib.contextmanager
-    def reference_mode(self):
-        """Run the model as the frozen reference policy inside this block."""
-        model = self.unwrapped_model()
-        if REFERENCE_ADAPTER not in model.peft_config:
-            with model.disable_adapter():
-                yield
-            return
-        # PEFT's set_adapter marks the active adapter trainable: remember and restore the flags.
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.set_adapter(REFERENCE_ADAPTER)
-        try:
-            yield
-        finally:
-            model.set_adapter(self.adapter_name)
-            for n, p in model.named_parameters():
-                p.requires_grad_(flags[n])
-
-    def policy_is_reference(self, train: bool = False) -> bool:
-        """Whether a forward of the policy computes the reference's log-probs exactly right now.
-
-        True before the first optimizer step when the trained adapter adds nothing (every
-        ``lora_B`` is zero, as PEFT initialises it) or equals the frozen ``"reference"`` adapter of a
-        warm start, and, for a training forward, LoRA dropout is off. The policy's own log-probs
-        then serve as reference log-probs, which saves one forward over the test split at step 0
-        and over the first batch.
-        """
-        if self.steps > 0 or self.reference_free:
-            return False
-        model = self.unwrapped_model()
-        if train and model.training and model.peft_config[self.adapter_name].lora_dropout > 0:
-            return False
-        mine = _adapter_weights(model, self.adapter_name)
-        if REFERENCE_ADAPTER in model.peft_config:
-            ref = _adapter_weights(model, REFERENCE_ADAPTER)
-            return ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
-        return all(not p.any() for n, p in mine.items() if "lora_B" in n)
-
-    def _cache_reference(self, ids: list[int], chosen: torch.Tensor, rejected: torch.Tensor):
-        for i in range(len(ids)):
-            self.ref_cache.setdefault(ids[i], (float(chosen[i]), float(rejected[i])))
-
-    @torch.no_grad()
-    def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs (chosen, rejected), each (B,), from the cache or one no-grad forward."""
-        ids = batch["example_ids"].tolist()
-        missing = [i for i, key in enumerate(ids) if key not in self.ref_cache]
-        if missing:
-            pairs = len(ids)
-            rows = missing + [pairs + i for i in missing]
-            sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
-            was_training = self.model.training
-            self.model.eval()  # no dropout in the reference
-            with self.reference_mode():
-                logps, _ = self._logps(sub, len(missing))
-            self.model.train(was_training)
-            n = len(missing)
-            self._cache_reference([ids[i] for i in missing], logps[:n], logps[n:])
-        ref = torch.tensor([self.ref_cache[k] for k in ids], dtype=torch.float32, device=self.device)
-        return ref[:, 0], ref[:, 1]
+        return pair_counts(batch)
 
     def _micro_loss(self, micro, denom, train):
-        pairs = micro["example_ids"].shape[0]
-        logps = None
-        if self.reference_free:
-            ref_c = ref_r = torch.zeros(pairs, device=self.device)
-        else:
-            if self.policy_is_reference(train):
-                logps, counts = self._logps(micro, pairs)
-                detached = logps.detach()
-                self._cache_reference(micro["example_ids"].tolist(), detached[:pairs], detached[pairs:])
-            ref_c, ref_r = self.reference_logps(micro)
-        if logps is None:
-            logps, counts = self._logps(micro, pairs)
-        pc, pr = logps[:pairs], logps[pairs:]
-        losses, reward_c, reward_r = preference_loss(
-            self.loss_type, pc, pr, ref_c, ref_r, self.beta, chosen_lengths=counts[:pairs],
-            rejected_lengths=counts[pairs:], label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
-        loss, _, _ = dpo_nll_loss(losses, pc, counts[:pairs].sum(), self.nll_alpha,
-                                  n_pairs=denom["pairs"], n_tokens=max(denom["chosen_tokens"], 1))
-        stats = {
-            "pairs": torch.tensor(pairs), "dpo_loss": losses.sum(), "nll": -pc.sum(),
-            "chosen_tokens": counts[:pairs].sum(), "rewards/chosen": reward_c.sum(),
-            "rewards/rejected": reward_r.sum(), "rewards/accuracies": (reward_c > reward_r).float().sum(),
-            "logps/chosen": pc.sum(), "logps/rejected": pr.sum(), "tokens": micro["attention_mask"].sum(),
-        }
-        return loss, stats
+        shortcut = self.reference is not None and self.reference.is_policy(self.steps > 0, training=train)
+        return preference_micro_loss(self.model, self.reference, self.objective, micro, *denom, shortcut,
+                                     self.packed, self.share_prompts)
 
     def _finalize(self, sums):
-        n = max(sums["pairs"], 1)
-        m = {k: sums[k] / n for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                      "logps/chosen", "logps/rejected")}
-        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
-        m["dpo_loss"] = sums["dpo_loss"] / n
-        m["nll_loss"] = sums["nll"] / max(sums["chosen_tokens"], 1)
-        m["loss"] = m["dpo_loss"] + self.nll_alpha * m["nll_loss"]
-        m["tokens"] = sums["tokens"]
-        return m
+        return self.objective.metrics(sums)

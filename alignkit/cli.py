@@ -16,8 +16,10 @@ import argparse
 import logging
 import sys
 
+from . import commands
+from .cliutil import ArgParser, guarded
 from .config import CONFIGS, add_arguments, build_config
-from .errors import UserError
+from .pipeline import add_pipeline_parser
 
 EPILOG = {
     "sft": "example: alignkit sft --save-path outputs/sft --no-timestamp",
@@ -27,26 +29,18 @@ EPILOG = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError (one line, exit 2) like every other user mistake."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="alignkit", description="Fine-tune language models with SFT and DPO (+NLL) "
+    parser = ArgParser(prog="alignkit", description="Fine-tune language models with SFT and DPO (+NLL) "
                      "through LoRA adapters. Runs offline on the embedded SmolLM2-135M-Instruct by default.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgParser)
     for algo, cls in CONFIGS.items():
         p = sub.add_parser(algo, help=cls.__doc__.splitlines()[0], description=cls.__doc__,
                            epilog=EPILOG[algo], formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(p, cls)
-    from . import commands
-
     commands.add_parsers(sub)
+    add_pipeline_parser(sub)
     return parser
 
 
@@ -63,20 +57,6 @@ def train_or_chat(algo: str, flags: dict) -> int:
 
     run(cfg)
     return 0
-
-
-def guarded(fn, *args) -> int:
-    """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
-    a UserError becomes one line on stderr and exit code 2."""
-    try:
-        result = fn(*args)
-        return result if isinstance(result, int) else 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def _dispatch(argv) -> int:

@@ -1,11 +1,11 @@
-"""The command line's other subcommands: ``plot``, ``export`` and ``pipeline``."""
+"""The command line's other subcommands: ``plot`` and ``export`` (``pipeline`` lives in ``pipeline``)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_folder
 
 
 def add_parsers(sub) -> None:
@@ -25,10 +25,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default=None, help="base model [default: the adapter's recorded base]")
     p.add_argument("--dtype", default="float32", help="dtype of the written weights [default: float32]")
     p.set_defaults(handler=export)
-
-    from .pipeline import add_pipeline_parser
-
-    add_pipeline_parser(sub)
 
 
 def plot(flags: dict) -> int:
@@ -56,32 +52,10 @@ def export(flags: dict) -> int:
     model, tokenizer = load_for_generation(flags["model"] or base, flags["load_path"], device="cpu",
                                            dtype=flags["dtype"])
     merged = model.merge_and_unload()
-    tmp = out.with_name(f".{out.name}.tmp")
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+        out.rmdir()  # empty (checked above): the finished folder takes its place
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"merged model written to {out}")
     return 0
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)

@@ -4,24 +4,35 @@ Every configuration is an adapter on the same base model (``None`` = the base wi
 LoRA, whose B matrices are zero, so it answers exactly as the base). Rewards of every
 configuration are measured against that same base, on the same held-out preference pairs, so the
 numbers in one table are comparable.
+
+Each run's ``run.json`` says what it was trained against: the dataset, seed and test size of its
+split, its max length and beta. Every configuration is scored on that held-out split, which must
+then be one split for all runs. Runs trained against different splits are refused, unless a split
+is given explicitly, which is then checked to share no row with any run's training rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .agents import DPO
+from .agents import PreferenceObjective, score_preferences
 from .checkpoints import adapter_base_model, load_adapter
-from .data import BUNDLED_DATASET, make_dataset
+from .config import DPOConfig
+from .data import make_dataset
 from .errors import UserError
 from .evaluate import generate_answers
 from .gyms import PreferenceGym
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
+from .reference import ReferencePolicy
 from .report import repetition_score, write_report
+
+_DEFAULTS = DPOConfig()
 
 logger = logging.getLogger(__name__)
 
@@ -67,31 +78,126 @@ def check_same_base(runs: dict[str, str | None], model: str | None) -> str:
     return wanted
 
 
-class Evaluator:
-    """Loads the base model and the held-out pairs once, then scores one configuration at a time."""
+@dataclass(frozen=True)
+class Split:
+    """A held-out split: which dataset, and the seed and test size that cut it."""
 
-    def __init__(self, model_name=DEFAULT_MODEL, dataset=BUNDLED_DATASET, test_size=0.1, seed=42, max_length=256,
-                 beta=0.1, device=None, dtype=None):
+    dataset: str
+    seed: int
+    test_size: float
+
+    def load(self):
+        """``(train, test)`` rows of this split (see ``alignkit.data.make_dataset``)."""
+        size = int(self.test_size) if self.test_size >= 1 else self.test_size
+        return make_dataset(self.dataset, test_size=size, seed=self.seed)
+
+    def same_as(self, other: Split) -> bool:
+        return (_dataset_id(self.dataset), self.seed, float(self.test_size)) == \
+            (_dataset_id(other.dataset), other.seed, float(other.test_size))
+
+    def __str__(self) -> str:
+        return f"dataset {self.dataset}, seed {self.seed}, test size {self.test_size:g}"
+
+
+def _dataset_id(name: str) -> str:
+    """A local file by its absolute path (``data.jsonl`` and ``./data.jsonl`` are one dataset)."""
+    path = Path(name)
+    return str(path.resolve()) if path.is_file() else name
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run's ``run.json`` says its evaluation needs."""
+
+    split: Split
+    max_length: int
+    beta: float
+
+
+def read_run_record(run_dir) -> RunRecord:
+    """The split, max length and beta a run was trained with, from ``run_dir/run.json``."""
+    path = Path(run_dir) / "run.json"
+    try:
+        config = json.loads(path.read_text())["config"]
+        split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]))
+        return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no run.json: cannot tell which split it was trained against") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a readable run record ({type(exc).__name__}: {exc})") from None
+
+
+def _rows(dataset) -> set[tuple]:
+    return {(r["prompt"], r["chosen"], r["rejected"]) for r in dataset}
+
+
+def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed: int | None = None,
+                 test_size: float | None = None) -> Split:
+    """The one held-out split every configuration is scored on.
+
+    Without ``dataset``/``seed``/``test_size``: the split all runs were trained against (a mix is a
+    UserError); with any of them: that split (the rest from the runs, or the defaults), checked to
+    share no row with any run's training split.
+    """
+    own = list(records.values())
+    if dataset is None and seed is None and test_size is None:
+        split = own[0].split if own else Split(_DEFAULTS.dataset, _DEFAULTS.seed, _DEFAULTS.test_size)
+        differ = [f"{name} ({r.split})" for name, r in records.items() if not r.split.same_as(split)]
+        if differ:
+            first = next(iter(records))
+            raise UserError(f"the runs were trained against different held-out splits: {first} ({split}) vs "
+                            f"{', '.join(differ)}; pass --dataset/--seed/--test-size to score all on one split")
+        return split
+
+    def common(field: str, default):
+        values = {getattr(r.split, field) for r in own}
+        return values.pop() if len(values) == 1 else default
+
+    split = Split(dataset if dataset is not None else common("dataset", _DEFAULTS.dataset),
+                  seed if seed is not None else common("seed", _DEFAULTS.seed),
+                  test_size if test_size is not None else common("test_size", _DEFAULTS.test_size))
+    held_out = _rows(split.load()[1])
+    for name, record in records.items():
+        shared = len(held_out & _rows(record.split.load()[0]))
+        if shared:
+            raise UserError(f"the held-out split ({split}) shares {shared} row(s) with the training split of "
+                            f"{name} ({record.split}); choose a split that {name} did not train on")
+    return split
+
+
+class Evaluator:
+    """Loads the base model and one held-out split once, then scores one configuration at a time.
+
+    The reference of every configuration is the base model, so its log-probs are computed once
+    and shared by all configurations.
+    """
+
+    def __init__(self, model_name: str = DEFAULT_MODEL, split: Split | None = None, device=None, dtype=None):
+        self.split = split or Split(_DEFAULTS.dataset, _DEFAULTS.seed, _DEFAULTS.test_size)
         self.tokenizer = load_tokenizer(model_name)
         self.base = load_model(model_name, device=device, dtype=dtype)
-        _, test = make_dataset(dataset, test_size=test_size, seed=seed)
-        # Only the held-out split is scored; it stands in as the (unused) training split too.
-        self.gym = PreferenceGym(test, test, self.tokenizer, data_batch_size_per_gpu=8,
-                                 max_context_length=max_length, seed=seed)
-        self.beta = beta
-        self.ref_cache: dict = {}  # the reference (the base) is the same for every configuration
+        self.test = self.split.load()[1]
+        self.reference_cache: dict[int, tuple[float, float]] = {}
+        self._gyms: dict[int, PreferenceGym] = {}
 
-    def score(self, run_dir: str | None, prompts: list[str], max_new_tokens: int = 200) -> dict:
+    def _batches(self, max_length: int):
+        if max_length not in self._gyms:
+            # Only the held-out split is scored; it stands in as the (unused) training split too.
+            self._gyms[max_length] = PreferenceGym(self.test, self.test, self.tokenizer, data_batch_size_per_gpu=8,
+                                                   max_context_length=max_length, seed=self.split.seed)
+        return self._gyms[max_length].test_batches(8)
+
+    def score(self, run_dir: str | None, prompts: list[str], max_new_tokens: int = 200,
+              max_length: int = _DEFAULTS.max_length, beta: float = _DEFAULTS.beta) -> dict:
         """Answers to ``prompts`` and held-out metrics of the adapter in ``run_dir`` (None = base)."""
         if run_dir:
-            # Loaded as trainable only because the agent wants parameters to own; nothing is stepped.
-            model = load_adapter(self.base, Path(run_dir) / "actor", is_trainable=True)
+            model = load_adapter(self.base, Path(run_dir) / "actor", is_trainable=False)
         else:
             model = add_lora(self.base)
         try:
-            agent = DPO(model, self.tokenizer.pad_token_id, self.tokenizer.pad_token, beta=self.beta, nll_alpha=1.0)
-            agent.ref_cache = self.ref_cache
-            held_out = agent.test(self.gym)
+            reference = ReferencePolicy(model, cache=self.reference_cache)  # the base: adapter disabled
+            held_out = score_preferences(model, self._batches(max_length), reference,
+                                         PreferenceObjective(beta=beta, nll_alpha=1.0))
             answers = generate_answers(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                        batch_size=len(prompts))
         finally:
@@ -109,21 +215,32 @@ class Evaluator:
 
 
 def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = None, model: str | None = None,
-            max_new_tokens: int = 200, dataset: str = BUNDLED_DATASET, seed: int = 42, test_size: float = 0.1,
-            max_length: int = 256, progress=print) -> Path:
+            max_new_tokens: int = 200, dataset: str | None = None, seed: int | None = None,
+            test_size: float | None = None, progress=print) -> Path:
     """Score every configuration in ``runs`` (label key -> run folder or None) and write the report.
 
-    Returns the path of ``out_dir/index.html``; ``out_dir/results.json`` holds the same numbers.
+    The held-out split comes from the runs' records, or from ``dataset``/``seed``/``test_size`` when
+    given (see :func:`choose_split`). Returns the path of ``out_dir/index.html``;
+    ``out_dir/results.json`` holds the same numbers and, per configuration, the split it was scored on.
     """
     prompts = prompts or DEFAULT_PROMPTS
     base_model = check_same_base(runs, model)
-    evaluator = Evaluator(base_model, dataset=dataset, test_size=test_size, seed=seed, max_length=max_length)
+    records = {key: read_run_record(d) for key, d in runs.items() if d}
+    split = choose_split(records, dataset, seed, test_size)
+    evaluator = Evaluator(base_model, split)
+    scored_on = {**asdict(split), "pairs": len(evaluator.test)}
+    lengths = {r.max_length for r in records.values()}
+    base_length = lengths.pop() if len(lengths) == 1 else _DEFAULTS.max_length  # for the untrained base
     configs = []
     for key, run_dir in runs.items():
         progress(f"evaluating {LABELS.get(key, key)} ({run_dir or 'untrained LoRA'})")
+        record = records.get(key)
         with torch.no_grad():
-            scored = evaluator.score(run_dir, prompts, max_new_tokens)
-        configs.append({"name": LABELS.get(key, key), "run_dir": str(run_dir) if run_dir else None, **scored})
+            scored = evaluator.score(run_dir, prompts, max_new_tokens,
+                                     max_length=record.max_length if record else base_length,
+                                     beta=record.beta if record else _DEFAULTS.beta)
+        configs.append({"name": LABELS.get(key, key), "run_dir": str(run_dir) if run_dir else None,
+                        "split": scored_on, **scored})
     out_dir = Path(out_dir)
     run_dirs = [d for d in runs.values() if d]
     figures = plot_runs(run_dirs, out_dir=out_dir / "figures") if run_dirs else []

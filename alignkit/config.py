@@ -121,7 +121,15 @@ class SFTConfig:
         return int(self.test_size) if self.test_size >= 1 else self.test_size
 
     def to_dict(self) -> dict:
+        """The options as a plain dict (what ``run.json`` records)."""
         return dataclasses.asdict(self)
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` these options describe."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 @dataclass
@@ -141,23 +149,36 @@ class DPOConfig(SFTConfig):
     algo = "dpo"
 
     def _extra_problems(self):
-        problems = []
-        if self.beta <= 0:
-            problems.append(f"--beta must be > 0 (got {self.beta})")
-        if self.nll_alpha < 0:
-            problems.append(f"--nll-alpha must be >= 0 (got {self.nll_alpha})")
-        if self.loss_type not in PREFERENCE_LOSSES:
-            problems.append(f"--loss-type must be one of {', '.join(PREFERENCE_LOSSES)} (got {self.loss_type!r})")
-        if not 0 <= self.label_smoothing < 0.5:
-            problems.append(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
-        return problems
+        return preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing)
 
 
 CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
 
 
 def flag(name: str) -> str:
+    """The command-line spelling of an option name (``max_steps`` -> ``max-steps``)."""
     return name.replace("_", "-")
+
+
+def _as_flag(name: str) -> str:
+    return f"--{flag(name)}"
+
+
+def preference_problems(beta: float, nll_alpha: float, loss_type: str, label_smoothing: float,
+                        name=_as_flag) -> list[str]:
+    """What is wrong with a preference loss's options (empty when nothing); ``name`` spells an option."""
+    problems = []
+    if not beta > 0:
+        problems.append(f"{name('beta')} must be > 0 (got {beta})")
+    if not nll_alpha >= 0:
+        problems.append(f"{name('nll_alpha')} must be >= 0 (got {nll_alpha})")
+    if loss_type not in PREFERENCE_LOSSES:
+        problems.append(f"{name('loss_type')} must be one of {', '.join(PREFERENCE_LOSSES)} (got {loss_type!r})")
+    if not 0 <= label_smoothing < 0.5:
+        problems.append(f"{name('label_smoothing')} must be in [0, 0.5) (got {label_smoothing})")
+    elif label_smoothing and loss_type != "sigmoid":
+        problems.append(f"{name('label_smoothing')} applies to the sigmoid loss only (got loss type {loss_type!r})")
+    return problems
 
 
 def _base_type(tp):

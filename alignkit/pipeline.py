@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .cliutil import non_negative_int, positive_int
 from .compare import LABELS, compare, read_prompts
 from .config import build_config
 from .data import BUNDLED_DATASET
@@ -28,12 +29,15 @@ ALL_CONFIGS = tuple(LABELS)
 
 
 def train_configurations(names, out_dir, max_steps: int = 0, model: str | None = None,
-                         dataset: str = BUNDLED_DATASET, reuse: bool = False) -> dict[str, str | None]:
+                         dataset: str | None = None, reuse: bool = False, seed: int | None = None,
+                         test_size: float | None = None) -> dict[str, str | None]:
     """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
 
     ``base`` needs no training (None). A warm-started configuration trains its parent first.
     With ``reuse``, a configuration whose folder already holds a finished checkpoint is kept.
+    ``dataset``, ``seed`` and ``test_size`` default to the training defaults.
     """
+    split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size)) if v is not None}
     from .train import run
 
     out_dir = Path(out_dir)
@@ -50,7 +54,7 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
         if not (reuse and (folder / "training_state.json").exists()):
             extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
             cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "max_steps": max_steps,
-                                      "model": model, "dataset": dataset, **options, **extra})
+                                      "model": model, **split, **options, **extra})
             started = time.time()
             print(f"== training {LABELS[name]} -> {folder}")
             run(cfg)
@@ -64,8 +68,13 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
 
 
 def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_tokens=200, model=None,
-                      dataset=BUNDLED_DATASET, given: dict[str, str] | None = None, reuse=False) -> Path:
-    """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``."""
+                      dataset=None, given: dict[str, str] | None = None, reuse=False, seed=None,
+                      test_size=None) -> Path:
+    """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``.
+
+    ``dataset``/``seed``/``test_size``, when given, are used for training and to score every
+    configuration on that one split; otherwise each run's record decides (see ``compare.choose_split``).
+    """
     unknown = [n for n in names if n not in LABELS]
     if unknown:
         raise UserError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
@@ -75,10 +84,11 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
-    runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse) if to_train else {}
+    runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
+                                test_size) if to_train else {}
     runs = {n: given.get(n, runs.get(n)) for n in names}
-    report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset,
-                     max_new_tokens=max_new_tokens)
+    report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
+                     test_size=test_size, max_new_tokens=max_new_tokens)
     print(f"report: {report}")
     print(f"numbers: {report.parent / 'results.json'}")
     return report
@@ -86,8 +96,6 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
 
 def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, default_steps: int) -> None:
     """Flags shared by ``alignkit pipeline`` and ``benchmarking/evaluate_models.py``."""
-    from .commands import non_negative_int, positive_int
-
     parser.add_argument("--out", default=default_out, help=f"output folder [default: {default_out}]")
     parser.add_argument("--max-steps", type=non_negative_int, default=default_steps,
                         help=f"optimizer steps per training stage; 0 = one epoch each [default: {default_steps}]")
@@ -95,7 +103,13 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
                         "[default: the seed's four prompts and two more]")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length cap [default: 200]")
     parser.add_argument("--model", default=None, help="base model [default: the embedded SmolLM2-135M-Instruct]")
-    parser.add_argument("--dataset", default=BUNDLED_DATASET, help=f"dataset [default: {BUNDLED_DATASET}]")
+    parser.add_argument("--dataset", default=None,
+                        help=f"dataset to train on and score every configuration against (with --seed and "
+                        f"--test-size: the held-out split) [default: {BUNDLED_DATASET} for training; the split "
+                        "each run records for scoring]")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the split (and of training)")
+    parser.add_argument("--test-size", type=float, default=None,
+                        help="held-out share (0 < x < 1) or row count (>= 1) of the split")
     parser.add_argument("--reuse", action="store_true", help="keep configurations already trained in --out")
 
 
@@ -111,5 +125,6 @@ def add_pipeline_parser(sub) -> None:
 def pipeline(flags: dict) -> int:
     """``alignkit pipeline``."""
     train_and_compare(PIPELINE_CONFIGS, flags["out"], flags["max_steps"], flags["prompts"], flags["max_new_tokens"],
-                      flags["model"], flags["dataset"], reuse=flags["reuse"])
+                      flags["model"], flags["dataset"], reuse=flags["reuse"], seed=flags["seed"],
+                      test_size=flags["test_size"])
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import textwrap
 
+from .cliutil import guarded
 from .config import build_config
 from .data import make_dataset
 from .evaluate import generate_answers
@@ -47,8 +48,6 @@ def train_and_show(algo: str, n_prompts: int = 3, max_new_tokens: int = 200, **o
 def script_main(algo: str, argv: list[str]) -> int:
     """Entry of the argument-free ``benchmarking_<algo>.py`` scripts."""
     import sys
-
-    from .cli import guarded
 
     if argv:
         print(f"benchmarking_{algo}.py takes no arguments; 'alignkit {algo} --help' shows a configurable run",

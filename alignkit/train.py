@@ -12,27 +12,25 @@ run folder:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .agents import DPO, REFERENCE_ADAPTER, SFT
+from .agents import DPO, SFT
 from .checkpoints import adapter_base_model, load_adapter
 from .config import SFTConfig
 from .data import make_dataset
 from .errors import UserError
 from .gyms import PreferenceGym, SFTGym
-from .models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from .io import append_jsonl, atomic_write_json
+from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .reference import REFERENCE_ADAPTER, reference_store
 from .runtime import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -56,11 +54,6 @@ def resolve_base_model(cfg: SFTConfig) -> str:
         raise UserError(f"the adapter at {cfg.load_path} was trained on {adapter_base!r}, not {cfg.model!r}; "
                         "drop --model or pass the adapter's base model")
     return cfg.model or adapter_base or DEFAULT_MODEL
-
-
-def lora_config_of(cfg: SFTConfig) -> LoraConfig:
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 class MetricsLog:
@@ -97,8 +90,7 @@ class MetricsLog:
     def log(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
         record = {"step": step, "epoch": round(epoch, 4), "split": split,
                   "time": round(time.time() - self.start, 3), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
         for sink in self.sinks:
             sink(record)
         return record
@@ -108,40 +100,6 @@ class MetricsLog:
         for close in self.closers:
             close()
         self.closers = []
-
-
-def reference_cache_file(cfg, base_model: str) -> Path:
-    """Where the reference log-probs of this base model (+ warm-start adapter, dtype) are cached.
-
-    Pairs are keyed by a hash of their tokens, so one file serves every dataset, split and epoch;
-    the file name hashes what determines the reference policy.
-    """
-    h = hashlib.sha256(f"{base_model}|{cfg.dtype}|{cfg.device}".encode())
-    source = Path(base_model)
-    for f in ([source / "model.safetensors", source / "config.json"] if source.is_dir() else [source]):
-        if f.is_file():  # a local model rewritten in place gets a new cache
-            h.update(f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    if cfg.load_path:
-        h.update((Path(cfg.load_path) / "adapter_model.safetensors").read_bytes())
-    return cache_dir() / "reference_logps" / f"{h.hexdigest()[:24]}.json"
-
-
-def load_reference_cache(path: Path) -> dict[int, tuple[float, float]]:
-    """The cached reference log-probs, or an empty cache when the file is missing or unreadable."""
-    try:
-        return {int(k): tuple(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            logger.warning("ignoring unreadable reference cache %s: %s", path, exc)
-        return {}
-
-
-def save_reference_cache(path: Path, cache: dict) -> None:
-    """Write the cache atomically (a crash leaves the old file, never half a new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({str(k): list(v) for k, v in cache.items()}))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -155,7 +113,6 @@ class Setup:
     gym: object
     agent: object
     total_steps: int
-    ref_cache_file: Path | None = None
 
 
 def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
@@ -180,22 +137,21 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
             model.set_adapter("default")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * gym.batches_per_epoch))
     common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=cfg.batch_size,
-                  lr=cfg.lr, update_epochs=cfg.update_epochs, lora_config=lora_config_of(cfg),
+                  lr=cfg.lr, update_epochs=cfg.update_epochs, lora_config=cfg.lora_config(),
                   micro_batch_size=cfg.micro_batch_size or None, max_grad_norm=cfg.max_grad_norm,
                   weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * total), total_steps=total,
                   min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, packed=cfg.packing,
                   gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.algo == "dpo":
+        store = None
+        if cfg.reuse_reference and cfg.loss_type != "simpo":
+            store = reference_store(model, base_model, cfg.load_path, cfg.packing, cfg.share_prompts)
         agent = DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
                     label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    share_prompts=cfg.share_prompts, **common)
+                    share_prompts=cfg.share_prompts, reference_cache=store, **common)
     else:
         agent = SFT(model, **common)
-    ref_file = None
-    if cfg.algo == "dpo" and cfg.reuse_reference and not agent.reference_free:
-        ref_file = reference_cache_file(cfg, base_model)
-        agent.ref_cache.update(load_reference_cache(ref_file))
-    return Setup(cfg, run_dir or run_dir_for(cfg), base_model, tokenizer, gym, agent, total, ref_file)
+    return Setup(cfg, run_dir or run_dir_for(cfg), base_model, tokenizer, gym, agent, total)
 
 
 def _short(metrics: dict) -> str:
@@ -209,7 +165,7 @@ def train(s: Setup) -> dict:
     s.run_dir.mkdir(parents=True, exist_ok=True)
     info = {"algo": cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
             "train_rows": len(gym.train_examples), "test_rows": len(gym.test_examples), "total_steps": s.total_steps}
-    (s.run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    atomic_write_json(s.run_dir / "run.json", info)
     log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"])
     print(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
           f"{s.total_steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
@@ -247,8 +203,8 @@ def train(s: Setup) -> dict:
         final = evaluate(s.total_steps)
     finally:
         log.close()
-    if s.ref_cache_file:
-        save_reference_cache(s.ref_cache_file, agent.ref_cache)
+    if isinstance(agent, DPO) and agent.reference is not None:
+        agent.reference.save()
     agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
     if cfg.plot:
         from .plots import plot_run

@@ -210,7 +210,7 @@ def run_ours(spec, model, tokenizer, batches) -> dict:
     agent = (SFT(model, **common) if spec["algo"] == "sft" else
              DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common))
     for batch in batches if spec["warm"] else []:
-        agent.reference_logps(batch)  # fills agent.ref_cache, as a previous epoch would have
+        agent.reference.logps(batch)  # fills the reference cache, as a previous epoch would have
     prof = torch.profiler.profile() if spec["profile"] else None  # records the last step only
     reset_peak(spec["device"])
     stamps, metrics = [stamp(spec["device"])], []

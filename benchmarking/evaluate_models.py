@@ -15,12 +15,12 @@ prompt, the numbers and the training curves) and ``<out>/report/results.json``.
 import argparse
 import sys
 
-from alignkit.cli import _Parser, guarded
+from alignkit.cliutil import ArgParser, guarded
 from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, train_and_compare
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="evaluate_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog="evaluate_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_comparison_arguments(parser, "outputs/five_way", default_steps=20)
     for name in ALL_CONFIGS[1:]:
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="RUN_DIR", default=None,
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         given = {n: getattr(args, n) for n in ALL_CONFIGS[1:] if getattr(args, n)}
         train_and_compare(args.configs, args.out, args.max_steps, args.prompts, args.max_new_tokens, args.model,
-                          args.dataset, given=given, reuse=args.reuse)
+                          args.dataset, given=given, reuse=args.reuse, seed=args.seed, test_size=args.test_size)
 
     return guarded(run)
 

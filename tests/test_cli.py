@@ -148,15 +148,20 @@ def test_reference_logps_are_reused_across_runs(tiny_model_dir, rows_file, tmp_p
     flags = dict(model=str(tiny_model_dir), dataset=str(rows_file), max_steps=2, batch_size=4, max_length=64,
                  test_size=6, eval_interval=0, plot=False, no_timestamp=True)
     first = setup(build_config("dpo", flags, save_path=str(tmp_path / "a")))
-    assert first.agent.ref_cache == {}
+    assert first.agent.reference.cache == {}
     train(first)
-    cached = dict(first.agent.ref_cache)
-    assert first.ref_cache_file.is_file() and len(cached) >= 6 + 8   # test split + two batches of 4
+    cached = dict(first.agent.reference.cache)
+    store = first.agent.reference.store
+    assert store.load() == cached and len(cached) >= 6 + 8   # test split + two batches of 4
     second = setup(build_config("dpo", flags, save_path=str(tmp_path / "b")))
-    assert second.ref_cache_file == first.ref_cache_file and second.agent.ref_cache == cached
-    # a different reference (another seed's adapter init does not matter; another base or dtype does)
+    assert second.agent.reference.store.folder == store.folder and second.agent.reference.cache == cached
+    # another reference: another dtype, or the same dtype asked for as "auto" resolves to the same one
     third = setup(build_config("dpo", flags, save_path=str(tmp_path / "c"), dtype="bfloat16"))
-    assert third.ref_cache_file != first.ref_cache_file and third.agent.ref_cache == {}
+    assert third.agent.reference.store.folder != store.folder and third.agent.reference.cache == {}
+    same = setup(build_config("dpo", flags, save_path=str(tmp_path / "d"), dtype="float32", device="cpu"))
+    assert same.agent.reference.store.folder == store.folder   # auto|auto resolved to cpu float32 here
+    warm = setup(build_config("dpo", flags, save_path=str(tmp_path / "e"), load_path=str(tmp_path / "a" / "actor")))
+    assert warm.agent.reference.store.folder != store.folder   # the warm-start adapter is the reference
 
 
 def test_report_to_tensorboard_writes_event_files(tiny_model_dir, rows_file, tmp_path):
@@ -213,3 +218,40 @@ def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (tmp_path / "five" / "runs").exists()   # nothing trained
     assert (tmp_path / "five" / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
+def test_every_loss_type_trains_from_the_command_line_cold_and_warm(loss_type, tiny_model_dir, rows_file, tmp_path,
+                                                                     monkeypatch):
+    from alignkit.losses import PREFERENCE_LOSSES
+
+    assert loss_type in PREFERENCE_LOSSES
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    sft = tmp_path / "sft"
+    assert main(["sft", *_train_flags(tiny_model_dir, rows_file, sft, "--max-steps", "1", "--no-plot")]) == 0
+    for name, extra in (("cold", []), ("warm", ["--load-path", str(sft / "actor")])):
+        run = tmp_path / name
+        flags = _train_flags(tiny_model_dir, rows_file, run, "--loss-type", loss_type, "--no-plot", *extra)
+        assert main(["dpo", *flags]) == 0, name
+        evals = [r for r in _read_metrics(run) if r["split"] == "eval"]
+        assert [r["step"] for r in evals] == [0, 2, 3]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in evals)
+        assert (run / "actor" / "adapter_model.safetensors").is_file()
+
+
+def test_every_loss_type_is_covered_by_the_command_line_test():
+    from alignkit.losses import PREFERENCE_LOSSES
+
+    marks = test_every_loss_type_trains_from_the_command_line_cold_and_warm.pytestmark
+    assert set(marks[0].args[1]) == set(PREFERENCE_LOSSES)
+
+
+def test_label_smoothing_with_a_loss_other_than_sigmoid_is_refused_up_front(capsys):
+    assert main(["dpo", "--loss-type", "ipo", "--label-smoothing", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: invalid options: --label-smoothing applies to the sigmoid loss only "
+                   "(got loss type 'ipo')")
+    from alignkit import DPO
+
+    with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid loss only"):
+        DPO(torch.nn.Linear(1, 1), 0, "<pad>", loss_type="hinge", label_smoothing=0.2)

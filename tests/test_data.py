@@ -186,8 +186,7 @@ def test_csv_empty_cells_are_dropped(tmp_path, caplog):
 
 
 def test_bundled_dataset_loads():
-    if not bundled_dataset_path().is_file():
-        pytest.skip(f"bundled dataset not written yet: {bundled_dataset_path()}")
+    assert bundled_dataset_path().is_file(), f"the package lacks its bundled dataset {bundled_dataset_path()}"
     train, test = make_dataset(BUNDLED_DATASET)
     assert len(train) > len(test) > 0
     assert train.column_names == list(PREFERENCE_COLUMNS)

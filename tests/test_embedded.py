@@ -4,6 +4,7 @@ import pytest
 from peft import LoraConfig
 
 from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, make_dataset
+from alignkit.reference import ReferenceStore
 
 pytestmark = pytest.mark.slow
 
@@ -28,24 +29,25 @@ def test_sft_loss_on_a_fixed_batch_falls(tokenizer, splits):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def _train_dpo(tokenizer, splits, nll_alpha, ref_cache):
+def _train_dpo(tokenizer, splits, nll_alpha, store):
     train, test = splits
     gym = PreferenceGym(train, test, tokenizer, data_batch_size_per_gpu=4, max_context_length=80)
+    # both runs start from the same base: the second reads the first's reference log-probs from the store
     agent = DPO(load_model(device="cpu"), tokenizer.pad_token_id, tokenizer.pad_token, batch_size=4, lr=2e-3,
-                beta=0.1, nll_alpha=nll_alpha, lora_config=_lora(), seed=0)
-    agent.ref_cache = ref_cache   # both runs start from the same base: share its reference log-probs
+                beta=0.1, nll_alpha=nll_alpha, lora_config=_lora(), seed=0, reference_cache=store)
     start = agent.test(gym)
     batch = gym.reset()
     for _ in range(4):
         agent.learn(batch)
         batch = gym.step()
+    agent.reference.save()
     return start, agent.test(gym)
 
 
-def test_dpo_raises_held_out_accuracy_and_nll_keeps_chosen_likelihood(tokenizer, splits):
-    cache = {}
-    start, plain = _train_dpo(tokenizer, splits, nll_alpha=0.0, ref_cache=cache)
-    _, with_nll = _train_dpo(tokenizer, splits, nll_alpha=1.0, ref_cache=cache)
+def test_dpo_raises_held_out_accuracy_and_nll_keeps_chosen_likelihood(tokenizer, splits, tmp_path):
+    store = ReferenceStore(tmp_path / "reference")
+    start, plain = _train_dpo(tokenizer, splits, nll_alpha=0.0, store=store)
+    _, with_nll = _train_dpo(tokenizer, splits, nll_alpha=1.0, store=store)
     assert start["rewards/accuracies"] == 0.0   # policy == reference: every reward is 0
     for end in (plain, with_nll):
         assert all(v == v and abs(v) != float("inf") for v in end.values())   # finite

@@ -1,0 +1,53 @@
+"""Small command-line helpers shared by ``alignkit``'s commands and the scripts in ``benchmarking/``.
+
+Library modules that register a subcommand or run as a script use these rather than the ``cli``
+module, so nothing in the library imports the command line itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError (one line, exit 2) like every other user mistake."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def guarded(fn, *args) -> int:
+    """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
+    a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        result = fn(*args)
+        return result if isinstance(result, int) else 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)

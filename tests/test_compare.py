@@ -1,0 +1,88 @@
+"""The comparison scores every run on the held-out split its run.json records, and nothing else."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.compare import Evaluator, Split, compare
+from alignkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(kind, model_dir, data, out, seed, *extra):
+    flags = ["--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
+             "--max-steps", "1", "--batch-size", "4", "--max-length", "64", "--test-size", "6", "--no-plot",
+             "--eval-interval", "0", "--seed", str(seed), *extra]
+    assert main([kind, *flags]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, rows_file, tmp_path_factory):
+    """An SFT run and a DPO run with seed 42, and an SFT run with seed 7, on the tiny model."""
+    root = tmp_path_factory.mktemp("runs")
+    return {"sft": _train("sft", tiny_model_dir, rows_file, root / "sft", 42),
+            "dpo": _train("dpo", tiny_model_dir, rows_file, root / "dpo", 42, "--beta", "0.5"),
+            "sft7": _train("sft", tiny_model_dir, rows_file, root / "sft7", 7)}
+
+
+def test_runs_on_one_split_are_scored_on_it_and_results_say_which(runs, tiny_model_dir, rows_file, tmp_path):
+    report = compare({"base": None, "sft": runs["sft"], "dpo": runs["dpo"]}, tmp_path / "report",
+                     prompts=["Hi?"], max_new_tokens=3, progress=lambda _: None)
+    results = json.loads((report.parent / "results.json").read_text())
+    splits = [c["split"] for c in results["configs"]]
+    assert splits == [{"dataset": str(rows_file), "seed": 42, "test_size": 6.0, "pairs": 6}] * 3
+
+
+def test_runs_trained_against_other_splits_are_refused(runs, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="different held-out splits"):
+        compare({"sft": runs["sft"], "sft7": runs["sft7"]}, tmp_path / "report", prompts=["Hi?"])
+    script = ROOT / "benchmarking" / "evaluate_models.py"
+    proc = subprocess.run([sys.executable, str(script), "--sft", runs["sft"], "--dpo", runs["sft7"],
+                           "--configs", "sft", "dpo", "--out", str(tmp_path / "five")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the runs were trained against different held-out splits")
+    assert "seed 42" in lines[0] and "seed 7" in lines[0] and "--seed" in lines[0]
+    assert not (tmp_path / "five" / "report").exists()
+
+
+def test_an_explicit_split_must_not_overlap_any_training_split(runs, rows_file, tmp_path):
+    # seed 42's held-out rows are training rows of the seed-7 run
+    with pytest.raises(UserError, match=r"shares \d+ row\(s\) with the training split of sft7"):
+        compare({"sft": runs["sft"], "sft7": runs["sft7"]}, tmp_path / "r", prompts=["Hi?"], seed=42)
+    fresh = tmp_path / "fresh.jsonl"   # rows neither run has seen
+    fresh.write_text("".join(json.dumps({"prompt": f"Unseen question {i}?", "chosen": "Sure thing!",
+                                         "rejected": "Affirmative."}) + "\n" for i in range(8)))
+    report = compare({"sft": runs["sft"], "sft7": runs["sft7"]}, tmp_path / "r", prompts=["Hi?"],
+                     max_new_tokens=3, dataset=str(fresh), test_size=4, progress=lambda _: None)
+    results = json.loads((report.parent / "results.json").read_text())
+    assert {json.dumps(c["split"]) for c in results["configs"]} == {
+        json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "pairs": 4})}
+
+
+def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, rows_file, monkeypatch):
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("scoring built an optimizer")
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", no_optimizer)
+    evaluator = Evaluator(str(tiny_model_dir), Split(str(rows_file), 42, 6))
+    seen = []
+    real = evaluator.tokenizer.__class__.__call__
+
+    def watch(tok, *args, **kwargs):   # generation runs after scoring: record what is trainable then
+        seen.append([n for n, p in evaluator.base.named_parameters() if p.requires_grad])
+        return real(tok, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator.tokenizer.__class__, "__call__", watch)
+    scored = evaluator.score(runs["dpo"], ["Hi?"], max_new_tokens=2, max_length=64, beta=0.5)
+    assert seen and all(names == [] for names in seen), [n for n in seen if n][:1]
+    assert 0.0 <= scored["metrics"]["preference_accuracy"] <= 1.0
+    assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards

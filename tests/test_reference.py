@@ -1,0 +1,61 @@
+"""The reference policy's on-disk cache: entries survive concurrent writers, files are never half-written."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from alignkit.reference import ReferencePolicy, ReferenceStore
+
+WRITER = """
+import sys
+from alignkit.reference import ReferenceStore
+store = ReferenceStore(sys.argv[1], max_shards=3)   # few shards: writers fold each other's files often
+worker = int(sys.argv[2])
+for i in range(40):
+    store.save({worker * 1000 + i: (float(-i), float(-2 * i))})
+"""
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    folder = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(w)]) for w in (1, 2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    loaded = ReferenceStore(folder).load()
+    expected = {w * 1000 + i: (float(-i), float(-2 * i)) for w in (1, 2) for i in range(40)}
+    assert loaded == expected
+    for shard in folder.iterdir():   # no temporary or broken file left behind
+        assert shard.suffix == ".json" and not shard.name.startswith(".")
+        assert isinstance(json.loads(shard.read_text())["entries"], dict)
+
+
+def test_unreadable_shard_is_skipped_with_a_warning(tmp_path, caplog):
+    store = ReferenceStore(tmp_path)
+    store.save({1: (-1.0, -2.0)})
+    (tmp_path / "broken.json").write_text("{not json")
+    assert store.load() == {1: (-1.0, -2.0)}
+    assert "unreadable reference cache shard" in caplog.text
+
+
+class _Policy(torch.nn.Module):
+    """Just enough of a PeftModel for the cache bookkeeping (no forward is run)."""
+
+    peft_config = {"default": None}
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_policy_saves_only_what_it_computed_and_keeps_the_first_value(tmp_path):
+    store = ReferenceStore(tmp_path)
+    store.save({7: (-3.0, -4.0)})
+    ref = ReferencePolicy(_Policy(), store=store)
+    assert ref.cache == {7: (-3.0, -4.0)}
+    chosen, rejected = ref.remember([7, 8], torch.tensor([-30.0, -5.0, -40.0, -6.0]))
+    # pair 7 was cached by an earlier run: its value wins, so a pair's reference never changes
+    assert chosen.tolist() == [-3.0, -5.0] and rejected.tolist() == [-4.0, -6.0]
+    assert ref.save() == 1 and ref.save() == 0
+    assert store.load() == {7: (-3.0, -4.0), 8: (-5.0, -6.0)}
+    assert len(list(tmp_path.glob("*.json"))) == 2
