@@ -40,7 +40,7 @@ def plot(flags: dict) -> int:
 
 def export(flags: dict) -> int:
     """``alignkit export``: merged model + tokenizer (with chat template) as safetensors."""
-    from .checkpoints import adapter_base_model
+    from .adapters import adapter_base_model
     from .evaluate import load_for_generation
 
     base = adapter_base_model(flags["load_path"])

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_base_model, load_adapter
 from .agents import PreferenceObjective, score_preferences
-from .checkpoints import adapter_base_model, load_adapter
 from .config import DPOConfig
 from .data import make_dataset
 from .errors import UserError

@@ -44,6 +44,8 @@ class SFTConfig:
     lora_dropout: float = opt(0.0, "dropout on the LoRA input, in [0, 1) (its random masks cost about 9%% "
                                    "of a CPU training step)")
     lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
+    trust_remote_code: bool = opt(False, "allow a hub or local model to run its own Python code (off: only "
+                                         "architectures transformers ships are loaded)")
     # -- data ---------------------------------------------------------------------------------
     dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id")
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
@@ -72,7 +74,11 @@ class SFTConfig:
     save_path: str = opt("outputs/sft", "where the run folder goes")
     no_timestamp: bool = opt(False, "write into --save-path itself, not a <YYYYmmdd_HHMMSS>_<ALGO> subfolder")
     load_path: str | None = opt(None, "a LoRA adapter folder (e.g. outputs/sft/actor) to start from")
-    save_interval: int = opt(0, "also write a checkpoint every N steps; 0 = at the end only")
+    save_interval: int = opt(0, "also write <run>/checkpoint-<step>/ every N steps; 0 = at the end only")
+    keep_checkpoints: int = opt(2, "how many of the newest checkpoint-<step>/ folders to keep")
+    resume: str | None = opt(None, "continue the run in this folder from its newest complete checkpoint, with "
+                                   "its recorded options (--max-steps / --epochs may extend it)")
+    overwrite: bool = opt(False, "allow --no-timestamp into a folder that already holds files (they are replaced)")
     report_to: str = opt("none", "extra loggers: none, tensorboard or wandb (offline)")
     plot: bool = opt(True, "write training-curve PNGs into the run folder at the end")
     config: str | None = opt(None, "YAML file of options (keys are these option names); flags override it")
@@ -90,8 +96,10 @@ class SFTConfig:
             if not cond:
                 problems.append(msg)
 
-        for name in ("lora_r", "lora_alpha", "max_length", "batch_size", "update_epochs", "max_new_tokens"):
+        for name in ("lora_r", "lora_alpha", "batch_size", "update_epochs", "max_new_tokens", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"--{flag(name)} must be >= 1 (got {getattr(self, name)})")
+        need(self.max_length >= 2, f"--max-length must be >= 2: a prompt token and a response token (got "
+                                   f"{self.max_length})")
         for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "threads"):
             need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         need(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
@@ -153,6 +161,13 @@ class DPOConfig(SFTConfig):
 
 
 CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
+
+# Options a resumed run may set anew: they change how long it runs, what it writes or how fast,
+# never the numbers of the steps it repeats. Every other option comes from the run's record.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "epochs", "resume", "overwrite", "eval_interval", "save_interval", "keep_checkpoints",
+    "report_to", "plot", "threads", "reuse_memory", "config", "save_path", "no_timestamp", "reuse_reference",
+})
 
 
 def flag(name: str) -> str:

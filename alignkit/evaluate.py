@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .checkpoints import load_adapter
+from .adapters import load_adapter
 from .models import load_model, load_tokenizer
 
 EXIT_WORDS = {"quit", "exit", ":q"}

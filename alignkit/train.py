@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import adapter_base_model, load_adapter
 from .agents import DPO, SFT
-from .checkpoints import adapter_base_model, load_adapter
 from .config import SFTConfig
 from .data import make_dataset
 from .errors import UserError
