@@ -2,6 +2,8 @@
 
 Every way an adapter folder can be wrong (missing, broken or truncated files, pickled weights,
 another base model) is a :class:`~alignkit.errors.UserError` with one line that says what to fix.
+The folder is checked before PEFT reads it: PEFT takes a folder without its weights file for a
+hub id and goes online, and lets a damaged file or config surface as a library traceback.
 """
 
 from __future__ import annotations
@@ -10,25 +12,84 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .models import quiet_peft
+from .models import SAFETENSORS_ONLY, pickled_weight_files, quiet_peft
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(load_path) -> dict:
+    """The parsed ``adapter_config.json`` of the adapter folder ``load_path``: a JSON object."""
+    folder = Path(load_path)
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        hint = " (did you mean its actor/ folder?)" if (folder / "actor").is_dir() else ""
+        raise UserError(f"{load_path} is not a LoRA adapter folder: no {ADAPTER_CONFIG}{hint}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 JSON text"
+        raise UserError(f"{config_file} is damaged: {reason}; re-save the adapter") from None
+    except OSError as exc:
+        raise UserError(f"could not read {config_file}: {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} is not a PEFT adapter config (not a JSON object); re-save the adapter")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{config_file}: base_model_name_or_path must be text, got {base!r}")
+    return config
+
+
+def check_adapter_folder(load_path) -> dict:
+    """The parsed ``adapter_config.json`` of ``load_path`` after checking the whole adapter folder.
+
+    Beyond :func:`read_adapter_config`: the config names its PEFT type, and the weights file is
+    there (not only pickled ``.bin`` weights) with a complete safetensors header. Cheap: the
+    tensors themselves are not read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    config = read_adapter_config(load_path)
+    if "peft_type" not in config:
+        raise UserError(f"{Path(load_path) / ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type); "
+                        "re-save the adapter")
+    weights = Path(load_path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = pickled_weight_files(Path(load_path))
+        if pickled:
+            raise UserError(f"the adapter at {load_path} holds only pickled weights ({', '.join(pickled)}); "
+                            f"{SAFETENSORS_ONLY}: re-save it with safetensors")
+        raise UserError(f"the adapter at {load_path} has no weights: {ADAPTER_WEIGHTS} is missing")
+    try:
+        # Opening reads the header and checks it covers the whole file: a truncated or foreign
+        # file fails here, in milliseconds, rather than deep inside PEFT after the base loaded.
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{weights} is damaged (truncated or not a safetensors file: {exc}); "
+                        "re-save or re-copy the adapter") from None
+    return config
 
 
 def adapter_base_model(load_path) -> str | None:
-    """The base model an adapter folder was trained on (``base_model_name_or_path``), if recorded."""
-    config_file = Path(load_path) / "adapter_config.json"
-    if not config_file.exists():
-        hint = " (did you mean its actor/ folder?)" if (Path(load_path) / "actor").is_dir() else ""
-        raise UserError(f"{load_path} is not a LoRA adapter folder: no adapter_config.json{hint}")
-    return json.loads(config_file.read_text()).get("base_model_name_or_path")
+    """The base model an adapter folder was trained on (``base_model_name_or_path``), if recorded.
+
+    Reads only ``adapter_config.json`` (see :func:`read_adapter_config`); the weights are checked
+    by :func:`load_adapter` (or call :func:`check_adapter_folder` to check them up front).
+    """
+    return read_adapter_config(load_path).get("base_model_name_or_path")
 
 
 def load_adapter(base_model, load_path, adapter_name="default", is_trainable=True, model=None):
     """Attach the adapter at ``load_path`` to ``base_model`` (or add it to PEFT ``model``).
 
-    A mismatch between the adapter and the base (other shapes or module names) is a UserError.
+    The folder is checked first (see :func:`check_adapter_folder`); a mismatch between the
+    adapter and the base (other shapes or module names) is a UserError.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
+    check_adapter_folder(load_path)
     try:
         with quiet_peft():
             if model is None:
@@ -36,6 +97,6 @@ def load_adapter(base_model, load_path, adapter_name="default", is_trainable=Tru
                                                  is_trainable=is_trainable)
             model.load_adapter(str(load_path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"the adapter at {load_path} does not fit this base model: {first}") from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,12 +104,16 @@ class SFTConfig:
                                    f"{self.max_length})")
         for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "threads"):
             need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
-        need(self.lr > 0, f"--lr must be > 0 (got {self.lr})")
-        need(self.epochs > 0, f"--epochs must be > 0 (got {self.epochs})")
+        # Written as ranges so NaN fails them too; inf is refused as well: an infinite learning
+        # rate or epoch count is a typo, never a request.
+        need(0 < self.lr < math.inf, f"--lr must be > 0 and finite (got {self.lr})")
+        need(0 < self.epochs < math.inf, f"--epochs must be > 0 and finite (got {self.epochs})")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         need(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "--weight-decay and --max-grad-norm must be >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            need(0 <= getattr(self, name) < math.inf, f"--{flag(name)} must be >= 0 and finite "
+                                                      f"(got {getattr(self, name)})")
         need(self.test_size > 0 and (self.test_size < 1 or float(self.test_size).is_integer()),
              f"--test-size must be a fraction in (0, 1) or a whole row count (got {self.test_size})")
         need(self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
@@ -157,7 +163,10 @@ class DPOConfig(SFTConfig):
     algo = "dpo"
 
     def _extra_problems(self):
-        return preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing)
+        problems = preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing)
+        if not math.isfinite(self.simpo_gamma):
+            problems.append(f"--simpo-gamma must be a finite number (got {self.simpo_gamma})")
+        return problems
 
 
 CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
@@ -183,10 +192,10 @@ def preference_problems(beta: float, nll_alpha: float, loss_type: str, label_smo
                         name=_as_flag) -> list[str]:
     """What is wrong with a preference loss's options (empty when nothing); ``name`` spells an option."""
     problems = []
-    if not beta > 0:
-        problems.append(f"{name('beta')} must be > 0 (got {beta})")
-    if not nll_alpha >= 0:
-        problems.append(f"{name('nll_alpha')} must be >= 0 (got {nll_alpha})")
+    if not 0 < beta < math.inf:  # also false for NaN
+        problems.append(f"{name('beta')} must be > 0 and finite (got {beta})")
+    if not 0 <= nll_alpha < math.inf:
+        problems.append(f"{name('nll_alpha')} must be >= 0 and finite (got {nll_alpha})")
     if loss_type not in PREFERENCE_LOSSES:
         problems.append(f"{name('loss_type')} must be one of {', '.join(PREFERENCE_LOSSES)} (got {loss_type!r})")
     if not 0 <= label_smoothing < 0.5:
@@ -223,32 +232,99 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f"--{flag(f.name)}", type=tp, help=help_text + shown, **kwargs)
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+               list: "a list of names"}
+
+
 def _coerce(cls, key: str, value, source: str):
-    tp = _base_type(typing.get_type_hints(cls)[key])
-    if value is None or tp is list and isinstance(value, list) or isinstance(value, tp):
+    """``value`` from a YAML file as the type of option ``key``, or a UserError naming both.
+
+    PyYAML reads ``1e-4`` (no dot in the mantissa) as a string, so a string that parses as a
+    float is one for a float option, and as an int for an int option; nothing else is converted.
+    """
+    hint = typing.get_type_hints(cls)[key]
+    tp = _base_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if value is None and optional:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp in (int, float) and isinstance(value, bool):
+        ok = False  # bool is an int in Python, but "batch_size: true" is a mistake
+    elif tp is int and isinstance(value, int):
+        ok = True
+    elif tp is float and isinstance(value, (int, float)):
         return float(value)
-    raise UserError(f"{source}: {key} must be {tp.__name__}, got {value!r}")
+    elif tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            ok = False
+    elif tp is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, tp)
+    if ok:
+        return value
+    shown = "nothing" if value is None else repr(value)
+    raise UserError(f"{source}: {key} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {shown}")
 
 
-def load_yaml(path, cls) -> dict:
-    """Options from a YAML file; unknown keys are an error (a misspelt key is never ignored)."""
+def _read_yaml(path) -> object:
+    """The parsed YAML document of ``path``; every way it can be unreadable is a one-line UserError."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {path} is a folder; give a YAML file")
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = p.read_bytes()
+    except OSError as err:
+        raise UserError(f"could not read config file {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"config file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not valid YAML: {first}") from None
+
+
+def load_yaml(path, cls) -> dict:
+    """Options from a YAML file; unknown keys are an error (a misspelt key is never ignored).
+
+    Keys may be spelt with ``_`` or ``-``; an empty file sets nothing.
+    """
+    data = _read_yaml(path)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of option names to values")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+        held = {list: "a list", str: "text", bool: "true/false", int: "a number", float: "a number"}.get(
+            type(data), "a single value")
+        raise UserError(f"{path} must hold a mapping of option names to values, like 'lr: 0.0001' "
+                        f"(it holds {held})")
+    options: dict = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"{path}: option names must be text, got {key!r}")
+        name = key.replace("-", "_")
+        if name in options:  # "batch-size" and "batch_size" both given: neither silently wins
+            raise UserError(f"{path}: option {name} is set twice")
+        options[name] = value
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(options) - names)
     if unknown:
-        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)} for {cls.algo}")
-    return {k: _coerce(cls, k, v, str(path)) for k, v in data.items()}
+        hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        said = ", ".join(f"{u} (did you mean {hints[u][0]}?)" if hints[u] else u for u in unknown)
+        raise UserError(f"{path}: unknown option(s) {said} for {cls.algo}")
+    return {k: _coerce(cls, k, v, str(path)) for k, v in options.items()}
 
 
 def build_config(algo: str, flags: dict | None = None, **overrides):

@@ -9,6 +9,7 @@ Sources (see `make_dataset`): the bundled sample by name, a local `.jsonl` / `.j
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -55,9 +56,18 @@ def make_dataset(
         seed: seeds the shuffle before the split; the same seed gives the same split.
         columns: the columns every row needs, each a non-empty string. Only these are kept.
 
+    Files must be UTF-8 text (a byte-order mark is accepted); any other bytes make the whole file
+    an error naming the line, since a wrong encoding garbles every row, not just one. In `.jsonl`
+    every line must be one JSON object, in `.json` every list item.
+
     Rows with a missing, non-string or blank value in a needed column are dropped, and so are
-    exact duplicates; each drop is counted in a warning. Raises `UserError` for a missing file,
-    an unknown format, missing columns, a bad `test_size`, or too few rows to split.
+    rows whose text is not valid Unicode (a lone surrogate such as the JSON escape `"\\ud800"`:
+    valid JSON, but it can be neither tokenized nor stored) and exact duplicates. Each drop is
+    counted in a warning; when nothing is left the error repeats the counts.
+
+    Raises `UserError` for a missing, unreadable or empty file, an unknown format, a file that is
+    not UTF-8 or not valid JSON (with the line), a row that is not an object, missing columns, no
+    usable rows, a bad `test_size`, or too few rows to split.
     """
     columns = _check_columns_arg(columns)
     label, rows, found = _load_rows(name_or_path, columns)
@@ -66,10 +76,13 @@ def make_dataset(
         raise UserError(
             f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: {', '.join(found) or 'none'}"
         )
-    rows = _drop_bad_rows(rows, columns, label)
+    n_rows = len(rows)
+    rows, dropped = _drop_bad_rows(rows, columns, label)
     rows = _drop_duplicates(rows, columns, label)
     if not rows:
-        raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in {', '.join(columns)})")
+        why = f": all {n_rows} rows were dropped ({dropped})" if dropped else ""
+        raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in "
+                        f"{', '.join(columns)}){why}")
     n_test = _test_count(test_size, len(rows), label)
     order = np.random.default_rng(seed).permutation(len(rows))
     test_rows = [rows[i] for i in order[:n_test]]
@@ -110,49 +123,97 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Read a local file into row dicts; values keep their parsed types so bad ones can be counted."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records = _read_json_lines(path)
+        records = _read_json_lines(path, _read_text(path))
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix in (".csv", ".parquet"):
         import pandas as pd
 
         try:
-            # dtype=str keeps CSV text as written ("007" stays "007"); empty cells become NaN.
-            frame = pd.read_csv(path, dtype=str) if suffix == ".csv" else pd.read_parquet(path)
+            if suffix == ".csv":
+                # Decoded here so a wrong encoding gets the same message (with the line) as JSON;
+                # dtype=str keeps CSV text as written ("007" stays "007"); empty cells become NaN.
+                frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str)
+            else:
+                frame = pd.read_parquet(path)
+        except pd.errors.EmptyDataError:
+            raise UserError(f"dataset file '{path}' is empty") from None
         except (ValueError, OSError, pd.errors.ParserError) as err:
             raise UserError(f"could not read '{path}': {' '.join(str(err).split())}") from err
         frame = frame.astype(object).where(frame.notna(), None)
         records = frame.to_dict("records")
     else:
         raise UserError(f"unknown dataset file type '{path.suffix}' for '{path}'; accepted: {', '.join(FILE_FORMATS)}")
+    if not records:
+        raise UserError(f"dataset file '{path}' is empty" if not path.stat().st_size
+                        else f"dataset file '{path}' holds no rows")
     return records, _column_names(records)
 
 
-def _read_json_lines(path: Path) -> list[Any]:
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; anything else names the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"could not read '{path}': {err.strerror or err}") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"'{path}' is not UTF-8 text: line {line} holds the byte 0x{data[err.start]:02x} "
+                        f"({err.reason}); save the file as UTF-8") from None
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON spells the type of a parsed value, for messages."""
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), "number")
+
+
+def _read_json_lines(path: Path, text: str) -> list[Any]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"'{path}' line {number} is not valid JSON: {err.msg}") from err
+    # Split on "\n" only: str.splitlines() would also split on U+2028 and other separators that
+    # JSON allows raw inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"'{path}' line {number} is not valid JSON: {err.msg}") from err
+        except RecursionError:
+            raise UserError(f"'{path}' line {number} is nested too deeply") from None
+        if not isinstance(record, dict):
+            raise UserError(f"'{path}' line {number} is a JSON {_json_kind(record)}; each line must be one "
+                            "object with named fields, like {\"prompt\": ...}")
+        records.append(record)
     return records
 
 
 def _read_json(path: Path) -> list[Any]:
     """A list of objects, or an object of equal-length column lists; JSON lines as a fallback."""
+    text = _read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return _read_json_lines(path)  # many ".json" files on the hub are JSON lines
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):  # meant as one JSON array: its own error is the useful one
+            raise UserError(f"'{path}' is not valid JSON: line {err.lineno}: {err.msg}") from err
+        return _read_json_lines(path, text)  # many ".json" files on the hub are JSON lines
+    except RecursionError:
+        raise UserError(f"'{path}' is nested too deeply") from None
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
             raise UserError(f"'{path}' holds columns of different lengths")
         return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
     if isinstance(data, list):
+        for number, record in enumerate(data, start=1):
+            if not isinstance(record, dict):
+                raise UserError(f"'{path}' item {number} is a JSON {_json_kind(record)}; each item must be an "
+                                "object with named fields, like {\"prompt\": ...}")
         return data
     raise UserError(f"'{path}' must hold a list of row objects or an object of column lists")
 
@@ -195,32 +256,45 @@ def _check_columns_arg(columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(columns)
 
 
-def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...], label: str) -> list[dict[str, str]]:
-    """Keep rows whose needed values are all non-blank strings; warn with counts per reason."""
+def _value_problem(value: Any) -> str | None:
+    """Why a needed value cannot be trained on (worded to follow "with"), or None when it can."""
+    if value is None:
+        return "a missing value"
+    if not isinstance(value, str):
+        return "a non-string value"
+    if not value.strip():
+        return "an empty value"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
+        return "text that is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...],
+                   label: str) -> tuple[list[dict[str, str]], str]:
+    """Keep rows whose needed values are all non-blank valid strings; warn with counts per reason.
+
+    Returns the kept rows and the counts as text ("" when nothing was dropped).
+    """
     kept, reasons = [], Counter()
     for row in rows:
         problem = None
         for column in columns:
-            value = row.get(column)
-            if value is None:
-                problem = "a missing value"
-            elif not isinstance(value, str):
-                problem = "a non-string value"
-            elif not value.strip():
-                problem = "an empty value"
+            problem = _value_problem(row.get(column))
             if problem:
                 break
         if problem:
             reasons[problem] += 1
         else:
             kept.append({column: row[column] for column in columns})
+    detail = ", ".join(f"{n} with {why}" for why, n in reasons.most_common())
     if reasons:
-        detail = ", ".join(f"{n} with {why}" for why, n in reasons.most_common())
         logger.warning(
             "dataset '%s': dropped %d of %d rows (%s) in columns %s",
             label, sum(reasons.values()), len(rows), detail, ", ".join(columns),
         )
-    return kept
+    return kept, detail
 
 
 def _drop_duplicates(rows: list[dict[str, str]], columns: tuple[str, ...], label: str) -> list[dict[str, str]]:
@@ -244,11 +318,10 @@ def _test_count(test_size: float | int, n_rows: int, label: str) -> int:
         # round() first: 0.3 * 10 is 3.0000000000000004 in floats, which must not become 4
         n_test = math.ceil(round(float(test_size) * n_rows, 9))
     else:
-        raise UserError(f"test_size must be a fraction in (0, 1) or a whole row count, got {test_size!r}")
+        raise UserError(f"--test-size must be a fraction in (0, 1) or a whole row count, got {test_size!r}")
     if n_rows < 2:
         raise UserError(f"dataset '{label}' has {n_rows} usable row(s); at least 2 are needed for a train/test split")
     if not 1 <= n_test <= n_rows - 1:
-        raise UserError(
-            f"test_size {test_size} gives {n_test} test rows out of {n_rows}; both splits need at least one row"
-        )
+        raise UserError(f"--test-size {test_size} gives {n_test} test rows out of {n_rows} usable rows; "
+                        "both splits need at least one row")
     return n_test

@@ -153,8 +153,10 @@ class _Gym:
         self.train_examples = self._encode_split(train_dataset, "train")
         self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
         if not self.train_examples:
-            raise UserError("no training rows left after tokenization (every prompt is longer than "
-                            f"max_context_length={max_context_length})")
+            rows = self.encode_stats["train"].rows
+            raise UserError(f"no training rows left after tokenization: all {rows} train rows have a prompt "
+                            f"longer than --max-length ({max_context_length} tokens); raise --max-length or "
+                            "shorten the prompts")
         self.epoch = 0
         self._order: list[int] = []
         self._cursor = 0

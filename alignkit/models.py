@@ -273,6 +273,24 @@ def _gguf_folder(gguf_path: str, convert: bool = True) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+SAFETENSORS_ONLY = "alignkit loads safetensors weights only, since pickled weights can run code when loaded"
+
+
+def pickled_weight_files(folder: Path) -> list[str]:
+    """Names of pickled weight files (`pytorch_model.bin`, `*.pt`, ...) directly in `folder`, sorted."""
+    return sorted({f.name for pattern in PICKLED_WEIGHTS for f in folder.glob(pattern) if f.is_file()})
+
+
+def _check_local_weights(folder: Path) -> None:
+    """Refuse a local model folder without safetensors weights (sharded ones too), naming pickled ones."""
+    if not any(folder.glob("*.safetensors")):
+        pickled = pickled_weight_files(folder)
+        raise UserError(f"model folder '{folder}' " + (
+            f"holds only pickled weights ({', '.join(pickled)}); {SAFETENSORS_ONLY}: use a safetensors copy"
+            if pickled else "has no weights: model.safetensors is missing"))
+
+
 def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
     """One-line `UserError` for a failed `from_pretrained`, worded for where it came from."""
     reason = " ".join(str(err).split())
@@ -284,25 +302,27 @@ def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
     return UserError(f"could not load {what} from '{source.location}': {reason}")
 
 
-def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
     """Tokenizer for a model named as in `resolve_model_source`, with a pad token set.
 
     When the tokenizer has no pad token its eos token is used (for SmolLM2, `<|im_end|>`);
     padding is masked out by the gyms, so the choice does not leak into the loss.
+    `trust_remote_code` lets a hub or local model run its own tokenizer code (off by default).
     """
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name_or_path)
+    remote = {"trust_remote_code": trust_remote_code}
     try:
         if source.kind in ("embedded", "gguf"):
             folder = _gguf_folder(source.location, convert=False)
             if folder is not None:
-                tokenizer = AutoTokenizer.from_pretrained(folder)
+                tokenizer = AutoTokenizer.from_pretrained(folder, **remote)
             else:  # reading only the tokenizer from the GGUF is far quicker than a full conversion
                 gguf = Path(source.location)
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **remote)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.location)
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **remote)
     except (OSError, ValueError) as err:  # hub HTTP and offline errors are OSErrors
         raise _hub_failure(source, "tokenizer", err) from err
     if tokenizer.pad_token is None:
@@ -317,14 +337,18 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
 ):
     """An `AutoModelForCausalLM` for `name_or_path`, on `device` in `dtype`, in eval mode.
 
     `device` and `dtype` go through `resolve_device` / `resolve_dtype` (defaults: CUDA if
     present, bfloat16 on CUDA with bf16 support, float32 otherwise). GGUF sources are read from
-    their safetensors copy in the cache, made on first use. Raises `UserError` when the model
-    cannot be found or loaded, including when the hub is unreachable.
+    their safetensors copy in the cache, made on first use. Only safetensors weights are read:
+    pickled ones (`pytorch_model.bin`) can run code when loaded. `trust_remote_code` lets a hub
+    or local model run its own modelling code (off by default). Raises `UserError` when the
+    model cannot be found or loaded, including when the hub is unreachable.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name_or_path)
@@ -333,9 +357,14 @@ def load_model(
     location = source.location
     if source.kind in ("embedded", "gguf"):
         location = str(_gguf_folder(source.location))
+    elif source.kind == "local":
+        _check_local_weights(Path(location))
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    except (OSError, ValueError) as err:  # hub HTTP and offline errors are OSErrors
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    # hub HTTP and offline errors are OSErrors; a damaged weights file is a SafetensorError; weights
+    # of other shapes than config.json describes are a RuntimeError
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise _hub_failure(source, "model", err) from err
     model.to(device)
     model.eval()

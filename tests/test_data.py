@@ -63,7 +63,7 @@ def test_fraction_is_not_rounded_up_by_float_error(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, 20, 25, 0.0, 1.0, 1.5, -0.2, True, "0.1", None])
 def test_bad_test_size_is_user_error(jsonl, bad):
-    with pytest.raises(UserError, match="test_size"):
+    with pytest.raises(UserError, match="--test-size"):
         make_dataset(jsonl, test_size=bad)
 
 

@@ -158,6 +158,7 @@ def test_local_folder_round_trip(tiny_folder):
 
 def test_broken_local_folder_is_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")   # weights present: the config is what fails
     with pytest.raises(UserError, match=f"could not load model from '{tmp_path}'"):
         load_model(tmp_path, device="cpu")
 
