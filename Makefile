@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# --reuse: a second `make demo` keeps the trained runs (and resumes an interrupted one).
 demo: $(STAMP)
-	$(BIN)/alignkit pipeline
+	$(BIN)/alignkit pipeline --reuse
 
 # Debian's chromium for the report's browser test; where it cannot be installed that test skips.
 browser:

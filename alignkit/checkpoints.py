@@ -1,19 +1,25 @@
 """Checkpoints as safetensors + JSON, written atomically. No pickle anywhere.
 
-A checkpoint folder holds:
+A checkpoint holds:
 
 - ``actor/``: a standard PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``) that
   ``peft.PeftModel.from_pretrained(base, "actor")`` loads;
-- ``training_state.json``: step, schedule, the loop's extra state (data position, epoch, ...);
-- ``optimizer.safetensors``: the optimizer's tensors and the torch RNG state.
+- ``training_state.json``: step, schedule, the loop's extra state (data position, epoch, the
+  resolved options, ...);
+- ``optimizer.safetensors``: the optimizer's tensors and the RNG states (torch CPU and CUDA).
 
-Each piece is written atomically (``alignkit.io``), the state file last, so an interrupted save
-never leaves a checkpoint that looks complete.
+A run keeps its resumable history in ``<run>/checkpoint-<step>/`` folders, each written whole
+under a temporary name and renamed (a folder with that name is complete), the newest ``keep``
+kept. The finished adapter also goes to ``<run>/actor/`` (with the state files beside it), each
+piece atomic, the state file last, so a folder without ``training_state.json`` is never a
+finished run.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,36 +57,100 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def _write_adapter(agent, folder: Path, base_model_name: str | None) -> None:
+    model = agent.unwrapped_model()
+    config = model.peft_config[agent.adapter_name]
+    if base_model_name:
+        config.base_model_name_or_path = base_model_name
+    model.save_pretrained(folder, selected_adapters=[agent.adapter_name], save_embedding_layers=False)
+    if agent.adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
+        sub = folder / agent.adapter_name
+        for f in sub.iterdir():
+            f.rename(folder / f.name)
+        sub.rmdir()
+
+
+def _state(agent, extra_state: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's and RNGs' tensors, and the JSON part of the training state."""
+    tensors, opt_meta = _optimizer_tensors(agent.optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    state = {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(), "optimizer": opt_meta,
+             "extra": extra_state or {}}
+    return tensors, state
+
+
 def save(agent, path, base_model_name: str | None = None, extra_state: dict | None = None) -> Path:
-    """Write ``agent``'s adapter and training state into folder ``path`` (replacing an older checkpoint).
+    """Write ``agent``'s adapter and training state into folder ``path`` (replacing an older one there).
 
     Other files in ``path`` (metrics, figures) are left alone.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model = agent.unwrapped_model()
-    config = model.peft_config[agent.adapter_name]
-    if base_model_name:
-        config.base_model_name_or_path = base_model_name
+    tensors, state = _state(agent, extra_state)
     # Without the state file the folder is not a checkpoint; it comes back last, when all is written.
     (path / STATE_FILE).unlink(missing_ok=True)
     with atomic_folder(path / "actor", replace=True) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[agent.adapter_name], save_embedding_layers=False)
-        if agent.adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
-            sub = tmp / agent.adapter_name
-            for f in sub.iterdir():
-                f.rename(tmp / f.name)
-            sub.rmdir()
-    tensors, opt_meta = _optimizer_tensors(agent.optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
+        _write_adapter(agent, tmp, base_model_name)
     atomic_write(path / OPTIMIZER_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(path / STATE_FILE, {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(),
-                                          "optimizer": opt_meta, "extra": extra_state or {}})
+    atomic_write_json(path / STATE_FILE, state)
     return path
 
 
+def save_numbered(agent, run_dir, base_model_name: str | None = None, extra_state: dict | None = None,
+                  keep: int = 2) -> Path:
+    """Write ``run_dir/checkpoint-<step>/`` whole (it appears complete or not at all); keep the newest ``keep``."""
+    run_dir = Path(run_dir)
+    target = run_dir / f"{CHECKPOINT_PREFIX}{agent.steps}"
+    tensors, state = _state(agent, extra_state)
+    with atomic_folder(target, replace=True) as tmp:
+        (tmp / "actor").mkdir()
+        _write_adapter(agent, tmp / "actor", base_model_name)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
+    for old in numbered(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def numbered(run_dir) -> list[Path]:
+    """The complete ``checkpoint-<step>/`` folders of ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = _CHECKPOINT.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def remove_leftovers(run_dir) -> list[Path]:
+    """Delete the hidden temporary files and folders a killed save left in ``run_dir``; returns them."""
+    run_dir = Path(run_dir)
+    removed = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        if child.name.startswith(".") and (child.name.endswith(".tmp") or child.name.endswith(".old")):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
+
+
+def read_state(path) -> dict:
+    """The JSON training state of the checkpoint in ``path`` (step, schedule, extra)."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
 def load(agent, path) -> dict:
-    """Restore adapter weights, optimizer, scheduler, step and RNG; returns the extra state."""
+    """Restore adapter weights, optimizer, scheduler, step and RNG states; returns the extra state."""
     from peft import set_peft_model_state_dict
 
     path = Path(path)
@@ -88,9 +158,13 @@ def load(agent, path) -> dict:
         raise UserError(f"no checkpoint at {path} (missing {STATE_FILE})")
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
     set_peft_model_state_dict(agent.unwrapped_model(), weights, adapter_name=agent.adapter_name)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
     tensors = load_file(str(path / OPTIMIZER_FILE))
     torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda = [tensors.pop(k) for k in sorted((k for k in list(tensors) if k.startswith("rng.cuda.")),
+                                           key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
     agent.scheduler.load_state_dict(state["scheduler"])
     agent.steps = state["steps"]

@@ -2,6 +2,7 @@
 
     alignkit sft [options]                 supervised fine-tuning
     alignkit dpo [options]                 DPO (+NLL) training
+    alignkit sft|dpo --resume RUN_DIR      continue an interrupted run exactly
     alignkit sft|dpo --eval --load-path P  chat with a trained adapter
     alignkit plot RUN [RUN ...]            training-curve figures
     alignkit export --load-path P --out D  merge an adapter into its base model
@@ -45,13 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_or_chat(algo: str, flags: dict) -> int:
-    """``alignkit sft|dpo``: train, or chat with ``--load-path`` when ``--eval`` is given."""
-    cfg = build_config(algo, flags)
+    """``alignkit sft|dpo``: train, continue a run (``--resume``), or chat (``--eval --load-path``)."""
+    if flags.get("resume"):
+        from .runs import resumed_config
+
+        cfg = resumed_config(algo, flags)
+    else:
+        cfg = build_config(algo, flags)
     if cfg.eval:
         from .evaluate import interactive, load_for_generation
         from .train import resolve_base_model
 
-        model, tokenizer = load_for_generation(resolve_base_model(cfg), cfg.load_path, cfg.device, cfg.dtype)
+        model, tokenizer = load_for_generation(resolve_base_model(cfg), cfg.load_path, cfg.device, cfg.dtype,
+                                               trust_remote_code=cfg.trust_remote_code)
         return interactive(model, tokenizer, max_new_tokens=cfg.max_new_tokens)
     from .train import run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -21,13 +21,17 @@ class ArgParser(argparse.ArgumentParser):
 
 def guarded(fn, *args) -> int:
     """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
-    a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    a UserError becomes one line on stderr and exit code 2, a run stopped by a signal its own line
+    and 128 + the signal's number, Ctrl-C elsewhere exit code 130."""
     try:
         result = fn(*args)
         return result if isinstance(result, int) else 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -40,15 +40,18 @@ def plot(flags: dict) -> int:
 
 def export(flags: dict) -> int:
     """``alignkit export``: merged model + tokenizer (with chat template) as safetensors."""
-    from .adapters import adapter_base_model
+    from .adapters import adapter_base_model, check_adapter_folder
     from .evaluate import load_for_generation
 
+    out = Path(flags["out"])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder to create")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose another folder")
     base = adapter_base_model(flags["load_path"])
     if flags["model"] and base and flags["model"] != base:
         raise UserError(f"the adapter at {flags['load_path']} was trained on {base!r}, not {flags['model']!r}")
-    out = Path(flags["out"])
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out")
+    check_adapter_folder(flags["load_path"])
     model, tokenizer = load_for_generation(flags["model"] or base, flags["load_path"], device="cpu",
                                            dtype=flags["dtype"])
     merged = model.merge_and_unload()

@@ -44,10 +44,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     return answers
 
 
-def load_for_generation(model_name: str, load_path=None, device=None, dtype=None):
+def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False):
     """Base model (with the adapter at ``load_path`` when given) and its tokenizer, ready to generate."""
-    tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     if load_path:
         model = load_adapter(model, load_path, is_trainable=False)
     model.eval()

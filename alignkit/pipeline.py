@@ -11,11 +11,13 @@ import argparse
 import time
 from pathlib import Path
 
+from . import checkpoints
 from .cliutil import non_negative_int, positive_int
 from .compare import LABELS, compare, read_prompts
 from .config import build_config
 from .data import BUNDLED_DATASET
 from .errors import UserError
+from .runs import resumed_config
 
 # How each trainable configuration is made: algorithm, options, and the run it warm-starts from.
 RECIPES = {
@@ -30,11 +32,12 @@ ALL_CONFIGS = tuple(LABELS)
 
 def train_configurations(names, out_dir, max_steps: int = 0, model: str | None = None,
                          dataset: str | None = None, reuse: bool = False, seed: int | None = None,
-                         test_size: float | None = None) -> dict[str, str | None]:
+                         test_size: float | None = None, overwrite: bool = False) -> dict[str, str | None]:
     """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
 
     ``base`` needs no training (None). A warm-started configuration trains its parent first.
-    With ``reuse``, a configuration whose folder already holds a finished checkpoint is kept.
+    A folder that already holds a run is refused unless ``reuse`` (a finished run is kept, an
+    interrupted one resumed) or ``overwrite`` (trained again from scratch).
     ``dataset``, ``seed`` and ``test_size`` default to the training defaults.
     """
     split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size)) if v is not None}
@@ -51,14 +54,23 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
             return None
         algo, options, parent = RECIPES[name]
         folder = out_dir / name
-        if not (reuse and (folder / "training_state.json").exists()):
+        held = folder.is_dir() and any(folder.iterdir())
+        if held and not (reuse or overwrite):
+            raise UserError(f"{folder} already holds a run; pass --reuse to keep finished configurations (and "
+                            "resume interrupted ones) or --overwrite to train them again")
+        if reuse and (folder / checkpoints.STATE_FILE).exists():
+            runs[name] = str(folder)
+            return runs[name]
+        if reuse and checkpoints.numbered(folder):
+            cfg = resumed_config(algo, {"resume": str(folder)})
+        else:
             extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
             cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "max_steps": max_steps,
-                                      "model": model, **split, **options, **extra})
-            started = time.time()
-            print(f"== training {LABELS[name]} -> {folder}")
-            run(cfg)
-            print(f"== {LABELS[name]} trained in {time.time() - started:.0f} s")
+                                      "model": model, "overwrite": held, **split, **options, **extra})
+        started = time.time()
+        print(f"== training {LABELS[name]} -> {folder}")
+        run(cfg)
+        print(f"== {LABELS[name]} trained in {time.time() - started:.0f} s")
         runs[name] = str(folder)
         return runs[name]
 
@@ -69,7 +81,7 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
 
 def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_tokens=200, model=None,
                       dataset=None, given: dict[str, str] | None = None, reuse=False, seed=None,
-                      test_size=None) -> Path:
+                      test_size=None, overwrite=False) -> Path:
     """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``.
 
     ``dataset``/``seed``/``test_size``, when given, are used for training and to score every
@@ -85,7 +97,7 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
-                                test_size) if to_train else {}
+                                test_size, overwrite) if to_train else {}
     runs = {n: given.get(n, runs.get(n)) for n in names}
     report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
                      test_size=test_size, max_new_tokens=max_new_tokens)
@@ -110,7 +122,10 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
     parser.add_argument("--seed", type=int, default=None, help="seed of the split (and of training)")
     parser.add_argument("--test-size", type=float, default=None,
                         help="held-out share (0 < x < 1) or row count (>= 1) of the split")
-    parser.add_argument("--reuse", action="store_true", help="keep configurations already trained in --out")
+    parser.add_argument("--reuse", action="store_true", help="keep configurations already trained in --out "
+                        "and resume interrupted ones")
+    parser.add_argument("--overwrite", action="store_true", help="train configurations whose folders in --out "
+                        "already hold a run again, replacing them")
 
 
 def add_pipeline_parser(sub) -> None:
@@ -126,5 +141,5 @@ def pipeline(flags: dict) -> int:
     """``alignkit pipeline``."""
     train_and_compare(PIPELINE_CONFIGS, flags["out"], flags["max_steps"], flags["prompts"], flags["max_new_tokens"],
                       flags["model"], flags["dataset"], reuse=flags["reuse"], seed=flags["seed"],
-                      test_size=flags["test_size"])
+                      test_size=flags["test_size"], overwrite=flags["overwrite"])
     return 0

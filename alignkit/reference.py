@@ -144,6 +144,15 @@ class ReferencePolicy:
         ref = torch.tensor([self.cache[k] for k in example_ids], dtype=torch.float32, device=device)
         return ref[:, 0], ref[:, 1]
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The cached entries as JSON-able data (for a checkpoint: a resumed run then uses the very same
+        reference numbers as the run it continues)."""
+        return {str(k): list(v) for k, v in self.cache.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        """Take the entries of :meth:`state_dict`; they win over entries loaded from the store."""
+        self.cache.update({int(k): (float(v[0]), float(v[1])) for k, v in state.items()})
+
     def save(self) -> int:
         """Add the entries computed since loading to the on-disk store; returns how many (0 without one)."""
         if self.store is None:

@@ -6,42 +6,42 @@ run folder:
 - ``run.json``: the algorithm, the resolved options and the base model;
 - ``metrics.jsonl``: one JSON object per logged step, ``{"step", "epoch", "split", "time", <metrics>}``
   with ``split`` = ``"train"`` or ``"eval"``;
-- ``actor/``, ``training_state.json``, ``optimizer.safetensors``: the checkpoint (see ``checkpoints``);
+- ``checkpoint-<step>/``: the whole state every ``--save-interval`` steps, on a stop signal and at
+  the end (the newest ``--keep-checkpoints``), from which ``--resume`` continues exactly;
+- ``actor/``, ``training_state.json``, ``optimizer.safetensors``: the finished run (see ``checkpoints``);
 - training-curve PNGs (``alignkit.plots``) unless ``plot`` is off.
+
+SIGINT and SIGTERM finish the current step, write a checkpoint and stop with exit code 130 / 143;
+a second signal stops at once (every write is atomic, so nothing is left half-written).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import adapter_base_model, load_adapter
+from . import checkpoints
+from .adapters import adapter_base_model, check_adapter_folder, load_adapter
 from .agents import DPO, SFT
 from .config import SFTConfig
 from .data import make_dataset
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 from .gyms import PreferenceGym, SFTGym
-from .io import append_jsonl, atomic_write_json
+from .io import atomic_write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
 from .reference import REFERENCE_ADAPTER, reference_store
+from .runs import MetricsLog, check_save_path, claim_run_dir
 from .runtime import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
-
-
-def run_dir_for(cfg: SFTConfig, now: datetime | None = None) -> Path:
-    """``save_path`` itself with ``no_timestamp``, else ``save_path/<YYYYmmdd_HHMMSS>_<ALGO>``."""
-    base = Path(cfg.save_path)
-    if cfg.no_timestamp:
-        return base
-    return base / f"{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}_{cfg.algo.upper()}"
 
 
 def resolve_base_model(cfg: SFTConfig) -> str:
@@ -53,69 +53,25 @@ def resolve_base_model(cfg: SFTConfig) -> str:
     if cfg.model and adapter_base and cfg.model != adapter_base:
         raise UserError(f"the adapter at {cfg.load_path} was trained on {adapter_base!r}, not {cfg.model!r}; "
                         "drop --model or pass the adapter's base model")
+    if cfg.load_path:
+        check_adapter_folder(cfg.load_path)  # damaged weights are refused before the base model loads
     return cfg.model or adapter_base or DEFAULT_MODEL
-
-
-class MetricsLog:
-    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors it to optional loggers."""
-
-    def __init__(self, run_dir: Path, report_to: str = "none", run_name: str = "", config: dict | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.path.write_text("")
-        self.start = time.time()
-        self.sinks = []
-        self.closers = []
-        targets = {t.strip() for t in report_to.split(",")} - {"none"}
-        if "tensorboard" in targets:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--report-to tensorboard needs the tensorboard package: "
-                                "pip install tensorboard") from None
-            writer = SummaryWriter(log_dir=str(run_dir))
-            self.closers.append(writer.close)
-            self.sinks.append(lambda rec, w=writer: [w.add_scalar(f"{rec['split']}/{k}", v, rec["step"])
-                                                     for k, v in rec.items() if k not in ("step", "split", "epoch")]
-                              and w.flush())
-        if "wandb" in targets:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
-            wb = wandb.init(mode="offline", dir=str(run_dir), name=run_name, config=config)
-            self.closers.append(wb.finish)
-            self.sinks.append(lambda rec, r=wb: r.log({f"{rec['split']}/{k}": v for k, v in rec.items()
-                                                       if k not in ("step", "split")}, step=rec["step"]))
-
-    def log(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
-        record = {"step": step, "epoch": round(epoch, 4), "split": split,
-                  "time": round(time.time() - self.start, 3), **metrics}
-        append_jsonl(self.path, record)
-        for sink in self.sinks:
-            sink(record)
-        return record
-
-    def close(self) -> None:
-        """Flush and close the optional loggers (a finished wandb run, closed event files)."""
-        for close in self.closers:
-            close()
-        self.closers = []
 
 
 @dataclass
 class Setup:
-    """Everything a run needs, built in order by :func:`setup`."""
+    """Everything a run needs, built in order by :func:`setup` (the folder is claimed by :func:`train`)."""
 
     cfg: SFTConfig
-    run_dir: Path
     base_model: str
     tokenizer: object
     gym: object
     agent: object
     total_steps: int
+    run_dir: Path | None = None
 
 
-def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
+def setup(cfg: SFTConfig) -> Setup:
     """Load model, tokenizer and data, build the gym and the agent for ``cfg``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -123,12 +79,12 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
         reuse_freed_memory()
     torch.manual_seed(cfg.seed)
     base_model = resolve_base_model(cfg)
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
     train_ds, test_ds = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
     gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
     gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=cfg.batch_size,
                   max_context_length=cfg.max_length, seed=cfg.seed)
-    model = load_model(base_model, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(base_model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.load_path:
         model = load_adapter(model, cfg.load_path, adapter_name="default", is_trainable=True)
         if cfg.algo == "dpo" and cfg.loss_type != "simpo":
@@ -151,7 +107,7 @@ def setup(cfg: SFTConfig, run_dir: Path | None = None) -> Setup:
                     share_prompts=cfg.share_prompts, reference_cache=store, **common)
     else:
         agent = SFT(model, **common)
-    return Setup(cfg, run_dir or run_dir_for(cfg), base_model, tokenizer, gym, agent, total)
+    return Setup(cfg, base_model, tokenizer, gym, agent, total)
 
 
 def _short(metrics: dict) -> str:
@@ -159,16 +115,80 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
+class _StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one
+    interrupts at once (as a KeyboardInterrupt). Only the main thread can take signals."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_state(s: Setup) -> int:
+    """Load the newest complete checkpoint of ``s.run_dir`` into the agent and gym; returns its step."""
+    removed = checkpoints.remove_leftovers(s.run_dir)
+    if removed:
+        logger.info("removed %d temporary files of an interrupted save", len(removed))
+    found = checkpoints.numbered(s.run_dir)
+    if not found:
+        raise UserError(f"--resume {s.run_dir}: no complete checkpoint-<step>/ folder to continue from "
+                        "(start a new run)")
+    extra = s.agent.load_checkpoint(found[-1])
+    s.gym.load_state_dict(extra["gym"])
+    if isinstance(s.agent, DPO) and s.agent.reference is not None:
+        s.agent.reference.load_state_dict(extra.get("reference", {}))
+    return s.agent.steps
+
+
+def _save_checkpoint(s: Setup) -> Path:
+    """Write ``checkpoint-<step>/`` with everything an exact resume needs; a failed write is one line."""
+    agent = s.agent
+    extra = {"gym": s.gym.state_dict(), "options": s.cfg.to_dict()}
+    if isinstance(agent, DPO) and agent.reference is not None:
+        extra["reference"] = agent.reference.state_dict()
+        agent.reference.save()
+    try:
+        return checkpoints.save_numbered(agent, s.run_dir, s.base_model, extra, keep=s.cfg.keep_checkpoints)
+    except OSError as exc:
+        kept = checkpoints.numbered(s.run_dir)
+        intact = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+        raise UserError(f"could not write {s.run_dir}/checkpoint-{agent.steps}: "
+                        f"{exc.strerror or exc}; {intact}") from None
+
+
 def train(s: Setup) -> dict:
     """Run the loop of ``s``; returns the final held-out metrics."""
     cfg, gym, agent = s.cfg, s.gym, s.agent
-    s.run_dir.mkdir(parents=True, exist_ok=True)
+    s.run_dir = s.run_dir or claim_run_dir(cfg)
+    start = _resume_state(s) if cfg.resume else 0
+    if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
+        print(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
+              "or --epochs to extend it")
+        return {}
     info = {"algo": cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
             "train_rows": len(gym.train_examples), "test_rows": len(gym.test_examples), "total_steps": s.total_steps}
+    info["config"].update(resume=None, overwrite=False)  # how this run was started is not an option of it
     atomic_write_json(s.run_dir / "run.json", info)
-    log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"])
+    log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"], resume_after=start if start else None)
+    steps = f"resuming at step {start} of {s.total_steps}" if start else str(s.total_steps)
     print(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
-          f"{s.total_steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
+          f"{steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
 
     def evaluate(step):
         if not gym.test_examples:
@@ -178,34 +198,46 @@ def train(s: Setup) -> dict:
         return metrics
 
     try:
-        evaluate(0)
-        bar = tqdm(total=s.total_steps, desc=cfg.algo.upper(), unit="step", dynamic_ncols=True)
-        batch = gym.reset()
-        for step in range(1, s.total_steps + 1):
-            t0 = time.perf_counter()
-            metrics = agent.learn(batch)
-            metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
-            epoch = gym.progress
-            log.log(step, epoch, "train", metrics)
-            bar.update(1)
-            bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} epoch={epoch:.2f}")
-            if not math.isfinite(metrics["loss"]):
-                bar.close()
-                raise UserError(f"the loss became {metrics['loss']} at step {step}; lower --lr "
-                                "(stopped before writing the final adapter)")
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < s.total_steps:
-                bar.write(f"step {step} eval: {_short(evaluate(step))}")
-            if cfg.save_interval and step % cfg.save_interval == 0 and step < s.total_steps:
+        with _StopSignals() as stop:
+            if not start:
+                evaluate(0)
+            with tqdm(total=s.total_steps, initial=start, desc=cfg.algo.upper(), unit="step",
+                      dynamic_ncols=True) as bar:
+                batch = gym.step() if start else gym.reset()
+                for step in range(start + 1, s.total_steps + 1):
+                    t0 = time.perf_counter()
+                    metrics = agent.learn(batch)
+                    metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
+                    epoch = gym.progress
+                    log.log(step, epoch, "train", metrics)
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss={metrics['loss']:.4f} tok/s={metrics['tokens_per_s']:.0f} "
+                                        f"epoch={epoch:.2f}")
+                    if not math.isfinite(metrics["loss"]):
+                        kept = checkpoints.numbered(s.run_dir)
+                        raise UserError(f"the loss became {metrics['loss']} at step {step}; lower --lr (stopped; "
+                                        + (f"last good checkpoint: {kept[-1]})" if kept else "nothing was saved)"))
+                    if cfg.eval_interval and step % cfg.eval_interval == 0 and step < s.total_steps:
+                        bar.write(f"step {step} eval: {_short(evaluate(step))}")
+                    if step < s.total_steps and (stop.signum or cfg.save_interval and step % cfg.save_interval == 0):
+                        saved = _save_checkpoint(s)
+                    if stop.signum and step < s.total_steps:
+                        raise RunInterrupted(f"stopped at step {step} of {s.total_steps}; checkpoint written to {saved}; "
+                                             f"resume with: alignkit {cfg.algo} --resume {s.run_dir}",
+                                             128 + stop.signum)
+                    if step < s.total_steps:
+                        batch = gym.step()
+            # (a run stopped between its last checkpoint and its finished adapter has its final eval)
+            final = log.kept_evals.get(s.total_steps) or evaluate(s.total_steps)
+            _save_checkpoint(s)
+            # The finished adapter; a folder without its state file never passes for a finished run.
+            try:
                 agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
-            if step < s.total_steps:
-                batch = gym.step()
-        bar.close()
-        final = evaluate(s.total_steps)
+            except OSError as exc:
+                raise UserError(f"could not write the finished adapter to {s.run_dir / 'actor'}: "
+                                f"{exc.strerror or exc}; checkpoint-{agent.steps}/ holds it") from None
     finally:
         log.close()
-    if isinstance(agent, DPO) and agent.reference is not None:
-        agent.reference.save()
-    agent.save_checkpoint(s.run_dir, s.base_model, extra_state={"gym": gym.state_dict()})
     if cfg.plot:
         from .plots import plot_run
 
@@ -217,7 +249,8 @@ def train(s: Setup) -> dict:
 
 
 def run(cfg: SFTConfig) -> Path:
-    """Set up and train one run described by ``cfg``; returns its folder."""
+    """Check where ``cfg``'s run writes, set it up and train it; returns its folder."""
+    check_save_path(cfg)
     s = setup(cfg)
     train(s)
     return s.run_dir

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         given = {n: getattr(args, n) for n in ALL_CONFIGS[1:] if getattr(args, n)}
         train_and_compare(args.configs, args.out, args.max_steps, args.prompts, args.max_new_tokens, args.model,
-                          args.dataset, given=given, reuse=args.reuse, seed=args.seed, test_size=args.test_size)
+                          args.dataset, given=given, reuse=args.reuse, seed=args.seed, test_size=args.test_size,
+                          overwrite=args.overwrite)
 
     return guarded(run)
 

@@ -1,6 +1,7 @@
 """The command line on a tiny local model: files written, warm start, chat, export, user errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,20 @@ def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_pa
         assert name in text
     html = (out / "report" / "index.html").read_text()
     assert "Do you have any favorite memories?" in html and "data:image/png;base64," in html
+
+    # a second pipeline into the same folder: refused, unless finished runs are reused
+    assert main(argv) == 2
+    adapter = out / "runs" / "sft" / "actor" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    # the warm-started run was cut after its last checkpoint, before its finished adapter
+    cut = out / "runs" / "sft_dpo_nll"
+    (cut / "training_state.json").unlink()
+    shutil.rmtree(cut / "actor")
+    assert main([*argv, "--reuse"]) == 0
+    assert adapter.stat().st_mtime_ns == before   # kept, not retrained
+    assert (cut / "actor" / "adapter_model.safetensors").is_file() and (cut / "training_state.json").is_file()
+    evals = [r["step"] for r in _read_metrics(cut) if r["split"] == "eval"]
+    assert evals == sorted(set(evals))   # the final evaluation is not logged twice
 
     # evaluate_models.py reuses given runs and trains only what is missing
     script = ROOT / "benchmarking" / "evaluate_models.py"

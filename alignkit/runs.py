@@ -1,0 +1,187 @@
+"""Run folders: claimed so that no run overwrites another, checked before anything loads, resumed.
+
+A run's folder holds ``run.json`` (the algorithm, the resolved options, the base model: the truth
+about the run), ``metrics.jsonl``, its ``checkpoint-<step>/`` folders, the final ``actor/`` and the
+figures. ``--no-timestamp`` writes into ``--save-path`` itself, which must then be empty (unless
+``--resume`` or ``--overwrite``); otherwise each run claims a new ``<YYYYmmdd_HHMMSS>_<ALGO>``
+subfolder with an atomic ``mkdir`` (a second run in the same second gets ``..._2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, flag, load_yaml
+from .errors import UserError
+from .io import append_jsonl, atomic_write_text, read_jsonl
+
+RUN_RECORD = "run.json"
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_save_path(cfg: SFTConfig) -> None:
+    """Refuse, before anything loads, a run whose folder cannot be written or holds another run."""
+    if cfg.resume:
+        folder = Path(cfg.resume)
+        if not (folder / RUN_RECORD).is_file():
+            raise UserError(f"--resume {folder}: not a run folder (no {RUN_RECORD})")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--resume {folder}: the folder cannot be written")
+        return
+    base = Path(cfg.save_path)
+    if base.exists() and not base.is_dir():
+        raise UserError(f"--save-path {base} is a file; give a folder")
+    anchor = _nearest_existing(base)
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"--save-path {base} cannot be written (no write permission on {anchor})")
+    if not cfg.no_timestamp or not base.is_dir() or not any(base.iterdir()):
+        return
+    if not cfg.overwrite:
+        raise UserError(f"--save-path {base} already holds files; pass --resume {base} to continue that run, "
+                        "--overwrite to replace it, or choose another folder")
+    if cfg.load_path and base.resolve() in [Path(cfg.load_path).resolve(), *Path(cfg.load_path).resolve().parents]:
+        raise UserError(f"--overwrite would delete the adapter --load-path {cfg.load_path} starts from; "
+                        "choose another --save-path")
+
+
+def claim_run_dir(cfg: SFTConfig, now: datetime | None = None) -> Path:
+    """Create the run's folder, or take ``--resume``'s; no other run can claim the same one."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    base = Path(cfg.save_path)
+    if cfg.no_timestamp:
+        if cfg.overwrite and base.is_dir():
+            for child in base.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        base.mkdir(parents=True, exist_ok=True)
+        try:  # the record is created exclusively, so two runs started into one folder cannot both go on
+            with open(base / RUN_RECORD, "x"):
+                pass
+        except FileExistsError:
+            raise UserError(f"--save-path {base}: another run has just claimed this folder") from None
+        return base
+    base.mkdir(parents=True, exist_ok=True)
+    stem = f"{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}_{cfg.algo.upper()}"
+    for n in itertools.count(1):
+        folder = base / (stem if n == 1 else f"{stem}_{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def read_run_info(run_dir) -> dict:
+    """The run's ``run.json`` as a dict (a UserError when it is missing or unreadable)."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+            raise ValueError("no options recorded")
+        return info
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a run folder (no {RUN_RECORD})") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable run record ({exc})") from None
+
+
+def resumed_config(algo: str, given: dict) -> SFTConfig:
+    """The options of the run in ``given['resume']``, with the few that may change taken from ``given``.
+
+    ``given`` holds only what the user set (flags and ``--config`` keys). An option that would change
+    the result of the steps already taken is refused with one line naming each.
+    """
+    run_dir = Path(given["resume"])
+    info = read_run_info(run_dir)
+    if info.get("algo") != algo:
+        raise UserError(f"{run_dir} is a {info.get('algo')} run; resume it with: alignkit {info.get('algo')} "
+                        f"--resume {run_dir}")
+    cls = CONFIGS[algo]
+    if given.get("config"):
+        given = {**load_yaml(given["config"], cls), **given}
+    names = {f.name for f in dataclasses.fields(cls)}
+    recorded = {k: v for k, v in info["config"].items() if k in names}
+    changed = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in given.items()
+               if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
+    if changed:
+        raise UserError(f"--resume continues with the run's recorded options; these would change its result: "
+                        f"{', '.join(changed)}")
+    options = {**recorded, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, "resume": str(run_dir),
+               "overwrite": False}
+    cfg = cls(**options)
+    cfg.validate()
+    return cfg
+
+
+class MetricsLog:
+    """Appends one JSON line per record to ``metrics.jsonl`` and mirrors it to optional loggers.
+
+    A new run starts the file empty; a resumed run (``resume_after`` = the checkpoint's step) keeps
+    the records up to that step and appends from there.
+    """
+
+    def __init__(self, run_dir: Path, report_to: str = "none", run_name: str = "", config: dict | None = None,
+                 resume_after: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.start = time.time()
+        self.kept_evals: dict[int, dict] = {}
+        if resume_after is None:
+            atomic_write_text(self.path, "")
+        else:
+            # Steps after the checkpoint are done again: drop their records, and go on with the clock.
+            records, _ = read_jsonl(self.path) if self.path.exists() else ([], 0)
+            kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= resume_after]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.kept_evals = {r["step"]: r for r in kept if r.get("split") == "eval"}
+            self.start -= max((r.get("time", 0) for r in kept), default=0)
+        self.sinks = []
+        self.closers = []
+        targets = {t.strip() for t in report_to.split(",")} - {"none"}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--report-to tensorboard needs the tensorboard package: "
+                                "pip install tensorboard") from None
+            writer = SummaryWriter(log_dir=str(run_dir))
+            self.closers.append(writer.close)
+            self.sinks.append(lambda rec, w=writer: [w.add_scalar(f"{rec['split']}/{k}", v, rec["step"])
+                                                     for k, v in rec.items() if k not in ("step", "split", "epoch")]
+                              and w.flush())
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
+            wb = wandb.init(mode="offline", dir=str(run_dir), name=run_name, config=config)
+            self.closers.append(wb.finish)
+            self.sinks.append(lambda rec, r=wb: r.log({f"{rec['split']}/{k}": v for k, v in rec.items()
+                                                       if k not in ("step", "split")}, step=rec["step"]))
+
+    def log(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
+        record = {"step": step, "epoch": round(epoch, 4), "split": split,
+                  "time": round(time.time() - self.start, 3), **metrics}
+        append_jsonl(self.path, record)
+        for sink in self.sinks:
+            sink(record)
+        return record
+
+    def close(self) -> None:
+        """Flush and close the optional loggers (a finished wandb run, closed event files)."""
+        for close in self.closers:
+            close()
+        self.closers = []

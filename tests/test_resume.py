@@ -1,0 +1,204 @@
+"""Runs that survive: exact resume after SIGKILL, graceful stop on signals, outputs never destroyed."""
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+from alignkit.config import build_config
+from alignkit.runs import claim_run_dir
+
+# The command line, with every optimizer step slowed down so a test can signal or kill it mid-run.
+SLOW_CLI = """
+import sys, time
+import alignkit.agents as agents
+learn = agents.LLMAgent.learn
+def slow(self, batch):
+    out = learn(self, batch)
+    time.sleep(float(sys.argv[1]))
+    return out
+agents.LLMAgent.learn = slow
+from alignkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _flags(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
+            "--max-steps", "7", "--batch-size", "4", "--max-length", "64", "--test-size", "6", "--lr", "1e-2",
+            "--eval-interval", "3", "--no-plot", *extra]
+
+
+def _slow(delay, argv, **kw):
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, str(delay), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for(path: Path, proc, timeout=180):
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _train_losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+
+def _errors(capsys) -> list[str]:
+    """The error lines of what the command printed on stderr (progress bars aside); no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _assert_same_run(whole, resumed):
+    a = load_file(str(whole / "actor" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "actor" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    la, lb = _train_losses(whole), _train_losses(resumed)
+    assert sorted(la) == sorted(lb) == list(range(1, 8))
+    assert all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_a_killed_run_resumes_to_the_same_adapter_and_losses(algo, tiny_model_dir, rows_file, tmp_path, monkeypatch,
+                                                              capsys):
+    # one reference cache for both runs: the resumed DPO run reads entries the whole run wrote
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([algo, *_flags(tiny_model_dir, rows_file, whole)]) == 0
+    proc = _slow(0.3, [algo, *_flags(tiny_model_dir, rows_file, cut, "--save-interval", "2")])
+    _wait_for(cut / "checkpoint-4" / "training_state.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (cut / "actor").exists() and max(_train_losses(cut)) < 7
+    capsys.readouterr()
+    assert main([algo, "--resume", str(cut)]) == 0
+    assert "resuming at step 4 of 7" in capsys.readouterr().out
+    _assert_same_run(whole, cut)
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]   # keep 2
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(sig, code, tiny_model_dir, rows_file, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, whole)]) == 0
+    proc = _slow(0.5, ["sft", *_flags(tiny_model_dir, rows_file, cut)])   # no --save-interval
+    _wait_for(cut / "metrics.jsonl", proc)
+    while 1 not in _train_losses(cut):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("stopped at step ")[1].split()[0])
+    assert last == (f"stopped at step {step} of 7; checkpoint written to {cut / f'checkpoint-{step}'}; "
+                    f"resume with: alignkit sft --resume {cut}")
+    assert not (cut / "actor").exists()
+    assert main(["sft", "--resume", str(cut)]) == 0
+    _assert_same_run(whole, cut)
+
+
+def test_a_second_interrupt_stops_at_once_and_leaves_no_partial_files(tiny_model_dir, rows_file, tmp_path):
+    cut = tmp_path / "cut"
+    proc = _slow(3.0, ["sft", *_flags(tiny_model_dir, rows_file, cut)])
+    _wait_for(cut / "metrics.jsonl", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert not [p for p in cut.iterdir() if p.name.startswith(".")]
+    assert not (cut / "actor").exists()
+
+
+def test_a_diverging_loss_keeps_the_last_good_checkpoint_and_resume_meets_it_again(tiny_model_dir, rows_file,
+                                                                                    tmp_path, capsys):
+    run = tmp_path / "nan"
+    flags = _flags(tiny_model_dir, rows_file, run, "--save-interval", "1")
+    flags[flags.index("--lr") + 1] = "1e30"
+    assert main(["sft", *flags]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and err[0].startswith("error: the loss became nan at step 2; lower --lr")
+    assert err[0].endswith(f"last good checkpoint: {run / 'checkpoint-1'})")
+    assert not (run / "actor").exists() and not (run / "training_state.json").exists()
+    assert main(["sft", "--resume", str(run)]) == 2
+    assert _errors(capsys) == err
+
+
+def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = _flags(tiny_model_dir, rows_file, run, "--max-steps", "1")
+    assert main(["sft", *flags]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["sft", *flags]) == 2
+    assert _errors(capsys) == [f"error: --save-path {run} already holds files; pass --resume {run} "
+                               "to continue that run, --overwrite to replace it, or choose another folder"]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # nor the folder a warm start reads its adapter from, even with --overwrite
+    warm = ["dpo", *flags, "--load-path", str(run / "actor"), "--overwrite"]
+    warm.remove("--model")
+    warm.remove(str(tiny_model_dir))
+    assert main(warm) == 2
+    assert "--overwrite would delete the adapter --load-path" in capsys.readouterr().err
+    assert main(["sft", *flags, "--overwrite"]) == 0
+    # extending a finished run: only --max-steps / --epochs may change
+    assert main(["sft", "--resume", str(run), "--lr", "0.5"]) == 2
+    assert "would change its result: --lr 0.5 (recorded: 0.01)" in capsys.readouterr().err
+    assert main(["sft", "--resume", str(run), "--max-steps", "2"]) == 0
+    assert sorted(_train_losses(run)) == [1, 2]
+
+
+def test_run_folders_are_claimed_once(tmp_path):
+    cfg = build_config("sft", {"save_path": str(tmp_path)})
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    first, second = claim_run_dir(cfg, now), claim_run_dir(cfg, now)
+    assert (first.name, second.name) == ("20260102_030405_SFT", "20260102_030405_SFT_2")
+
+
+def test_paths_are_checked_before_anything_loads(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    # the model does not exist: the message must still be about the path, checked first
+    for path, message in ((a_file, f"--save-path {a_file} is a file; give a folder"),
+                          (a_file / "sub", f"--save-path {a_file / 'sub'} cannot be written")):
+        assert main(["sft", "--model", "no/such-model", "--save-path", str(path)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert main(["export", "--load-path", str(tmp_path), "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {a_file} is a file; give a folder to create"
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, rows_file, tmp_path,
+                                                                        monkeypatch, capsys):
+    import alignkit.checkpoints as checkpoints
+
+    real, calls = checkpoints.save_file, []
+
+    def full_disk(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    run = tmp_path / "run"
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, run, "--save-interval", "2")]) == 2
+    assert _errors(capsys) == [f"error: could not write {run}/checkpoint-4: No space left on device; "
+                               f"{run / 'checkpoint-2'} is intact"]
+    assert [p.name for p in run.iterdir() if p.name.startswith(("checkpoint", "."))] == ["checkpoint-2"]
+    monkeypatch.setattr(checkpoints, "save_file", real)
+    assert main(["sft", "--resume", str(run)]) == 0
