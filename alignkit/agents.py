@@ -11,6 +11,7 @@ optimizer step (or once per evaluation), never as a mean of means.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from peft import LoraConfig, PeftModel
 
 from . import checkpoints
 from .config import DPOConfig, SFTConfig, preference_problems
-from .forward import sequence_logps
+from .forward import ResponseLogps, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import add_lora
 from .reference import ReferencePolicy, ReferenceStore
@@ -92,8 +93,11 @@ class LLMAgent:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup_steps, self.total_steps, self.min_lr_ratio))
+        # The policy's forward; under accelerate it runs through the DDP wrapper, which averages the
+        # gradients across processes. ``self.model`` stays the plain PeftModel (same parameters).
+        self.policy = ResponseLogps(self.model, packed=packed)
         if accelerator is not None:
-            self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+            self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
         self.steps = 0
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -101,8 +105,8 @@ class LLMAgent:
         """Yield micro-batches of ``size`` rows/pairs."""
         raise NotImplementedError
 
-    def _denominators(self, batch) -> dict[str, int]:  # pragma: no cover - abstract
-        """Counts over the whole optimizer step that the loss of every micro-batch divides by."""
+    def _denominators(self, batch) -> tuple[int, ...]:  # pragma: no cover - abstract
+        """Counts over this process's share of the step that the loss of every micro-batch divides by."""
         raise NotImplementedError
 
     def _micro_loss(self, micro, denom, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -118,11 +122,27 @@ class LLMAgent:
     def device(self) -> torch.device:
         return self.params[0].device
 
+    def _policy_logps(self, micro, shared_prompts: int = 0):
+        return self.policy(micro["input_ids"], micro["attention_mask"], micro["labels"], shared_prompts=shared_prompts)
+
+    @property
+    def _processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    def _global(self, counts: tuple[int, ...]) -> tuple[int, ...]:
+        """The step's counts summed over every process's share (the loss divides by the global count)."""
+        if self._processes == 1:
+            return counts
+        total = self.accelerator.reduce(torch.tensor(counts, dtype=torch.long, device=self.device), "sum")
+        return tuple(int(c) for c in total.tolist())
+
     def _backward(self, loss):
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
+        if self.accelerator is None:
             loss.backward()
+            return
+        # Each process's loss is its share's sum over the GLOBAL count; DDP averages the gradients
+        # over processes, so scaling by their number makes the result the global batch's gradient.
+        self.accelerator.backward(loss * self._processes)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Sum statistics across processes (a no-op in one process)."""
@@ -138,11 +158,15 @@ class LLMAgent:
         """
         self.model.train()
         for _ in range(self.update_epochs):
-            denom = self._denominators(batch)
+            denom = self._global(self._denominators(batch))
             sums: dict[str, torch.Tensor] = {}
-            for micro in self._split(batch, self.micro_batch_size):
-                loss, stats = self._micro_loss(micro, denom, train=True)
-                self._backward(loss)
+            micros = list(self._split(batch, self.micro_batch_size))
+            for i, micro in enumerate(micros):
+                # Processes synchronise gradients once, on the step's last backward.
+                last = i == len(micros) - 1
+                with contextlib.nullcontext() if last or self._processes == 1 else self.accelerator.no_sync(self.policy):
+                    loss, stats = self._micro_loss(micro, denom, train=True)
+                    self._backward(loss)
                 add_stats(sums, stats)
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._clip()
@@ -174,7 +198,8 @@ class LLMAgent:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def unwrapped_model(self) -> PeftModel:
-        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+        """The PeftModel being trained (the same object with or without accelerate)."""
+        return self.model
 
     def save_checkpoint(self, path, base_model_name: str | None = None, extra_state: dict | None = None):
         """Write ``path/actor/`` (a standard PEFT adapter folder) and the training state beside it."""
@@ -229,11 +254,11 @@ class SFT(LLMAgent):
         return _split_rows(batch, size)
 
     def _denominators(self, batch):
-        return {"tokens": int(_response_tokens(batch["labels"]).sum())}
+        return (int(_response_tokens(batch["labels"]).sum()),)
 
     def _micro_loss(self, micro, denom, train):
-        logps, n_tokens = sequence_logps(self.model, micro, packed=self.packed)
-        loss = sft_loss(logps, max(denom["tokens"], 1))
+        logps, n_tokens = self._policy_logps(micro)
+        loss = sft_loss(logps, max(denom[0], 1))
         stats = {"nll": -logps.sum(), "response_tokens": n_tokens.sum(),
                  "tokens": micro["attention_mask"].sum()}
         return loss, stats
@@ -310,28 +335,28 @@ class PreferenceObjective:
         return m
 
 
-def preference_micro_loss(model, reference: ReferencePolicy | None, objective: PreferenceObjective, micro: dict,
-                          n_pairs: int, n_tokens: int, shortcut: bool, packed: bool = True,
-                          share_prompts: bool = True):
+def preference_micro_loss(policy, reference: ReferencePolicy | None, objective: PreferenceObjective, micro: dict,
+                          n_pairs: int, n_tokens: int, shortcut: bool, share_prompts: bool = True):
     """One DPO micro-batch: policy log-probs, reference log-probs, loss and summed statistics.
 
-    ``micro`` holds P pairs (``input_ids``/``attention_mask``/``labels`` (2P, T), chosen rows first,
-    and ``example_ids`` (P,)). ``shortcut``: the policy is known to equal the reference
-    (``ReferencePolicy.is_policy``), so its own log-probs serve as the reference's. Returns
-    ``(loss, sums)`` as :class:`PreferenceObjective` does, plus ``tokens`` (real tokens processed).
+    ``policy(micro, shared_prompts)`` returns the policy's ``(logps, counts)``, each (2P,) (see
+    ``alignkit.forward``). ``micro`` holds P pairs (``input_ids``/``attention_mask``/``labels``
+    (2P, T), chosen rows first, and ``example_ids`` (P,)). ``shortcut``: the policy is known to equal
+    the reference (``ReferencePolicy.is_policy``), so its own log-probs serve as the reference's.
+    Returns ``(loss, sums)`` as :class:`PreferenceObjective` does, plus ``tokens`` (real tokens).
     """
     pairs = micro["example_ids"].shape[0]
-    shared = pairs if packed and share_prompts else 0
+    shared = pairs if share_prompts else 0
     ids = micro["example_ids"].tolist()
     ref_c = ref_r = None
     if reference is None:      # a reference-free loss
-        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)    # (2P,)
+        logps, counts = policy(micro, shared)                        # (2P,)
     elif shortcut:             # before the first update the policy IS the reference
-        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)
+        logps, counts = policy(micro, shared)
         ref_c, ref_r = reference.remember(ids, logps)
     else:                      # cached, or one no-grad forward of the frozen reference
-        ref_c, ref_r = reference.logps(micro)                                                # (P,) each
-        logps, counts = sequence_logps(model, micro, packed=packed, shared_prompts=shared)
+        ref_c, ref_r = reference.logps(micro)                        # (P,) each
+        logps, counts = policy(micro, shared)
     loss, sums = objective(logps, counts, ref_c, ref_r, n_pairs, n_tokens)
     sums["tokens"] = micro["attention_mask"].sum()
     return loss, sums
@@ -350,8 +375,12 @@ def score_preferences(model, batches, reference: ReferencePolicy | None, objecti
     model.eval()
     try:
         shortcut = reference is not None and reference.is_policy(updated=False)
-        sums = sum_stats(preference_micro_loss(model, reference, objective, batch, *pair_counts(batch), shortcut,
-                                               packed, share_prompts)[1] for batch in batches)
+
+        def policy(batch, shared):
+            return sequence_logps(model, batch, packed=packed, shared_prompts=shared)
+
+        sums = sum_stats(preference_micro_loss(policy, reference, objective, batch, *pair_counts(batch), shortcut,
+                                               share_prompts)[1] for batch in batches)
     finally:
         model.train(was_training)
     if not sums:
@@ -408,8 +437,8 @@ class DPO(LLMAgent):
 
     def _micro_loss(self, micro, denom, train):
         shortcut = self.reference is not None and self.reference.is_policy(self.steps > 0, training=train)
-        return preference_micro_loss(self.model, self.reference, self.objective, micro, *denom, shortcut,
-                                     self.packed, self.share_prompts)
+        return preference_micro_loss(self._policy_logps, self.reference, self.objective, micro, *denom, shortcut,
+                                     self.share_prompts)
 
     def _finalize(self, sums):
         return self.objective.metrics(sums)

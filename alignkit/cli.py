@@ -20,6 +20,7 @@ import sys
 from . import commands
 from .cliutil import ArgParser, guarded
 from .config import CONFIGS, add_arguments, build_config
+from .errors import UserError
 from .pipeline import add_pipeline_parser
 
 EPILOG = {
@@ -55,6 +56,10 @@ def train_or_chat(algo: str, flags: dict) -> int:
         cfg = build_config(algo, flags)
     if cfg.eval:
         from .evaluate import interactive, load_for_generation
+        from .processes import launched_processes
+
+        if launched_processes() > 1:
+            raise UserError("--eval is an interactive chat for one process; run it without accelerate launch")
         from .train import resolve_base_model
 
         model, tokenizer = load_for_generation(resolve_base_model(cfg), cfg.load_path, cfg.device, cfg.dtype,

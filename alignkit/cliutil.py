@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .errors import RunInterrupted, UserError
+from .processes import is_main_process
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -27,7 +28,8 @@ def guarded(fn, *args) -> int:
         result = fn(*args)
         return result if isinstance(result, int) else 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main_process():  # under a multi-process launch every process has it: say it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
         print(str(exc), file=sys.stderr)

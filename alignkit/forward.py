@@ -186,3 +186,20 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     sums = torch.zeros(n_rows, dtype=torch.float32, device=device).index_add(0, rows, logps)
     counts = torch.zeros(n_rows, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
     return sums, counts
+
+
+class ResponseLogps(torch.nn.Module):
+    """:func:`sequence_logps` of ``model`` as a module's forward.
+
+    A data-parallel wrapper (accelerate's DDP) synchronises gradients only for forwards run through
+    it, so the training step calls the policy through this module once accelerate has prepared it.
+    """
+
+    def __init__(self, model, packed: bool = True):
+        super().__init__()
+        self.model, self.packed = model, packed
+
+    def forward(self, input_ids, attention_mask, labels, shared_prompts: int = 0):
+        """``(logps, n_tokens)``, each (B,), as :func:`sequence_logps` returns them."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return sequence_logps(self.model, batch, packed=self.packed, shared_prompts=shared_prompts)

@@ -201,9 +201,14 @@ class _Gym:
         return self.epoch + self._cursor / len(self.train_examples)
 
     @property
+    def processes(self) -> int:
+        """How many processes share each batch (1 without an accelerator)."""
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
     def batches_per_epoch(self) -> int:
         """Training batches in one pass over the train split (the last one may be smaller)."""
-        return math.ceil(len(self.train_examples) / self.batch_size)
+        return math.ceil(len(self.train_examples) / (self.batch_size * self.processes))
 
     def _shuffle(self) -> None:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -223,11 +228,17 @@ class _Gym:
         if self._cursor >= len(self._order):
             self.epoch += 1
             self._shuffle()
-        idx = self._order[self._cursor: self._cursor + self.batch_size]
+        n = self.processes
+        idx = self._order[self._cursor: self._cursor + self.batch_size * n]
         self._cursor += len(idx)
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            # Every process draws the same global batch and keeps its own share of the rows.
-            idx = idx[self.accelerator.process_index::self.accelerator.num_processes]
+        if n > 1:
+            # Every process draws the same global batch and keeps its own share of the rows. An epoch's
+            # last, short batch is cut to a multiple of the process count: every share the same size.
+            usable = len(idx) - len(idx) % n
+            if usable == 0:  # fewer rows left than processes: the epoch ends here
+                self._cursor = len(self._order)
+                return self.step()
+            idx = idx[:usable][self.accelerator.process_index::n]
         return self._collate([self.train_examples[i] for i in idx])
 
     def state_dict(self) -> dict:
@@ -240,10 +251,13 @@ class _Gym:
         self._cursor = state["cursor"]
 
     def test_batches(self, batch_size: int | None = None):
-        """Yield batches covering the whole test split once, in order."""
+        """Yield batches covering the whole test split once, in order (this process's share of it)."""
         size = batch_size or self.batch_size
-        for start in range(0, len(self.test_examples), size):
-            yield self._collate(self.test_examples[start: start + size])
+        examples = self.test_examples
+        if self.processes > 1:
+            examples = examples[self.accelerator.process_index::self.processes]
+        for start in range(0, len(examples), size):
+            yield self._collate(examples[start: start + size])
 
 
 class SFTGym(_Gym):
@@ -252,7 +266,8 @@ class SFTGym(_Gym):
     Args:
         train_dataset, test_dataset: datasets (or lists of dicts) with ``prompt`` and the response column.
         tokenizer: a Hugging Face tokenizer; its chat template is used where it has one.
-        data_batch_size_per_gpu: rows per batch.
+        data_batch_size_per_gpu: rows per batch on each process; with an accelerator of N processes
+            every global batch holds N times as many rows, split between them.
         response_column: which column holds the target answer (``"chosen"`` on preference data).
         accelerator: an ``accelerate.Accelerator`` or ``None``.
         max_context_length: longest sequence in tokens; responses are cut to fit, rows whose prompt

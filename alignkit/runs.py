@@ -131,14 +131,20 @@ class MetricsLog:
     """Appends one JSON line per record to ``metrics.jsonl`` and mirrors it to optional loggers.
 
     A new run starts the file empty; a resumed run (``resume_after`` = the checkpoint's step) keeps
-    the records up to that step and appends from there.
+    the records up to that step and appends from there. With ``enabled`` off (a process other than
+    the main one) nothing is written.
     """
 
     def __init__(self, run_dir: Path, report_to: str = "none", run_name: str = "", config: dict | None = None,
-                 resume_after: int | None = None):
+                 resume_after: int | None = None, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.start = time.time()
         self.kept_evals: dict[int, dict] = {}
+        self.sinks: list = []
+        self.closers: list = []
+        self.enabled = enabled
+        if not enabled:  # another process writes the log
+            return
         if resume_after is None:
             atomic_write_text(self.path, "")
         else:
@@ -148,8 +154,6 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.kept_evals = {r["step"]: r for r in kept if r.get("split") == "eval"}
             self.start -= max((r.get("time", 0) for r in kept), default=0)
-        self.sinks = []
-        self.closers = []
         targets = {t.strip() for t in report_to.split(",")} - {"none"}
         if "tensorboard" in targets:
             try:
@@ -175,7 +179,8 @@ class MetricsLog:
     def log(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
         record = {"step": step, "epoch": round(epoch, 4), "split": split,
                   "time": round(time.time() - self.start, 3), **metrics}
-        append_jsonl(self.path, record)
+        if self.enabled:
+            append_jsonl(self.path, record)
         for sink in self.sinks:
             sink(record)
         return record

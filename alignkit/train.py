@@ -37,6 +37,7 @@ from .errors import RunInterrupted, UserError
 from .gyms import PreferenceGym, SFTGym
 from .io import atomic_write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .processes import broadcast_from_main, gather_dicts, make_accelerator
 from .reference import REFERENCE_ADAPTER, reference_store
 from .runs import MetricsLog, check_save_path, claim_run_dir
 from .runtime import reuse_freed_memory
@@ -69,6 +70,12 @@ class Setup:
     agent: object
     total_steps: int
     run_dir: Path | None = None
+    accelerator: object = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and prints (always, without an accelerator)."""
+        return self.accelerator is None or self.accelerator.is_main_process
 
 
 def setup(cfg: SFTConfig) -> Setup:
@@ -77,14 +84,29 @@ def setup(cfg: SFTConfig) -> Setup:
         torch.set_num_threads(cfg.threads)
     if cfg.reuse_memory:
         reuse_freed_memory()
+    accelerator = make_accelerator(cfg.device)
+    processes = accelerator.num_processes if accelerator is not None else 1
+    if cfg.batch_size % processes:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {processes} processes; "
+                        f"give a multiple of {processes}")
+    per_process = cfg.batch_size // processes
+    if cfg.micro_batch_size and per_process % cfg.micro_batch_size:
+        raise UserError(f"each of the {processes} processes takes {per_process} rows of --batch-size "
+                        f"{cfg.batch_size}: --micro-batch-size {cfg.micro_batch_size} must divide that")
     torch.manual_seed(cfg.seed)
     base_model = resolve_base_model(cfg)
     tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
     train_ds, test_ds = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
     gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
-    gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=cfg.batch_size,
+    gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=per_process, accelerator=accelerator,
                   max_context_length=cfg.max_length, seed=cfg.seed)
-    model = load_model(base_model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if 0 < len(gym.test_examples) < processes:
+        raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; "
+                        "raise --test-size")
+    # each process on the device accelerate gave it ("cpu:0" is plain "cpu" to the loader)
+    device = cfg.device if accelerator is None else accelerator.device.type if accelerator.device.type == "cpu" \
+        else str(accelerator.device)
+    model = load_model(base_model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.load_path:
         model = load_adapter(model, cfg.load_path, adapter_name="default", is_trainable=True)
         if cfg.algo == "dpo" and cfg.loss_type != "simpo":
@@ -97,7 +119,7 @@ def setup(cfg: SFTConfig) -> Setup:
                   micro_batch_size=cfg.micro_batch_size or None, max_grad_norm=cfg.max_grad_norm,
                   weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * total), total_steps=total,
                   min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, packed=cfg.packing,
-                  gradient_checkpointing=cfg.gradient_checkpointing)
+                  gradient_checkpointing=cfg.gradient_checkpointing, accelerator=accelerator)
     if cfg.algo == "dpo":
         store = None
         if cfg.reuse_reference and cfg.loss_type != "simpo":
@@ -107,7 +129,7 @@ def setup(cfg: SFTConfig) -> Setup:
                     share_prompts=cfg.share_prompts, reference_cache=store, **common)
     else:
         agent = SFT(model, **common)
-    return Setup(cfg, base_model, tokenizer, gym, agent, total)
+    return Setup(cfg, base_model, tokenizer, gym, agent, total, accelerator=accelerator)
 
 
 def _short(metrics: dict) -> str:
@@ -142,7 +164,7 @@ class _StopSignals:
 
 def _resume_state(s: Setup) -> int:
     """Load the newest complete checkpoint of ``s.run_dir`` into the agent and gym; returns its step."""
-    removed = checkpoints.remove_leftovers(s.run_dir)
+    removed = checkpoints.remove_leftovers(s.run_dir) if s.main else []
     if removed:
         logger.info("removed %d temporary files of an interrupted save", len(removed))
     found = checkpoints.numbered(s.run_dir)
@@ -161,8 +183,13 @@ def _save_checkpoint(s: Setup) -> Path:
     agent = s.agent
     extra = {"gym": s.gym.state_dict(), "options": s.cfg.to_dict()}
     if isinstance(agent, DPO) and agent.reference is not None:
+        # every process computed the reference of its own share: the checkpoint holds them all
+        agent.reference.load_state_dict(gather_dicts(agent.reference.state_dict(), s.accelerator))
         extra["reference"] = agent.reference.state_dict()
-        agent.reference.save()
+        if s.main:
+            agent.reference.save()
+    if not s.main:
+        return s.run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{agent.steps}"
     try:
         return checkpoints.save_numbered(agent, s.run_dir, s.base_model, extra, keep=s.cfg.keep_checkpoints)
     except OSError as exc:
@@ -175,19 +202,22 @@ def _save_checkpoint(s: Setup) -> Path:
 def train(s: Setup) -> dict:
     """Run the loop of ``s``; returns the final held-out metrics."""
     cfg, gym, agent = s.cfg, s.gym, s.agent
-    s.run_dir = s.run_dir or claim_run_dir(cfg)
+    say = print if s.main else (lambda *args, **kwargs: None)   # one process speaks for all
+    s.run_dir = s.run_dir or broadcast_from_main(claim_run_dir(cfg) if s.main else None, s.accelerator)
     start = _resume_state(s) if cfg.resume else 0
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
-        print(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
+        say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
               "or --epochs to extend it")
         return {}
     info = {"algo": cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
             "train_rows": len(gym.train_examples), "test_rows": len(gym.test_examples), "total_steps": s.total_steps}
     info["config"].update(resume=None, overwrite=False)  # how this run was started is not an option of it
-    atomic_write_json(s.run_dir / "run.json", info)
-    log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"], resume_after=start if start else None)
+    if s.main:
+        atomic_write_json(s.run_dir / "run.json", info)
+    log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"], resume_after=start if start else None,
+                     enabled=s.main)
     steps = f"resuming at step {start} of {s.total_steps}" if start else str(s.total_steps)
-    print(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
+    say(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
           f"{steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
 
     def evaluate(step):
@@ -202,7 +232,7 @@ def train(s: Setup) -> dict:
             if not start:
                 evaluate(0)
             with tqdm(total=s.total_steps, initial=start, desc=cfg.algo.upper(), unit="step",
-                      dynamic_ncols=True) as bar:
+                      dynamic_ncols=True, disable=not s.main) as bar:
                 batch = gym.step() if start else gym.reset()
                 for step in range(start + 1, s.total_steps + 1):
                     t0 = time.perf_counter()
@@ -238,13 +268,13 @@ def train(s: Setup) -> dict:
                                 f"{exc.strerror or exc}; checkpoint-{agent.steps}/ holds it") from None
     finally:
         log.close()
-    if cfg.plot:
+    if cfg.plot and s.main:
         from .plots import plot_run
 
         for path in plot_run(s.run_dir):
             logger.info("wrote %s", path)
-    print(f"final eval: {_short(final)}")
-    print(f"adapter saved to {s.run_dir / 'actor'}")
+    say(f"final eval: {_short(final)}")
+    say(f"adapter saved to {s.run_dir / 'actor'}")
     return final
 
 

@@ -1,0 +1,92 @@
+"""Data parallelism through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demos" / "llm" / "demo_llm_finetuning.py"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+# The command line with one rank failing at its first step: the other must not wait forever.
+FAILING_RANK = """
+import os, sys
+import alignkit.agents as agents
+def fail(self, batch):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("forced failure in rank 1")
+    return learn(self, batch)
+learn = agents.LLMAgent.learn
+agents.LLMAgent.learn = fail
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script_args, timeout=240, env=None):
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           *script_args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _flags(model_dir, data, out, *extra):
+    return ["--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
+            "--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--test-size", "6", "--lr", "1e-2",
+            "--eval-interval", "2", "--no-plot", *extra]
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([algo, *_flags(tiny_model_dir, rows_file, one)]) == 0
+    env = {**__import__("os").environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
+    proc = _launch([str(DEMO), algo, *_flags(tiny_model_dir, rows_file, two)], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
+    a = load_file(str(one / "actor" / "adapter_model.safetensors"))
+    b = load_file(str(two / "actor" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    ra, rb = _records(one), _records(two)
+    assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]   # written once
+    for x, y in zip(ra, rb, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+        assert x["tokens"] == y["tokens"]   # every process's share is counted
+    if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
+        shards = list((tmp_path / "cache-two" / "reference_logps").glob("*/*.json"))
+        assert len(shards) == 1
+        assert len(json.loads(shards[0].read_text())["entries"]) == 6 + 3 * 4
+
+
+def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, rows_file, tmp_path):
+    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "odd", "--batch-size", "3")])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        "error: --batch-size 3 does not split evenly over 2 processes; give a multiple of 2"]
+    proc = _launch([str(DEMO), "sft", "--eval", "--load-path", str(tmp_path)])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        "error: --eval is an interactive chat for one process; run it without accelerate launch"]
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    proc = _launch([str(script), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "fail")], timeout=180)
+    assert proc.returncode != 0 and "forced failure in rank 1" in proc.stderr
+    assert not (tmp_path / "fail" / "actor").exists()
