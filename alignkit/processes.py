@@ -31,8 +31,8 @@ def is_main_process() -> bool:
 def make_accelerator(device: str = "auto"):
     """An ``accelerate.Accelerator`` for a multi-process launch, or None in a single process.
 
-    CPU processes talk over gloo (``--device cpu``, or no CUDA here); GPU processes each take the
-    device accelerate gives them. Only data parallelism (DDP) is driven by alignkit's training step:
+    CPU processes (``--device cpu``: asked for, never a silent fallback) talk over gloo; GPU
+    processes each take the device accelerate gives them. Only data parallelism (DDP) is driven by alignkit's training step:
     an FSDP or DeepSpeed launch is refused with one line.
     """
     if launched_processes() <= 1:
@@ -40,11 +40,18 @@ def make_accelerator(device: str = "auto"):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    if not cpu and str(device).startswith("cuda:"):
+    processes = launched_processes()
+    if device in (None, "auto") and not torch.cuda.is_available():
+        raise UserError(f"accelerate launched {processes} processes but this machine has no CUDA device; for CPU "
+                        "processes pass --device cpu (see configs/accelerate/ddp_cpu.yaml)")
+    if str(device).startswith("cuda:"):
         raise UserError(f"--device {device} names one GPU; under accelerate launch each process gets its own: "
                         "use --device auto or cuda")
-    accelerator = Accelerator(cpu=cpu)
+    try:
+        accelerator = Accelerator(cpu=device == "cpu")
+    except (RuntimeError, ValueError) as exc:  # e.g. a GPU-only launch (FSDP, DeepSpeed) with no GPU here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"accelerate could not start {processes} processes: {first}") from None
     supported = (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if accelerator.distributed_type not in supported:
         raise UserError(f"accelerate launched a {accelerator.distributed_type.value} run; alignkit trains with "

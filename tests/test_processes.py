@@ -1,6 +1,8 @@
 """Data parallelism through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1."""
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,16 +39,16 @@ def _free_port() -> int:
 
 
 def _launch(script_args, timeout=240, env=None):
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           *script_args]
+    # the shipped config, as a user runs it (a free port so tests never collide)
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"),
+           "--main_process_port", str(_free_port()), *script_args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _flags(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
             "--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--test-size", "6", "--lr", "1e-2",
-            "--eval-interval", "2", "--no-plot", *extra]
+            "--eval-interval", "2", "--no-plot", "--device", "cpu", *extra]
 
 
 def _records(run):
@@ -58,10 +60,27 @@ def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([algo, *_flags(tiny_model_dir, rows_file, one)]) == 0
-    env = {**__import__("os").environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
-    proc = _launch([str(DEMO), algo, *_flags(tiny_model_dir, rows_file, two)], env=env)
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
+    proc = _launch([str(DEMO), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
+                                             "--keep-checkpoints", "3")], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
+    _assert_same(one, two)
+    if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
+        shards = list((tmp_path / "cache-two" / "reference_logps").glob("*/*.json"))
+        assert len({shard.name.split("-")[0] for shard in shards}) == 1   # one writer (shards are <pid>-...)
+        entries = [json.loads(shard.read_text())["entries"] for shard in shards]
+        assert len(set().union(*entries)) == sum(map(len, entries)) == 6 + 3 * 4   # each pair once
+        # a crash after checkpoint-2, resumed by 2 processes, ends where 1 uninterrupted process does
+        for name in ("actor", "checkpoint-3"):
+            shutil.rmtree(two / name)
+        (two / "training_state.json").unlink()
+        proc = _launch([str(DEMO), algo, "--resume", str(two)], env=env)
+        assert proc.returncode == 0 and "resuming at step 2 of 3" in proc.stdout, proc.stderr[-3000:]
+        _assert_same(one, two)
+
+
+def _assert_same(one, two):
     a = load_file(str(one / "actor" / "adapter_model.safetensors"))
     b = load_file(str(two / "actor" / "adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
@@ -70,10 +89,6 @@ def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_
     for x, y in zip(ra, rb, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
         assert x["tokens"] == y["tokens"]   # every process's share is counted
-    if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
-        shards = list((tmp_path / "cache-two" / "reference_logps").glob("*/*.json"))
-        assert len(shards) == 1
-        assert len(json.loads(shards[0].read_text())["entries"]) == 6 + 3 * 4
 
 
 def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, rows_file, tmp_path):
@@ -81,6 +96,11 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors == [
         "error: --batch-size 3 does not split evenly over 2 processes; give a multiple of 2"]
+    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "gpu")[:-2]])   # no --device cpu
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        "error: accelerate launched 2 processes but this machine has no CUDA device; for CPU processes pass "
+        "--device cpu (see configs/accelerate/ddp_cpu.yaml)"]
     proc = _launch([str(DEMO), "sft", "--eval", "--load-path", str(tmp_path)])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors == [
@@ -90,3 +110,13 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     proc = _launch([str(script), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "fail")], timeout=180)
     assert proc.returncode != 0 and "forced failure in rank 1" in proc.stderr
     assert not (tmp_path / "fail" / "actor").exists()
+
+
+def test_shipped_accelerate_configs_are_data_parallel_configs():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml"]
+    for path in paths:
+        config = ClusterConfig.from_yaml_file(str(path))
+        assert config.distributed_type.value == "MULTI_GPU" and config.num_processes >= 2
