@@ -402,7 +402,8 @@ class DPO(LLMAgent):
     ``label_smoothing``, ``simpo_gamma`` (see :class:`PreferenceObjective`); ``share_prompts`` (with
     ``packed``: run each pair's prompt once for both responses; same numbers, fewer FLOPs);
     ``reference_cache``: a :class:`~alignkit.reference.ReferenceStore` to load reference log-probs
-    from and save them to (``reference.save()``).
+    from and save them to (``reference.save()``); ``shared_reference``: another agent's
+    ``reference`` on the same base whose cached log-probs this one shares (population members).
 
     Metrics: ``loss``, ``dpo_loss``, ``nll_loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``tokens``.
@@ -414,14 +415,15 @@ class DPO(LLMAgent):
                  beta=_DPO.beta, nll_alpha=_DPO.nll_alpha, update_epochs=_DPO.update_epochs, lora_config=None,
                  accelerator=None, loss_type=_DPO.loss_type, label_smoothing=_DPO.label_smoothing,
                  simpo_gamma=_DPO.simpo_gamma, share_prompts=_DPO.share_prompts,
-                 reference_cache: ReferenceStore | None = None, **kwargs):
+                 reference_cache: ReferenceStore | None = None, shared_reference: ReferencePolicy | None = None,
+                 **kwargs):
         self.objective = PreferenceObjective(beta, nll_alpha, loss_type, label_smoothing, simpo_gamma)
         self.share_prompts = share_prompts
         super().__init__(actor_network, pad_token_id, pad_token, batch_size=batch_size, lr=lr,
                          update_epochs=update_epochs, lora_config=lora_config, accelerator=accelerator, **kwargs)
         self.reference = None if self.objective.reference_free else ReferencePolicy(
             self.unwrapped_model(), self.adapter_name, packed=self.packed, share_prompts=share_prompts,
-            store=reference_cache)
+            cache=shared_reference.cache if shared_reference is not None else None, store=reference_cache)
 
     def _split(self, batch, size):
         pairs = batch["example_ids"].shape[0]

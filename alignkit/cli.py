@@ -65,6 +65,11 @@ def train_or_chat(algo: str, flags: dict) -> int:
         model, tokenizer = load_for_generation(resolve_base_model(cfg), cfg.load_path, cfg.device, cfg.dtype,
                                                trust_remote_code=cfg.trust_remote_code)
         return interactive(model, tokenizer, max_new_tokens=cfg.max_new_tokens)
+    if cfg.pop_size > 1:
+        from .population import run_population
+
+        run_population(cfg)
+        return 0
     from .train import run
 
     run(cfg)

@@ -84,6 +84,14 @@ class SFTConfig:
     report_to: str = opt("none", "extra loggers: none, tensorboard or wandb (offline)")
     plot: bool = opt(True, "write training-curve PNGs into the run folder at the end")
     config: str | None = opt(None, "YAML file of options (keys are these option names); flags override it")
+    # -- population-based tuning (one shared base model, one adapter per member) ---------------------
+    pop_size: int = opt(1, "members of the population, each its own LoRA adapter and optimizer on the one base; "
+                           "1 = a plain run")
+    evo_steps: int = opt(20, "with --pop-size > 1: evaluate, select and mutate every N optimizer steps")
+    tournament_size: int = opt(2, "members drawn for each tournament; the fittest of them is copied")
+    mutation_prob: float = opt(0.5, "chance that a copied member's hyper-parameters are mutated, in [0, 1]")
+    mutate_lr_range: list[float] = opt([0.5, 2.0], "a mutation multiplies the learning rate by a factor drawn "
+                                                   "uniformly from this range")
     # -- interactive evaluation -------------------------------------------------------------------
     eval: bool = opt(False, "chat with the model at --load-path instead of training")
     max_new_tokens: int = opt(200, "longest generated answer, in tokens (greedy decoding)")
@@ -122,6 +130,12 @@ class SFTConfig:
         for target in self.report_to.split(","):
             need(target.strip() in REPORT_TARGETS, f"--report-to takes {', '.join(REPORT_TARGETS)} (got {target!r})")
         need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
+        need(not self.eval or self.pop_size == 1, "--eval chats with one adapter: drop --pop-size")
+        need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
+        need(self.evo_steps >= 1, f"--evo-steps must be >= 1 (got {self.evo_steps})")
+        need(1 <= self.tournament_size, f"--tournament-size must be >= 1 (got {self.tournament_size})")
+        need(0 <= self.mutation_prob <= 1, f"--mutation-prob must be in [0, 1] (got {self.mutation_prob})")
+        problems += _range_problems("mutate_lr_range", self.mutate_lr_range)
         problems += self._extra_problems()
         if problems:
             raise UserError("invalid options: " + "; ".join(problems))
@@ -158,12 +172,15 @@ class DPOConfig(SFTConfig):
     label_smoothing: float = opt(0.0, "label smoothing of the sigmoid loss (conservative DPO), in [0, 0.5)")
     simpo_gamma: float = opt(0.5, "target reward margin of the simpo loss")
     share_prompts: bool = opt(True, "with --packing, run each pair's prompt once for both responses")
+    mutate_beta_range: list[float] = opt([0.5, 2.0], "with --pop-size > 1: a mutation multiplies beta by a "
+                                                     "factor drawn uniformly from this range")
     reuse_reference: bool = opt(True, "cache reference log-probs under $ALIGNKIT_CACHE so reruns skip them")
 
     algo = "dpo"
 
     def _extra_problems(self):
         problems = preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing)
+        problems += _range_problems("mutate_beta_range", self.mutate_beta_range)
         if not math.isfinite(self.simpo_gamma):
             problems.append(f"--simpo-gamma must be a finite number (got {self.simpo_gamma})")
         return problems
@@ -212,6 +229,19 @@ def _base_type(tp):
     return typing.get_origin(tp) or tp
 
 
+def _range_problems(name: str, bounds) -> list[str]:
+    low, high = bounds
+    if not (0 < low <= high and math.isfinite(high)):
+        return [f"--{flag(name)} needs 0 < MIN <= MAX (got {low} {high})"]
+    return []
+
+
+def _item_type(hint):
+    """``float`` for ``list[float]``, ``str`` for ``list[str]``."""
+    args = typing.get_args(hint)
+    return args[0] if args and typing.get_origin(hint) is list else str
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one flag per field of ``cls``; defaults stay unset so explicit flags can be told apart."""
     hints = typing.get_type_hints(cls)
@@ -224,6 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif tp is bool:
             parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} [default: on]", **kwargs)
+        elif tp is list and _item_type(hints[f.name]) is float:   # a (min, max) range
+            parser.add_argument(f"--{flag(f.name)}", nargs=2, type=float, metavar=("MIN", "MAX"),
+                                help=f"{help_text} [default: {' '.join(map(str, default))}]", **kwargs)
         elif tp is list:
             parser.add_argument(f"--{flag(f.name)}", nargs="+", metavar="NAME",
                                 help=f"{help_text} [default: {' '.join(default)}]", **kwargs)
@@ -260,6 +293,11 @@ def _coerce(cls, key: str, value, source: str):
             return tp(value)
         except ValueError:
             ok = False
+    elif tp is list and _item_type(hint) is float:
+        ok = isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if ok:
+            return [float(v) for v in value]
     elif tp is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     else:

@@ -382,3 +382,33 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
         where = Path(out_dir) if out_dir is not None else run_dirs[0]
         written.append(plot_dpo_comparison(ordered, where / COMPARISON_FILE, smoothing))
     return written
+
+
+def plot_population(history: list[dict], out_path: str | os.PathLike) -> Path:
+    """``population.png``: each member's fitness per generation (left) and the learning rate (and
+    beta, for DPO) of the member each slot holds after selection (right, log scale).
+
+    ``history`` is ``population.json``'s ``generations``: per generation its ``step`` and, per member,
+    ``fitness`` (first entry: accuracy for DPO, minus the held-out loss for SFT), ``lr`` and ``beta``.
+    """
+    if not history:
+        raise UserError("no generations to plot")
+    has_beta = "beta" in history[0]["members"][0]
+    fig, (fit_ax, hyper_ax) = _new_figure(ncols=2, width=11.0)
+    steps = [g["step"] for g in history]
+    for i in range(len(history[0]["members"])):
+        fitness = [g["members"][i]["fitness"][0] for g in history]
+        line, = fit_ax.plot(steps, fitness, marker="o", label=f"member {i}")
+        hyper_ax.plot(steps, [g["members"][i]["lr"] for g in history], marker="o", color=line.get_color())
+        if has_beta:
+            hyper_ax.plot(steps, [g["members"][i]["beta"] for g in history], marker="s", linestyle="--",
+                          color=line.get_color())
+    best = [g["members"][g["elite"]]["fitness"][0] for g in history]
+    fit_ax.plot(steps, best, color="black", linewidth=2.2, alpha=0.35, label="elite")
+    fit_ax.set(xlabel="optimizer step", title="Fitness per member",
+               ylabel="held-out preference accuracy" if has_beta else "minus held-out loss")
+    fit_ax.legend(fontsize=8)
+    hyper_ax.set_yscale("log")
+    hyper_ax.set(xlabel="optimizer step", title="learning rate (o)" + (" and beta (s, dashed)" if has_beta else ""),
+                 ylabel="value at evaluation (log scale)")
+    return _save(fig, Path(out_path))

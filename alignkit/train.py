@@ -114,22 +114,32 @@ def setup(cfg: SFTConfig) -> Setup:
             load_adapter(None, cfg.load_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False, model=model)
             model.set_adapter("default")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * gym.batches_per_epoch))
-    common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=cfg.batch_size,
-                  lr=cfg.lr, update_epochs=cfg.update_epochs, lora_config=cfg.lora_config(),
-                  micro_batch_size=cfg.micro_batch_size or None, max_grad_norm=cfg.max_grad_norm,
-                  weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * total), total_steps=total,
-                  min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, packed=cfg.packing,
-                  gradient_checkpointing=cfg.gradient_checkpointing, accelerator=accelerator)
-    if cfg.algo == "dpo":
-        store = None
-        if cfg.reuse_reference and cfg.loss_type != "simpo":
-            store = reference_store(model, base_model, cfg.load_path, cfg.packing, cfg.share_prompts)
-        agent = DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                    share_prompts=cfg.share_prompts, reference_cache=store, **common)
-    else:
-        agent = SFT(model, **common)
+    store = None
+    if cfg.algo == "dpo" and cfg.reuse_reference and cfg.loss_type != "simpo":
+        store = reference_store(model, base_model, cfg.load_path, cfg.packing, cfg.share_prompts)
+    agent = build_agent(cfg, model, tokenizer, total, accelerator=accelerator, reference_cache=store)
     return Setup(cfg, base_model, tokenizer, gym, agent, total, accelerator=accelerator)
+
+
+def build_agent(cfg: SFTConfig, model, tokenizer, total_steps: int, accelerator=None, adapter_name: str = "default",
+                seed: int | None = None, lora_config=None, reference_cache=None, shared_reference=None):
+    """The ``SFT`` or ``DPO`` agent ``cfg`` describes, training adapter ``adapter_name`` of ``model``.
+
+    A population adds several agents to one model this way: each its own adapter (``lora_config``,
+    initialised from ``seed``) and optimizer; DPO members share one reference (``shared_reference``).
+    """
+    common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=cfg.batch_size,
+                  lr=cfg.lr, update_epochs=cfg.update_epochs, lora_config=lora_config or cfg.lora_config(),
+                  micro_batch_size=cfg.micro_batch_size or None, max_grad_norm=cfg.max_grad_norm,
+                  weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup_ratio * total_steps),
+                  total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed if seed is None else seed,
+                  packed=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing, accelerator=accelerator,
+                  adapter_name=adapter_name)
+    if cfg.algo == "dpo":
+        return DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
+                   label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, share_prompts=cfg.share_prompts,
+                   reference_cache=reference_cache, shared_reference=shared_reference, **common)
+    return SFT(model, **common)
 
 
 def _short(metrics: dict) -> str:

@@ -1,0 +1,267 @@
+"""Population-based tuning of the learning rate (and DPO's beta) on ONE shared base model.
+
+Every member is its own LoRA adapter on the one frozen base (PEFT keeps several adapters on a
+model), with its own AdamW state and hyper-parameters; the base weights exist once however many
+members there are. All members take the same batches in the same order, so their fitness differs
+by their hyper-parameters (and adapter initialisation) only.
+
+Every ``evo_steps`` optimizer steps each member is scored on the held-out split (SFT: minus the
+held-out loss; DPO: held-out preference accuracy, ties broken by the reward margin). The fittest
+member (the elite) is kept as it is; every other slot is refilled by a tournament: ``tournament_size``
+members drawn at random, the fittest of them copied (adapter weights, optimizer moments, schedule)
+into the slot, then, with probability ``mutation_prob``, its learning rate (and beta) multiplied by
+a factor drawn uniformly from ``mutate_lr_range`` (``mutate_beta_range``). Members after the first
+start mutated the same way, so the first generation already explores.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .agents import DPO, LLMAgent, lr_factor
+from .errors import UserError
+
+
+@dataclass
+class Member:
+    """One member: its agent (adapter + optimizer) and where it came from."""
+
+    agent: LLMAgent
+    parent: int | None = None
+    mutation: dict = field(default_factory=dict)
+
+    @property
+    def hyper(self) -> dict[str, float]:
+        """The member's hyper-parameters: ``lr`` and, for DPO, ``beta``."""
+        values = {"lr": self.agent.lr}
+        if isinstance(self.agent, DPO):
+            values["beta"] = self.agent.objective.beta
+        return values
+
+
+def fitness_of(metrics: dict) -> tuple[float, ...]:
+    """Larger is fitter: DPO ``(accuracy, margin)``, SFT ``(-loss,)``."""
+    if "rewards/accuracies" in metrics:
+        return metrics["rewards/accuracies"], metrics["rewards/margins"]
+    return (-metrics["loss"],)
+
+
+def set_lr(agent: LLMAgent, lr: float) -> None:
+    """Give ``agent`` the peak learning rate ``lr`` from its next step on (the schedule's shape stays)."""
+    agent.lr = lr
+    agent.scheduler.base_lrs = [lr for _ in agent.scheduler.base_lrs]
+    rate = lr * lr_factor(agent.scheduler.last_epoch, agent.warmup_steps, agent.total_steps, agent.min_lr_ratio)
+    for group in agent.optimizer.param_groups:
+        group["initial_lr"], group["lr"] = lr, rate
+    agent.scheduler._last_lr = [rate for _ in agent.optimizer.param_groups]
+
+
+def set_beta(agent: DPO, beta: float) -> None:
+    """Give a DPO ``agent`` the KL strength ``beta`` (its reference stays the same)."""
+    agent.objective = dataclasses.replace(agent.objective, beta=beta)
+
+
+def snapshot(agent: LLMAgent) -> dict:
+    """A detached copy of what makes a member: adapter weights, optimizer moments, schedule, lr, beta."""
+    return {"params": [p.detach().clone() for p in agent.params],
+            "optimizer": copy.deepcopy(agent.optimizer.state_dict()),
+            "scheduler": agent.scheduler.state_dict(), "steps": agent.steps, "lr": agent.lr,
+            "beta": agent.objective.beta if isinstance(agent, DPO) else None}
+
+
+def restore(agent: LLMAgent, snap: dict) -> None:
+    """Make ``agent`` what ``snap`` recorded. Tensors are copied, never shared: training one member
+    afterwards leaves every other unchanged (even two slots restored from one snapshot)."""
+    with torch.no_grad():
+        for mine, saved in zip(agent.params, snap["params"], strict=True):
+            mine.copy_(saved)
+    agent.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+    agent.scheduler.load_state_dict(snap["scheduler"])
+    agent.steps = snap["steps"]
+    set_lr(agent, snap["lr"])
+    if snap["beta"] is not None:
+        set_beta(agent, snap["beta"])
+
+
+def copy_member(source: LLMAgent, target: LLMAgent) -> None:
+    """Make ``target`` an exact copy of ``source`` (see :func:`restore`)."""
+    restore(target, snapshot(source))
+
+
+class Population:
+    """Members on one base model, and the evolution between generations.
+
+    Args:
+        members: the agents, each training its own adapter of one shared ``PeftModel``.
+        tournament_size, mutation_prob, lr_range, beta_range: see the module doc.
+        seed: seeds selection and mutation (the same seed gives the same history).
+    """
+
+    def __init__(self, members: list[LLMAgent], tournament_size: int = 2, mutation_prob: float = 0.5,
+                 lr_range=(0.5, 2.0), beta_range=(0.5, 2.0), seed: int = 42):
+        self.members = [Member(agent) for agent in members]
+        self.tournament_size = min(tournament_size, len(members))
+        self.mutation_prob, self.lr_range, self.beta_range = mutation_prob, tuple(lr_range), tuple(beta_range)
+        self.rng = random.Random(seed)
+        self.history: list[dict] = []
+
+    def activate(self, i: int) -> LLMAgent:
+        """Make member ``i``'s adapter the active one on the shared model; returns its agent."""
+        agent = self.members[i].agent
+        agent.model.set_adapter(agent.adapter_name)
+        return agent
+
+    def learn(self, batch) -> list[dict]:
+        """One optimizer step of every member on the same ``batch``; their metrics, in member order."""
+        return [self.activate(i).learn(batch) for i in range(len(self.members))]
+
+    def test(self, env) -> list[dict]:
+        """Held-out metrics of every member."""
+        return [self.activate(i).test(env) for i in range(len(self.members))]
+
+    def mutate(self, i: int) -> dict:
+        """With probability ``mutation_prob``, scale member ``i``'s lr (and beta); returns the factors."""
+        if self.rng.random() >= self.mutation_prob:
+            return {}
+        agent, factors = self.members[i].agent, {"lr": self.rng.uniform(*self.lr_range)}
+        set_lr(agent, agent.lr * factors["lr"])
+        if isinstance(agent, DPO):
+            factors["beta"] = self.rng.uniform(*self.beta_range)
+            set_beta(agent, agent.objective.beta * factors["beta"])
+        return factors
+
+    def tournament(self, fitness: list[tuple]) -> int:
+        """The fittest of ``tournament_size`` members drawn without replacement (first drawn wins ties)."""
+        drawn = self.rng.sample(range(len(fitness)), self.tournament_size)
+        return max(drawn, key=lambda i: fitness[i])
+
+    def record(self, step: int, metrics: list[dict]) -> int:
+        """Add a generation to :attr:`history` (each member as it is now); returns the fittest's index."""
+        fitness = [fitness_of(m) for m in metrics]
+        elite = max(range(len(fitness)), key=lambda i: fitness[i])
+        self.history.append({"generation": len(self.history), "step": step, "elite": elite, "members": [
+            {"member": i, **m.hyper, "fitness": list(fitness[i]), "parent": m.parent, "mutation": m.mutation,
+             "metrics": metrics[i]} for i, m in enumerate(self.members)]})
+        return elite
+
+    def evolve(self, step: int, metrics: list[dict]) -> int:
+        """Record this generation, keep the elite, refill the other slots; returns the elite's index."""
+        elite = self.record(step, metrics)
+        fitness = [fitness_of(m) for m in metrics]
+        # Parents are drawn from this generation as it stands, before any slot is overwritten.
+        parents = {i: self.tournament(fitness) for i in range(len(self.members)) if i != elite}
+        snapshots = {p: snapshot(self.members[p].agent) for p in set(parents.values())}
+        for slot, parent in parents.items():
+            if parent != slot:
+                restore(self.members[slot].agent, snapshots[parent])
+            self.members[slot].parent, self.members[slot].mutation = parent, self.mutate(slot)
+        self.members[elite].parent, self.members[elite].mutation = elite, {}
+        return elite
+
+
+def build_population(s) -> Population:
+    """The population of a set-up run ``s`` (``alignkit.train.setup``): its agent is member 0, and
+    ``pop_size - 1`` more adapters join it on the same base model, each from its own seed (a
+    warm start: each a copy of the loaded adapter), then each mutated once."""
+    from .train import build_agent
+
+    cfg, first = s.cfg, s.agent
+    lora = copy.deepcopy(first.model.peft_config[first.adapter_name])
+    agents = [first]
+    for i in range(1, cfg.pop_size):
+        agent = build_agent(cfg, first.model, s.tokenizer, s.total_steps, adapter_name=f"member{i}",
+                            seed=cfg.seed + i, lora_config=copy.deepcopy(lora),
+                            shared_reference=getattr(first, "reference", None))
+        if cfg.load_path:  # every member starts from the warm-start adapter
+            with torch.no_grad():
+                for mine, theirs in zip(agent.params, first.params, strict=True):
+                    mine.copy_(theirs)
+        agents.append(agent)
+    population = Population(agents, cfg.tournament_size, cfg.mutation_prob, cfg.mutate_lr_range,
+                            getattr(cfg, "mutate_beta_range", (1.0, 1.0)), seed=cfg.seed)
+    for i in range(1, len(agents)):
+        population.members[i].mutation = population.mutate(i)
+    population.activate(0)
+    return population
+
+
+def run_population(cfg) -> Path:
+    """Train a population as ``cfg`` describes; writes the run folder with the best member as ``actor/``.
+
+    Beside the usual files: ``population.json`` (per generation, each member's hyper-parameters,
+    fitness, parent and mutation) and ``population.png``. ``metrics.jsonl`` follows the member that
+    was fittest at the last evaluation (field ``member``).
+    """
+    from .io import atomic_write_json
+    from .processes import launched_processes
+    from .runs import MetricsLog, check_save_path, claim_run_dir
+    from .train import setup
+
+    if launched_processes() > 1:
+        raise UserError("--pop-size trains its members in one process; run it without accelerate launch")
+    if cfg.resume:
+        raise UserError("--resume does not continue population runs; start the population again")
+    check_save_path(cfg)
+    s = setup(cfg)
+    if not s.gym.test_examples:
+        raise UserError("population tuning scores members on held-out rows: give --test-size > 0")
+    population = build_population(s)
+    run_dir = s.run_dir = claim_run_dir(cfg)
+    info = {"algo": cfg.algo, "run_name": run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
+            "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
+            "total_steps": s.total_steps, "population": cfg.pop_size}
+    info["config"].update(resume=None, overwrite=False)
+    atomic_write_json(run_dir / "run.json", info)
+    log = MetricsLog(run_dir, cfg.report_to, run_dir.name, info["config"])
+    print(f"{cfg.algo.upper()} population of {cfg.pop_size}: {len(s.gym.train_examples)} train / "
+          f"{len(s.gym.test_examples)} test rows, {s.total_steps} steps of {cfg.batch_size}, evolving every "
+          f"{cfg.evo_steps}, base {s.base_model} -> {run_dir}")
+    leader = 0
+    try:
+        with tqdm(total=s.total_steps, desc=f"{cfg.algo.upper()} x{cfg.pop_size}", unit="step",
+                  dynamic_ncols=True) as bar:
+            batch = s.gym.reset()
+            for step in range(1, s.total_steps + 1):
+                metrics = population.learn(batch)
+                log.log(step, s.gym.progress, "train", {"member": leader, **metrics[leader]})
+                if not all(math.isfinite(m["loss"]) for m in metrics):
+                    bad = [i for i, m in enumerate(metrics) if not math.isfinite(m["loss"])]
+                    raise UserError(f"the loss of member(s) {bad} became non-finite at step {step}; "
+                                    "lower --lr or narrow --mutate-lr-range")
+                bar.update(1)
+                bar.set_postfix_str(f"loss={metrics[leader]['loss']:.4f} (member {leader})")
+                if step % cfg.evo_steps == 0 and step < s.total_steps:
+                    held_out = population.test(s.gym)
+                    leader = population.evolve(step, held_out)
+                    log.log(step, s.gym.progress, "eval", {"member": leader, **held_out[leader]})
+                    bar.write(f"step {step}: generation {len(population.history) - 1}, elite member {leader} "
+                              f"(lr {population.members[leader].agent.lr:.3g})")
+                    population.activate(leader)
+                if step < s.total_steps:
+                    batch = s.gym.step()
+        held_out = population.test(s.gym)
+        leader = population.record(s.total_steps, held_out)
+        log.log(s.total_steps, s.gym.progress, "eval", {"member": leader, **held_out[leader]})
+    finally:
+        log.close()
+    best = population.activate(leader)
+    if isinstance(best, DPO) and best.reference is not None:
+        population.members[0].agent.reference.save()  # the store belongs to member 0; the cache is shared
+    atomic_write_json(run_dir / "population.json", {"best": leader, "generations": population.history})
+    best.save_checkpoint(run_dir, s.base_model, extra_state={"gym": s.gym.state_dict(), "member": leader})
+    if cfg.plot:
+        from .plots import plot_population, plot_run
+
+        plot_population(population.history, run_dir / "population.png")
+        plot_run(run_dir)
+    print(f"best member {leader}: " + ", ".join(f"{k} {v:.3g}" for k, v in population.members[leader].hyper.items()))
+    print(f"adapter saved to {run_dir / 'actor'}")
+    return run_dir
