@@ -17,11 +17,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from workers import bench_parser, print_table, run_worker, save_results
 
 
 def worker(args) -> None:
@@ -55,13 +55,10 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", choices=("sft", "dpo"), default="sft")
+    parser = bench_parser(__doc__)
     parser.add_argument("--sizes", default="1,4", help="population sizes [default: 1,4]")
     parser.add_argument("--evo-steps", type=int, default=2, help="optimizer steps per generation [default: 2]")
     parser.add_argument("--generations", type=int, default=2, help="generations timed [default: 2]")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -71,17 +68,12 @@ def main(argv=None) -> int:
     for size in (int(n) for n in args.sizes.split(",")):
         cmd = [sys.executable, __file__, "--worker", "--size", str(size), "--algo", args.algo,
                "--evo-steps", str(args.evo_steps), "--generations", str(args.generations)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"population of {size} failed:\n{proc.stderr[-4000:]}")
-        results.append(json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1]))
-    print(f"{args.algo.upper()}: {args.evo_steps} steps of 8 per generation, median of {args.generations} generations")
-    print(f"{'members':>7} {'peak MB':>8} {'s/generation':>13} {'+ full copies MB':>17}")
-    for r in results:
-        print(f"{r['size']:>7} {r['peak_mb']:>8.0f} {r['s_per_generation']:>13.1f} "
-              f"{r['model_mb'] * (r['size'] - 1):>17.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({args.algo: results}, indent=1))
+        results.append(run_worker(cmd, f"population of {size}"))
+    print_table(f"{args.algo.upper()}: {args.evo_steps} steps of 8 per generation, median of {args.generations} "
+                "generations", [("members", 7), ("peak MB", 8), ("s/generation", 13), ("+ full copies MB", 17)],
+                [[str(r["size"]), f"{r['peak_mb']:.0f}", f"{r['s_per_generation']:.1f}",
+                  f"{r['model_mb'] * (r['size'] - 1):.0f}"] for r in results])
+    save_results(args.json, args.algo, results)
     return 0
 
 

@@ -21,11 +21,12 @@ import os
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers import bench_parser, print_table, run_worker, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,20 +80,14 @@ def measure(args, processes: int) -> dict:
         cmd = [accelerate, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"),
                "--num_processes", str(processes), "--main_process_port", str(_free_port()), *work]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"{processes} process(es) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return run_worker(cmd, f"{processes} process(es)", env=env)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", choices=("sft", "dpo"), default="sft")
+    parser = bench_parser(__doc__)
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts [default: 1,2]")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps after one warm-up [default: 5]")
     parser.add_argument("--batch-size", type=int, default=8, help="global rows (pairs) per step [default: 8]")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -102,13 +97,11 @@ def main(argv=None) -> int:
     if any(n < 1 or args.batch_size % n for n in counts):
         parser.error(f"--batch-size {args.batch_size} must split evenly over each of {counts} processes")
     results = [measure(args, n) for n in counts]
-    print(f"{args.algo.upper()}, global batch {args.batch_size}, {args.steps} timed steps, {os.cpu_count()} cores")
-    print(f"{'processes':>9} {'threads each':>12} {'s/step':>8} {'tokens/s':>9} {'peak MB per process':>22}")
-    for r in results:
-        print(f"{r['processes']:>9} {r['threads_per_process']:>12} {r['median_step_s']:>8.2f} "
-              f"{r['tokens_per_s']:>9.1f} {', '.join(map(str, r['peak_mb_per_process'])):>22}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({args.algo: results}, indent=1))
+    print_table(f"{args.algo.upper()}, global batch {args.batch_size}, {args.steps} timed steps, {os.cpu_count()} cores",
+                [("processes", 9), ("threads each", 12), ("s/step", 8), ("tokens/s", 9), ("peak MB per process", 22)],
+                [[str(r["processes"]), str(r["threads_per_process"]), f"{r['median_step_s']:.2f}",
+                  f"{r['tokens_per_s']:.1f}", ", ".join(map(str, r["peak_mb_per_process"]))] for r in results])
+    save_results(args.json, args.algo, results)
     return 0
 
 
