@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,12 +195,70 @@ def build_population(s) -> Population:
     return population
 
 
+def save_population(population: Population, s, step: int, leader: int) -> Path:
+    """Write ``checkpoint-<step>/`` with every member (adapter, optimizer, schedule) and the population's
+    own state (history, random state, parents, data position, shared reference log-probs)."""
+    from . import checkpoints
+    from .io import atomic_folder
+
+    first = population.members[0].agent
+    state = {"steps": step, "leader": leader, "history": population.history,
+             "rng": _jsonable(population.rng.getstate()), "gym": s.gym.state_dict(),
+             "members": [{"parent": m.parent, "mutation": m.mutation, **m.hyper} for m in population.members],
+             "reference": first.reference.state_dict() if getattr(first, "reference", None) is not None else {}}
+    target = s.run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{step}"
+    with atomic_folder(target, replace=True) as tmp:
+        for i, member in enumerate(population.members):
+            checkpoints.save(member.agent, tmp / "members" / str(i), s.base_model)
+        (tmp / checkpoints.STATE_FILE).write_text(json.dumps(state, default=float))
+    if getattr(first, "reference", None) is not None:
+        first.reference.save()
+    for old in checkpoints.numbered(s.run_dir)[:-s.cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_population(population: Population, s) -> tuple[int, int]:
+    """Restore the newest population checkpoint of ``s.run_dir``; returns ``(step, leader)``."""
+    from . import checkpoints
+
+    found = checkpoints.numbered(s.run_dir)
+    if not found:
+        raise UserError(f"--resume {s.run_dir}: no complete checkpoint-<step>/ folder to continue from")
+    state = checkpoints.read_state(found[-1])
+    if len(state.get("members", [])) != len(population.members):
+        raise UserError(f"{found[-1]} is not a checkpoint of this population of {len(population.members)}")
+    for i, (member, saved) in enumerate(zip(population.members, state["members"], strict=True)):
+        checkpoints.load(member.agent, found[-1] / "members" / str(i))
+        set_lr(member.agent, saved["lr"])
+        if "beta" in saved:
+            set_beta(member.agent, saved["beta"])
+        member.parent, member.mutation = saved["parent"], saved["mutation"]
+    population.history = state["history"]
+    population.rng.setstate(_tuples(state["rng"]))
+    s.gym.load_state_dict(state["gym"])
+    first = population.members[0].agent
+    if getattr(first, "reference", None) is not None:
+        first.reference.load_state_dict(state["reference"])
+    return state["steps"], state["leader"]
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def run_population(cfg) -> Path:
-    """Train a population as ``cfg`` describes; writes the run folder with the best member as ``actor/``.
+    """Train a population as ``cfg`` describes (or continue it: ``cfg.resume``); writes the run folder
+    with the best member as ``actor/``.
 
     Beside the usual files: ``population.json`` (per generation, each member's hyper-parameters,
-    fitness, parent and mutation) and ``population.png``. ``metrics.jsonl`` follows the member that
-    was fittest at the last evaluation (field ``member``).
+    fitness, parent and mutation), ``population.png``, and a ``checkpoint-<step>/`` of the whole
+    population at every generation. ``metrics.jsonl`` follows the member that was fittest at the
+    last evaluation (field ``member``).
     """
     from .io import atomic_write_json
     from .processes import launched_processes
@@ -207,29 +267,36 @@ def run_population(cfg) -> Path:
 
     if launched_processes() > 1:
         raise UserError("--pop-size trains its members in one process; run it without accelerate launch")
-    if cfg.resume:
-        raise UserError("--resume does not continue population runs; start the population again")
     check_save_path(cfg)
     s = setup(cfg)
     if not s.gym.test_examples:
         raise UserError("population tuning scores members on held-out rows: give --test-size > 0")
     population = build_population(s)
     run_dir = s.run_dir = claim_run_dir(cfg)
+    if cfg.resume and (run_dir / "training_state.json").exists():
+        print(f"{run_dir} has already finished its population run")
+        return run_dir
+    if cfg.resume:
+        from .checkpoints import remove_leftovers
+
+        remove_leftovers(run_dir)
+    start, leader = load_population(population, s) if cfg.resume else (0, 0)
     info = {"algo": cfg.algo, "run_name": run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
             "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
             "total_steps": s.total_steps, "population": cfg.pop_size}
     info["config"].update(resume=None, overwrite=False)
     atomic_write_json(run_dir / "run.json", info)
-    log = MetricsLog(run_dir, cfg.report_to, run_dir.name, info["config"])
+    log = MetricsLog(run_dir, cfg.report_to, run_dir.name, info["config"], resume_after=start or None)
+    resuming = f"resuming at step {start} of " if start else ""
     print(f"{cfg.algo.upper()} population of {cfg.pop_size}: {len(s.gym.train_examples)} train / "
-          f"{len(s.gym.test_examples)} test rows, {s.total_steps} steps of {cfg.batch_size}, evolving every "
-          f"{cfg.evo_steps}, base {s.base_model} -> {run_dir}")
-    leader = 0
+          f"{len(s.gym.test_examples)} test rows, {resuming}{s.total_steps} steps of {cfg.batch_size}, evolving "
+          f"every {cfg.evo_steps}, base {s.base_model} -> {run_dir}")
+    population.activate(leader)
     try:
-        with tqdm(total=s.total_steps, desc=f"{cfg.algo.upper()} x{cfg.pop_size}", unit="step",
+        with tqdm(total=s.total_steps, initial=start, desc=f"{cfg.algo.upper()} x{cfg.pop_size}", unit="step",
                   dynamic_ncols=True) as bar:
-            batch = s.gym.reset()
-            for step in range(1, s.total_steps + 1):
+            batch = s.gym.step() if start else s.gym.reset()
+            for step in range(start + 1, s.total_steps + 1):
                 metrics = population.learn(batch)
                 log.log(step, s.gym.progress, "train", {"member": leader, **metrics[leader]})
                 if not all(math.isfinite(m["loss"]) for m in metrics):
@@ -245,6 +312,7 @@ def run_population(cfg) -> Path:
                     bar.write(f"step {step}: generation {len(population.history) - 1}, elite member {leader} "
                               f"(lr {population.members[leader].agent.lr:.3g})")
                     population.activate(leader)
+                    save_population(population, s, step, leader)
                 if step < s.total_steps:
                     batch = s.gym.step()
         held_out = population.test(s.gym)
@@ -253,7 +321,7 @@ def run_population(cfg) -> Path:
     finally:
         log.close()
     best = population.activate(leader)
-    if isinstance(best, DPO) and best.reference is not None:
+    if getattr(population.members[0].agent, "reference", None) is not None:
         population.members[0].agent.reference.save()  # the store belongs to member 0; the cache is shared
     atomic_write_json(run_dir / "population.json", {"best": leader, "generations": population.history})
     best.save_checkpoint(run_dir, s.base_model, extra_state={"gym": s.gym.state_dict(), "member": leader})

@@ -157,3 +157,28 @@ def test_bad_population_options_are_one_line(flags, message, capsys):
     assert main(["dpo", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: invalid options:") and message in err and "\n" not in err
+
+
+def test_a_population_resumes_from_its_last_generation(tiny_model_dir, rows_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for name in ("whole", "cut"):
+        flags = _flags(tiny_model_dir, rows_file, tmp_path / name, "--pop-size", "2", "--evo-steps", "2",
+                       "--max-steps", "6", "--mutation-prob", "1")
+        assert main(["dpo", *flags]) == 0
+        runs[name] = tmp_path / name
+    cut = runs["cut"]
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # a crash after the generation at step 4: the last steps and the finished files are gone
+    for name in ("actor",):
+        __import__("shutil").rmtree(cut / name)
+    for name in ("training_state.json", "optimizer.safetensors", "population.json"):
+        (cut / name).unlink()
+    capsys.readouterr()
+    assert main(["dpo", "--resume", str(cut)]) == 0
+    assert "resuming at step 4 of 6" in capsys.readouterr().out
+    whole, resumed = (json.loads((r / "population.json").read_text()) for r in (runs["whole"], cut))
+    assert whole == resumed
+    a = load_file(str(runs["whole"] / "actor" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "actor" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
