@@ -84,7 +84,7 @@ class LLMAgent:
         if isinstance(actor_network, PeftModel) and adapter_name in actor_network.peft_config:
             self.model = actor_network
         else:
-            self.model = add_lora(actor_network, lora_config or _SFT.lora_config(), adapter_name=adapter_name)
+            self.model = add_lora(actor_network, lora_config, adapter_name=adapter_name)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()

@@ -22,7 +22,7 @@ import torch
 
 from .adapters import adapter_base_model, load_adapter
 from .agents import PreferenceObjective, score_preferences
-from .config import DPOConfig
+from .config import DPOConfig, as_test_split
 from .data import make_dataset
 from .errors import UserError
 from .evaluate import generate_answers
@@ -88,8 +88,7 @@ class Split:
 
     def load(self):
         """``(train, test)`` rows of this split (see ``alignkit.data.make_dataset``)."""
-        size = int(self.test_size) if self.test_size >= 1 else self.test_size
-        return make_dataset(self.dataset, test_size=size, seed=self.seed)
+        return make_dataset(self.dataset, test_size=as_test_split(self.test_size), seed=self.seed)
 
     def same_as(self, other: Split) -> bool:
         return (_dataset_id(self.dataset), self.seed, float(self.test_size)) == \

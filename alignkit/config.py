@@ -145,8 +145,8 @@ class SFTConfig:
 
     @property
     def test_split(self) -> int | float:
-        """``test_size`` as ``make_dataset`` takes it: a whole number >= 1 is a row count, below 1 a fraction."""
-        return int(self.test_size) if self.test_size >= 1 else self.test_size
+        """``test_size`` as ``make_dataset`` takes it (see :func:`as_test_split`)."""
+        return as_test_split(self.test_size)
 
     def to_dict(self) -> dict:
         """The options as a plain dict (what ``run.json`` records)."""
@@ -194,6 +194,11 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "epochs", "resume", "overwrite", "eval_interval", "save_interval", "keep_checkpoints",
     "report_to", "plot", "threads", "reuse_memory", "config", "save_path", "no_timestamp", "reuse_reference",
 })
+
+
+def as_test_split(test_size: float) -> int | float:
+    """A test size as ``make_dataset`` takes it: a whole number >= 1 is a row count, below 1 a fraction."""
+    return int(test_size) if test_size >= 1 else test_size
 
 
 def flag(name: str) -> str:
