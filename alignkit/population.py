@@ -262,8 +262,8 @@ def run_population(cfg) -> Path:
     """
     from .io import atomic_write_json
     from .processes import launched_processes
-    from .runs import MetricsLog, check_save_path, claim_run_dir
-    from .train import setup
+    from .runs import check_save_path, claim_run_dir
+    from .train import setup, start_records
 
     if launched_processes() > 1:
         raise UserError("--pop-size trains its members in one process; run it without accelerate launch")
@@ -281,12 +281,7 @@ def run_population(cfg) -> Path:
 
         remove_leftovers(run_dir)
     start, leader = load_population(population, s) if cfg.resume else (0, 0)
-    info = {"algo": cfg.algo, "run_name": run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
-            "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
-            "total_steps": s.total_steps, "population": cfg.pop_size}
-    info["config"].update(resume=None, overwrite=False)
-    atomic_write_json(run_dir / "run.json", info)
-    log = MetricsLog(run_dir, cfg.report_to, run_dir.name, info["config"], resume_after=start or None)
+    log = start_records(s, start, population=cfg.pop_size)
     resuming = f"resuming at step {start} of " if start else ""
     print(f"{cfg.algo.upper()} population of {cfg.pop_size}: {len(s.gym.train_examples)} train / "
           f"{len(s.gym.test_examples)} test rows, {resuming}{s.total_steps} steps of {cfg.batch_size}, evolving "

@@ -142,6 +142,19 @@ def build_agent(cfg: SFTConfig, model, tokenizer, total_steps: int, accelerator=
     return SFT(model, **common)
 
 
+def start_records(s: Setup, start: int, **extra) -> MetricsLog:
+    """Write the run's ``run.json`` (plus ``extra`` keys) and open its metrics log, continuing after
+    step ``start`` of a resumed run; only the main process writes."""
+    options = dict(s.cfg.to_dict(), resume=None, overwrite=False)  # how a run was started is not an option of it
+    info = {"algo": s.cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": options,
+            "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
+            "total_steps": s.total_steps, **extra}
+    if s.main:
+        atomic_write_json(s.run_dir / "run.json", info)
+    return MetricsLog(s.run_dir, s.cfg.report_to, s.run_dir.name, options, resume_after=start or None,
+                      enabled=s.main)
+
+
 def _short(metrics: dict) -> str:
     keys = ("loss", "rewards/accuracies", "rewards/margins", "perplexity")
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
@@ -219,13 +232,7 @@ def train(s: Setup) -> dict:
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
               "or --epochs to extend it")
         return {}
-    info = {"algo": cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": cfg.to_dict(),
-            "train_rows": len(gym.train_examples), "test_rows": len(gym.test_examples), "total_steps": s.total_steps}
-    info["config"].update(resume=None, overwrite=False)  # how this run was started is not an option of it
-    if s.main:
-        atomic_write_json(s.run_dir / "run.json", info)
-    log = MetricsLog(s.run_dir, cfg.report_to, s.run_dir.name, info["config"], resume_after=start if start else None,
-                     enabled=s.main)
+    log = start_records(s, start)
     steps = f"resuming at step {start} of {s.total_steps}" if start else str(s.total_steps)
     say(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
           f"{steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
