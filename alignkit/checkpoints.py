@@ -114,9 +114,14 @@ def save_numbered(agent, run_dir, base_model_name: str | None = None, extra_stat
         _write_adapter(agent, tmp / "actor", base_model_name)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
+    prune(run_dir, keep)
+    return target
+
+
+def prune(run_dir, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete ``checkpoint-<step>/`` folders of ``run_dir``."""
     for old in numbered(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def numbered(run_dir) -> list[Path]:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +114,11 @@ class Population:
         self.rng = random.Random(seed)
         self.history: list[dict] = []
 
+    @property
+    def reference(self):
+        """The DPO reference every member shares (member 0's, which owns the on-disk store), or None."""
+        return getattr(self.members[0].agent, "reference", None)
+
     def activate(self, i: int) -> LLMAgent:
         """Make member ``i``'s adapter the active one on the shared model; returns its agent."""
         agent = self.members[i].agent
@@ -201,20 +205,18 @@ def save_population(population: Population, s, step: int, leader: int) -> Path:
     from . import checkpoints
     from .io import atomic_folder
 
-    first = population.members[0].agent
     state = {"steps": step, "leader": leader, "history": population.history,
              "rng": _jsonable(population.rng.getstate()), "gym": s.gym.state_dict(),
              "members": [{"parent": m.parent, "mutation": m.mutation, **m.hyper} for m in population.members],
-             "reference": first.reference.state_dict() if getattr(first, "reference", None) is not None else {}}
+             "reference": population.reference.state_dict() if population.reference is not None else {}}
     target = s.run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{step}"
     with atomic_folder(target, replace=True) as tmp:
         for i, member in enumerate(population.members):
             checkpoints.save(member.agent, tmp / "members" / str(i), s.base_model)
         (tmp / checkpoints.STATE_FILE).write_text(json.dumps(state, default=float))
-    if getattr(first, "reference", None) is not None:
-        first.reference.save()
-    for old in checkpoints.numbered(s.run_dir)[:-s.cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    if population.reference is not None:
+        population.reference.save()
+    checkpoints.prune(s.run_dir, s.cfg.keep_checkpoints)
     return target
 
 
@@ -237,9 +239,8 @@ def load_population(population: Population, s) -> tuple[int, int]:
     population.history = state["history"]
     population.rng.setstate(_tuples(state["rng"]))
     s.gym.load_state_dict(state["gym"])
-    first = population.members[0].agent
-    if getattr(first, "reference", None) is not None:
-        first.reference.load_state_dict(state["reference"])
+    if population.reference is not None:
+        population.reference.load_state_dict(state["reference"])
     return state["steps"], state["leader"]
 
 
@@ -276,10 +277,6 @@ def run_population(cfg) -> Path:
     if cfg.resume and (run_dir / "training_state.json").exists():
         print(f"{run_dir} has already finished its population run")
         return run_dir
-    if cfg.resume:
-        from .checkpoints import remove_leftovers
-
-        remove_leftovers(run_dir)
     start, leader = load_population(population, s) if cfg.resume else (0, 0)
     log = start_records(s, start, population=cfg.pop_size)
     resuming = f"resuming at step {start} of " if start else ""
@@ -316,8 +313,8 @@ def run_population(cfg) -> Path:
     finally:
         log.close()
     best = population.activate(leader)
-    if getattr(population.members[0].agent, "reference", None) is not None:
-        population.members[0].agent.reference.save()  # the store belongs to member 0; the cache is shared
+    if population.reference is not None:
+        population.reference.save()  # the store belongs to member 0; the cache is shared
     atomic_write_json(run_dir / "population.json", {"best": leader, "generations": population.history})
     best.save_checkpoint(run_dir, s.base_model, extra_state={"gym": s.gym.state_dict(), "member": leader})
     if cfg.plot:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
+from .checkpoints import remove_leftovers
 from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, flag, load_yaml
 from .errors import UserError
 from .io import append_jsonl, atomic_write_text, read_jsonl
+
+logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
 
@@ -58,8 +62,12 @@ def check_save_path(cfg: SFTConfig) -> None:
 
 
 def claim_run_dir(cfg: SFTConfig, now: datetime | None = None) -> Path:
-    """Create the run's folder, or take ``--resume``'s; no other run can claim the same one."""
+    """Create the run's folder, or take ``--resume``'s (clearing what a killed save left in it); no other
+    run can claim the same one."""
     if cfg.resume:
+        removed = remove_leftovers(cfg.resume)
+        if removed:
+            logger.info("removed %d temporary files of an interrupted save", len(removed))
         return Path(cfg.resume)
     base = Path(cfg.save_path)
     if cfg.no_timestamp:

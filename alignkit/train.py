@@ -187,9 +187,6 @@ class _StopSignals:
 
 def _resume_state(s: Setup) -> int:
     """Load the newest complete checkpoint of ``s.run_dir`` into the agent and gym; returns its step."""
-    removed = checkpoints.remove_leftovers(s.run_dir) if s.main else []
-    if removed:
-        logger.info("removed %d temporary files of an interrupted save", len(removed))
     found = checkpoints.numbered(s.run_dir)
     if not found:
         raise UserError(f"--resume {s.run_dir}: no complete checkpoint-<step>/ folder to continue from "
