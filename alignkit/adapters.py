@@ -16,6 +16,19 @@ from .models import SAFETENSORS_ONLY, pickled_weight_files, quiet_peft
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Written beside an adapter trained with ``--chat-template``, so generation renders turns the same way."""
+
+
+def adapter_chat_template(load_path) -> str | None:
+    """The chat template saved with the adapter at ``load_path``, or ``None`` (the base's own applies)."""
+    path = Path(load_path) / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"could not read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def read_adapter_config(load_path) -> dict:

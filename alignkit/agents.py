@@ -80,6 +80,7 @@ class LLMAgent:
         self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         self.packed, self.adapter_name, self.accelerator = packed, adapter_name, accelerator
+        self.chat_template: str | None = None  # a replaced chat template, saved beside the adapter
         self.seed = seed
         if isinstance(actor_network, PeftModel) and adapter_name in actor_network.peft_config:
             self.model = actor_network

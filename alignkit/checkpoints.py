@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import CHAT_TEMPLATE_FILE
 from .errors import UserError
 from .io import atomic_folder, atomic_write, atomic_write_json
 
@@ -72,6 +73,8 @@ def _write_adapter(agent, folder: Path, base_model_name: str | None) -> None:
         for f in sub.iterdir():
             f.rename(folder / f.name)
         sub.rmdir()
+    if getattr(agent, "chat_template", None):
+        (folder / CHAT_TEMPLATE_FILE).write_text(agent.chat_template, encoding="utf-8")
 
 
 def _state(agent, extra_state: dict | None) -> tuple[dict[str, torch.Tensor], dict]:

@@ -26,6 +26,7 @@ from .config import DPOConfig, as_test_split
 from .data import make_dataset
 from .errors import UserError
 from .evaluate import generate_answers
+from .formats import ColumnMap
 from .gyms import PreferenceGym
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
@@ -85,14 +86,17 @@ class Split:
     dataset: str
     seed: int
     test_size: float
+    format: str = "auto"
+    column_map: ColumnMap = ColumnMap()
 
     def load(self):
-        """``(train, test)`` rows of this split (see ``alignkit.data.make_dataset``)."""
-        return make_dataset(self.dataset, test_size=as_test_split(self.test_size), seed=self.seed)
+        """``(train, test)`` preference rows of this split (see ``alignkit.data.make_dataset``)."""
+        return make_dataset(self.dataset, test_size=as_test_split(self.test_size), seed=self.seed,
+                            format=self.format, column_map=self.column_map)
 
     def same_as(self, other: Split) -> bool:
-        return (_dataset_id(self.dataset), self.seed, float(self.test_size)) == \
-            (_dataset_id(other.dataset), other.seed, float(other.test_size))
+        return (_dataset_id(self.dataset), self.seed, float(self.test_size), self.format, self.column_map) == \
+            (_dataset_id(other.dataset), other.seed, float(other.test_size), other.format, other.column_map)
 
     def __str__(self) -> str:
         return f"dataset {self.dataset}, seed {self.seed}, test size {self.test_size:g}"
@@ -118,7 +122,10 @@ def read_run_record(run_dir) -> RunRecord:
     path = Path(run_dir) / "run.json"
     try:
         config = json.loads(path.read_text())["config"]
-        split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]))
+        columns = ColumnMap(prompt=config.get("prompt_column"), chosen=config.get("chosen_column"),
+                            rejected=config.get("rejected_column"))
+        split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]),
+                      config.get("format", "auto"), columns)
         return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))
     except FileNotFoundError:
         raise UserError(f"{run_dir} has no run.json: cannot tell which split it was trained against") from None
@@ -126,8 +133,8 @@ def read_run_record(run_dir) -> RunRecord:
         raise UserError(f"{path} is not a readable run record ({type(exc).__name__}: {exc})") from None
 
 
-def _rows(dataset) -> set[tuple]:
-    return {(r["prompt"], r["chosen"], r["rejected"]) for r in dataset}
+def _rows(dataset) -> set[str]:
+    return {json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True) for r in dataset}
 
 
 def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed: int | None = None,
@@ -227,7 +234,7 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
     records = {key: read_run_record(d) for key, d in runs.items() if d}
     split = choose_split(records, dataset, seed, test_size)
     evaluator = Evaluator(base_model, split)
-    scored_on = {**asdict(split), "pairs": len(evaluator.test)}
+    scored_on = {**asdict(split), "column_map": split.column_map.given(), "pairs": len(evaluator.test)}
     lengths = {r.max_length for r in records.values()}
     base_length = lengths.pop() if len(lengths) == 1 else _DEFAULTS.max_length  # for the untrained base
     configs = []

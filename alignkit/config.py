@@ -20,6 +20,7 @@ import yaml
 
 from .data import BUNDLED_DATASET
 from .errors import UserError
+from .formats import FORMATS, ColumnMap
 from .losses import PREFERENCE_LOSSES
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
@@ -52,6 +53,16 @@ class SFTConfig:
     dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id")
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
     max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit")
+    format: str = opt("auto", "dataset shape: auto (recognised from the rows), standard, conversational, "
+                              "sharegpt or alpaca")
+    prompt_column: str | None = opt(None, "column holding the prompt [default: prompt]")
+    response_column: str | None = opt(None, "SFT: column holding the answer to learn [default: completion, else "
+                                            "chosen]")
+    chosen_column: str | None = opt(None, "column holding the preferred answer [default: chosen]")
+    rejected_column: str | None = opt(None, "column holding the dispreferred answer [default: rejected]")
+    messages_column: str | None = opt(None, "SFT: column holding whole conversations [default: messages]")
+    chat_template: str | None = opt(None, "Jinja chat-template file replacing (or supplying) the tokenizer's; "
+                                          "saved with the adapter")
     # -- optimisation ---------------------------------------------------------------------------
     epochs: float = opt(1.0, "passes over the training split (ignored when --max-steps > 0)")
     max_steps: int = opt(0, "optimizer steps to take; 0 means as many as --epochs needs")
@@ -129,6 +140,10 @@ class SFTConfig:
         need(bool(self.lora_target_modules), "--lora-target-modules needs at least one module name")
         for target in self.report_to.split(","):
             need(target.strip() in REPORT_TARGETS, f"--report-to takes {', '.join(REPORT_TARGETS)} (got {target!r})")
+        need(self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        need(self.algo == "sft" or not self.response_column and not self.messages_column,
+             "--response-column and --messages-column are for SFT data; DPO reads --prompt-column, "
+             "--chosen-column and --rejected-column")
         need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
         need(not self.eval or self.pop_size == 1, "--eval chats with one adapter: drop --pop-size")
         need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
@@ -147,6 +162,16 @@ class SFTConfig:
     def test_split(self) -> int | float:
         """``test_size`` as ``make_dataset`` takes it (see :func:`as_test_split`)."""
         return as_test_split(self.test_size)
+
+    @property
+    def task(self) -> str:
+        """What the data must hold for this algorithm: ``"sft"`` or ``"preference"``."""
+        return "sft" if self.algo == "sft" else "preference"
+
+    def column_map(self) -> ColumnMap:
+        """The dataset columns named on the command line (see :mod:`alignkit.formats`)."""
+        return ColumnMap(prompt=self.prompt_column, response=self.response_column, chosen=self.chosen_column,
+                         rejected=self.rejected_column, messages=self.messages_column)
 
     def to_dict(self) -> dict:
         """The options as a plain dict (what ``run.json`` records)."""

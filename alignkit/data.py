@@ -24,6 +24,14 @@ import numpy as np
 from datasets import Dataset
 
 from alignkit.errors import UserError
+from alignkit.formats import (
+    KNOWN_COLUMNS,
+    ColumnMap,
+    apply_column_map,
+    check_columns,
+    detect_shape,
+    normalize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,53 +44,81 @@ FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
-def bundled_dataset_path() -> Path:
-    """Path of the bundled preference set, `alignkit/resources/human_like_sample.jsonl`."""
-    return Path(__file__).resolve().parent / "resources" / "human_like_sample.jsonl"
+BUNDLED_CHAT_DATASET = "human-like-chat"
+"""Command-line name of the multi-turn conversations shipped with alignkit (`messages`, for SFT)."""
+
+BUNDLED_DATASETS = {BUNDLED_DATASET: "human_like_sample.jsonl", BUNDLED_CHAT_DATASET: "human_like_chat.jsonl"}
+
+
+def bundled_dataset_path(name: str = BUNDLED_DATASET) -> Path:
+    """Path of a bundled set, e.g. `alignkit/resources/human_like_sample.jsonl` for the default."""
+    return Path(__file__).resolve().parent / "resources" / BUNDLED_DATASETS[name]
 
 
 def make_dataset(
     name_or_path: str | os.PathLike = BUNDLED_DATASET,
     test_size: float | int = 0.1,
     seed: int = 42,
-    columns: Sequence[str] = PREFERENCE_COLUMNS,
+    columns: Sequence[str] | None = None,
+    *,
+    task: str = "preference",
+    format: str = "auto",
+    column_map: ColumnMap | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
 
     Args:
-        name_or_path: `BUNDLED_DATASET`, a local `.jsonl`/`.json`/`.csv`/`.parquet` file, or a
-            hub id such as `HumanLLMs/Human-Like-DPO-Dataset` (its "train" split is used).
+        name_or_path: a bundled set (`BUNDLED_DATASETS`), a local `.jsonl`/`.json`/`.csv`/`.parquet`
+            file, or a hub id such as `HumanLLMs/Human-Like-DPO-Dataset` (its "train" split is used).
         test_size: a fraction in (0, 1) (the test count is rounded up) or a row count.
         seed: seeds the shuffle before the split; the same seed gives the same split.
-        columns: the columns every row needs, each a non-empty string. Only these are kept.
+        columns: instead of a task, plain text columns every row needs; only these are kept.
+        task: `"preference"` (prompt/chosen/rejected for DPO) or `"sft"` (prompt/completion, or
+            whole conversations as `messages`). See `alignkit.formats` for every accepted shape.
+        format: `auto` (recognised from the rows) or one of `standard`, `conversational`,
+            `sharegpt`, `alpaca` to insist on it.
+        column_map: which of the file's columns hold the prompt, answers or messages.
 
     Files must be UTF-8 text (a byte-order mark is accepted); any other bytes make the whole file
     an error naming the line, since a wrong encoding garbles every row, not just one. In `.jsonl`
     every line must be one JSON object, in `.json` every list item.
 
-    Rows with a missing, non-string or blank value in a needed column are dropped, and so are
+    Rows with a missing, non-string or blank text value (or message) are dropped, and so are
     rows whose text is not valid Unicode (a lone surrogate such as the JSON escape `"\\ud800"`:
     valid JSON, but it can be neither tokenized nor stored) and exact duplicates. Each drop is
     counted in a warning; when nothing is left the error repeats the counts.
 
     Raises `UserError` for a missing, unreadable or empty file, an unknown format, a file that is
-    not UTF-8 or not valid JSON (with the line), a row that is not an object, missing columns, no
-    usable rows, a bad `test_size`, or too few rows to split.
+    not UTF-8 or not valid JSON (with the line), a row that is not an object, missing columns,
+    rows of mixed shapes or malformed conversations (with the row), no usable rows, a bad
+    `test_size`, or too few rows to split.
     """
-    columns = _check_columns_arg(columns)
-    label, rows, found = _load_rows(name_or_path, columns)
-    missing = [c for c in columns if c not in found]
-    if missing:
-        raise UserError(
-            f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: {', '.join(found) or 'none'}"
-        )
-    n_rows = len(rows)
-    rows, dropped = _drop_bad_rows(rows, columns, label)
-    rows = _drop_duplicates(rows, columns, label)
+    if columns is not None:
+        columns = _check_columns_arg(columns)
+        label, records, found = _load_rows(name_or_path, columns)
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise UserError(f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: "
+                            f"{', '.join(found) or 'none'}")
+        rows, dropped = _drop_bad_rows(records, columns)
+        wanted = ", ".join(columns)
+    else:
+        column_map = column_map or ColumnMap()
+        label, records, found = _load_rows(name_or_path, KNOWN_COLUMNS + tuple(column_map.given().values()))
+        records, found = apply_column_map(records, found, column_map, task, label)
+        shape = detect_shape(records, format)
+        check_columns(shape, task, records, found, label)
+        rows, dropped = normalize(records, shape, task)
+        wanted = f"{shape} {'SFT' if task == 'sft' else 'preference'} data"
+    n_rows = len(records)
+    detail = ", ".join(f"{n} with {why}" for why, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    if dropped:
+        logger.warning("dataset '%s': dropped %d of %d rows (%s) in %s", label, sum(dropped.values()), n_rows,
+                       detail, wanted)
+    rows = _drop_duplicates(rows, label)
     if not rows:
-        why = f": all {n_rows} rows were dropped ({dropped})" if dropped else ""
-        raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in "
-                        f"{', '.join(columns)}){why}")
+        why = f": all {n_rows} rows were dropped ({detail})" if dropped else ""
+        raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in {wanted}){why}")
     n_test = _test_count(test_size, len(rows), label)
     order = np.random.default_rng(seed).permutation(len(rows))
     test_rows = [rows[i] for i in order[:n_test]]
@@ -98,8 +134,8 @@ def make_dataset(
 def _load_rows(name_or_path, columns: tuple[str, ...]) -> tuple[str, list[dict[str, Any]], list[str]]:
     """Rows (only the needed columns) and all column names found, from any source."""
     text = os.fspath(name_or_path)
-    if text == BUNDLED_DATASET:
-        path = bundled_dataset_path()
+    if text in BUNDLED_DATASETS:
+        path = bundled_dataset_path(text)
         if not path.is_file():
             raise UserError(f"the bundled dataset is missing from this install (expected {path})")
         return (text, *_read_file(path))
@@ -114,7 +150,8 @@ def _load_rows(name_or_path, columns: tuple[str, ...]) -> tuple[str, list[dict[s
     if _HUB_ID.match(text):
         return (text, *_read_hub(text, columns))
     raise UserError(
-        f"dataset '{text}' is not '{BUNDLED_DATASET}', an existing file or a hub id like 'org/name'; "
+        f"dataset '{text}' is not a bundled set ({', '.join(BUNDLED_DATASETS)}), an existing file or a hub id "
+        "like 'org/name'; "
         f"accepted file types: {', '.join(FILE_FORMATS)}"
     )
 
@@ -134,14 +171,17 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 # Decoded here so a wrong encoding gets the same message (with the line) as JSON;
                 # dtype=str keeps CSV text as written ("007" stays "007"); empty cells become NaN.
                 frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str)
+                frame = frame.astype(object).where(frame.notna(), None)
+                records = frame.to_dict("records")
             else:
-                frame = pd.read_parquet(path)
+                import pyarrow.parquet as pq
+
+                # Arrow's own conversion keeps nested columns (message lists) as Python lists.
+                records = pq.read_table(path).to_pylist()
         except pd.errors.EmptyDataError:
             raise UserError(f"dataset file '{path}' is empty") from None
         except (ValueError, OSError, pd.errors.ParserError) as err:
             raise UserError(f"could not read '{path}': {' '.join(str(err).split())}") from err
-        frame = frame.astype(object).where(frame.notna(), None)
-        records = frame.to_dict("records")
     else:
         raise UserError(f"unknown dataset file type '{path.suffix}' for '{path}'; accepted: {', '.join(FILE_FORMATS)}")
     if not records:
@@ -271,37 +311,23 @@ def _value_problem(value: Any) -> str | None:
     return None
 
 
-def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...],
-                   label: str) -> tuple[list[dict[str, str]], str]:
-    """Keep rows whose needed values are all non-blank valid strings; warn with counts per reason.
-
-    Returns the kept rows and the counts as text ("" when nothing was dropped).
-    """
+def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[list[dict[str, str]], dict]:
+    """Keep rows whose needed values are all non-blank valid strings; returns them and drops per reason."""
     kept, reasons = [], Counter()
     for row in rows:
-        problem = None
-        for column in columns:
-            problem = _value_problem(row.get(column))
-            if problem:
-                break
+        problem = next((p for p in (_value_problem(row.get(c)) for c in columns) if p), None)
         if problem:
             reasons[problem] += 1
         else:
             kept.append({column: row[column] for column in columns})
-    detail = ", ".join(f"{n} with {why}" for why, n in reasons.most_common())
-    if reasons:
-        logger.warning(
-            "dataset '%s': dropped %d of %d rows (%s) in columns %s",
-            label, sum(reasons.values()), len(rows), detail, ", ".join(columns),
-        )
-    return kept, detail
+    return kept, dict(reasons)
 
 
-def _drop_duplicates(rows: list[dict[str, str]], columns: tuple[str, ...], label: str) -> list[dict[str, str]]:
+def _drop_duplicates(rows: list[dict], label: str) -> list[dict]:
     """Drop exact repeats: a repeat could land in both splits and inflate test scores."""
     seen, kept = set(), []
     for row in rows:
-        key = tuple(row[c] for c in columns)
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
         if key not in seen:
             seen.add(key)
             kept.append(row)

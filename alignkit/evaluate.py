@@ -6,17 +6,18 @@ import sys
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import adapter_chat_template, load_adapter
 from .models import load_model, load_tokenizer
 
 EXIT_WORDS = {"quit", "exit", ":q"}
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` as a user turn followed by the assistant header (as in training)."""
-    from .gyms import render_prompt_response
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of ``prompt`` (text: one user turn; or a message list) followed by the assistant
+    header, exactly as training renders the context of an answer."""
+    from .gyms import as_messages, render_messages
 
-    text, _ = render_prompt_response(tokenizer, prompt, "")
+    text = render_messages(tokenizer, as_messages(prompt, "user"), generation_prompt=True)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
 
@@ -46,7 +47,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
 def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False):
     """Base model (with the adapter at ``load_path`` when given) and its tokenizer, ready to generate."""
-    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+    template = adapter_chat_template(load_path) if load_path else None
+    tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, chat_template=template)
     model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     if load_path:
         model = load_adapter(model, load_path, is_trainable=False)

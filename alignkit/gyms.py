@@ -33,10 +33,16 @@ _DEFAULTS = SFTConfig()  # the one source of defaults, shared with the command l
 
 @dataclass
 class Encoded:
-    """One tokenized sequence: prompt tokens followed by response tokens."""
+    """One tokenized sequence: prompt tokens followed by response tokens.
+
+    ``response_mask`` marks which response tokens are learned (``None``: all of them); in a
+    multi-turn conversation the user turns between two answers are part of the response but
+    not learned.
+    """
 
     prompt_ids: list[int]
     response_ids: list[int]
+    response_mask: list[bool] | None = None
 
     @property
     def input_ids(self) -> list[int]:
@@ -44,7 +50,9 @@ class Encoded:
 
     @property
     def labels(self) -> list[int]:
-        return [IGNORE_INDEX] * len(self.prompt_ids) + list(self.response_ids)
+        response = self.response_ids if self.response_mask is None else [
+            t if keep else IGNORE_INDEX for t, keep in zip(self.response_ids, self.response_mask, strict=True)]
+        return [IGNORE_INDEX] * len(self.prompt_ids) + list(response)
 
 
 @dataclass
@@ -57,49 +65,117 @@ class EncodeStats:
     boundary_merges: int = field(default=0)
 
 
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+def as_messages(value, role: str) -> list[Message]:
+    """A text value as one ``role`` message; a message list as it is."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_messages(tokenizer, messages: list[Message], generation_prompt: bool = False) -> str:
+    """The text of ``messages`` as the model reads it.
+
+    With a chat template this is the template's rendering. Without one, the documented fallback:
+    each system or user message is its text followed by a newline, each assistant message its
+    text followed by the EOS token (so a one-turn prompt/response is ``prompt\\nresponse<eos>``).
+    """
+    if _has_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    eos = tokenizer.eos_token or ""
+    return "".join(m["content"] + (eos if m["role"] == "assistant" else "\n") for m in messages)
+
+
+def _answer_text(rendered: str, eos: str) -> str:
+    """The learned part of a rendered assistant turn: up to and including its end-of-turn token.
+
+    Templates add a newline after the end-of-turn token; the model should learn to stop at the
+    end-of-turn token, not to predict what follows it.
+    """
+    if eos and eos in rendered:
+        return rendered[: rendered.rindex(eos) + len(eos)]
+    return rendered.rstrip("\n") + eos
+
+
+def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 0) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into ``(text, learned)`` pieces, in order.
+
+    Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token);
+    everything else (system and user turns, template headers, earlier answers given as prompt)
+    is context. The pieces come from rendering growing prefixes of the conversation, so no
+    ``{% generation %}`` markers are needed; a template that renders a prefix differently inside
+    a longer conversation is refused. Messages after the last learned answer are left out.
+    """
+    eos = tokenizer.eos_token or ""
+    segments: list[tuple[str, bool]] = []
+    consumed = ""   # the part of the rendering already split into segments
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < learn_from:
+            continue
+        head = render_messages(tokenizer, messages[:i], generation_prompt=True)
+        full = render_messages(tokenizer, messages[: i + 1])
+        if not (head.startswith(consumed) and full.startswith(head)):
+            raise UserError("the tokenizer's chat template renders a conversation's beginning differently once "
+                            "it continues; cannot find where each answer starts (use --chat-template to give one "
+                            "that renders turns in order)")
+        rendered = full[len(head):]
+        answer = _answer_text(rendered, eos)
+        segments += [(head[len(consumed):], False), (answer, True)]
+        # Where the next piece starts: after the end-of-turn token (its trailing newline is context),
+        # or after the whole turn when the template wrote no end-of-turn token and one was added.
+        consumed = head + (answer if rendered.startswith(answer) else rendered)
+    return segments
+
+
 def render_prompt_response(tokenizer, prompt: str, response: str) -> tuple[str, str]:
-    """Render ``(prompt_text, response_text)`` so that their concatenation is the training text.
+    """Render ``(prompt_text, response_text)`` of one user turn and its answer.
 
     With a chat template, the prompt text ends with the assistant header (generation prompt) and
     the response text runs up to and including the end-of-turn token. Without one, the prompt is
     followed by a newline and the response ends with the EOS token.
     """
-    eos = tokenizer.eos_token or ""
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):
-            raise UserError("the tokenizer's chat template renders the prompt differently with and without "
-                            "the answer; cannot find the prompt/response boundary")
-        response_text = full_text[len(prompt_text):]
-        # Templates add a newline after the end-of-turn token; the model should learn to stop at
-        # the end-of-turn token, not to predict what follows it.
-        if eos and eos in response_text:
-            response_text = response_text[: response_text.rindex(eos) + len(eos)]
-        else:
-            response_text = response_text.rstrip("\n") + eos
-        return prompt_text, response_text
-    return prompt + "\n", response + eos
+    (prompt_text, _), (response_text, _) = conversation_segments(
+        tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    return prompt_text, response_text
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> tuple[Encoded, bool]:
-    """Tokenize one prompt/response; returns the encoding and whether tokens merged at the boundary.
+def encode_messages(tokenizer, messages: list[Message], learn_from: int = 0) -> tuple[Encoded, bool]:
+    """Tokenize a conversation; returns the encoding and whether tokens merged at a boundary.
 
-    Prompt and response are tokenized separately and concatenated, so the response starts exactly
-    where generation would start after the prompt. When tokenizing the joint text would have merged
-    tokens across the boundary, the separate tokenization is kept and the merge is reported.
+    The prompt is everything before the first learned answer. Each piece of
+    :func:`conversation_segments` is tokenized on its own and the ids concatenated, so every
+    answer starts exactly where generation would start after its context. When tokenizing the
+    joint text would have merged tokens across a boundary, the separate tokenization is kept and
+    the merge is reported.
     """
-    prompt_text, response_text = render_prompt_response(tokenizer, prompt, response)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    segments = conversation_segments(tokenizer, messages, learn_from)
+    if not segments:
+        raise UserError("a conversation has no assistant answer to learn")
     # Chat templates write their own special tokens; plain text gets the tokenizer's BOS, if any.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not has_template)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    joint = tokenizer(prompt_text + response_text, add_special_tokens=not has_template)["input_ids"]
-    merged = joint != prompt_ids + response_ids
-    return Encoded(list(prompt_ids), list(response_ids)), merged
+    first_special = not _has_template(tokenizer)
+    pieces = [tokenizer(text, add_special_tokens=first_special and k == 0)["input_ids"]
+              for k, (text, _) in enumerate(segments)]
+    joint = tokenizer("".join(text for text, _ in segments), add_special_tokens=first_special)["input_ids"]
+    merged = joint != [t for piece in pieces for t in piece]
+    response, mask = [], []
+    for piece, (_, learned) in zip(pieces[1:], segments[1:], strict=True):
+        response += piece
+        mask += [learned] * len(piece)
+    return Encoded(list(pieces[0]), response, None if all(mask) else mask), merged
+
+
+def encode_pair(tokenizer, prompt, response) -> tuple[Encoded, bool]:
+    """Tokenize one prompt (text or messages) and its response (text or assistant messages).
+
+    See :func:`encode_messages`; returns the encoding and whether tokens merged at a boundary.
+    """
+    prompt_messages = as_messages(prompt, "user")
+    return encode_messages(tokenizer, prompt_messages + as_messages(response, "assistant"),
+                           learn_from=len(prompt_messages))
 
 
 def fit_to_length(enc: Encoded, max_length: int) -> Encoded | None:
@@ -107,7 +183,8 @@ def fit_to_length(enc: Encoded, max_length: int) -> Encoded | None:
     room = max_length - len(enc.prompt_ids)
     if room < 1:
         return None
-    return Encoded(enc.prompt_ids, enc.response_ids[:room])
+    mask = enc.response_mask[:room] if enc.response_mask is not None else None
+    return Encoded(enc.prompt_ids, enc.response_ids[:room], mask)
 
 
 def pad_batch(sequences: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -263,12 +340,16 @@ class _Gym:
 class SFTGym(_Gym):
     """Supervised fine-tuning data: the prompt is context, the response column is the target.
 
+    Rows hold ``prompt`` and a response column (text or message lists), or ``messages``: a whole
+    conversation whose every assistant turn is learned while system and user turns are context.
+
     Args:
-        train_dataset, test_dataset: datasets (or lists of dicts) with ``prompt`` and the response column.
+        train_dataset, test_dataset: datasets (or lists of dicts) as above (see ``make_dataset(task="sft")``).
         tokenizer: a Hugging Face tokenizer; its chat template is used where it has one.
         data_batch_size_per_gpu: rows per batch on each process; with an accelerator of N processes
             every global batch holds N times as many rows, split between them.
-        response_column: which column holds the target answer (``"chosen"`` on preference data).
+        response_column: which column holds the target answer; ``None`` takes ``completion`` where rows
+            have it, else ``chosen`` (preference data).
         accelerator: an ``accelerate.Accelerator`` or ``None``.
         max_context_length: longest sequence in tokens; responses are cut to fit, rows whose prompt
             alone does not fit are dropped with a counted warning.
@@ -276,7 +357,7 @@ class SFTGym(_Gym):
     """
 
     def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
-                 response_column="chosen", accelerator=None, max_context_length=_DEFAULTS.max_length,
+                 response_column=None, accelerator=None, max_context_length=_DEFAULTS.max_length,
                  seed=_DEFAULTS.seed, prompt_column="prompt"):
         self.response_column = response_column
         self.prompt_column = prompt_column
@@ -284,7 +365,11 @@ class SFTGym(_Gym):
                          accelerator, max_context_length, seed)
 
     def _encode_row(self, row, stats):
-        enc, merged = encode_pair(self.tokenizer, row[self.prompt_column], row[self.response_column])
+        if "messages" in row and self.prompt_column not in row:
+            enc, merged = encode_messages(self.tokenizer, row["messages"])
+        else:
+            column = self.response_column or ("completion" if "completion" in row else "chosen")
+            enc, merged = encode_pair(self.tokenizer, row[self.prompt_column], row[column])
         stats.boundary_merges += merged
         fitted = self._fit(enc, stats)
         if fitted is None:
@@ -306,6 +391,9 @@ class PreferencePair:
 
 class PreferenceGym(_Gym):
     """Preference data (``prompt``, ``chosen``, ``rejected``) for DPO-style training.
+
+    Values are text, or message lists (a multi-turn prompt, assistant answers): see
+    ``make_dataset``. Both answers of a pair share the prompt's tokens, so packing runs it once.
 
     Arguments as for :class:`SFTGym`. Each batch holds the chosen sequences followed by the
     rejected ones, so both run in a single forward pass.

@@ -302,12 +302,39 @@ def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
     return UserError(f"could not load {what} from '{source.location}': {reason}")
 
 
-def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
+def read_chat_template(path: str | os.PathLike) -> str:
+    """The Jinja chat template in file ``path``, checked by rendering a short conversation."""
+    from jinja2 import TemplateError
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--chat-template {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--chat-template {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"could not read --chat-template {path}: {err.strerror or err}") from None
+    if not text.strip():
+        raise UserError(f"--chat-template {path} is empty")
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        render_jinja_template([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]],
+                              chat_template=text)
+    except TemplateError as err:
+        raise UserError(f"--chat-template {path} is not a working Jinja template: {err}") from None
+    return text
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
     """Tokenizer for a model named as in `resolve_model_source`, with a pad token set.
 
     When the tokenizer has no pad token its eos token is used (for SmolLM2, `<|im_end|>`);
     padding is masked out by the gyms, so the choice does not leak into the loss.
     `trust_remote_code` lets a hub or local model run its own tokenizer code (off by default).
+    `chat_template` (Jinja text) replaces the tokenizer's own template, or gives it one.
     """
     from transformers import AutoTokenizer
 
@@ -330,6 +357,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
             logger.warning("tokenizer for %s has neither a pad nor an eos token", source.location)
         else:
             tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 

@@ -29,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .adapters import adapter_base_model, check_adapter_folder, load_adapter
+from .adapters import adapter_base_model, adapter_chat_template, check_adapter_folder, load_adapter
 from .agents import DPO, SFT
 from .config import SFTConfig
 from .data import make_dataset
 from .errors import RunInterrupted, UserError
 from .gyms import PreferenceGym, SFTGym
 from .io import atomic_write_json
-from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .models import DEFAULT_MODEL, load_model, load_tokenizer, read_chat_template
 from .processes import broadcast_from_main, gather_dicts, make_accelerator
 from .reference import REFERENCE_ADAPTER, reference_store
 from .runs import MetricsLog, check_save_path, claim_run_dir
@@ -57,6 +57,20 @@ def resolve_base_model(cfg: SFTConfig) -> str:
     if cfg.load_path:
         check_adapter_folder(cfg.load_path)  # damaged weights are refused before the base model loads
     return cfg.model or adapter_base or DEFAULT_MODEL
+
+
+def run_chat_template(cfg: SFTConfig) -> str | None:
+    """The chat template a run uses in place of its tokenizer's: ``--chat-template``'s file, else the
+    one saved with the ``--load-path`` adapter, else ``None``."""
+    if cfg.chat_template:
+        return read_chat_template(cfg.chat_template)
+    return adapter_chat_template(cfg.load_path) if cfg.load_path else None
+
+
+def load_run_data(cfg: SFTConfig):
+    """``(train, test)`` rows of the run's dataset, in the shape its algorithm reads."""
+    return make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed, task=cfg.task, format=cfg.format,
+                        column_map=cfg.column_map())
 
 
 @dataclass
@@ -95,8 +109,9 @@ def setup(cfg: SFTConfig) -> Setup:
                         f"{cfg.batch_size}: --micro-batch-size {cfg.micro_batch_size} must divide that")
     torch.manual_seed(cfg.seed)
     base_model = resolve_base_model(cfg)
-    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code)
-    train_ds, test_ds = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=run_chat_template(cfg))
+    train_ds, test_ds = load_run_data(cfg)
     gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
     gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=per_process, accelerator=accelerator,
                   max_context_length=cfg.max_length, seed=cfg.seed)
@@ -136,10 +151,13 @@ def build_agent(cfg: SFTConfig, model, tokenizer, total_steps: int, accelerator=
                   packed=cfg.packing, gradient_checkpointing=cfg.gradient_checkpointing, accelerator=accelerator,
                   adapter_name=adapter_name)
     if cfg.algo == "dpo":
-        return DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
-                   label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, share_prompts=cfg.share_prompts,
-                   reference_cache=reference_cache, shared_reference=shared_reference, **common)
-    return SFT(model, **common)
+        agent = DPO(model, beta=cfg.beta, nll_alpha=cfg.nll_alpha, loss_type=cfg.loss_type,
+                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, share_prompts=cfg.share_prompts,
+                    reference_cache=reference_cache, shared_reference=shared_reference, **common)
+    else:
+        agent = SFT(model, **common)
+    agent.chat_template = run_chat_template(cfg)
+    return agent
 
 
 def start_records(s: Setup, start: int, **extra) -> MetricsLog:

@@ -127,10 +127,18 @@ def test_wrong_or_missing_columns_are_named(train, tmp_path):
 
 
 def test_non_string_values_are_counted(train, tmp_path):
-    rows = [{"prompt": i, "chosen": ["a"], "rejected": {"b": 1}} for i in range(5)]
+    rows = [{"prompt": i, "chosen": "a", "rejected": 3.5} for i in range(5)]
     data = write(tmp_path / "types.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     message = train("sft", data)
     assert "no usable rows" in message and "all 5 rows were dropped (5 with a non-string value)" in message
+
+
+def test_lists_that_are_not_messages_name_the_row(train, tmp_path):
+    rows = [{"prompt": "hi", "chosen": "a", "rejected": "b"}] * 2 + [{"prompt": "q", "chosen": ["a"], "rejected": "b"}]
+    data = write(tmp_path / "types.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert train("dpo", data) == "error: row 3 is written as conversational data but row 1 as standard; a dataset holds one shape"
+    data = write(tmp_path / "lists.jsonl", json.dumps(rows[-1]) + "\n")
+    assert train("dpo", data) == "error: row 1: chosen message 1 holds text where a {role, content} object is needed"
 
 
 def test_too_small_to_split(train, tmp_path, rows_file):

@@ -37,7 +37,8 @@ def test_runs_on_one_split_are_scored_on_it_and_results_say_which(runs, tiny_mod
                      prompts=["Hi?"], max_new_tokens=3, progress=lambda _: None)
     results = json.loads((report.parent / "results.json").read_text())
     splits = [c["split"] for c in results["configs"]]
-    assert splits == [{"dataset": str(rows_file), "seed": 42, "test_size": 6.0, "pairs": 6}] * 3
+    assert splits == [{"dataset": str(rows_file), "seed": 42, "test_size": 6.0, "format": "auto", "column_map": {},
+                       "pairs": 6}] * 3
 
 
 def test_runs_trained_against_other_splits_are_refused(runs, tiny_model_dir, tmp_path):
@@ -65,7 +66,7 @@ def test_an_explicit_split_must_not_overlap_any_training_split(runs, rows_file, 
                      max_new_tokens=3, dataset=str(fresh), test_size=4, progress=lambda _: None)
     results = json.loads((report.parent / "results.json").read_text())
     assert {json.dumps(c["split"]) for c in results["configs"]} == {
-        json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "pairs": 4})}
+        json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "format": "auto", "column_map": {}, "pairs": 4})}
 
 
 def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, rows_file, monkeypatch):

@@ -134,7 +134,7 @@ def test_missing_file_unknown_type_and_bad_name(tmp_path):
     odd.write_text("hello")
     with pytest.raises(UserError, match=r"\.jsonl, \.json, \.csv, \.parquet"):
         make_dataset(odd)
-    with pytest.raises(UserError, match="not 'human-like-sample'"):
+    with pytest.raises(UserError, match=r"not a bundled set \(human-like-sample"):
         make_dataset("not-a-dataset-name")
 
 

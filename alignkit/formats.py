@@ -1,0 +1,317 @@
+"""Dataset shapes: recognise how rows are written and convert them to the shapes the gyms read.
+
+Accepted shapes (the names ``--format`` takes):
+
+- ``standard``: text columns. Preference: ``prompt``, ``chosen``, ``rejected``. SFT: ``prompt`` and
+  ``completion`` (or ``chosen``, so preference data also trains SFT).
+- ``conversational``: messages, each ``{"role": "system"|"user"|"assistant", "content": text}``.
+  SFT: ``messages`` (every assistant turn is learned), or ``prompt`` + ``completion`` as message
+  lists. Preference: ``prompt`` (messages, may hold earlier turns) + ``chosen``/``rejected`` (an
+  assistant message or a list of messages), or only ``chosen``/``rejected`` as whole conversations
+  whose shared leading messages become the prompt (implicit prompt).
+- ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
+  preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
+- ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
+
+What the gyms receive (``normalize`` returns these):
+
+- preference: ``{"prompt", "chosen", "rejected"}``, all text (standard) or all message lists.
+- SFT: ``{"prompt", "completion"}`` (text or message lists), or ``{"messages"}`` for whole conversations.
+
+A file holds one shape: mixed shapes, unknown roles, empty conversations and the like are errors
+naming the row (counted from 1), since they mean the file is not what the user thinks it is.
+Rows with a blank message or missing text are dropped with a counted warning, as for text columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import UserError
+
+FORMATS = ("auto", "standard", "conversational", "sharegpt", "alpaca")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+TASKS = ("sft", "preference")
+
+# Every column any shape reads (hub datasets convert only these to Python objects).
+KNOWN_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations", "instruction",
+                 "input", "output")
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which of the user's columns play which part (``None``: the shape's usual name)."""
+
+    prompt: str | None = None
+    response: str | None = None   # SFT answer: "completion", else "chosen"
+    chosen: str | None = None
+    rejected: str | None = None
+    messages: str | None = None
+
+    def given(self) -> dict[str, str]:
+        """The parts the user named, as ``{part: column}``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+
+class Dropped(Exception):
+    """A row that cannot be trained on but does not make the file wrong (counted, not fatal)."""
+
+
+def _fail(row: int, message: str):
+    raise UserError(f"row {row}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Column mapping and shape detection
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMap, task: str,
+                     label: str) -> tuple[list[dict], list[str]]:
+    """Rows and column names with the user's columns renamed to the names the shapes use.
+
+    A named column must exist; a column already called by the target name is replaced.
+    """
+    given = column_map.given()
+    if task == "preference" and "response" in given:
+        raise UserError("--response-column is for SFT data; DPO reads --chosen-column and --rejected-column")
+    missing = [f"--{part}-column {col}" for part, col in given.items() if col not in found]
+    if missing:
+        raise UserError(f"dataset '{label}' has no column named in {', '.join(missing)}; "
+                        f"its columns are: {', '.join(found) or 'none'}")
+    target = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
+              "response": "completion"}
+    renames = {col: target[part] for part, col in given.items() if col != target[part]}
+    if not renames:
+        return records, found
+    out = []
+    for record in records:
+        row = {k: v for k, v in record.items() if k not in renames.values() and k not in renames}
+        row.update({new: record[old] for old, new in renames.items() if old in record})
+        out.append(row)
+    names = [c for c in found if c not in renames.values() and c not in renames] + list(renames.values())
+    return out, names
+
+
+def row_shape(row: dict) -> str:
+    """The shape a row is written in (one of ``FORMATS`` but ``auto``)."""
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "messages" in row:
+        return "conversational"
+    values = [row.get(c) for c in ("prompt", "completion", "chosen", "rejected")]
+    return "conversational" if any(isinstance(v, (list, dict)) for v in values) else "standard"
+
+
+def detect_shape(records: list[dict], fmt: str) -> str:
+    """The one shape of all rows; ``fmt`` other than ``auto`` is checked against every row."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if not records:  # nothing to look at (a hub set without any known column): the plainest shape
+        return "standard" if fmt == "auto" else fmt
+    first = row_shape(records[0])
+    for number, record in enumerate(records, start=1):
+        shape = row_shape(record)
+        if fmt != "auto" and shape != fmt:
+            raise UserError(f"row {number} is written as {shape} data, not {fmt} (its columns: {', '.join(record)})")
+        if shape != first:
+            raise UserError(f"row {number} is written as {shape} data but row 1 as {first}; a dataset holds one shape")
+    return first
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------------
+
+
+def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[str, str]:
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    if not isinstance(value, dict) or role_key not in value or text_key not in value:
+        _fail(row, f"{what} holds {_kind(value)} where a {{{role_key}, {text_key}}} object is needed")
+    role, content = value[role_key], value[text_key]
+    if sharegpt:
+        if role not in SHAREGPT_ROLES:
+            _fail(row, f"{what} has the unknown speaker {role!r} (accepted: {', '.join(SHAREGPT_ROLES)})")
+        role = SHAREGPT_ROLES[role]
+    elif role not in ROLES:
+        _fail(row, f"{what} has the unknown role {role!r} (accepted: {', '.join(ROLES)})")
+    if content is None:
+        raise Dropped("a missing message")
+    if not isinstance(content, str):
+        _fail(row, f"{what} has a {text_key} that is {_kind(content)}, not text")
+    if not content.strip():
+        raise Dropped("an empty message")
+    _check_unicode(content)
+    return {"role": role, "content": content}
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
+        raise Dropped("text that is not valid Unicode (a lone surrogate)") from None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object without them" if value else "an empty object"
+    return {list: "a list", str: "text", type(None): "nothing", bool: "true/false"}.get(type(value), "a number")
+
+
+def messages_of(value: Any, row: int, what: str, sharegpt: bool = False, lone_role: str | None = None) -> list:
+    """``value`` as a checked message list; text becomes one ``lone_role`` message where allowed."""
+    if isinstance(value, str) and lone_role:
+        return [{"role": lone_role, "content": _text(value)}]
+    if isinstance(value, dict):
+        value = [value]
+    if value is None:
+        raise Dropped("a missing value")
+    if not isinstance(value, list):
+        _fail(row, f"{what} is {_kind(value)}; a list of messages is needed")
+    if not value:
+        _fail(row, f"{what} is an empty conversation")
+    return [_message(m, row, f"{what} message {i}", sharegpt) for i, m in enumerate(value, start=1)]
+
+
+def _check_answer(messages: list, row: int, what: str) -> None:
+    """Preference answers continue the prompt: they start and end with an assistant turn."""
+    if messages[0]["role"] != "assistant":
+        _fail(row, f"{what} starts with a {messages[0]['role']} turn; an answer starts with an assistant turn")
+    if messages[-1]["role"] != "assistant":
+        _fail(row, f"the {what} conversation ends with a {messages[-1]['role']} turn; preference answers "
+                   "must end with an assistant turn")
+
+
+def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
+    """``(prompt, chosen, rejected)`` from two whole conversations: their shared leading messages."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        _fail(row, "chosen and rejected share no leading message, so there is no prompt; give a prompt "
+                   "column or conversations that start the same")
+    if n == len(chosen) or n == len(rejected):
+        _fail(row, "one of chosen and rejected is the other's beginning (or both are equal); they must "
+                   "differ in their answers")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of each shape -> what the gyms read
+# ---------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        raise Dropped("a missing value")
+    if not isinstance(value, str):
+        raise Dropped("a non-string value")
+    if not value.strip():
+        raise Dropped("an empty value")
+    _check_unicode(value)
+    return value
+
+
+def _sft_response_column(record: dict) -> str:
+    return "completion" if "completion" in record else "chosen"
+
+
+def _conversational(record: dict, task: str, row: int) -> dict:
+    if task == "sft":
+        if "messages" in record:
+            messages = messages_of(record["messages"], row, "messages")
+            if not any(m["role"] == "assistant" for m in messages):
+                _fail(row, "the conversation has no assistant turn, so there is nothing to learn")
+            while messages[-1]["role"] != "assistant":  # turns after the last answer teach nothing
+                messages.pop()
+            return {"messages": messages}
+        column = _sft_response_column(record)
+        prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
+        completion = messages_of(record.get(column), row, column, lone_role="assistant")
+        _check_answer(completion, row, column)
+        return {"prompt": prompt, "completion": completion}
+    chosen = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
+    rejected = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
+    if "prompt" in record:
+        prompt = messages_of(record["prompt"], row, "prompt", lone_role="user")
+    else:
+        prompt, chosen, rejected = split_shared_prefix(chosen, rejected, row)
+    _check_answer(chosen, row, "chosen")
+    _check_answer(rejected, row, "rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _sharegpt(record: dict, task: str, row: int) -> dict:
+    turns = messages_of(record["conversations"], row, "conversations", sharegpt=True)
+    if task == "sft":
+        return _conversational({"messages": turns}, task, row)
+    answers = {c: messages_of(record.get(c), row, c, sharegpt=True, lone_role="assistant")
+               for c in ("chosen", "rejected")}
+    return _conversational({"prompt": turns, **answers}, task, row)
+
+
+def _alpaca(record: dict, task: str, row: int) -> dict:
+    prompt = _text(record.get("instruction"))
+    extra = record.get("input")
+    if isinstance(extra, str) and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    if task == "sft":
+        return {"prompt": prompt, "completion": _text(record.get("output"))}
+    return {"prompt": prompt, "chosen": _text(record.get("chosen")), "rejected": _text(record.get("rejected"))}
+
+
+def _standard(record: dict, task: str, row: int) -> dict:
+    if task == "sft":
+        return {"prompt": _text(record.get("prompt")), "completion": _text(record.get(_sft_response_column(record)))}
+    return {c: _text(record.get(c)) for c in ("prompt", "chosen", "rejected")}
+
+
+CONVERTERS = {"standard": _standard, "conversational": _conversational, "sharegpt": _sharegpt, "alpaca": _alpaca}
+
+
+def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]]:
+    """Alternatives of column sets a shape needs (one of them must be present in the file)."""
+    if shape == "sharegpt":
+        return [["conversations"] + (["chosen", "rejected"] if task == "preference" else [])]
+    if shape == "alpaca":
+        return [["instruction", "output"] if task == "sft" else ["instruction", "chosen", "rejected"]]
+    if task == "sft":
+        if shape == "conversational" and any("messages" in r for r in records):
+            return [["messages"]]
+        return [["prompt", "completion"], ["prompt", "chosen"]]
+    if shape == "conversational":
+        return [["prompt", "chosen", "rejected"], ["chosen", "rejected"]]
+    return [["prompt", "chosen", "rejected"]]
+
+
+def check_columns(shape: str, task: str, records: list[dict], found: list[str], label: str) -> None:
+    """One line naming what is missing (and what the file has) when no accepted column set is there."""
+    options = needed_columns(shape, task, records)
+    if any(all(c in found for c in option) for option in options):
+        return
+    best = min(options, key=lambda o: sum(c not in found for c in o))
+    missing = [c for c in best if c not in found]
+    hint = ""
+    if task == "preference" and "rejected" not in found and shape != "sharegpt":
+        hint = " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
+    raise UserError(f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: "
+                    f"{', '.join(found) or 'none'}{hint}")
+
+
+def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], dict[str, int]]:
+    """Convert every row of ``shape`` for ``task``; returns the rows and ``{reason: count}`` of drops."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    convert = CONVERTERS[shape]
+    kept, dropped = [], {}
+    for number, record in enumerate(records, start=1):
+        try:
+            kept.append(convert(record, task, number))
+        except Dropped as why:
+            dropped[str(why)] = dropped.get(str(why), 0) + 1
+    return kept, dropped

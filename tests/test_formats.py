@@ -1,0 +1,324 @@
+"""Dataset shapes users have: conversations, multi-turn SFT masks, implicit prompts, ShareGPT,
+Alpaca, column mapping and chat templates, through `make_dataset`, the gyms and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.data import BUNDLED_CHAT_DATASET, make_dataset
+from alignkit.errors import UserError
+from alignkit.formats import ColumnMap
+from alignkit.forward import sequence_logps
+from alignkit.gyms import IGNORE_INDEX, PreferenceGym, SFTGym, encode_messages
+
+SHORT = ["--max-steps", "1", "--batch-size", "2", "--max-length", "96", "--test-size", "2", "--no-plot",
+         "--eval-interval", "0"]
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+THREE_TURNS = [SYSTEM, user("Hi there!"), bot("Hey! How are you?"), user("Tired."), bot("Long day?"),
+               user("Very."), bot("Rest up, friend.")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def spans(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of learned positions."""
+    out, start = [], None
+    for i, t in enumerate(labels + [IGNORE_INDEX]):
+        if t != IGNORE_INDEX and start is None:
+            start = i
+        elif t == IGNORE_INDEX and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+# --- masks, token by token -----------------------------------------------------------------------
+
+
+def test_three_turn_mask_with_the_embedded_template(tokenizer):
+    enc, merged = encode_messages(tokenizer, THREE_TURNS)
+    ids, labels = enc.input_ids, enc.labels
+    assert not merged
+    # The tokens are the template's rendering of the whole conversation, without the newline that
+    # follows the last end-of-turn token.
+    rendered = tokenizer.apply_chat_template(THREE_TURNS, tokenize=False)
+    assert rendered.endswith("<|im_end|>\n")
+    assert ids == tokenizer(rendered[:-1], add_special_tokens=False)["input_ids"]
+    # Exactly the three answers are learned, each with its end-of-turn token; nothing else.
+    learned = [tokenizer.decode(ids[a:b]) for a, b in spans(labels)]
+    assert learned == ["Hey! How are you?<|im_end|>", "Long day?<|im_end|>", "Rest up, friend.<|im_end|>"]
+    for a, b in spans(labels):
+        assert labels[a:b] == ids[a:b]
+        assert tokenizer.decode(ids[:a]).endswith("<|im_start|>assistant\n")   # the header is context
+    # The prompt is everything before the first answer: system and first user turn.
+    assert tokenizer.decode(enc.prompt_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n")
+    between = tokenizer.decode(ids[spans(labels)[0][1]:spans(labels)[1][0]])
+    assert between == "\n<|im_start|>user\nTired.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_three_turn_mask_without_a_template(plain_tokenizer):
+    tok = plain_tokenizer
+    enc, _ = encode_messages(tok, THREE_TURNS)
+    ids, labels = enc.input_ids, enc.labels
+    # The documented fallback: system/user text + newline, assistant text + EOS.
+    expected_text = "Be brief.\nHi there!\nHey! How are you?<|im_end|>Tired.\nLong day?<|im_end|>Very.\n" \
+                    "Rest up, friend.<|im_end|>"
+    assert tok.decode(ids) == expected_text
+    learned = [tok.decode(ids[a:b]) for a, b in spans(labels)]
+    assert learned == ["Hey! How are you?<|im_end|>", "Long day?<|im_end|>", "Rest up, friend.<|im_end|>"]
+    assert tok.decode(enc.prompt_ids) == "Be brief.\nHi there!\n"
+
+
+def test_one_turn_messages_encode_like_prompt_and_response(tokenizer, rows):
+    gym_text = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=2, max_context_length=128)
+    convo = [{"messages": [user(r["prompt"]), bot(r["chosen"])]} for r in rows]
+    gym_msgs = SFTGym(convo, None, tokenizer, data_batch_size_per_gpu=2, max_context_length=128)
+    assert [e.input_ids for e in gym_text.train_examples] == [e.input_ids for e in gym_msgs.train_examples]
+    assert [e.labels for e in gym_text.train_examples] == [e.labels for e in gym_msgs.train_examples]
+
+
+def test_truncation_keeps_the_mask_aligned(tokenizer):
+    full, _ = encode_messages(tokenizer, THREE_TURNS)
+    gym = SFTGym([{"messages": THREE_TURNS}], None, tokenizer, max_context_length=len(full.input_ids) - 3)
+    (cut,) = gym.train_examples
+    assert cut.input_ids == full.input_ids[:-3] and cut.labels == full.labels[:-3]
+
+
+# --- preference conversations ------------------------------------------------------------------------
+
+
+def test_multi_turn_preference_shares_the_prompt_and_its_forward(tokenizer, make_model):
+    prompt = [SYSTEM, user("I burnt the toast."), bot("Oh no! Again?"), user("Yes, third time.")]
+    rows = [{"prompt": prompt, "chosen": [bot("Ha, the toaster has it out for you.")],
+             "rejected": [bot("Toasting requires attention.")]},
+            {"prompt": prompt[1:], "chosen": [bot("Scrape it!"), user("And then?"), bot("Add jam, good as new!")],
+             "rejected": [bot("Discard the item.")]}]
+    gym = PreferenceGym(rows, None, tokenizer, data_batch_size_per_gpu=2, max_context_length=160)
+    for pair in gym.train_examples:
+        assert pair.chosen.prompt_ids == pair.rejected.prompt_ids
+        # the earlier assistant turn is part of the prompt: not learned
+        assert tokenizer.decode(pair.chosen.prompt_ids).count("<|im_start|>assistant") == 2
+    long_chosen = max((p.chosen for p in gym.train_examples), key=lambda e: len(e.response_ids))
+    learned = [tokenizer.decode(long_chosen.input_ids[a:b]) for a, b in spans(long_chosen.labels)]
+    assert learned == ["Scrape it!<|im_end|>", "Add jam, good as new!<|im_end|>"]
+    batch = gym.reset()
+    model = make_model()
+    with torch.no_grad():
+        plain = sequence_logps(model, batch, packed=False)
+        shared = sequence_logps(model, batch, packed=True, shared_prompts=2)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-4, rtol=0)
+    assert shared[1].tolist() == plain[1].tolist()
+
+
+def test_implicit_prompt_is_the_shared_prefix(tmp_path):
+    rows = [{"chosen": [user(f"q{i}"), bot("a"), user("more?"), bot(f"yes {i}!")],
+             "rejected": [user(f"q{i}"), bot("a"), user("more?"), bot(f"No. {i}")]} for i in range(4)]
+    train, test = make_dataset(write_jsonl(tmp_path / "implicit.jsonl", rows), test_size=1)
+    row = sorted(train.to_list() + test.to_list(), key=lambda r: r["prompt"][0]["content"])[0]
+    assert row == {"prompt": [user("q0"), bot("a"), user("more?")], "chosen": [bot("yes 0!")],
+                   "rejected": [bot("No. 0")]}
+
+
+# --- every shape loads ------------------------------------------------------------------------------
+
+
+def _sft_rows(n=6):
+    return [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(n)]
+
+
+SHAPES = {
+    "messages": (lambda i: {"messages": [user(f"hi {i}"), bot("hey"), user("bye"), bot(f"see you {i}")]}, "sft"),
+    "prompt-completion text": (lambda i: {"prompt": f"Q{i}?", "completion": f"A{i}."}, "sft"),
+    "prompt-completion messages": (lambda i: {"prompt": [SYSTEM, user(f"Q{i}?")], "completion": [bot(f"A{i}.")]},
+                                   "sft"),
+    "sharegpt sft": (lambda i: {"conversations": [{"from": "system", "value": "Be kind."},
+                                                  {"from": "human", "value": f"hi {i}"},
+                                                  {"from": "gpt", "value": f"hello {i}"}]}, "sft"),
+    "alpaca": (lambda i: {"instruction": f"Add {i} and 1.", "input": "" if i % 2 else "Show work.",
+                          "output": f"{i + 1}"}, "sft"),
+    "standard preference": (lambda i: {"prompt": f"Q{i}", "chosen": "yay!", "rejected": "No."}, "preference"),
+    "conversational preference": (lambda i: {"prompt": [SYSTEM, user(f"Q{i}"), bot("hm?"), user("go on")],
+                                             "chosen": bot("yay!"), "rejected": [bot("No.")]}, "preference"),
+    "implicit prompt": (lambda i: {"chosen": [user(f"Q{i}"), bot("yay!")], "rejected": [user(f"Q{i}"), bot("No.")]},
+                        "preference"),
+    "sharegpt preference": (lambda i: {"conversations": [{"from": "human", "value": f"Q{i}"}],
+                                       "chosen": {"from": "gpt", "value": "yay!"},
+                                       "rejected": {"from": "gpt", "value": "No."}}, "preference"),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_shape_loads(tmp_path, shape):
+    make_row, task = SHAPES[shape]
+    train, test = make_dataset(write_jsonl(tmp_path / "d.jsonl", [make_row(i) for i in range(6)]),
+                               test_size=2, task=task)
+    assert len(train) == 4 and len(test) == 2
+    row = train[0]
+    if task == "preference":
+        assert set(row) == {"prompt", "chosen", "rejected"}
+        chosen = row["chosen"]
+        assert chosen == "yay!" or chosen == [bot("yay!")]
+    else:
+        assert set(row) in ({"messages"}, {"prompt", "completion"})
+
+
+def test_shapes_convert_to_what_the_gyms_read(tmp_path):
+    alpaca = [{"instruction": "Add 2 and 1.", "input": "Show work.", "output": "3"},
+              {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    train, test = make_dataset(write_jsonl(tmp_path / "a.jsonl", alpaca), test_size=1, task="sft")
+    assert sorted(map(str, train.to_list() + test.to_list())) == sorted(map(str, [
+        {"prompt": "Add 2 and 1.\n\nShow work.", "completion": "3"}, {"prompt": "Say hi.", "completion": "hi"}]))
+    share = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": "yo"}]}
+             for i in range(2)]
+    train, _ = make_dataset(write_jsonl(tmp_path / "s.jsonl", share), test_size=1, task="sft", seed=1)
+    assert train[0]["messages"][1] == bot("yo") and train[0]["messages"][0]["role"] == "user"
+
+
+def test_column_mapping(tmp_path):
+    rows = [{"question": f"q{i}", "good": "yes!", "bad": "No.", "prompt": "ignored"} for i in range(4)]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    cmap = ColumnMap(prompt="question", chosen="good", rejected="bad")
+    train, test = make_dataset(path, test_size=1, column_map=cmap)
+    assert {r["prompt"] for r in train.to_list() + test.to_list()} == {"q0", "q1", "q2", "q3"}
+    train, _ = make_dataset(path, test_size=1, task="sft", column_map=ColumnMap(prompt="question", response="good"))
+    assert train[0]["completion"] == "yes!"
+    convo = [{"dialog": [user(f"a{i}"), bot("b")]} for i in range(3)]
+    train, _ = make_dataset(write_jsonl(tmp_path / "c.jsonl", convo), test_size=1, task="sft",
+                            column_map=ColumnMap(messages="dialog"))
+    assert train[0]["messages"][1] == bot("b")
+    with pytest.raises(UserError, match=r"no column named in --chosen-column best; its columns are: question, "
+                                        r"good, bad, prompt"):
+        make_dataset(path, column_map=ColumnMap(chosen="best"))
+
+
+def test_bundled_chat_set():
+    train, test = make_dataset(BUNDLED_CHAT_DATASET, task="sft")
+    rows = train.to_list() + test.to_list()
+    assert len(rows) >= 40 and all(set(r) == {"messages"} for r in rows)
+    assert sum(r["messages"][0]["role"] == "system" for r in rows) >= 5
+    assert all(sum(m["role"] == "assistant" for m in r["messages"]) >= 2 for r in rows)
+    with pytest.raises(UserError, match="lacks column.*rejected.*SFT data cannot train DPO"):
+        make_dataset(BUNDLED_CHAT_DATASET)
+
+
+# --- clear errors with the row ------------------------------------------------------------------------------
+
+
+BAD = {
+    "mixed shapes": ([{"prompt": "q", "completion": "a"}, {"messages": [user("q"), bot("a")]}], "sft",
+                     "row 2 is written as conversational data but row 1 as standard; a dataset holds one shape"),
+    "unknown role": ([{"messages": [user("q"), {"role": "tool", "content": "x"}, bot("a")]}], "sft",
+                     "row 1: messages message 2 has the unknown role 'tool' (accepted: system, user, assistant)"),
+    "empty conversation": ([{"messages": [user("q"), bot("a")]}, {"messages": []}], "sft",
+                           "row 2: messages is an empty conversation"),
+    "no assistant turn": ([{"messages": [SYSTEM, user("q")]}], "sft",
+                          "row 1: the conversation has no assistant turn, so there is nothing to learn"),
+    "ends with user": ([{"prompt": [user("q")], "chosen": [bot("a"), user("and?")], "rejected": [bot("b")]}],
+                       "preference", "row 1: the chosen conversation ends with a user turn; preference answers "
+                                     "must end with an assistant turn"),
+    "no shared prefix": ([{"chosen": [user("q"), bot("a")], "rejected": [user("other"), bot("b")]}], "preference",
+                         "row 1: chosen and rejected share no leading message"),
+    "not role/content": ([{"messages": [{"speaker": "user", "text": "q"}]}], "sft",
+                         "row 1: messages message 1 holds an object without them where a {role, content} object "
+                         "is needed"),
+    "unknown sharegpt speaker": ([{"conversations": [{"from": "narrator", "value": "x"}]}], "sft",
+                                 "row 1: conversations message 1 has the unknown speaker 'narrator'"),
+    "forced format": ([{"prompt": "q", "completion": "a"}], "sft", "row 1 is written as standard data, not sharegpt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_shapes_name_the_row(tmp_path, case):
+    rows, task, message = BAD[case]
+    fmt = "sharegpt" if case == "forced format" else "auto"
+    with pytest.raises(UserError) as info:
+        make_dataset(write_jsonl(tmp_path / "bad.jsonl", rows * 2 if len(rows) == 1 else rows), task=task,
+                     format=fmt)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+# --- through the command line -----------------------------------------------------------------------------
+
+
+CLI_CASES = {
+    "sft messages": ("sft", "messages", []),
+    "sft prompt-completion messages": ("sft", "prompt-completion messages", []),
+    "sft sharegpt": ("sft", "sharegpt sft", ["--format", "sharegpt"]),
+    "sft alpaca": ("sft", "alpaca", ["--format", "alpaca"]),
+    "dpo conversational": ("dpo", "conversational preference", []),
+    "dpo implicit prompt": ("dpo", "implicit prompt", []),
+    "dpo sharegpt": ("dpo", "sharegpt preference", []),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_each_shape_trains_through_the_cli(tmp_path, tiny_model_dir, case, capsys):
+    algo, shape, extra = CLI_CASES[case]
+    data = write_jsonl(tmp_path / "d.jsonl", [SHAPES[shape][0](i) for i in range(6)])
+    out = tmp_path / "run"
+    code = main([algo, *SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--save-path", str(out),
+                 "--no-timestamp", *extra])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "actor" / "adapter_model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m and m["loss"] > 0 for m in metrics)
+
+
+def test_column_flags_and_yaml_keys(tmp_path, tiny_model_dir, capsys):
+    rows = [{"question": f"q{i}", "good": "yes!", "bad": "No."} for i in range(6)]
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    base = [*SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--no-timestamp"]
+    assert main(["dpo", *base, "--save-path", str(tmp_path / "a"), "--prompt-column", "question",
+                 "--chosen-column", "good", "--rejected-column", "bad"]) == 0
+    config = tmp_path / "c.yaml"
+    config.write_text("prompt_column: question\nresponse-column: good\n")
+    assert main(["sft", *base, "--save-path", str(tmp_path / "b"), "--config", str(config)]) == 0
+    assert main(["sft", *base, "--save-path", str(tmp_path / "c"), "--prompt-column", "nope"]) == 2
+    assert "no column named in --prompt-column nope; its columns are: question, good, bad" in capsys.readouterr().err
+    assert main(["dpo", *base, "--save-path", str(tmp_path / "d"), "--response-column", "good"]) == 2
+    assert "--response-column and --messages-column are for SFT data" in capsys.readouterr().err
+
+
+def test_chat_template_file(tmp_path, tiny_model_dir, plain_tokenizer, capsys):
+    from alignkit.evaluate import load_for_generation
+    from alignkit.gyms import render_messages
+    from alignkit.models import load_tokenizer
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == "
+                        "'assistant' %}<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}"
+                        "<assistant>{% endif %}")
+    tok = load_tokenizer(tiny_model_dir, chat_template=template.read_text())
+    assert render_messages(tok, [user("hi")], generation_prompt=True) == "<user>hi<assistant>"
+    data = write_jsonl(tmp_path / "d.jsonl", [SHAPES["messages"][0](i) for i in range(6)])
+    out = tmp_path / "run"
+    assert main(["sft", *SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--save-path", str(out),
+                 "--no-timestamp", "--chat-template", str(template)]) == 0
+    assert (out / "actor" / "chat_template.jinja").read_text() == template.read_text()
+    _, tokenizer = load_for_generation(str(tiny_model_dir), out / "actor")
+    assert tokenizer.chat_template == template.read_text()
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    assert main(["sft", *SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--save-path",
+                 str(tmp_path / "x"), "--no-timestamp", "--chat-template", str(broken)]) == 2
+    assert "is not a working Jinja template" in capsys.readouterr().err
