@@ -322,3 +322,29 @@ def test_chat_template_file(tmp_path, tiny_model_dir, plain_tokenizer, capsys):
     assert main(["sft", *SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--save-path",
                  str(tmp_path / "x"), "--no-timestamp", "--chat-template", str(broken)]) == 2
     assert "is not a working Jinja template" in capsys.readouterr().err
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+README_EXAMPLES = {  # file -> (task, format, column map), as the README's commands give them
+    "chat_messages.jsonl": ("sft", "auto", ColumnMap()),
+    "prompt_completion.jsonl": ("sft", "auto", ColumnMap()),
+    "sharegpt.jsonl": ("sft", "auto", ColumnMap()),
+    "alpaca.jsonl": ("sft", "alpaca", ColumnMap()),
+    "conversational_preference.jsonl": ("preference", "auto", ColumnMap()),
+    "implicit_prompt.jsonl": ("preference", "auto", ColumnMap()),
+    "mapped_columns.jsonl": ("preference", "auto", ColumnMap(prompt="question", chosen="good_answer",
+                                                              rejected="bad_answer")),
+}
+
+
+@pytest.mark.parametrize("name", list(README_EXAMPLES))
+def test_readme_example_files_load(name, tokenizer):
+    task, fmt, cmap = README_EXAMPLES[name]
+    train, test = make_dataset(EXAMPLES / name, task=task, format=fmt, column_map=cmap)
+    gym_cls = SFTGym if task == "sft" else PreferenceGym
+    gym = gym_cls(train, test, tokenizer, max_context_length=256)
+    assert len(gym.train_examples) == len(train) and len(gym.test_examples) == len(test)
+
+
+def test_every_example_file_is_covered():
+    assert sorted(p.name for p in EXAMPLES.glob("*.jsonl")) == sorted(README_EXAMPLES)
