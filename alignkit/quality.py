@@ -1,0 +1,115 @@
+"""Answer-quality numbers with their uncertainty: per-answer measures, bootstrap intervals, and
+paired differences against the base model on the same prompts.
+
+Every measure is computed over a list of answers to one list of prompts. An interval is the 95%
+percentile bootstrap over prompts (resampling answers with replacement, seeded). A difference
+from the base is *outside the noise* when the paired bootstrap interval of (configuration - base),
+resampling the same prompts for both, excludes zero.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .report import repetition_score
+
+LOOPING = 0.3
+"""An answer whose repetition score exceeds this counts as looping."""
+
+_WORD = re.compile(r"\w+")
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams of all ``texts`` (lower-cased ``\\w+`` words).
+
+    Corpus-level, as usually reported: 1.0 when no n-gram repeats anywhere, near 0 for answers that
+    all say the same thing or loop. 0.0 when the texts hold no n-gram at all.
+    """
+    grams = []
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        grams += [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer and whether it ended on its own (end-of-turn before the token limit)."""
+
+    text: str
+    ended: bool
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+MEASURES: dict[str, Callable[[Sequence[Answer]], float]] = {
+    "repetition": lambda a: _mean([repetition_score(x.text) for x in a]),
+    "looping_share": lambda a: _mean([repetition_score(x.text) > LOOPING for x in a]),
+    "ended_share": lambda a: _mean([x.ended for x in a]),
+    "mean_words": lambda a: _mean([len(x.text.split()) for x in a]),
+    # per answer, then averaged: a corpus-level ratio falls whenever a resample repeats an answer,
+    # which would bias its bootstrap interval below the value itself
+    "distinct_2": lambda a: _mean([distinct_n([x.text], 2) for x in a]),
+}
+"""Name -> measure of a list of answers (all on the same prompts)."""
+
+
+def bootstrap_interval(items: Sequence, statistic: Callable[[Sequence], float], resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(items)`` resampling ``items`` with replacement."""
+    if not items:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    n = len(items)
+    values = [statistic([items[i] for i in rng.integers(0, n, n)]) for _ in range(resamples)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def paired_difference(items: Sequence, base: Sequence, statistic: Callable[[Sequence], float],
+                      resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(difference, low, high)`` of ``statistic(items) - statistic(base)``, resampling prompts jointly.
+
+    ``items[i]`` and ``base[i]`` answer the same prompt, so each resample draws the same prompts on
+    both sides: the prompt-to-prompt spread, shared by both, cancels out of the interval.
+    """
+    if len(items) != len(base):
+        raise ValueError(f"paired lists differ in length: {len(items)} vs {len(base)}")
+    diff = statistic(items) - statistic(base)
+    if not items:
+        return (diff, diff, diff)
+    rng = np.random.default_rng(seed)
+    n = len(items)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        values.append(statistic([items[i] for i in idx]) - statistic([base[i] for i in idx]))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(diff), float(low), float(high)
+
+
+def answer_quality(answers: Sequence[Answer], base: Sequence[Answer] | None = None, seed: int = 0,
+                   resamples: int = 2000) -> dict[str, dict]:
+    """Every measure of ``answers`` as ``{name: {"value", "low", "high"}}``.
+
+    With ``base`` (the base model's answers to the same prompts) each entry also holds
+    ``"vs_base": [difference, low, high]`` and ``"outside_noise"``: whether that interval excludes 0.
+    """
+    out = {}
+    for name, measure in MEASURES.items():
+        low, high = bootstrap_interval(answers, measure, resamples, seed)
+        entry = {"value": measure(answers), "low": low, "high": high}
+        if base is not None:
+            diff, d_low, d_high = paired_difference(answers, base, measure, resamples, seed)
+            entry["vs_base"] = [diff, d_low, d_high]
+            entry["outside_noise"] = bool(d_low > 0 or d_high < 0)
+        out[name] = entry
+    return out
