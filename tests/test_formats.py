@@ -262,6 +262,7 @@ def test_bad_shapes_name_the_row(tmp_path, case):
 
 CLI_CASES = {
     "sft messages": ("sft", "messages", []),
+    "sft prompt-completion text": ("sft", "prompt-completion text", []),
     "sft prompt-completion messages": ("sft", "prompt-completion messages", []),
     "sft sharegpt": ("sft", "sharegpt sft", ["--format", "sharegpt"]),
     "sft alpaca": ("sft", "alpaca", ["--format", "alpaca"]),
