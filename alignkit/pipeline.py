@@ -32,13 +32,15 @@ ALL_CONFIGS = tuple(LABELS)
 
 def train_configurations(names, out_dir, max_steps: int = 0, model: str | None = None,
                          dataset: str | None = None, reuse: bool = False, seed: int | None = None,
-                         test_size: float | None = None, overwrite: bool = False) -> dict[str, str | None]:
+                         test_size: float | None = None, overwrite: bool = False,
+                         timings: dict[str, float] | None = None) -> dict[str, str | None]:
     """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
 
     ``base`` needs no training (None). A warm-started configuration trains its parent first.
     A folder that already holds a run is refused unless ``reuse`` (a finished run is kept, an
     interrupted one resumed) or ``overwrite`` (trained again from scratch).
-    ``dataset``, ``seed`` and ``test_size`` default to the training defaults.
+    ``dataset``, ``seed`` and ``test_size`` default to the training defaults. ``timings``, when
+    given, receives the seconds each trained configuration took, by label.
     """
     split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size)) if v is not None}
     from .train import run
@@ -70,7 +72,10 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
         started = time.time()
         print(f"== training {LABELS[name]} -> {folder}")
         run(cfg)
-        print(f"== {LABELS[name]} trained in {time.time() - started:.0f} s")
+        seconds = time.time() - started
+        print(f"== {LABELS[name]} trained in {seconds:.0f} s")
+        if timings is not None:
+            timings[LABELS[name]] = seconds
         runs[name] = str(folder)
         return runs[name]
 
@@ -96,14 +101,25 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
+    started, timings = time.time(), {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
-                                test_size, overwrite) if to_train else {}
+                                test_size, overwrite, timings=timings) if to_train else {}
     runs = {n: given.get(n, runs.get(n)) for n in names}
+    compared = time.time()
     report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
                      test_size=test_size, max_new_tokens=max_new_tokens)
+    timings["comparison (scoring, generation, report)"] = time.time() - compared
     print(f"report: {report}")
     print(f"numbers: {report.parent / 'results.json'}")
+    print(timing_summary(timings, time.time() - started))
     return report
+
+
+def timing_summary(timings: dict[str, float], total: float) -> str:
+    """One line: seconds per stage and the total, e.g. ``time: SFT 86 s, ... total 5m49s``."""
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+    minutes, seconds = divmod(round(total), 60)
+    return f"time: {stages + ', ' if stages else ''}total {minutes}m{seconds:02d}s"
 
 
 def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, default_steps: int) -> None:

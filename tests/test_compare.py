@@ -87,3 +87,11 @@ def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, ro
     assert seen and all(names == [] for names in seen), [n for n in seen if n][:1]
     assert 0.0 <= scored["metrics"]["preference_accuracy"] <= 1.0
     assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards
+
+
+def test_timing_summary_names_each_stage_and_the_total():
+    from alignkit.pipeline import timing_summary
+
+    line = timing_summary({"SFT": 86.4, "SFT -> DPO + NLL": 173.6, "comparison": 61.0}, 349.2)
+    assert line == "time: SFT 86 s, SFT -> DPO + NLL 174 s, comparison 61 s, total 5m49s"
+    assert timing_summary({}, 59.6) == "time: total 1m00s"
