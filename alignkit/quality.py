@@ -96,15 +96,27 @@ def paired_difference(items: Sequence, base: Sequence, statistic: Callable[[Sequ
     return float(diff), float(low), float(high)
 
 
-def answer_quality(answers: Sequence[Answer], base: Sequence[Answer] | None = None, seed: int = 0,
+def _per_prompt(answers) -> list[list[Answer]]:
+    """Answers grouped by prompt: an ``Answer`` alone is its prompt's only sample."""
+    return [[a] if isinstance(a, Answer) else list(a) for a in answers]
+
+
+def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 0,
                    resamples: int = 2000) -> dict[str, dict]:
     """Every measure of ``answers`` as ``{name: {"value", "low", "high"}}``.
 
-    With ``base`` (the base model's answers to the same prompts) each entry also holds
-    ``"vs_base": [difference, low, high]`` and ``"outside_noise"``: whether that interval excludes 0.
+    ``answers`` holds one ``Answer`` per prompt, or per prompt a list of sampled ``Answer``s; the
+    bootstrap resamples prompts (all samples of a drawn prompt go together). With ``base`` (the base
+    model's answers to the same prompts) each entry also holds ``"vs_base": [difference, low,
+    high]`` and ``"outside_noise"``: whether that interval excludes 0.
     """
+    answers = _per_prompt(answers)
+    base = _per_prompt(base) if base is not None else None
     out = {}
-    for name, measure in MEASURES.items():
+    for name, flat_measure in MEASURES.items():
+        def measure(groups, flat_measure=flat_measure):
+            return flat_measure([a for group in groups for a in group])
+
         low, high = bootstrap_interval(answers, measure, resamples, seed)
         entry = {"value": measure(answers), "low": low, "high": high}
         if base is not None:

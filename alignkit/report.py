@@ -38,6 +38,15 @@ METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("repetition", "Repetition score", "{:.3f}"),
 )
 
+# Answer-quality measures over the held-out prompts (see alignkit.quality), in table order.
+QUALITY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("repetition", "Repetition score", "{:.3f}"),
+    ("looping_share", "Looping answers (repetition > 0.3)", "{:.0%}"),
+    ("ended_share", "Answers that end on their own", "{:.0%}"),
+    ("mean_words", "Mean length (words)", "{:.1f}"),
+    ("distinct_2", "Distinct-2", "{:.3f}"),
+)
+
 # Captions for the figure names alignkit.plots writes; other figures get their file name.
 FIGURE_CAPTIONS = {
     "sft_training_loss.png": "SFT training loss per step (faint) with its exponential moving average on top.",
@@ -127,6 +136,9 @@ def _check_configs(prompts: Sequence[str], configs: Sequence[dict]) -> list[dict
                  "metrics": metrics, "answers": answers}
         if isinstance(config.get("split"), dict):  # which held-out split the numbers come from
             entry["split"] = dict(config["split"])
+        if isinstance(config.get("quality"), dict):  # answer quality on the held-out prompts, with intervals
+            entry["quality"] = {key: dict(value) for key, value in config["quality"].items()
+                                if isinstance(value, dict)}
         cleaned.append(entry)
     return cleaned
 
@@ -168,22 +180,35 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["metric"] = _format_metric
+    env.filters["quality"] = _quality_cell
     return env
 
 
+def _quality_cell(entry: dict | None, fmt: str) -> str:
+    """``value [low, high]`` of one measure, with ``*`` when it differs from the base beyond noise."""
+    if not entry or _number(entry.get("value")) is None:
+        return _DASH
+    low, high = _number(entry.get("low")), _number(entry.get("high"))
+    text = fmt.format(entry["value"])
+    if low is not None and high is not None:
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text + (" *" if entry.get("outside_noise") else "")
+
+
 def _render_page(title: str, prompts: list[str], configs: list[dict], figures: list[dict],
-                 generation: dict) -> str:
+                 generation: dict, quality_prompts: int | None = None) -> str:
     """The HTML page as a string; every value in it is escaped by the template."""
     # Strings show quoted so that do_sample=False and mode='False' stay apart.
     settings = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in generation.items()]
     return _environment().get_template("report.html.j2").render(
         title=title, prompts=prompts, configs=configs, figures=figures, generation=generation,
-        settings=settings, columns=METRIC_COLUMNS, dash=_DASH)
+        settings=settings, columns=METRIC_COLUMNS, dash=_DASH, quality_columns=QUALITY_COLUMNS,
+        quality_prompts=quality_prompts, has_quality=any("quality" in c for c in configs))
 
 
 def write_report(out_dir: str | os.PathLike, prompts: Sequence[str], configs: Sequence[dict],
                  figures: Iterable[Any] = (), title: str = DEFAULT_TITLE,
-                 generation: dict | None = None) -> Path:
+                 generation: dict | None = None, quality_prompts: int | None = None) -> Path:
     """Write ``out_dir/index.html`` and ``out_dir/results.json``; return the HTML path.
 
     Args:
@@ -197,10 +222,13 @@ def write_report(out_dir: str | os.PathLike, prompts: Sequence[str], configs: Se
             non-finite value shows as a dash. ``mean_answer_words`` (whitespace-split words)
             and ``repetition`` (mean :func:`repetition_score`) are computed from the answers
             when not given.
+            Optionally ``"quality"``: ``{measure: {"value", "low", "high", "outside_noise"?}}`` as
+            :func:`alignkit.quality.answer_quality` gives it, shown in a second table.
         figures: image paths, or ``(path, caption)`` pairs, embedded in the page in order.
         title: the page heading.
         generation: decoding settings printed with the answers; defaults to
             ``{"do_sample": False, "max_new_tokens": 200}``.
+        quality_prompts: how many held-out prompts the ``quality`` numbers come from.
 
     Raises:
         UserError: for configurations without a name, duplicate names, an answer count that
@@ -217,9 +245,10 @@ def write_report(out_dir: str | os.PathLike, prompts: Sequence[str], configs: Se
         "prompts": prompts,
         "configs": cleaned,
         "figures": [{"file": f["file"], "caption": f["caption"]} for f in loaded],
+        "quality_prompts": quality_prompts,
     }
     # Render before touching the disk, so a failure leaves the folder as it was.
-    page = _render_page(title, prompts, cleaned, loaded, generation)
+    page = _render_page(title, prompts, cleaned, loaded, generation, quality_prompts)
     # results.json first, so a new index.html never appears without the numbers behind it.
     atomic_write_json(out / "results.json", results, indent=2)
     return atomic_write_text(out / "index.html", page)

@@ -65,3 +65,13 @@ def test_answer_quality_marks_only_real_differences():
     same = answer_quality(base, base)
     assert not any(entry["outside_noise"] for entry in same.values())
     assert all(e["low"] <= e["value"] <= e["high"] for e in q.values())
+
+
+def test_samples_of_one_prompt_are_resampled_together():
+    # Two prompts, three samples each: prompt 0 always loops, prompt 1 never does.
+    loops = [Answer("x y z x y z x y z", ended=False)] * 3
+    fine = [Answer("a fine answer here", ended=True)] * 3
+    q = answer_quality([loops, fine])
+    assert q["looping_share"]["value"] == 0.5
+    # resampling whole prompts can only give 0, 1/2 or 1: never the 1/3 or 2/3 of loose samples
+    assert {q["looping_share"]["low"], q["looping_share"]["high"]} <= {0.0, 0.5, 1.0}

@@ -297,3 +297,24 @@ def test_failed_write_leaves_no_report_and_no_temporary_files(tmp_path, monkeypa
             write_report(out, PROMPTS, make_configs(), title="second")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(before) == ["index.html", "results.json"]
+
+
+def test_quality_table_shows_intervals_and_marks_real_differences(tmp_path):
+    from alignkit.quality import Answer, answer_quality
+
+    base = [Answer("the the the the the the", ended=False)] * 12
+    better = [Answer(f"A warm answer number {i}.", ended=True) for i in range(12)]
+    configs = make_configs()[:2]
+    configs[0]["quality"] = answer_quality(base, None)
+    configs[1]["quality"] = answer_quality(better, base)
+    page = (write_report(tmp_path, PROMPTS, configs, quality_prompts=12)).read_text()
+    rows = re.findall(r"<tr><th scope=\"row\">([^<]*)</th>(.*?)</tr>", page.split('id="quality"')[1])
+    cells = {name: re.findall(r"<td>(.*?)</td>", rest) for name, rest in rows}
+    assert cells["Base model"][2] == "0% [0%, 0%]"          # ended on its own: never, no mark for the base
+    assert cells["SFT"][2] == "100% [100%, 100%] *"         # always, beyond noise against the base
+    assert cells["SFT"][1] == "0% [0%, 0%] *"               # looping: 100% -> 0%
+    assert "Answers to 12 held-out prompts" in page
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["quality_prompts"] == 12 and saved["configs"][1]["quality"]["ended_share"]["outside_noise"]
+    # without quality numbers the page has no such table
+    assert 'id="quality"' not in write_report(tmp_path / "plain", PROMPTS, make_configs()).read_text()
