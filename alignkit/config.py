@@ -105,7 +105,13 @@ class SFTConfig:
                                                    "uniformly from this range")
     # -- interactive evaluation -------------------------------------------------------------------
     eval: bool = opt(False, "chat with the model at --load-path instead of training")
-    max_new_tokens: int = opt(200, "longest generated answer, in tokens (greedy decoding)")
+    max_new_tokens: int = opt(200, "longest generated answer, in tokens")
+    temperature: float = opt(0.0, "sampling temperature of --eval answers; 0 = greedy (the most likely token, "
+                                  "no randomness); sampling is seeded by --seed")
+    top_p: float = opt(1.0, "with --temperature > 0: sample from the smallest set of most likely tokens whose "
+                            "probabilities reach this, in (0, 1]")
+    repetition_penalty: float = opt(1.0, "> 1 makes tokens already in the conversation less likely (positive "
+                                         "logits divided by it, negative multiplied); 1 = off")
 
     algo = "sft"
 
@@ -146,6 +152,9 @@ class SFTConfig:
              "--chosen-column and --rejected-column")
         need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
         need(not self.eval or self.pop_size == 1, "--eval chats with one adapter: drop --pop-size")
+        from .generation import sampling_problems  # --temperature, --top-p, --repetition-penalty
+
+        problems += sampling_problems(self.temperature, self.top_p, self.repetition_penalty)
         need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
         need(self.evo_steps >= 1, f"--evo-steps must be >= 1 (got {self.evo_steps})")
         need(1 <= self.tournament_size, f"--tournament-size must be >= 1 (got {self.tournament_size})")
@@ -218,6 +227,7 @@ CONFIGS = {"sft": SFTConfig, "dpo": DPOConfig}
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "epochs", "resume", "overwrite", "eval_interval", "save_interval", "keep_checkpoints",
     "report_to", "plot", "threads", "reuse_memory", "config", "save_path", "no_timestamp", "reuse_reference",
+    "temperature", "top_p", "repetition_penalty",
 })
 
 

@@ -1,48 +1,35 @@
-"""Generation: batched greedy answers, and the interactive chat of ``--eval``."""
+"""Generation for people: batched answers, and the interactive chat of ``--eval``.
+
+The chat keeps the conversation: each answer sees the system message (when set) and the earlier
+exchanges, rendered as training renders a conversation (:func:`alignkit.gyms.render_messages`).
+When the conversation outgrows the model's context, its oldest exchanges are left out (never the
+system message). Typed at a terminal, answers appear token by token; piped in, each input line
+gets one output line (line breaks inside an answer written as ``\\n``) and nothing else.
+"""
 
 from __future__ import annotations
 
 import sys
 
-import torch
-
 from .adapters import adapter_chat_template, load_adapter
+from .generation import (
+    Sampling,
+    TextStream,
+    answer_text,
+    chat_prompt_ids,
+    decode,
+    generate_answers,
+    merged_lora,
+    pad_token_id,
+    stop_token_ids,
+)
 from .models import load_model, load_tokenizer
 
+__all__ = ["Chat", "chat_prompt_ids", "generate_answers", "interactive", "load_for_generation"]
+
 EXIT_WORDS = {"quit", "exit", ":q"}
-
-
-def chat_prompt_ids(tokenizer, prompt) -> list[int]:
-    """Token ids of ``prompt`` (text: one user turn; or a message list) followed by the assistant
-    header, exactly as training renders the context of an answer."""
-    from .gyms import as_messages, render_messages
-
-    text = render_messages(tokenizer, as_messages(prompt, "user"), generation_prompt=True)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 200, batch_size: int = 8,
-                     do_sample: bool = False) -> list[str]:
-    """Answer each prompt (greedy by default), batching left-padded prompts for speed."""
-    model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=do_sample,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+HELP = ("commands: /reset forgets the conversation, /system TEXT sets the system message (/system alone "
+        "removes it), /help shows this, quit or exit (or Ctrl-D) leaves")
 
 
 def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False):
@@ -56,28 +43,162 @@ def load_for_generation(model_name: str, load_path=None, device=None, dtype=None
     return model, tokenizer
 
 
-def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=None) -> int:
-    """Answer each line typed (or piped) on ``stdin`` until ``quit``/``exit``, end of input or Ctrl-C."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tty = hasattr(stdin, "isatty") and stdin.isatty()
-    if tty:
-        stdout.write("Type a message and press Enter; 'quit', 'exit' or Ctrl-D leaves.\n")
-    try:
+class MessageTooLong(Exception):
+    """A message that does not fit the context even with every earlier exchange left out."""
+
+
+class Chat:
+    """A conversation with ``model``: the history, its bound, and the next answer.
+
+    ``context_limit`` bounds a prompt in tokens (default: the model's
+    ``max_position_embeddings`` minus ``max_new_tokens``, so the answer fits too; None when the
+    model does not say). Call it inside :func:`alignkit.generation.merged_lora` for speed.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 200, sampling: Sampling | None = None,
+                 context_limit: int | None = None):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.sampling = sampling or Sampling()
+        if context_limit is None:
+            longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            context_limit = longest - max_new_tokens if longest else None
+        self.context_limit = context_limit
+        self.system: str | None = None
+        self.turns: list[dict] = []   # user and assistant messages, alternating, oldest first
+        self.stop_ids, self.pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
+        self.generator = self.sampling.generator(next(model.parameters()).device)  # one stream per chat
+
+    def messages(self, text: str) -> list[dict]:
+        """The conversation so far plus the user message ``text``."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + self.turns + [{"role": "user", "content": text}]
+
+    def prompt_ids(self, text: str) -> tuple[list[int], int]:
+        """Token ids of the context of the answer to ``text``, and how many of the oldest exchanges
+        were dropped from the history to fit ``context_limit``; raises :class:`MessageTooLong`."""
+        dropped = 0
         while True:
-            if tty:
-                stdout.write("you> ")
+            ids = chat_prompt_ids(self.tokenizer, self.messages(text))
+            if self.context_limit is None or len(ids) <= self.context_limit:
+                return ids, dropped
+            if not self.turns:
+                raise MessageTooLong(f"the message needs {len(ids)} tokens of context; at most "
+                                     f"{self.context_limit} fit (the model's context minus --max-new-tokens)")
+            # The oldest exchange: a user message and the answers up to the next user message.
+            end = next((i for i, m in enumerate(self.turns) if i and m["role"] == "user"), len(self.turns))
+            del self.turns[:end]
+            dropped += 1
+
+    def answer(self, text: str, on_text=None) -> tuple[str, int]:
+        """The model's answer to ``text`` (added to the history, like ``text``), and how many old
+        exchanges were dropped to make room. ``on_text(piece)`` gets the answer as it is generated."""
+        ids, dropped = self.prompt_ids(text)
+        stream = TextStream(self.tokenizer, self.stop_ids)
+
+        def show(_row: int, token: int) -> None:
+            piece = stream.push(token)
+            if piece:
+                on_text(piece)
+
+        out = decode(self.model, [ids], self.max_new_tokens, self.stop_ids, self.pad_id, self.sampling,
+                     self.generator, on_token=show if on_text else None)[0]
+        if on_text:
+            rest = stream.finish()
+            if rest:
+                on_text(rest)
+        reply = answer_text(self.tokenizer, out)
+        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply, dropped
+
+    def reset(self) -> None:
+        """Forget the exchanges (the system message stays)."""
+        self.turns = []
+
+
+def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=None, *,
+                sampling: Sampling | None = None, context_limit: int | None = None, stderr=None) -> int:
+    """Chat on ``stdin``/``stdout`` until ``quit``/``exit``, end of input or Ctrl-C; returns 0.
+
+    Each line is a user message answered in the conversation so far, or a command: ``/reset``,
+    ``/system TEXT``, ``/help``. At a terminal answers stream as they are generated and notices
+    (history dropped to fit the context, commands done) go to ``stdout``; with piped input each
+    message gets exactly one output line (see :func:`one_line`) and notices go to ``stderr``.
+    """
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    tty = hasattr(stdin, "isatty") and stdin.isatty()
+    notices = stdout if tty else stderr
+
+    def notice(text: str) -> None:
+        notices.write(f"({text})\n")
+        notices.flush()
+
+    chat = Chat(model, tokenizer, max_new_tokens, sampling, context_limit)
+    if tty:
+        stdout.write("Type a message and press Enter; 'quit', 'exit' or Ctrl-D leaves, /help lists commands.\n")
+    was_training = model.training
+    model.eval()
+    try:
+        with merged_lora(model):
+            while True:
+                if tty:
+                    stdout.write("you> ")
+                    stdout.flush()
+                line = stdin.readline()
+                if not line:
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                if text.lower() in EXIT_WORDS:
+                    break
+                if text.startswith("/"):
+                    _command(chat, text, notice)
+                    continue
+                try:
+                    _, dropped = chat.prompt_ids(text)   # makes room in the history first, if needed
+                except MessageTooLong as exc:
+                    if not tty:
+                        stdout.write("\n")   # still one output line per message
+                    notice(f"not answered: {exc}")
+                    continue
+                if dropped:
+                    notice("context full: left out the oldest exchange" if dropped == 1 else
+                           f"context full: left out the oldest {dropped} exchanges")
+                if tty:
+                    stdout.write("model> ")
+                    stdout.flush()
+
+                def write(piece: str) -> None:
+                    stdout.write(piece)
+                    stdout.flush()
+
+                reply, _ = chat.answer(text, on_text=write if tty else None)
+                stdout.write("\n" if tty else f"{one_line(reply)}\n")
                 stdout.flush()
-            line = stdin.readline()
-            if not line:
-                break
-            prompt = line.strip()
-            if not prompt:
-                continue
-            if prompt.lower() in EXIT_WORDS:
-                break
-            answer = generate_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
-            stdout.write(f"model> {answer}\n" if tty else f"{answer}\n")
-            stdout.flush()
     except KeyboardInterrupt:
         stdout.write("\n")
+    finally:
+        model.train(was_training)
     return 0
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: backslashes, line feeds and carriage returns written as ``\\\\``, ``\\n``
+    and ``\\r`` (how piped answers are printed; reversible)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _command(chat: Chat, text: str, notice) -> None:
+    """Carry out a ``/command`` line."""
+    word, _, rest = text.partition(" ")
+    word, rest = word.lower(), rest.strip()
+    if word == "/reset":
+        chat.reset()
+        notice("conversation cleared")
+    elif word == "/system":
+        chat.system = rest or None
+        notice(f"system message set: {rest}" if rest else "system message removed")
+    elif word == "/help":
+        notice(HELP)
+    else:
+        notice(f"unknown command {word}; {HELP}")

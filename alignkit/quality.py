@@ -38,7 +38,8 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
 
 @dataclass(frozen=True)
 class Answer:
-    """One generated answer and whether it ended on its own (end-of-turn before the token limit)."""
+    """One generated answer and whether it ended on its own (a stop token before the token limit),
+    as :func:`alignkit.generation.generate_replies` returns it."""
 
     text: str
     ended: bool
@@ -98,7 +99,7 @@ def paired_difference(items: Sequence, base: Sequence, statistic: Callable[[Sequ
 
 def _per_prompt(answers) -> list[list[Answer]]:
     """Answers grouped by prompt: an ``Answer`` alone is its prompt's only sample."""
-    return [[a] if isinstance(a, Answer) else list(a) for a in answers]
+    return [[a] if hasattr(a, "ended") else list(a) for a in answers]
 
 
 def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 0,

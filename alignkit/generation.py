@@ -1,0 +1,409 @@
+"""Generation without the overheads: merged LoRA weights, a lean decoding loop, sampling and streaming.
+
+:func:`decode` continues token-id prompts with the model's own forward pass (so the numbers are the
+model's) but keeps only what answering needs: a key/value cache written in place, the last
+position's logits, rows leaving the batch as soon as they end, and no per-step processors unless
+sampling asks for them. Greedy decoding runs the computation of ``model.generate(do_sample=False)``
+and picks the same tokens; only at a near-tie could the last bits, which a smaller batch (rows that
+left) or merged weights round differently, pick another one.
+
+:func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
+the duration, so a token costs what it costs without an adapter; the original weight tensors are
+never written, so they are exactly what they were afterwards, also when generation fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .quality import Answer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen.
+
+    ``temperature`` 0 is greedy (the most likely token); above 0 the token is drawn from the
+    softmax of ``logits / temperature``, restricted to the smallest set of most likely tokens whose
+    probabilities add up to ``top_p``. ``repetition_penalty`` > 1 makes every token already in the
+    row (prompt or answer) less likely, as transformers' ``repetition_penalty`` does: a positive
+    logit is divided by it, a negative one multiplied. ``seed`` makes sampling reproducible.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        problems = sampling_problems(self.temperature, self.top_p, self.repetition_penalty, name=str)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        """True when every token is the most likely one (no randomness)."""
+        return self.temperature == 0
+
+    def generator(self, device="cpu") -> torch.Generator | None:
+        """A random generator seeded with ``seed`` (None: torch's global one)."""
+        if self.seed is None or self.greedy:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def sampling_problems(temperature: float, top_p: float, repetition_penalty: float,
+                      name: Callable[[str], str] = lambda n: "--" + n.replace("_", "-")) -> list[str]:
+    """What is wrong with these sampling options (empty when nothing); ``name`` spells an option."""
+    problems = []
+    if not 0 <= temperature < math.inf:   # written as ranges so NaN fails them too
+        problems.append(f"{name('temperature')} must be >= 0 and finite; 0 is greedy (got {temperature})")
+    if not 0 < top_p <= 1:
+        problems.append(f"{name('top_p')} must be in (0, 1] (got {top_p})")
+    if not 0 < repetition_penalty < math.inf:
+        problems.append(f"{name('repetition_penalty')} must be > 0 and finite; 1 leaves logits alone "
+                        f"(got {repetition_penalty})")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged LoRA weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _merged_stand_in(layer) -> nn.Module | None:
+    """A plain ``nn.Linear`` computing what the LoRA ``layer`` computes now, or None when it can't.
+
+    Plain LoRA on an ``nn.Linear`` only (no DoRA or other variants, no LoRA bias, no hooks on the
+    base layer such as offloading); anything else keeps its LoRA layer, which stays correct.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear:
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    if layer.disable_adapters or layer.merged:   # the base weight alone is what the layer computes
+        return base
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(a in layer.lora_variant or layer.lora_bias.get(a) for a in adapters):
+        return None
+    weight = base.weight
+    with torch.no_grad():
+        for adapter in adapters:
+            weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    merged = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+    merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    merged.bias = base.bias   # shared, never written
+    return merged
+
+
+@contextlib.contextmanager
+def merged_lora(model) -> Iterator:
+    """Within the block, ``model``'s LoRA layers are replaced by plain linear layers holding the merged
+    weights, so generation pays nothing per token for the adapter.
+
+    Nothing of the model is written: each LoRA layer is put back as it was on leaving (also on an
+    exception), so its base and adapter weights are bit-for-bit what they were. Outputs are those of
+    the adapted model up to float rounding (``x @ (W + BA)`` rounds differently from ``x @ W + x @ BA``).
+    Layers this cannot merge (DoRA, LoRA bias, quantized or hooked base layers) run unchanged. A model
+    without LoRA layers is left alone. Costs one extra copy of the adapted weight matrices while inside.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, layer in targets:
+            stand_in = _merged_stand_in(layer)
+            if stand_in is None:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, stand_in)
+            swapped.append((parent, child, layer))
+        yield model
+    finally:
+        for parent, child, layer in reversed(swapped):
+            setattr(parent, child, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop
+# ---------------------------------------------------------------------------------------------
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS (the end-of-turn token training teaches)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if not ids and configured is not None:   # no EOS in the tokenizer: the model's own stop tokens
+        ids = [configured] if isinstance(configured, int) else list(configured)
+    return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id left padding uses (the EOS when the tokenizer has no pad token)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from the last position's ``logits`` (B, V)."""
+    scores = logits.float()
+    if seen is not None:
+        penalty = sampling.repetition_penalty
+        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if sampling.greedy:
+        return scores.argmax(-1)
+    scores = scores / sampling.temperature
+    if sampling.top_p < 1:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        before = probs.cumsum(-1) - probs          # probability of the more likely tokens
+        sorted_scores = sorted_scores.masked_fill(before >= sampling.top_p, -math.inf)  # the first always stays
+        scores = torch.full_like(scores, -math.inf).scatter(-1, order, sorted_scores)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+           sampling: Sampling | None = None, generator: torch.Generator | None = None,
+           on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """The answer token ids to each prompt (a list of token ids), up to ``max_new_tokens`` each.
+
+    Prompts are left-padded into one batch. An answer ends at its first token in ``stop_ids``
+    (which is not returned); that row then leaves the batch and the loop ends when no row is left.
+    ``on_token(row, token)`` is called for each new token of each row as soon as it is chosen
+    (stop tokens included), for streaming. ``generator`` (default: ``sampling.generator()``) draws
+    the samples; greedy decoding draws nothing.
+    """
+    sampling = sampling or Sampling()
+    device = next(model.parameters()).device
+    answers: list[list[int]] = [[] for _ in prompts]
+    if not prompts or max_new_tokens < 1:
+        return answers
+    if generator is None:
+        generator = sampling.generator(device)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):   # left padding: every prompt ends where its answer starts
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # Positions count real tokens only, as generate numbers them: padding does not shift a prompt.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    rows = list(range(len(prompts)))   # the prompt each batch row answers
+    cache = new_cache(model, room=width + max_new_tokens)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        position = positions[:, -1:]
+        seen = None   # (rows, vocabulary): the tokens each row holds, for the repetition penalty
+        if sampling.repetition_penalty != 1:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device).scatter_(1, ids, mask.bool())
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits, sampling, seen, generator)
+            chosen = tokens.tolist()
+            ended = torch.isin(tokens, stops)
+            ended_list = ended.tolist()
+            for row, token, end in zip(rows, chosen, ended_list, strict=True):
+                if on_token is not None:
+                    on_token(row, token)
+                if not end:
+                    answers[row].append(token)
+            if step == max_new_tokens - 1 or all(ended_list):
+                break
+            if any(ended_list):   # finished rows leave the batch: no more work for them
+                keep = (~ended).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows = [r for r, end in zip(rows, ended_list, strict=True) if not end]
+                tokens, mask, position = tokens[keep], mask[keep], position[keep]
+                seen = seen[keep] if seen is not None else None
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+    return answers
+
+
+def new_cache(model, room: int = 0):
+    """An empty key/value cache for ``model``: transformers' ``DynamicCache`` for its config, with
+    room for ``room`` positions in each full-attention layer, so a new token is written in place
+    instead of copying the whole cache (other kinds of layer, such as sliding windows, stay as
+    they are). Meant for :func:`decode`, which only appends and drops rows."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if room > 0:
+        roomy = _roomy_layer_type()
+        cache.layers = [roomy(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def _roomy_layer_type():
+    """The class of :func:`new_cache`'s layers (made on first use: transformers loads late)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A ``DynamicLayer`` writing into preallocated tensors (twice as large when full); ``keys``
+        and ``values`` are views of the filled part. Appending and ``batch_select_indices`` only."""
+
+        def __init__(self, room: int):
+            super().__init__()
+            self.room, self.length = room, 0
+
+        def _allocate(self, like_keys, like_values, room):
+            kept_keys, kept_values = self.keys, self.values
+            self._keys = like_keys.new_empty(*like_keys.shape[:2], room, like_keys.shape[3])
+            self._values = like_values.new_empty(*like_values.shape[:2], room, like_values.shape[3])
+            if self.length:
+                self._keys[:, :, :self.length] = kept_keys
+                self._values[:, :, :self.length] = kept_values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._allocate(key_states, value_states, max(self.room, key_states.shape[-2]))
+            end = self.length + key_states.shape[-2]
+            if end > self._keys.shape[-2]:
+                self._allocate(key_states, value_states, max(end, 2 * self._keys.shape[-2]))
+            self._keys[:, :, self.length:end] = key_states
+            self._values[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self._keys, self._values = self._keys[indices], self._values[indices]
+                self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    return RoomyLayer
+
+
+# ---------------------------------------------------------------------------------------------
+# Text in, text out
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of ``prompt`` (text: one user turn; or a message list) followed by the assistant
+    header, exactly as training renders the context of an answer."""
+    from .gyms import as_messages, render_messages
+
+    text = render_messages(tokenizer, as_messages(prompt, "user"), generation_prompt=True)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated ``ids``, special tokens left out, surrounding whitespace stripped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                 batch_size: int = 8, sampling: Sampling | None = None) -> list[list[int]]:
+    """The answer token ids to each token-id prompt (stop token left out), in the order of ``prompts``.
+
+    Prompts are sorted by length and decoded ``batch_size`` at a time (left-padded, so similar
+    lengths share a batch and little is padding), with the LoRA weights merged for the duration
+    (:func:`merged_lora`). Greedy answers are those of ``model.generate(do_sample=False)``.
+    """
+    sampling = sampling or Sampling()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    generator = sampling.generator(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with merged_lora(model):
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                out = decode(model, [prompts[i] for i in batch], max_new_tokens, stop_ids, pad_id, sampling, generator)
+                for i, ids in zip(batch, out, strict=True):
+                    answers[i] = ids
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int = 200, batch_size: int = 8, *,
+                     sampling: Sampling | None = None) -> list[Answer]:
+    """Answer each prompt (text: one user turn; or a message list), in the order of ``prompts``.
+
+    Prompts are rendered as training renders them (:func:`chat_prompt_ids`) and answered by
+    :func:`generate_ids`: sorted by length into batches of ``batch_size``, with merged LoRA weights.
+    Greedy unless ``sampling`` says otherwise; greedy answers are those of
+    ``model.generate(do_sample=False)``, sampled ones reproducible when ``sampling.seed`` is set.
+    """
+    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    out = generate_ids(model, encoded, max_new_tokens, stop_token_ids(model, tokenizer), pad_token_id(tokenizer),
+                       batch_size, sampling)
+    # The ids leave the stop token out: fewer than the limit means the answer stopped by itself.
+    return [Answer(answer_text(tokenizer, ids), len(ids) < max_new_tokens) for ids in out]
+
+
+def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int = 200, batch_size: int = 8, *,
+                     temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                     seed: int | None = None) -> list[str]:
+    """The text of :func:`generate_replies` for each prompt; greedy by default.
+
+    With ``temperature`` > 0 answers are sampled (see :class:`Sampling`), reproducibly when ``seed``
+    is given.
+    """
+    sampling = Sampling(temperature, top_p, repetition_penalty, seed)
+    return [r.text for r in generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                             sampling=sampling)]
+
+
+class TextStream:
+    """Turns tokens arriving one by one into text pieces, for printing an answer as it is generated.
+
+    ``push(token)`` returns the text that token completes (often a word piece; nothing while a
+    multi-byte character is still incomplete or for a stop token); ``ids`` holds every token pushed
+    but the stop tokens.
+    """
+
+    def __init__(self, tokenizer, stop_ids: list[int]):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.ids: list[int] = []
+        self._shown = ""
+
+    def push(self, token: int) -> str:
+        """The new text once ``token`` is appended."""
+        if token in self.stop_ids:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd") or not text.startswith(self._shown):
+            return ""   # an unfinished character, or a merge that rewrote the text so far: wait
+        piece, self._shown = text[len(self._shown):], text
+        return piece
+
+    def finish(self) -> str:
+        """Whatever of the answer's text :meth:`push` has not returned yet."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        piece = text[len(self._shown):] if text.startswith(self._shown) else ""
+        self._shown = text
+        return piece

@@ -1,0 +1,215 @@
+"""Generation speed: alignkit's decoding beside plain ``model.generate`` with the adapter attached.
+
+    python benchmarking/bench_generation.py                  # 6 and 30 prompts batched + one stream, 200 tokens
+    python benchmarking/bench_generation.py --quick          # 6 prompts batched + one stream, 50 tokens
+    python benchmarking/bench_generation.py --adapter outputs/sft/actor --json gen.json --repeats 3
+
+The model is the embedded SmolLM2-135M-Instruct in float32 on the CPU with a LoRA adapter: the one
+at ``--adapter``, or a fresh one (r=16 on q/k/v/o, ``alignkit.models.add_lora``) whose ``lora_B`` is
+drawn from N(0, 0.02) with seed 0, so the adapter changes the answers. Greedy decoding, prompts
+rendered with the chat template as training renders them, answers end at ``<|im_end|>`` or after
+``--max-new-tokens``.
+
+- **plain**: ``model.generate(do_sample=False)`` on the PeftModel as it is (LoRA computed beside
+  each adapted layer), all prompts of a case in one left-padded batch: what alignkit did before.
+- **ours**: ``alignkit.generation.generate_ids`` (what ``generate_answers``, the comparison report
+  and the ``--eval`` chat use): merged LoRA weights, a lean loop, finished rows leave the batch.
+
+Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batch, the first 30
+prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
+chat answers). tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
+runs ``--repeats`` times, plain and ours alternating; medians are reported with min-max, since other
+processes on the machine disturb single runs. Every run checks that both sides produced the same
+tokens. With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+--format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from alignkit.cliutil import ArgParser, guarded, non_negative_int, positive_int
+
+
+def _prompts(n: int) -> list[str]:
+    from alignkit.data import make_dataset
+
+    train, test = make_dataset()
+    rows = [r["prompt"] for r in test] + [r["prompt"] for r in train]
+    return rows[:n]
+
+
+def _model(adapter: str | None):
+    import torch
+
+    from alignkit.adapters import load_adapter
+    from alignkit.models import add_lora, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = load_model(device="cpu", dtype="float32")
+    if adapter:
+        model = load_adapter(model, adapter, is_trainable=False)
+    else:
+        model = add_lora(model)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.02, generator=generator)
+    return model.eval(), tokenizer
+
+
+def _plain(model, prompts: list[list[int]], max_new_tokens: int, stop: int, pad: int) -> list[list[int]]:
+    """``model.generate`` greedy on one left-padded batch; answers cut before their stop token."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=stop)
+    answers = []
+    for row in out[:, width:].tolist():
+        answers.append(row[:row.index(stop)] if stop in row else row)
+    return answers
+
+
+def _ours(model, prompts, max_new_tokens, stop, pad):
+    from alignkit.generation import generate_ids
+
+    return generate_ids(model, prompts, max_new_tokens, [stop], pad, batch_size=len(prompts))
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def _case(label, model, prompts, args, stop, pad) -> dict:
+    runs = {"plain": [], "ours": []}
+    identical, first_difference = True, None
+    for repeat in range(args.repeats):
+        plain, plain_s = _timed(_plain, model, prompts, args.max_new_tokens, stop, pad)
+        ours, ours_s = _timed(_ours, model, prompts, args.max_new_tokens, stop, pad)
+        tokens = sum(len(a) for a in plain)
+        runs["plain"].append(tokens / plain_s)
+        runs["ours"].append(sum(len(a) for a in ours) / ours_s)
+        for i, (a, b) in enumerate(zip(plain, ours, strict=True)):
+            if a != b and first_difference is None:
+                at = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                first_difference = f"prompt {i}, token {at} of {len(a)} / {len(b)}"
+        identical = identical and plain == ours
+        print(f"  {label} run {repeat + 1}: plain {runs['plain'][-1]:7.1f} tok/s ({plain_s:6.1f} s)   "
+              f"ours {runs['ours'][-1]:7.1f} tok/s ({ours_s:6.1f} s)   {tokens} tokens   "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    result = {"prompts": len(prompts), "tokens": tokens,
+              "plain_tokens_per_s": statistics.median(runs["plain"]),
+              "ours_tokens_per_s": statistics.median(runs["ours"]),
+              "plain_runs": runs["plain"], "ours_runs": runs["ours"], "identical": identical}
+    result["speedup"] = result["ours_tokens_per_s"] / result["plain_tokens_per_s"]
+    if first_difference:
+        result["first_difference"] = first_difference
+    same = "identical token for token" if identical else f"DIFFERENT (first at {first_difference})"
+    print(f"{label}: plain {result['plain_tokens_per_s']:.1f} tok/s, ours {result['ours_tokens_per_s']:.1f} tok/s "
+          f"(median of {args.repeats}), speedup {result['speedup']:.2f}x; outputs {same}", flush=True)
+    return result
+
+
+def _llama_cpp(path: str, single: list[int], batched: list[list[int]], max_new_tokens: int, threads: int,
+               ours_single: list[int]) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def answer(ids):
+        new = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            if token == llm.token_eos():
+                break
+            new.append(token)
+            if len(new) == max_new_tokens:
+                break
+        return new
+
+    one, one_s = _timed(answer, single)
+    many, many_s = _timed(lambda: [answer(p) for p in batched])
+    result = {"single_tokens_per_s": len(one) / one_s,
+              "sequential_tokens_per_s": sum(len(a) for a in many) / many_s,
+              "single_same_as_ours": one == ours_single}
+    print(f"llama.cpp: single {result['single_tokens_per_s']:.1f} tok/s, {len(batched)} prompts one after another "
+          f"{result['sequential_tokens_per_s']:.1f} tok/s; single answer same tokens as ours: "
+          f"{result['single_same_as_ours']}", flush=True)
+    return result
+
+
+def run(args) -> int:
+    import torch
+
+    from alignkit.compare import DEFAULT_PROMPTS
+    from alignkit.generation import chat_prompt_ids, decode, merged_lora, pad_token_id
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.max_new_tokens = min(args.max_new_tokens, 50)
+    model, tokenizer = _model(args.adapter)
+    stop, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
+    print(f"SmolLM2-135M-Instruct float32 CPU, {'adapter ' + args.adapter if args.adapter else 'fresh LoRA'}, "
+          f"{torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, {args.repeats} repeat(s), "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    encode = [chat_prompt_ids(tokenizer, p) for p in DEFAULT_PROMPTS]
+    results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+                     "adapter": args.adapter or "fresh LoRA, lora_B ~ N(0, 0.02)", "repeats": args.repeats}
+    # One short warm-up of each path, so neither pays first-call costs in the timings.
+    _plain(model, encode[:2], 4, stop, pad)
+    _ours(model, encode[:2], 4, stop, pad)
+    results["batched"] = _case(f"batched, {len(encode)} prompts", model, encode, args, stop, pad)
+    if not args.quick:
+        many = [chat_prompt_ids(tokenizer, p) for p in _prompts(30)]
+        results["batched_30"] = _case(f"batched, {len(many)} prompts", model, many, args, stop, pad)
+    results["single"] = _case("single stream", model, encode[:1], args, stop, pad)
+    if args.gguf:
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("llama-cpp-python is not installed: llama.cpp not measured (pip install llama-cpp-python)")
+        else:
+            with merged_lora(model):
+                ours_single = decode(model, encode[:1], args.max_new_tokens, [stop], pad)[0]
+            results["llama_cpp"] = _llama_cpp(args.gguf, encode[0], encode, args.max_new_tokens,
+                                              torch.get_num_threads(), ours_single)
+    results["load_average_after"] = os.getloadavg()[0]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Command line of the benchmark."""
+    parser = ArgParser(prog="bench_generation.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the 6-prompt batch and one stream only, at most "
+                                                               "50 new tokens")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens per answer [200]")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="runs of each case; medians reported [1]")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads; 0 keeps torch's default")
+    parser.add_argument("--adapter", help="a LoRA adapter folder of the embedded model [default: a fresh LoRA "
+                                          "with random lora_B]")
+    parser.add_argument("--gguf", help="a GGUF file for llama.cpp (needs llama-cpp-python)")
+    parser.add_argument("--json", help="write the numbers to this JSON file")
+    return guarded(lambda: run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

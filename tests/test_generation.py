@@ -1,0 +1,297 @@
+"""Generation: batched decoding against plain ``generate``, merged LoRA, sampling, streaming and the chat."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.evaluate import Chat, interactive
+from alignkit.generation import (
+    Sampling,
+    TextStream,
+    chat_prompt_ids,
+    decode,
+    generate_answers,
+    generate_ids,
+    merged_lora,
+)
+from alignkit.models import add_lora
+
+PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to bake bread in the mountains.", "Why?",
+           [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How are you today?"}]]
+
+
+def lively(model, seed: int = 0, std: float = 0.3):
+    """Random weights large enough that greedy answers vary from token to token (a freshly
+    initialised tiny model repeats its last input token)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.normal_(0.0, std, generator=generator)
+    return model.eval()
+
+
+def with_lora(model, seed: int = 1):
+    """``model`` with a fresh LoRA adapter whose ``lora_B`` is not zero, so it changes the answers."""
+    peft_model = add_lora(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=generator)
+    return peft_model.eval()
+
+
+def plain_generate(model, ids: list[int], max_new_tokens: int, stop: int) -> list[int]:
+    """``model.generate`` greedy on one unpadded prompt; the answer cut before its stop token."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=2, eos_token_id=stop)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(stop)] if stop in new else new
+
+
+@pytest.fixture
+def model(make_model):
+    return with_lora(lively(make_model()))
+
+
+@pytest.fixture
+def base(make_model):
+    return lively(make_model(seed=3))
+
+
+class Terminal(io.StringIO):
+    """Input that says it is a terminal (the chat then prompts and streams)."""
+
+    def isatty(self):
+        return True
+
+
+# -- batched decoding ------------------------------------------------------------------------------
+
+
+def test_batched_greedy_is_plain_generate_per_prompt(model, tokenizer):
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)   # different lengths: left padding differs per row
+    first = plain_generate(model, prompts[0], 12, stop=tokenizer.eos_token_id)
+    stop = first[4]   # a token the first answer produces early: that row ends (and leaves the batch) first
+    expected = [plain_generate(model, p, 12, stop) for p in prompts]
+    assert len(expected[0]) == 4 and max(len(e) for e in expected) == 12
+    for batch_size in (len(prompts), 3, 1):   # one batch; batches sorted by length; one by one
+        assert generate_ids(model, prompts, 12, [stop], pad_id=2, batch_size=batch_size) == expected, batch_size
+    # and through text: the comparison report's call
+    answers = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS))
+    reference = [plain_generate(model, p, 12, tokenizer.eos_token_id) for p in prompts]
+    assert answers == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in reference]
+
+
+def test_answers_stop_at_max_new_tokens_and_at_the_stop_token(base):
+    prompt = [5, 6, 7, 8]
+    ten = decode(base, [prompt], 10, stop_ids=[0], pad_id=2)[0]
+    assert len(ten) == 10
+    assert decode(base, [prompt], 10, stop_ids=[ten[3]], pad_id=2)[0] == ten[:ten.index(ten[3])]
+    seen = []
+    decode(base, [prompt, [9]], 3, stop_ids=[0], pad_id=2, on_token=lambda row, token: seen.append(row))
+    assert seen == [0, 1] * 3
+
+
+# -- merged LoRA ----------------------------------------------------------------------------------
+
+
+def test_merged_lora_is_exact_to_restore_and_answers_like_the_adapter(model, tokenizer):
+    from peft.tuners.lora import LoraLayer
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    unmerged = decode(model, prompts, 16, [tokenizer.eos_token_id], 2)
+    with merged_lora(model):
+        assert not any(isinstance(m, LoraLayer) for m in model.modules())   # plain linear layers meanwhile
+        merged = decode(model, prompts, 16, [tokenizer.eos_token_id], 2)
+    # Token for token: x @ (W + BA) rounds differently from x @ W + x @ BA only in the last bits,
+    # far below the gaps between these logits.
+    assert merged == unmerged
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)} == layers
+    with pytest.raises(RuntimeError, match="boom"), merged_lora(model):
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)} == layers
+
+
+def test_merged_lora_keeps_a_disabled_adapter_disabled(model, make_model, tokenizer):
+    prompt = [chat_prompt_ids(tokenizer, "Hi")]
+    base_answer = decode(lively(make_model()), prompt, 10, [tokenizer.eos_token_id], 2)
+    with model.disable_adapter(), merged_lora(model):
+        assert decode(model, prompt, 10, [tokenizer.eos_token_id], 2) == base_answer
+    assert decode(model, prompt, 10, [tokenizer.eos_token_id], 2) != base_answer   # the adapter matters
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_with_a_seed(base, tokenizer):
+    def sample(seed, **kw):
+        return generate_answers(base, tokenizer, PROMPTS[:2], max_new_tokens=12, temperature=1.0, seed=seed, **kw)
+
+    assert sample(7) == sample(7)
+    assert any(sample(seed) != sample(7) for seed in (8, 9, 10))
+    greedy = generate_answers(base, tokenizer, PROMPTS[:2], max_new_tokens=12)
+    assert sample(7) != greedy
+    assert sample(7, top_p=1e-6) == greedy   # only the most likely token is left to draw
+
+
+def test_repetition_penalty_avoids_tokens_already_there(make_model, tokenizer):
+    model = make_model()   # freshly initialised: greedy repeats the prompt's last token
+    prompt = chat_prompt_ids(tokenizer, "Hi")
+    plain = decode(model, [prompt], 24, [tokenizer.eos_token_id], 2)[0]
+    assert len(set(plain)) < len(plain) and set(plain) & set(prompt)
+    penalised = decode(model, [prompt], 24, [tokenizer.eos_token_id], 2, Sampling(repetition_penalty=1e4))[0]
+    assert len(set(penalised)) == len(penalised) and not set(penalised) & set(prompt)
+
+
+def test_bad_sampling_options_are_value_errors():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        Sampling(temperature=float("nan"))
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "-0.5", "--temperature must be >= 0"),
+    ("--temperature", "inf", "--temperature must be >= 0 and finite"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be > 0"),
+    ("--temperature", "warm", "invalid float value"),
+])
+def test_bad_sampling_flags_print_one_line_and_exit_2(flag, value, needle, capsys):
+    assert main(["dpo", "--eval", "--load-path", "nowhere", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# -- streaming ------------------------------------------------------------------------------------
+
+
+def test_text_stream_pieces_add_up_to_the_decoded_text(tokenizer):
+    ids = tokenizer("Héllo wörld, ça va? 😀 fine\n\nok")["input_ids"]
+    stream = TextStream(tokenizer, stop_ids=[tokenizer.eos_token_id])
+    pieces = [stream.push(t) for t in ids + [tokenizer.eos_token_id]]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == tokenizer.decode(ids).strip()
+    assert all("\ufffd" not in p for p in pieces) and stream.ids == ids
+
+
+def test_streamed_answer_is_the_greedy_answer(model, tokenizer):
+    expected = generate_answers(model, tokenizer, ["Hi", "Why?"], max_new_tokens=20)
+    pieces = []
+    chat = Chat(model, tokenizer, max_new_tokens=20)
+    reply, _ = chat.answer("Hi", on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces).strip() == reply == expected[0]
+    out = io.StringIO()
+    assert interactive(model, tokenizer, 20, Terminal("Why?\nexit\n"), out) == 0
+    assert f"model> {expected[1]}" in out.getvalue()
+
+
+# -- the chat -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    """The prompt ids of every answer the chat generates."""
+    import alignkit.evaluate as evaluate
+
+    seen = []
+    real = evaluate.decode
+
+    def spy(model, prompts, *args, **kwargs):
+        seen.append(list(prompts[0]))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "decode", spy)
+    return seen
+
+
+def unescape(line: str) -> str:
+    """A piped answer line back to the answer (line breaks in answers are printed escaped)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), line)
+
+
+def chat(model, tokenizer, lines: str, **kw) -> tuple[list[str], str]:
+    """The answers (one output line each) and the notices of a piped chat on ``lines``."""
+    out, err = io.StringIO(), io.StringIO()
+    assert interactive(model, tokenizer, 6, io.StringIO(lines), out, stderr=err, **kw) == 0
+    return [unescape(line) for line in out.getvalue().split("\n")[:-1]], err.getvalue()
+
+
+def test_piped_answers_are_one_line_each(model, tokenizer):
+    from alignkit.evaluate import one_line
+
+    tricky = "two\nlines\r\nand a \\n backslash"
+    assert "\n" not in one_line(tricky) and "\r" not in one_line(tricky) and unescape(one_line(tricky)) == tricky
+    lines, _ = chat(model, tokenizer, "/system Be brief.\nQuestion one\nQuestion two\nQuestion three\n")
+    assert len(lines) == 3 and any("\n" in a or "\r" in a for a in lines)   # some answers break lines
+
+
+def test_second_answer_sees_the_first_exchange(model, tokenizer, prompts_seen):
+    lines, err = chat(model, tokenizer, "Hello there\nAnd then?\n")
+    assert len(lines) == 2 and err == ""   # piped: one line per message, nothing else
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    assert prompts_seen == [chat_prompt_ids(tokenizer, [user("Hello there")]), chat_prompt_ids(
+        tokenizer, [user("Hello there"), {"role": "assistant", "content": lines[0]}, user("And then?")])]
+
+
+def test_reset_forgets_and_system_sets_the_system_message(model, tokenizer, prompts_seen):
+    lines, err = chat(model, tokenizer, "Hello there\n/reset\nAnd then?\n/system Talk like a pirate.\nAhoy\n"
+                                        "/system\nBye\nquit\nnot read\n")
+    assert len(lines) == 4
+    assert prompts_seen[1] == chat_prompt_ids(tokenizer, "And then?")
+    assert prompts_seen[2] == chat_prompt_ids(tokenizer, [
+        {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": lines[1]}, {"role": "user", "content": "Ahoy"}])
+    assert "Talk like a pirate." in tokenizer.decode(prompts_seen[2])
+    assert "Talk like a pirate." not in tokenizer.decode(prompts_seen[3])   # "/system" alone removed it
+    assert err.splitlines() == ["(conversation cleared)", "(system message set: Talk like a pirate.)",
+                                "(system message removed)"]
+
+
+def test_oldest_exchanges_are_dropped_to_fit_the_context(model, tokenizer, prompts_seen):
+    system = {"role": "system", "content": "Be brief."}
+    one = len(chat_prompt_ids(tokenizer, [system, {"role": "user", "content": "Question one"}]))
+    lines, err = chat(model, tokenizer, "/system Be brief.\nQuestion one\nQuestion two\nQuestion three\n",
+                      context_limit=one + 30)
+    assert len(lines) == 3
+    third = tokenizer.decode(prompts_seen[2])
+    assert "Be brief." in third and "Question three" in third and "Question one" not in third
+    assert len(prompts_seen[2]) <= one + 30 < len(chat_prompt_ids(tokenizer, [
+        system, {"role": "user", "content": "Question one"}, {"role": "assistant", "content": lines[0]},
+        {"role": "user", "content": "Question two"}, {"role": "assistant", "content": lines[1]},
+        {"role": "user", "content": "Question three"}]))
+    assert "left out the oldest" in err
+    # a message that cannot fit on its own is not answered, but still gets its (empty) line
+    lines, err = chat(model, tokenizer, "word " * 50 + "\nHi\n", context_limit=one + 10)
+    assert lines[0] == "" and "not answered" in err and len(lines) == 2
+
+
+def test_chat_bound_defaults_to_the_model_context(model, tokenizer):
+    assert Chat(model, tokenizer, max_new_tokens=12).context_limit == 512 - 12   # tiny model: 512 positions
+
+
+def test_replies_say_whether_the_answer_ended(make_model, base, tokenizer):
+    from alignkit.generation import generate_replies
+
+    echo = make_model()   # freshly initialised: it answers the prompt's last token, "\n", again and again
+    with torch.no_grad():  # ... unless the end-of-turn token scores higher on that "\n"
+        echo.get_input_embeddings().weight[tokenizer.eos_token_id] = 3 * echo.get_input_embeddings().weight[198]
+    replies = generate_replies(echo, tokenizer, ["Hi", "Why?"], max_new_tokens=5)
+    assert [(r.text, r.ended) for r in replies] == [("", True), ("", True)]
+    replies = generate_replies(base, tokenizer, ["Hi", "Why?"], max_new_tokens=5)
+    assert all(r.text and not r.ended for r in replies)
