@@ -25,11 +25,12 @@ from .agents import PreferenceObjective, score_preferences
 from .config import DPOConfig, as_test_split
 from .data import make_dataset
 from .errors import UserError
-from .evaluate import generate_answers
 from .formats import ColumnMap
+from .generation import Sampling, generate_replies, sampling_problems
 from .gyms import PreferenceGym
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
+from .quality import answer_quality
 from .reference import ReferencePolicy
 from .report import repetition_score, write_report
 
@@ -193,9 +194,30 @@ class Evaluator:
                                                    max_context_length=max_length, seed=self.split.seed)
         return self._gyms[max_length].test_batches(8)
 
-    def score(self, run_dir: str | None, prompts: list[str], max_new_tokens: int = 200,
+    def held_out_prompts(self, limit: int | None = None) -> list:
+        """The prompts of the held-out split (text or message lists), the first ``limit`` when given."""
+        prompts = [row["prompt"] for row in self.test]
+        return prompts if limit is None else prompts[:limit]
+
+    def _replies(self, model, prompts: list, held_out: list, decoding: Decoding) -> tuple[list[str], list]:
+        """Showcase answers and, per held-out prompt, its ``Answer`` samples: all prompts in one batch."""
+        every = list(prompts) + list(held_out)
+        samples = []
+        for k in range(decoding.samples):
+            samples.append(generate_replies(model, self.tokenizer, every, decoding.max_new_tokens,
+                                            batch_size=max(len(every), 1), sampling=decoding.sampling(k)))
+        showcase = [reply.text for reply in samples[0][: len(prompts)]]
+        per_prompt = [[sample[len(prompts) + i] for sample in samples] for i in range(len(held_out))]
+        return showcase, per_prompt
+
+    def score(self, run_dir: str | None, prompts: list[str], decoding: Decoding | None = None,
               max_length: int = _DEFAULTS.max_length, beta: float = _DEFAULTS.beta) -> dict:
-        """Answers to ``prompts`` and held-out metrics of the adapter in ``run_dir`` (None = base)."""
+        """Answers to ``prompts`` and held-out metrics of the adapter in ``run_dir`` (None = base).
+
+        Also answers the held-out prompts (``decoding.eval_prompts`` of them) and returns those answers
+        under ``"held_out_answers"``: per prompt a list of ``decoding.samples`` :class:`Answer` s.
+        """
+        decoding = decoding or Decoding()
         if run_dir:
             model = load_adapter(self.base, Path(run_dir) / "actor", is_trainable=False)
         else:
@@ -204,8 +226,8 @@ class Evaluator:
             reference = ReferencePolicy(model, cache=self.reference_cache)  # the base: adapter disabled
             held_out = score_preferences(model, self._batches(max_length), reference,
                                          PreferenceObjective(beta=beta, nll_alpha=1.0))
-            answers = generate_answers(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=len(prompts))
+            answers, held_out_answers = self._replies(model, prompts, self.held_out_prompts(decoding.eval_prompts),
+                                                      decoding)
         finally:
             self.base = model.unload()  # drop the LoRA layers: the next configuration starts clean
         metrics = {
@@ -217,18 +239,62 @@ class Evaluator:
             "mean_answer_words": sum(len(a.split()) for a in answers) / max(len(answers), 1),
             "repetition": sum(repetition_score(a) for a in answers) / max(len(answers), 1),
         }
-        return {"answers": answers, "metrics": metrics}
+        return {"answers": answers, "metrics": metrics, "held_out_answers": held_out_answers}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the comparison generates answers.
+
+    Greedy by default (as in the seed's comparison); with ``temperature`` > 0 answers are sampled,
+    ``samples`` per held-out prompt, sample ``k`` seeded with ``seed + k`` (so reruns match).
+    ``eval_prompts`` caps how many held-out prompts are answered (``None``: all of them; 0: none).
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_p: float = 1.0
+    samples: int = 1
+    seed: int = 0
+    eval_prompts: int | None = None
+
+    def __post_init__(self):
+        problems = sampling_problems(self.temperature, self.top_p, 1.0)
+        if self.samples < 1:
+            problems.append(f"--samples must be >= 1 (got {self.samples})")
+        elif self.samples > 1 and self.temperature == 0:
+            problems.append("--samples > 1 needs --temperature > 0: greedy answers are all the same")
+        if self.eval_prompts is not None and self.eval_prompts < 0:
+            problems.append(f"--eval-prompts must be >= 0 (got {self.eval_prompts})")
+        if problems:
+            raise UserError("invalid options: " + "; ".join(problems))
+
+    def sampling(self, k: int = 0) -> Sampling:
+        """The sampling of the ``k``-th answer to each prompt."""
+        return Sampling(self.temperature, self.top_p, 1.0, self.seed + k)
+
+    def settings(self) -> dict:
+        """The decoding settings as the report prints them."""
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "samples_per_held_out_prompt": self.samples, "seed": self.seed,
+                "max_new_tokens": self.max_new_tokens}
 
 
 def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = None, model: str | None = None,
             max_new_tokens: int = 200, dataset: str | None = None, seed: int | None = None,
-            test_size: float | None = None, progress=print) -> Path:
+            test_size: float | None = None, progress=print, decoding: Decoding | None = None) -> Path:
     """Score every configuration in ``runs`` (label key -> run folder or None) and write the report.
 
     The held-out split comes from the runs' records, or from ``dataset``/``seed``/``test_size`` when
-    given (see :func:`choose_split`). Returns the path of ``out_dir/index.html``;
-    ``out_dir/results.json`` holds the same numbers and, per configuration, the split it was scored on.
+    given (see :func:`choose_split`). Besides the showcase ``prompts`` every configuration answers the
+    held-out prompts (see :class:`Decoding`); their answer quality, with bootstrap intervals and paired
+    differences from the base (when ``runs`` has ``"base"``), goes into the report. Returns the path of
+    ``out_dir/index.html``; ``out_dir/results.json`` holds the same numbers and, per configuration,
+    the split it was scored on.
     """
+    decoding = decoding or Decoding(max_new_tokens=max_new_tokens)
     prompts = prompts or DEFAULT_PROMPTS
     base_model = check_same_base(runs, model)
     records = {key: read_run_record(d) for key, d in runs.items() if d}
@@ -242,13 +308,21 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
         progress(f"evaluating {LABELS.get(key, key)} ({run_dir or 'untrained LoRA'})")
         record = records.get(key)
         with torch.no_grad():
-            scored = evaluator.score(run_dir, prompts, max_new_tokens,
+            scored = evaluator.score(run_dir, prompts, decoding,
                                      max_length=record.max_length if record else base_length,
                                      beta=record.beta if record else _DEFAULTS.beta)
         configs.append({"name": LABELS.get(key, key), "run_dir": str(run_dir) if run_dir else None,
                         "split": scored_on, **scored})
+    held_out = {c["name"]: c.pop("held_out_answers") for c in configs}
+    base = held_out.get(LABELS["base"])
+    n_held_out = len(next(iter(held_out.values()), []))
+    if n_held_out:
+        for config in configs:
+            own = held_out[config["name"]]
+            config["quality"] = answer_quality(own, None if own is base else base, seed=decoding.seed)
+            config["held_out"] = [[{"text": a.text, "ended": a.ended} for a in samples] for samples in own]
     out_dir = Path(out_dir)
     run_dirs = [d for d in runs.values() if d]
     figures = plot_runs(run_dirs, out_dir=out_dir / "figures") if run_dirs else []
-    return write_report(out_dir, prompts, configs, figures=figures,
-                        generation={"do_sample": False, "max_new_tokens": max_new_tokens})
+    return write_report(out_dir, prompts, configs, figures=figures, generation=decoding.settings(),
+                        quality_prompts=n_held_out or None)

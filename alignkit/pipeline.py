@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
-from .compare import LABELS, compare, read_prompts
+from .compare import LABELS, Decoding, compare, read_prompts
 from .config import build_config
 from .data import BUNDLED_DATASET
 from .errors import UserError
@@ -86,7 +86,7 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
 
 def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_tokens=200, model=None,
                       dataset=None, given: dict[str, str] | None = None, reuse=False, seed=None,
-                      test_size=None, overwrite=False) -> Path:
+                      test_size=None, overwrite=False, decoding: Decoding | None = None) -> Path:
     """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``.
 
     ``dataset``/``seed``/``test_size``, when given, are used for training and to score every
@@ -96,6 +96,7 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
     if unknown:
         raise UserError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
     prompts = read_prompts(prompts_file) if prompts_file else None
+    decoding = decoding or Decoding(max_new_tokens=max_new_tokens)   # checked before any training
     given = dict(given or {})
     for name, folder in given.items():
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
@@ -107,7 +108,7 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
     runs = {n: given.get(n, runs.get(n)) for n in names}
     compared = time.time()
     report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
-                     test_size=test_size, max_new_tokens=max_new_tokens)
+                     test_size=test_size, max_new_tokens=max_new_tokens, decoding=decoding)
     timings["comparison (scoring, generation, report)"] = time.time() - compared
     print(f"report: {report}")
     print(f"numbers: {report.parent / 'results.json'}")
@@ -138,6 +139,16 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
     parser.add_argument("--seed", type=int, default=None, help="seed of the split (and of training)")
     parser.add_argument("--test-size", type=float, default=None,
                         help="held-out share (0 < x < 1) or row count (>= 1) of the split")
+    parser.add_argument("--eval-prompts", type=non_negative_int, default=None,
+                        help="answer only the first N held-out prompts for the answer-quality table (0: none) "
+                        "[default: all of them]")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample answers at this temperature; 0 = greedy, as in the seed [default: 0]")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0: nucleus sampling mass")
+    parser.add_argument("--samples", type=positive_int, default=1,
+                        help="with --temperature > 0: answers sampled per held-out prompt [default: 1]")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of sampled answers (sample k uses "
+                        "seed + k) and of the bootstrap intervals [default: 0]")
     parser.add_argument("--reuse", action="store_true", help="keep configurations already trained in --out "
                         "and resume interrupted ones")
     parser.add_argument("--overwrite", action="store_true", help="train configurations whose folders in --out "
@@ -153,9 +164,16 @@ def add_pipeline_parser(sub) -> None:
     p.set_defaults(handler=pipeline)
 
 
+def decoding_from(flags) -> Decoding:
+    """The comparison's decoding settings from parsed flags (a dict or an argparse namespace)."""
+    get = flags.get if isinstance(flags, dict) else lambda key: getattr(flags, key)
+    return Decoding(max_new_tokens=get("max_new_tokens"), temperature=get("temperature"), top_p=get("top_p"),
+                    samples=get("samples"), seed=get("sample_seed"), eval_prompts=get("eval_prompts"))
+
+
 def pipeline(flags: dict) -> int:
     """``alignkit pipeline``."""
     train_and_compare(PIPELINE_CONFIGS, flags["out"], flags["max_steps"], flags["prompts"], flags["max_new_tokens"],
                       flags["model"], flags["dataset"], reuse=flags["reuse"], seed=flags["seed"],
-                      test_size=flags["test_size"], overwrite=flags["overwrite"])
+                      test_size=flags["test_size"], overwrite=flags["overwrite"], decoding=decoding_from(flags))
     return 0

@@ -139,6 +139,8 @@ def _check_configs(prompts: Sequence[str], configs: Sequence[dict]) -> list[dict
         if isinstance(config.get("quality"), dict):  # answer quality on the held-out prompts, with intervals
             entry["quality"] = {key: dict(value) for key, value in config["quality"].items()
                                 if isinstance(value, dict)}
+        if isinstance(config.get("held_out"), list):  # the held-out answers behind those numbers
+            entry["held_out"] = list(config["held_out"])
         cleaned.append(entry)
     return cleaned
 

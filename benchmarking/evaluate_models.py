@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from alignkit.cliutil import ArgParser, guarded
-from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, train_and_compare
+from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, decoding_from, train_and_compare
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         given = {n: getattr(args, n) for n in ALL_CONFIGS[1:] if getattr(args, n)}
         train_and_compare(args.configs, args.out, args.max_steps, args.prompts, args.max_new_tokens, args.model,
                           args.dataset, given=given, reuse=args.reuse, seed=args.seed, test_size=args.test_size,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, decoding=decoding_from(args))
 
     return guarded(run)
 

@@ -83,7 +83,10 @@ def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, ro
         return real(tok, *args, **kwargs)
 
     monkeypatch.setattr(evaluator.tokenizer.__class__, "__call__", watch)
-    scored = evaluator.score(runs["dpo"], ["Hi?"], max_new_tokens=2, max_length=64, beta=0.5)
+    from alignkit.compare import Decoding
+
+    scored = evaluator.score(runs["dpo"], ["Hi?"], Decoding(max_new_tokens=2, eval_prompts=2), max_length=64,
+                             beta=0.5)
     assert seen and all(names == [] for names in seen), [n for n in seen if n][:1]
     assert 0.0 <= scored["metrics"]["preference_accuracy"] <= 1.0
     assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards
@@ -95,3 +98,41 @@ def test_timing_summary_names_each_stage_and_the_total():
     line = timing_summary({"SFT": 86.4, "SFT -> DPO + NLL": 173.6, "comparison": 61.0}, 349.2)
     assert line == "time: SFT 86 s, SFT -> DPO + NLL 174 s, comparison 61 s, total 5m49s"
     assert timing_summary({}, 59.6) == "time: total 1m00s"
+
+
+def test_every_configuration_answers_the_held_out_prompts_with_intervals(runs, tmp_path):
+    from alignkit.compare import Decoding
+
+    report = compare({"base": None, "sft": runs["sft"]}, tmp_path / "report", prompts=["Hi?"],
+                     progress=lambda _: None, decoding=Decoding(max_new_tokens=4, eval_prompts=5))
+    results = json.loads((report.parent / "results.json").read_text())
+    assert results["quality_prompts"] == 5
+    base, sft = results["configs"]
+    for config in (base, sft):
+        assert len(config["held_out"]) == 5 and all(len(samples) == 1 for samples in config["held_out"])
+        words = [len(s[0]["text"].split()) for s in config["held_out"]]
+        assert config["quality"]["mean_words"]["value"] == pytest.approx(sum(words) / 5)
+        assert config["quality"]["ended_share"]["value"] == pytest.approx(
+            sum(s[0]["ended"] for s in config["held_out"]) / 5)
+        q = config["quality"]["repetition"]
+        assert q["low"] <= q["value"] <= q["high"]
+    assert "vs_base" not in base["quality"]["repetition"] and "vs_base" in sft["quality"]["repetition"]
+    assert 'id="quality"' in report.read_text()
+
+
+def test_sampled_comparison_is_seeded(runs, tmp_path):
+    from alignkit.compare import Decoding
+
+    def sampled(seed, out):
+        decoding = Decoding(max_new_tokens=5, temperature=1.0, samples=2, seed=seed, eval_prompts=2)
+        report = compare({"sft": runs["sft"]}, tmp_path / out, prompts=["Hi?"], progress=lambda _: None,
+                         decoding=decoding)
+        return json.loads((report.parent / "results.json").read_text())
+
+    first, again, other = sampled(3, "a"), sampled(3, "b"), sampled(4, "c")
+    assert first["configs"][0]["held_out"] == again["configs"][0]["held_out"]
+    assert first["configs"][0]["held_out"] != other["configs"][0]["held_out"]
+    assert all(len(s) == 2 for s in first["configs"][0]["held_out"])
+    assert first["generation"]["do_sample"] is True and first["generation"]["samples_per_held_out_prompt"] == 2
+    with pytest.raises(UserError, match="--samples > 1 needs --temperature > 0"):
+        Decoding(samples=3)

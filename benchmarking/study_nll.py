@@ -1,0 +1,158 @@
+"""Does the NLL term hold the chosen likelihood up? Vanilla DPO against DPO+NLL, from the base model.
+
+Trains DPO twice on the embedded model and data with the same seed, split and schedule, once with
+``--nll-alpha 0`` (vanilla) and once with ``--nll-alpha 1``, for ``--epochs`` epochs, evaluating
+on the held-out pairs every ``--eval-interval`` steps. Then it answers every held-out prompt with
+the base model and both adapters (greedy, ``--max-new-tokens``) and scores the answers.
+
+    python benchmarking/study_nll.py --epochs 3 --out outputs/study_nll
+
+Writes into ``--out``: ``study_nll.png`` (held-out chosen and rejected log-probs, rewards and
+accuracy over steps), ``study_nll.md`` (the table) and ``study_nll.json`` (every number). The claim
+it tests: without the NLL term the chosen log-prob falls along with the rejected one; with it, the
+chosen log-prob stays near or above where it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from alignkit.cliutil import ArgParser, guarded, positive_int
+
+RUNS = {"vanilla DPO": 0.0, "DPO+NLL": 1.0}
+CURVES = [("logps/chosen", "held-out chosen log-prob (sum per answer)"),
+          ("logps/rejected", "held-out rejected log-prob (sum per answer)"),
+          ("rewards/margins", "held-out reward margin"),
+          ("rewards/accuracies", "held-out preference accuracy")]
+
+
+def parse_args(argv=None):
+    p = ArgParser(prog="study_nll.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training split [default: 3]")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
+    p.add_argument("--eval-interval", type=positive_int, default=10, help="held-out evaluation every N steps")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of both runs [default: 5e-5]")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of both runs [default: 0.1]")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length limit [default: 200]")
+    p.add_argument("--eval-prompts", type=int, default=0, help="answer only the first N held-out prompts (0: all)")
+    p.add_argument("--out", type=Path, default=Path("outputs/study_nll"), help="output folder")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
+    return p.parse_args(argv)
+
+
+def train_runs(args) -> dict[str, dict]:
+    """Train both runs (or reuse them); returns per run its folder, seconds and eval rows."""
+    from alignkit.config import build_config
+    from alignkit.runs import read_run_info
+    from alignkit.train import run
+
+    out = {}
+    for name, alpha in RUNS.items():
+        folder = args.out / f"dpo_alpha{alpha:g}"
+        start = time.perf_counter()
+        if not (args.reuse and (folder / "actor" / "adapter_model.safetensors").is_file()):
+            cfg = build_config("dpo", {"save_path": str(folder), "no_timestamp": True, "overwrite": True,
+                                       "nll_alpha": alpha, "epochs": args.epochs, "max_steps": args.max_steps,
+                                       "eval_interval": args.eval_interval, "lr": args.lr, "beta": args.beta,
+                                       "plot": False})
+            run(cfg)
+        seconds = time.perf_counter() - start
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        evals = [r for r in rows if r.get("split") == "eval"]
+        out[name] = {"folder": folder, "seconds": seconds, "eval": evals,
+                     "steps": max(r["step"] for r in rows), "config": read_run_info(folder)["config"]}
+    return out
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignkit.io import atomic_write
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+        for name, r in runs.items():
+            ax.plot([e["step"] for e in r["eval"]], [e[key] for e in r["eval"]], marker="o", ms=3, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Vanilla DPO vs DPO+NLL from the base model (held-out pairs)")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def answer_scores(args, runs: dict[str, dict]) -> dict[str, dict]:
+    """Held-out answers of the base and each run, scored with intervals (paired against the base)."""
+    import torch
+
+    from alignkit.compare import Decoding, Evaluator, read_run_record
+    from alignkit.quality import answer_quality
+
+    first = next(iter(runs.values()))
+    evaluator = Evaluator(split=read_run_record(first["folder"]).split)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts or None)
+    answers = {}
+    with torch.no_grad():
+        for name, folder in [("base", None)] + [(n, r["folder"]) for n, r in runs.items()]:
+            answers[name] = evaluator.score(folder, [], decoding)["held_out_answers"]
+    return {name: {"quality": answer_quality(a, None if name == "base" else answers["base"]), "n": len(a)}
+            for name, a in answers.items()}
+
+
+def table(runs: dict[str, dict], scores: dict[str, dict]) -> str:
+    lines = ["| run | steps | time (s) | chosen log-prob start -> end | rejected log-prob start -> end | "
+             "margin end | accuracy end |", "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
+    for name, r in runs.items():
+        first, last = r["eval"][0], r["eval"][-1]
+        lines.append(f"| {name} | {r['steps']} | {r['seconds']:.0f} | {first['logps/chosen']:.1f} -> "
+                     f"{last['logps/chosen']:.1f} ({last['logps/chosen'] - first['logps/chosen']:+.1f}) | "
+                     f"{first['logps/rejected']:.1f} -> {last['logps/rejected']:.1f} "
+                     f"({last['logps/rejected'] - first['logps/rejected']:+.1f}) | "
+                     f"{last['rewards/margins']:.3f} | {last['rewards/accuracies']:.1%} |")
+    if scores:
+        n = next(iter(scores.values()))["n"]
+        lines += ["", f"Answers to {n} held-out prompts (greedy), 95% bootstrap intervals; * = the paired "
+                  "difference from the base excludes 0:", "",
+                  "| answers of | repetition | looping share | ended on their own | mean words | distinct-2 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, s in scores.items():
+            cells = []
+            for key in ("repetition", "looping_share", "ended_share", "mean_words", "distinct_2"):
+                q = s["quality"][key]
+                mark = "*" if q.get("outside_noise") else ""
+                cells.append(f"{q['value']:.3g} [{q['low']:.3g}, {q['high']:.3g}]{mark}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    def go():
+        from alignkit.io import atomic_write_json, atomic_write_text
+
+        args = parse_args(argv)
+        args.out.mkdir(parents=True, exist_ok=True)
+        runs = train_runs(args)
+        plot(runs, args.out / "study_nll.png")
+        scores = answer_scores(args, runs)
+        text = table(runs, scores)
+        atomic_write_text(args.out / "study_nll.md", text)
+        atomic_write_json(args.out / "study_nll.json", {
+            "runs": {n: {**r, "folder": str(r["folder"])} for n, r in runs.items()}, "answers": scores})
+        print(text)
+        print(f"figure: {args.out / 'study_nll.png'}")
+
+    return guarded(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
