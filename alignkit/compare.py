@@ -246,7 +246,8 @@ class Evaluator:
 class Decoding:
     """How the comparison generates answers.
 
-    Greedy by default (as in the seed's comparison); with ``temperature`` > 0 answers are sampled,
+    Greedy by default (as in the seed's comparison; ``repetition_penalty`` > 1 applies to greedy and
+    sampled answers alike); with ``temperature`` > 0 answers are sampled,
     ``samples`` per held-out prompt, sample ``k`` seeded with ``seed + k`` (so reruns match).
     ``eval_prompts`` caps how many held-out prompts are answered (``None``: all of them; 0: none).
     """
@@ -254,12 +255,13 @@ class Decoding:
     max_new_tokens: int = 200
     temperature: float = 0.0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
     samples: int = 1
     seed: int = 0
     eval_prompts: int | None = None
 
     def __post_init__(self):
-        problems = sampling_problems(self.temperature, self.top_p, 1.0)
+        problems = sampling_problems(self.temperature, self.top_p, self.repetition_penalty)
         if self.samples < 1:
             problems.append(f"--samples must be >= 1 (got {self.samples})")
         elif self.samples > 1 and self.temperature == 0:
@@ -271,13 +273,14 @@ class Decoding:
 
     def sampling(self, k: int = 0) -> Sampling:
         """The sampling of the ``k``-th answer to each prompt."""
-        return Sampling(self.temperature, self.top_p, 1.0, self.seed + k)
+        return Sampling(self.temperature, self.top_p, self.repetition_penalty, self.seed + k)
 
     def settings(self) -> dict:
         """The decoding settings as the report prints them."""
+        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1 else {}
         if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+            return {"do_sample": False, **penalty, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, **penalty,
                 "samples_per_held_out_prompt": self.samples, "seed": self.seed,
                 "max_new_tokens": self.max_new_tokens}
 

@@ -145,6 +145,8 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample answers at this temperature; 0 = greedy, as in the seed [default: 0]")
     parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0: nucleus sampling mass")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens already in the answer less likely; 1 = off [default: 1]")
     parser.add_argument("--samples", type=positive_int, default=1,
                         help="with --temperature > 0: answers sampled per held-out prompt [default: 1]")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of sampled answers (sample k uses "
@@ -168,7 +170,8 @@ def decoding_from(flags) -> Decoding:
     """The comparison's decoding settings from parsed flags (a dict or an argparse namespace)."""
     get = flags.get if isinstance(flags, dict) else lambda key: getattr(flags, key)
     return Decoding(max_new_tokens=get("max_new_tokens"), temperature=get("temperature"), top_p=get("top_p"),
-                    samples=get("samples"), seed=get("sample_seed"), eval_prompts=get("eval_prompts"))
+                    repetition_penalty=get("repetition_penalty"), samples=get("samples"), seed=get("sample_seed"),
+                    eval_prompts=get("eval_prompts"))
 
 
 def pipeline(flags: dict) -> int:

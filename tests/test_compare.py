@@ -136,3 +136,7 @@ def test_sampled_comparison_is_seeded(runs, tmp_path):
     assert first["generation"]["do_sample"] is True and first["generation"]["samples_per_held_out_prompt"] == 2
     with pytest.raises(UserError, match="--samples > 1 needs --temperature > 0"):
         Decoding(samples=3)
+    with pytest.raises(UserError, match="--repetition-penalty"):
+        Decoding(repetition_penalty=0)
+    assert Decoding(repetition_penalty=1.2).settings() == {"do_sample": False, "repetition_penalty": 1.2,
+                                                           "max_new_tokens": 200}
