@@ -1,38 +1,83 @@
-"""Training throughput of alignkit's SFT and DPO against TRL's SFTTrainer and DPOTrainer.
+"""Training throughput of alignkit's SFT and DPO against TRL's SFTTrainer and DPOTrainer, like for like.
 
-    python benchmarking/bench_throughput.py                        # SFT and DPO, 3 repeats, table
+    python benchmarking/bench_throughput.py                        # SFT and DPO, 5 repeats, table
     python benchmarking/bench_throughput.py --json bench.json --scaling --profile
     python benchmarking/bench_throughput.py --device cuda --random-init qwen2.5-0.5b
 
-Same work on both sides: same weights (the embedded SmolLM2-135M-Instruct, or a random
-Qwen2.5-0.5B-shaped model from a hand-written ``Qwen2Config``, seed 0, fed the embedded tokenizer's
-ids, all valid in its larger vocabulary), LoRA r=16 alpha=32 dropout 0 on q/k/v/o, the bundled data
-in the order of alignkit's gym (seed 42), same batch size, max length, constant learning rate,
-AdamW, clipping at 1.0 and step count; float32 on CPU, bfloat16 weights on GPU; no gradient
-checkpointing or accumulation. Same token ids: SFTTrainer gets our gym's batches pre-tokenized
-(``input_ids`` + ``completion_mask``), DPOTrainer as text (chat-templated prompt, responses ending in
-``<|im_end|>``, decoded from our ids) that it tokenizes itself; every TRL batch is compared with ours
-(ids, attention mask, loss positions) and differences are reported. TRL pads; alignkit packs.
-DPO: sigmoid loss, beta 0.1, reference = base model with the adapter disabled (TRL's PEFT default,
-run in every step); ``--nll-alpha A > 0`` gives TRL ``loss_type=["sigmoid", "sft"], loss_weights=[1,
-A]``. alignkit caches reference log-probs per pair: **cold** = empty cache, the reference forward
-runs in the step (a first epoch; the headline); **warm** = cache filled before timing.
-On CPU alignkit's process keeps freed memory for reuse (``alignkit.reuse_freed_memory``, on by
-default in its CLI); TRL's process keeps glibc's default unless ``--trl-reuse-memory``.
+Scope: what one machine does with one model on these batches: float32 on CPU (bfloat16 weights on
+GPU), the embedded SmolLM2-135M-Instruct (or a random Qwen2.5-0.5B-shaped model from a hand-written
+``Qwen2Config``, seed 0, fed the embedded tokenizer's ids, all valid in its larger vocabulary), the
+first ``--warmup + --steps`` batches of the bundled data in the order of alignkit's gym (seed 42).
+Other models, lengths, batch sizes or hardware can rank the sides differently.
 
-Per side, the median of ``--repeats`` runs (side order alternating), each in its own subprocess
-started on a quiet machine, steps that other processes disturbed left out (see ``rates``): real
+Same work on both sides: same weights, LoRA r=16 alpha=32 dropout 0 on q/k/v/o, same rows in the same
+order, batch size, max length, constant learning rate, AdamW, clipping at 1.0 and step count; no
+gradient checkpointing or accumulation. Same token ids: SFTTrainer gets our gym's batches
+pre-tokenized (``input_ids`` + ``completion_mask``), DPOTrainer as text (chat-templated prompt,
+responses ending in ``<|im_end|>``, decoded from our ids) that it tokenizes itself; every TRL batch
+is compared with ours (padded: ids, attention mask, loss positions; padding-free: the same real
+tokens and loss positions, flattened) and differences are reported. DPO: sigmoid loss, beta 0.1,
+reference = base model with the adapter disabled (TRL's PEFT default); ``--nll-alpha A > 0`` gives
+TRL ``loss_type=["sigmoid", "sft"], loss_weights=[1, A]``. lora_B starts at zero, so step 1's loss
+is the base model's on every side: each side's step-1 numbers are printed against plain TRL's.
+
+Same conditions: every side runs in its own fresh process, which first calls
+``torch.set_num_threads(--threads)`` (default: all cores) and records ``torch.get_num_threads()``;
+``--allocator`` applies to every process alike (``reuse``, the default: each calls
+``alignkit.runtime.reuse_freed_memory()``, alignkit's CLI default; ``glibc``: none does). The matmul
+peak is timed with the same thread count. ``--warmup`` is at least 1: alignkit's first step takes its
+reference log-probs from the policy's own forward (nothing trained yet), a shortcut no later step
+has, so it is never timed.
+
+TRL at its best (``--trl-best``, the default; ``--trl-plain`` times the plain trainers only): TRL also
+runs with each speed option it has on CPU that leaves the math alone, each timed as its own side:
+
+- DPO ``precompute_ref_log_probs=True`` (TRL's answer to alignkit's reference cache): the reference
+  log-probs of the whole dataset are computed in the trainer's constructor. The constructor of every
+  TRL side is timed (``build_s``). **cold** (the headline, a first epoch): the precompute side is
+  charged ``median build_s(precompute) - median build_s(plain)``, spread evenly over all
+  ``warmup + steps`` steps, on top of each timed step's seconds (and the FLOPs counted in its
+  constructor, likewise). alignkit cold has an empty reference cache and runs the reference forward
+  in the step. **warm** (a later epoch): alignkit's cache is filled before timing and compared with the
+  precompute side's steps alone; neither side's reference pass is charged.
+- SFT ``padding_free=True`` (with ``max_length=None``: the rows are already cut to ``--max-length``):
+  the batch is one flattened row with restarting position ids. TRL documents it for FlashAttention
+  only; under SDPA, transformers builds a block-diagonal mask from the position ids. Whether the
+  sequences stay apart is checked, not assumed: see the same-work test below.
+
+A TRL side is the same work when its batches hold our tokens (above) and its step-1 numbers are
+within 1e-3 (relative) of plain TRL's; a side that fails either, or fails to run, is excluded from
+"best" and printed as such. TRL at its best = the same-work TRL side (plain included) with the highest
+median tokens/s (cold, charged, for DPO). Not tried: ``use_logits_to_keep`` (not in TRL 1.16; its
+SFT/DPO losses always use its chunked ``fused_lm_head``, which on CPU scores every position), DPO
+``padding_free`` (TRL 1.16 warns and falls back to padding), ``packing`` (regroups rows into other
+batches: other work), Liger kernels / Hub kernels (Triton, GPU only), ``activation_offloading`` and
+``torch_empty_cache_steps`` (GPU memory), bf16/autocast (other math), ``torch_compile`` (alignkit is
+not compiled either; every new padded shape recompiles), ``adamw_torch_fused`` (the optimizer steps
+~1.8M LoRA weights, well under 1% of a step; both sides keep plain ``torch.optim.AdamW``).
+
+Measurement: ``--repeats`` rounds (default 5; the host drifts, fewer give a warning); a round runs
+every side once, back to back, order reversed every other round, each run waiting for a quiet
+machine; steps that other processes disturbed are left out (see ``rates``). Per side: median real
 tokens/s (non-padding prompt + response tokens, both sequences of a DPO pair, over the wall time of
 the steps after ``--warmup``), steps/s, peak memory (CPU: resident set, reset once model and trainer
-are built; GPU: max allocated) and MFU = model FLOPs/s over the best rate of one large matmul
-(float32 CPU, bfloat16 GPU) timed in the same run. Model FLOPs per real token: forward ``2N`` + LoRA
-backward ``2N`` (activation gradients only), ``N`` = all parameters but the input embedding, the LM
-head (``V x H``) counted once even when tied; SFT ``4N``; DPO ``6N`` when the reference forward runs
-in the step (TRL, alignkit cold), else ``4N``. The head counts on every token (alignkit scores
-response tokens only); attention scores (~3% here) and LoRA matrices are left out. lora_B starts
-at zero, so step 1's loss is the base model's on both sides: both are printed with their relative
-difference. ``--scaling``: alignkit alone on synthetic rows (random ids, no padding, prompt = first
-quarter), as without TRL (the ``[bench]`` extra).
+are built; GPU: max allocated). Ratios are paired: for each round r, ours_r / TRL-best_r tokens/s
+(and peak memory); ``speedup`` is their median, printed with min-max and every value.
+
+Executed FLOPs: after timing, each side runs once more, untimed, same batches and code path, under
+``torch.utils.flop_counter.FlopCounterMode``: the FLOPs of the matmuls (mm, addmm, bmm, baddbmm) and
+attention kernels it actually runs, so padding, the LM head on every position, recomputation and the
+LoRA matrices all count, elementwise work does not (the CPU's fused SDPA kernel is added with torch's
+SDPA formula: the full score matrix, masked entries included). Work before the steps is counted
+apart (``build_flops``): TRL's constructor (its precompute), alignkit's warm-cache fill. Utilisation =
+executed FLOPs of the timed steps / their measured seconds / the matmul peak: the best rate of one
+matmul over a few shapes (``PEAK_SHAPES``; float32 CPU, bfloat16 GPU) timed in the same run (on CPU a
+large square alone runs well below what the model's narrower matmuls reach). ``mfu_nominal`` (JSON
+only) is the old model-FLOP figure, ``2N`` forward + ``2N`` LoRA backward per real token (+``2N`` for
+an in-step DPO reference forward), ``N`` = all parameters but the input embedding: it leaves out
+TRL's padding and any recomputation and credits alignkit for work it skips, so it is no measure of
+kernel efficiency. ``--scaling``: alignkit alone on synthetic rows (random ids, no padding, prompt =
+first quarter), as without TRL (the ``[bench]`` extra); its MFU column is the nominal one.
 """
 
 from __future__ import annotations
@@ -62,6 +107,13 @@ from alignkit.runtime import reuse_freed_memory
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
 FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
 QUIET = 0.1  # share of the CPUs other processes may use during a timed step
+SAME_WORK_REL = 1e-3  # step-1 numbers of a TRL candidate may differ from plain TRL's by this much (relative)
+MIN_REPEATS = 5  # fewer rounds than this get a warning: the host drifts by +-15%
+TRL_VARIANTS = {"sft": ("padding_free",), "dpo": ("precompute",)}  # TRL speed options tried beside plain
+SIDE_NAMES = {"ours": "alignkit", "ours_warm": "alignkit (warm)", "trl": "TRL plain",
+              "trl_padding_free": "TRL padding_free", "trl_precompute": "TRL precompute"}
+# nominal model FLOPs per real token, in units of N (module docstring); DPO sides with an in-step reference: 6
+NOMINAL_FLOPS_PER_N = {"sft": {}, "dpo": {"ours": 6, "trl": 6}}
 
 
 def lora_config():
@@ -140,87 +192,145 @@ def trl_dpo_dataset(batches, tokenizer):
 
 
 def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
-                max_length=None, callbacks=()):
-    """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring)."""
+                max_length=None, callbacks=(), variant="plain"):
+    """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring),
+    with one of TRL's speed options when ``variant`` is ``"padding_free"`` (SFT) or ``"precompute"`` (DPO)."""
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    if variant not in ("plain", *TRL_VARIANTS[algo]):
+        raise ValueError(f"no TRL variant {variant!r} for {algo}")
     on_gpu = model.device.type == "cuda"
     rows = len(batches[0]["input_ids"]) // (1 if algo == "sft" else 2)
+    max_length = max_length or max(len(b["input_ids"][0]) for b in batches)
     common = dict(output_dir=output_dir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
                   max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
                   weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
                   bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
                   report_to="none", disable_tqdm=True, seed=seed, train_sampling_strategy="sequential",
-                  dataloader_pin_memory=False, max_length=max_length or max(len(b["input_ids"][0]) for b in batches))
+                  dataloader_pin_memory=False, max_length=max_length)
     kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=list(callbacks))
     if algo == "sft":
+        if variant == "padding_free":  # TRL refuses max_length with padding_free; our rows are already cut to it
+            common.update(max_length=None, padding_free=True)
         args = SFTConfig(completion_only_loss=True, **common)
         return SFTTrainer(model, args=args, train_dataset=trl_sft_dataset(batches), **kwargs)
     losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_alpha]) if nll_alpha else {}
-    args = DPOConfig(beta=beta, **losses, **common)
+    args = DPOConfig(beta=beta, precompute_ref_log_probs=variant == "precompute", **losses, **common)
     return DPOTrainer(model, args=args, train_dataset=trl_dpo_dataset(batches, tokenizer), **kwargs)
 
 
+def batch_differs(theirs: dict, ours: dict, algo: str) -> bool:
+    """Whether one TRL training batch holds other tokens than ours: padded batches must match in ids,
+    attention mask and loss positions; a padding-free batch (one flattened row, no attention mask) must
+    hold our rows' real tokens, in order, with the same loss positions."""
+    theirs = {k: v.cpu() for k, v in theirs.items() if torch.is_tensor(v)}
+    real = ours["attention_mask"].bool()
+    ours_loss = ours["labels"] != -100
+    if "attention_mask" not in theirs:  # padding-free: compare the real tokens, flattened
+        if theirs["input_ids"].shape != (1, int(real.sum())):
+            return True
+        return not (torch.equal(theirs["input_ids"][0], ours["input_ids"][real])
+                    and torch.equal(theirs["labels"][0] != -100, ours_loss[real]))
+    loss_at = theirs["labels"] != -100 if algo == "sft" else theirs["completion_mask"].bool()
+    return not (theirs["input_ids"].shape == ours["input_ids"].shape
+                and torch.equal(theirs["input_ids"] * theirs["attention_mask"], ours["input_ids"] * ours["attention_mask"])
+                and torch.equal(theirs["attention_mask"].long(), ours["attention_mask"].long())
+                and torch.equal(loss_at, ours_loss))
+
+
 def batch_mismatches(trainer, batches, algo) -> int:
-    """How many of TRL's training batches differ from ours (ids, attention mask, loss positions)."""
-    bad = 0
-    for theirs, ours in zip(trainer.get_train_dataloader(), batches, strict=True):
-        theirs = {k: v.cpu() for k, v in theirs.items() if torch.is_tensor(v)}
-        loss_at = theirs["labels"] != -100 if algo == "sft" else theirs["completion_mask"].bool()
-        bad += not (theirs["input_ids"].shape == ours["input_ids"].shape
-                    and torch.equal(theirs["input_ids"] * theirs["attention_mask"],
-                                    ours["input_ids"] * ours["attention_mask"])
-                    and torch.equal(theirs["attention_mask"].long(), ours["attention_mask"].long())
-                    and torch.equal(loss_at, ours["labels"] != -100))
-    return bad
+    """How many of TRL's training batches differ from ours (see ``batch_differs``)."""
+    return sum(batch_differs(theirs, ours, algo)
+               for theirs, ours in zip(trainer.get_train_dataloader(), batches, strict=True))
+
+
+def flop_counter():
+    """A ``FlopCounterMode`` that also counts the CPU's fused SDPA kernel (torch's table lacks it), with
+    torch's own SDPA formulas."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_val=None, **kwargs):
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+    forward._get_raw = backward._get_raw = True  # they take tensors, not shapes
+    aten = torch.ops.aten
+    mapping = {op: fn for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                                       ("_scaled_dot_product_flash_attention_for_cpu_backward", backward))
+               if (op := getattr(aten, name, None)) is not None}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 class Stopwatch(TrainerCallback):
-    """Times each TRL optimizer step (from the start of training) and keeps TRL's logged metrics."""
+    """Times each TRL optimizer step (from the start of training), keeps TRL's logged metrics and, when
+    given a running FLOP counter, its total at the same moments."""
 
-    def __init__(self, device):
-        self.device, self.stamps, self.logs = device, [], []
+    def __init__(self, device, counter=None):
+        self.device, self.counter, self.stamps, self.logs, self.flops = device, counter, [], [], []
+
+    def _mark(self):
+        self.stamps.append(stamp(self.device))
+        if self.counter is not None:
+            self.flops.append(self.counter.get_total_flops())
 
     def on_train_begin(self, args, state, control, **kw):
         reset_peak(self.device)
-        self.stamps.append(stamp(self.device))
+        self._mark()
 
     def on_step_end(self, args, state, control, **kw):
-        self.stamps.append(stamp(self.device))
+        self._mark()
 
     def on_log(self, args, state, control, logs=None, **kw):
         self.logs.append(dict(logs or {}))
 
 
 def run_trl(spec, model, tokenizer, batches) -> dict:
-    watch = Stopwatch(spec["device"])
+    counting = spec["count_flops"]
+    build_counter, counter = (flop_counter(), flop_counter()) if counting else (None, None)
+    watch = Stopwatch(spec["device"], counter)
     with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer(spec["algo"], model, tokenizer, batches, out, lr=spec["lr"], beta=spec["beta"],
-                              nll_alpha=spec["nll_alpha"], seed=spec["seed"], max_length=spec["max_length"],
-                              callbacks=[watch])
+        start = clock(spec["device"])
+        with build_counter or contextlib.nullcontext():  # the constructor: DPO precompute runs here
+            trainer = trl_trainer(spec["algo"], model, tokenizer, batches, out, lr=spec["lr"], beta=spec["beta"],
+                                  nll_alpha=spec["nll_alpha"], seed=spec["seed"], max_length=spec["max_length"],
+                                  callbacks=[watch], variant=spec["variant"])
+        build_s = clock(spec["device"]) - start
         mismatches = batch_mismatches(trainer, batches, spec["algo"])
-        trainer.train()
+        with counter or contextlib.nullcontext():
+            trainer.train()
     return {"stamps": watch.stamps, "first": {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
-            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches}
+            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches, "build_s": build_s,
+            "flops": watch.flops if counting else None,
+            "build_flops": build_counter.get_total_flops() if counting else None}
 
 
 def run_ours(spec, model, tokenizer, batches) -> dict:
     common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=spec["batch_size"],
                   lr=spec["lr"], lora_config=lora_config(), seed=spec["seed"])
+    start = clock(spec["device"])
     agent = (SFT(model, **common) if spec["algo"] == "sft" else
              DPO(model, beta=spec["beta"], nll_alpha=spec["nll_alpha"], loss_type="sigmoid", **common))
-    for batch in batches if spec["warm"] else []:
-        agent.reference.logps(batch)  # fills the reference cache, as a previous epoch would have
+    build_s = clock(spec["device"]) - start
+    fill_counter, counter = (flop_counter(), flop_counter()) if spec["count_flops"] else (None, None)
+    with fill_counter or contextlib.nullcontext():
+        for batch in batches if spec["warm"] else []:
+            agent.reference.logps(batch)  # fills the reference cache, as a previous epoch would have
     prof = torch.profiler.profile() if spec["profile"] else None  # records the last step only
     reset_peak(spec["device"])
-    stamps, metrics = [stamp(spec["device"])], []
-    for i, batch in enumerate(batches):
-        with prof if prof is not None and i == len(batches) - 1 else contextlib.nullcontext():
-            metrics.append(agent.learn(batch))
-        stamps.append(stamp(spec["device"]))
+    stamps, metrics, flops = [stamp(spec["device"])], [], [0]
+    with counter or contextlib.nullcontext():
+        for i, batch in enumerate(batches):
+            with prof if prof is not None and i == len(batches) - 1 else contextlib.nullcontext():
+                metrics.append(agent.learn(batch))
+            stamps.append(stamp(spec["device"]))
+            if counter is not None:
+                flops.append(counter.get_total_flops())
     sort = "self_device_time_total" if spec["device"] == "cuda" else "self_cpu_time_total"
     return {"stamps": stamps, "first": {k: metrics[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
-            "peak_mem_mb": peak_mb(spec["device"]),
+            "peak_mem_mb": peak_mb(spec["device"]), "build_s": build_s, "flops": flops if counter else None,
+            "build_flops": fill_counter.get_total_flops() if counter else None,  # the warm cache's fill
             "profile": prof and prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)}
 
 
@@ -253,19 +363,29 @@ def peak_mb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def matmul_peak_gflops(device: str, max_wait_s: float, rounds: int = 3, repeats: int = 10) -> float:
-    """Best rate of a large square matmul, float32 (n=2048) on CPU, bfloat16 (n=8192) on GPU, over
-    ``rounds`` quiet moments."""
-    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = []
+PEAK_SHAPES = {  # (m, k, n) of the matmuls whose best rate is the peak; on CPU a square alone runs well below
+    # what the model's narrower matmuls reach (smaller outputs stay in cache): the model could beat its "peak"
+    "cpu": [(2048, 2048, 2048)] + [(1024, k, n) for k in (512, 1024, 2048) for n in (512, 1024, 2048)],
+    "cuda": [(8192, 8192, 8192), (4096, 4096, 4096)],
+}
+
+
+def matmul_peak_gflops(device: str, max_wait_s: float, rounds: int = 3, repeats: int = 10) -> tuple[float, list[int]]:
+    """Best rate of one matmul over ``PEAK_SHAPES`` (float32 on CPU, bfloat16 on GPU) and ``rounds`` quiet
+    moments, with this process's torch thread count; and the (m, k, n) that reached it."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    operands = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+                for m, k, n in PEAK_SHAPES[device]]
+    best = (0.0, [])
     for _ in range(rounds):
         wait_for_quiet(max_wait_s)
-        for _ in range(repeats):
-            start = clock(device)
-            a @ b
-            times.append(clock(device) - start)
-    return 2 * n**3 / min(times) / 1e9
+        for a, b in operands:
+            for _ in range(repeats):
+                start = clock(device)
+                a @ b
+                seconds = clock(device) - start
+                best = max(best, (2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds / 1e9, [*a.shape, b.shape[1]]))
+    return best
 
 
 def machine_info(device: str) -> dict:
@@ -301,20 +421,27 @@ def wait_for_quiet(max_wait_s: float) -> None:
 
 def worker(spec: dict) -> None:
     """One side of one run, in its own process; writes its result as JSON to ``spec["out"]``."""
-    if spec["reuse_memory"]:
-        reuse_freed_memory()
+    torch.set_num_threads(spec["threads"])  # first: everything after runs with the same thread count
+    allocator = "reuse" if spec["allocator"] == "reuse" and reuse_freed_memory() else "glibc"
+    if allocator != spec["allocator"]:
+        print(f"--allocator {spec['allocator']}: not applied here (no glibc?); this process keeps {allocator}")
     torch.manual_seed(spec["seed"])
     tokenizer = load_tokenizer() if spec["random_init"] else load_tokenizer(spec["model"])
     model = build_model(spec)
     n_params = flop_params(model)
     batches = synthetic_batches(spec, len(tokenizer)) if spec["synthetic"] else gym_batches(spec, tokenizer)
     result = (run_trl if spec["side"] == "trl" else run_ours)(spec, model, tokenizer, batches)
-    result.update(n_params=n_params, tokens=[int(b["attention_mask"].sum()) for b in batches])
+    result.update(n_params=n_params, tokens=[int(b["attention_mask"].sum()) for b in batches],
+                  threads=torch.get_num_threads(), allocator=allocator)
     Path(spec["out"]).write_text(json.dumps(result))
 
 
+class WorkerFailed(RuntimeError):
+    pass
+
+
 def launch(spec: dict) -> dict:
-    """``worker(spec)`` in a fresh interpreter; its output is shown only when it fails."""
+    """``worker(spec)`` in a fresh interpreter; raises ``WorkerFailed`` with the end of its output if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, out=str(Path(tmp) / "result.json"))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -323,7 +450,7 @@ def launch(spec: dict) -> dict:
                                    stderr=subprocess.STDOUT, env=env)
             if code != 0:
                 log.seek(0)
-                sys.exit(f"worker {spec['algo']}/{spec['side']} failed (exit {code}):\n" + log.read()[-4000:])
+                raise WorkerFailed(f"worker {spec['algo']}/{spec['name']} failed (exit {code}):\n" + log.read()[-4000:])
         return json.loads(Path(spec["out"]).read_text())
 
 
@@ -341,69 +468,238 @@ def measured(spec: dict, max_wait_s: float, tries: int = 3) -> dict:
 
 
 def spec_for(args, algo, side, **extra) -> dict:
-    return dict(algo=algo, side="trl" if side == "trl" else "ours", warm=side == "ours_warm",
+    """The worker spec of ``side``: ``ours``, ``ours_warm``, ``trl`` or ``trl_<variant>``."""
+    return dict(algo=algo, name=side, side="trl" if side.startswith("trl") else "ours", warm=side == "ours_warm",
+                variant=side[4:] if side.startswith("trl_") else "plain",
                 batch_size=args.batch_size if algo == "sft" else args.dpo_batch_size, max_length=args.max_length,
                 steps=args.steps, warmup=args.warmup, lr=args.lr, beta=args.beta, nll_alpha=args.nll_alpha,
                 device=args.device, model=args.model, random_init=args.random_init, seed=args.seed,
-                synthetic=None, profile=False,
-                reuse_memory=args.device == "cpu" and (side != "trl" or args.trl_reuse_memory)) | extra
+                synthetic=None, profile=False, count_flops=False, threads=args.threads,
+                allocator=args.allocator) | extra
 
 
-def rates(run: dict, warmup: int, flops_per_n: float = 0, peak_gflops: float = 1) -> dict:
-    """Tokens/s, steps/s and MFU (model FLOPs per token given in units of ``N``) over the timed steps,
-    leaving out steps in which other processes used ``QUIET`` or more of the CPUs (unless all were)."""
-    steps = list(zip(run["stamps"][warmup:-1], run["stamps"][warmup + 1:], run["tokens"][warmup:], strict=True))
+def step_flops(cumulative: list[int] | None) -> list[int] | None:
+    """Per-step FLOPs from a counter's running totals (taken before the first step and after each)."""
+    return None if cumulative is None else [b - a for a, b in zip(cumulative[:-1], cumulative[1:], strict=True)]
+
+
+def rates(run: dict, warmup: int, *, flops_per_n: float = 0, peak_gflops: float = 0,
+          flops: list[int] | None = None, charge_s: float = 0.0, charge_flops: float = 0.0) -> dict:
+    """Tokens/s, steps/s and utilisation over the timed steps, leaving out steps in which other processes
+    used ``QUIET`` or more of the CPUs (unless all were).
+
+    ``flops``: executed FLOPs of each step (all steps, warm-up included), from the counting run;
+    utilisation = executed FLOPs of the steps used / their seconds / ``peak_gflops``. ``charge_s`` and
+    ``charge_flops``: work done outside the steps (TRL's constructor precompute) charged to each step used.
+    ``flops_per_n``: nominal model FLOPs per real token in units of ``n_params`` (``mfu_nominal``)."""
+    steps = list(zip(run["stamps"][warmup:-1], run["stamps"][warmup + 1:], run["tokens"][warmup:],
+                     range(warmup, len(run["tokens"])), strict=True))
     # other processes' CPU time in a step = the machine's busy time minus this process's CPU time
-    clean = [(a, b, n) for a, b, n in steps
-             if a[1] is None or b[1] - a[1] - (b[2] - a[2]) < QUIET * (b[0] - a[0]) * os.cpu_count()]
+    clean = [s for s in steps
+             if s[0][1] is None or s[1][1] - s[0][1] - (s[1][2] - s[0][2]) < QUIET * (s[1][0] - s[0][0]) * os.cpu_count()]
     used = clean or steps
-    seconds = sum(b[0] - a[0] for a, b, _ in used)
-    tps = sum(n for _, _, n in used) / seconds
-    return {"tokens_per_s": tps, "steps_per_s": len(used) / seconds, "s_per_step": seconds / len(used),
-            "mfu": tps * flops_per_n * run["n_params"] / (peak_gflops * 1e9), "clean_steps": len(clean),
-            "steps": len(steps)}
-
-
-def summarise(algo, runs: dict[str, list[dict]], peak_gflops: float, warmup: int) -> dict:
-    """Medians over repeats per side, ratios ours/TRL and the step-1 agreement."""
-    out = {}
-    for side, side_runs in runs.items():
-        per_run = [rates(r, warmup, 6 if algo == "dpo" and side != "ours_warm" else 4, peak_gflops) for r in side_runs]
-        out[side] = {k: statistics.median(r[k] for r in per_run) for k in ("tokens_per_s", "steps_per_s", "mfu")}
-        out[side]["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in side_runs)
-        out[side].update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run],
-                         runs_clean_steps=[f"{r['clean_steps']}/{r['steps']}" for r in per_run])
-    if "trl" in runs:
-        for suffix, side in (("", "ours"), ("_warm", "ours_warm")):
-            if side in out:
-                out["speedup" + suffix] = out[side]["tokens_per_s"] / out["trl"]["tokens_per_s"]
-                out["mem_ratio" + suffix] = out[side]["peak_mem_mb"] / out["trl"]["peak_mem_mb"]
-        ours, trl = runs["ours"][0]["first"], runs["trl"][0]["first"]
-        out["step1"] = {k: {"ours": ours[k], "trl": trl[k], "rel_diff": abs(ours[k] - trl[k]) / max(abs(trl[k]), 1e-12)}
-                        for k in FIRST_STEP_KEYS[algo]}
-        out["trl_batch_mismatches"] = max(r["batch_mismatches"] for r in runs["trl"])
+    seconds = sum(b[0] - a[0] for a, b, _, _ in used) + charge_s * len(used)
+    tps = sum(n for _, _, n, _ in used) / seconds
+    out = {"tokens_per_s": tps, "steps_per_s": len(used) / seconds, "s_per_step": seconds / len(used),
+           "clean_steps": len(clean), "steps": len(steps)}
+    if flops_per_n and peak_gflops:
+        out["mfu_nominal"] = tps * flops_per_n * run["n_params"] / (peak_gflops * 1e9)
+    if flops is not None:
+        executed = sum(flops[i] for _, _, _, i in used) + charge_flops * len(used)
+        out["executed_flops_per_step"] = executed / len(used)
+        if peak_gflops:
+            out["utilisation"] = executed / seconds / (peak_gflops * 1e9)
     return out
 
 
-def print_table(algo, s: dict, args) -> None:
+def precompute_charge(build_with: list[float], build_without: list[float], total_steps: int) -> float:
+    """Seconds charged to each step for work a constructor did up front: the difference of the median
+    build times of the side that precomputes and the one that does not, spread over all steps (never
+    negative: a noisy difference below zero charges nothing)."""
+    return max(0.0, statistics.median(build_with) - statistics.median(build_without)) / total_steps
+
+
+def paired_ratios(ours: list[float], theirs: list[float]) -> dict:
+    """Per-round ratios ours_r / theirs_r with their median, min and max."""
+    values = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def step1_differences(first: dict, reference: dict, keys, rel: float = SAME_WORK_REL) -> dict[str, float]:
+    """The step-1 numbers of ``first`` that differ from ``reference``'s by more than ``rel`` (relative)."""
+    return {k: d for k in keys if (d := rel_diff(first[k], reference[k])) > rel}
+
+
+def exclusion(algo: str, runs: list[dict], plain_runs: list[dict]) -> str | None:
+    """Why a TRL candidate is not the same work as plain TRL (None when it is): a failed run, batches
+    holding other tokens than ours, or step-1 numbers more than ``SAME_WORK_REL`` away from plain TRL's."""
+    if not runs or "error" in runs[0]:
+        return "failed to run: " + (runs[0]["error"].strip().splitlines()[-1] if runs else "no run")
+    if bad := max(r["batch_mismatches"] for r in runs):
+        return f"{bad} batches hold other tokens than ours"
+    if diffs := step1_differences(runs[0]["first"], plain_runs[0]["first"], FIRST_STEP_KEYS[algo]):
+        return "step-1 " + ", ".join(f"{k} differs by {d:.1e}" for k, d in diffs.items()) + " from plain TRL"
+    return None
+
+
+def pick_best(tokens_per_s: dict[str, float], excluded: dict[str, str | None]) -> str:
+    """The candidate with the highest tokens/s among those not excluded."""
+    fine = {k: v for k, v in tokens_per_s.items() if not excluded.get(k)}
+    return max(fine, key=fine.get)
+
+
+def single(values: list):
+    """The one value all runs share, else all of them."""
+    return values[0] if len(set(values)) == 1 else values
+
+
+def side_summary(runs: list[dict], per_run: list[dict]) -> dict:
+    """Medians over the runs of one side, the per-run values and the conditions each run had."""
+    out = {k: statistics.median(r[k] for r in per_run)
+           for k in ("tokens_per_s", "steps_per_s", "s_per_step", "mfu_nominal", "executed_flops_per_step",
+                     "utilisation") if k in per_run[0]}
+    out["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in runs)
+    out.update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run], runs_peak_mem_mb=[r["peak_mem_mb"] for r in runs],
+               runs_clean_steps=[f"{r['clean_steps']}/{r['steps']}" for r in per_run],
+               threads=single([r["threads"] for r in runs]), allocator=single([r["allocator"] for r in runs]),
+               build_s=statistics.median(r["build_s"] for r in runs), runs_build_s=[r["build_s"] for r in runs])
+    return out
+
+
+def summarise(algo, runs: dict[str, list[dict]], counts: dict[str, dict], peak_gflops: float, warmup: int,
+              steps: int) -> dict:
+    """Per side: medians over rounds, executed FLOPs and utilisation; TRL's candidates, which of them are
+    the same work, the best of them (``trl``); paired ratios ours/TRL-best; the step-1 agreement."""
+    good = {side: side_runs for side, side_runs in runs.items() if side_runs and "error" not in side_runs[0]}
+    flops = {side: step_flops(counts[side]["flops"]) if side in counts else None for side in good}
+    per_run, sums = {}, {}
+    for side, side_runs in good.items():  # TRL precompute here: its steps alone
+        per_run[side] = [rates(r, warmup, flops_per_n=NOMINAL_FLOPS_PER_N[algo].get(side, 4), peak_gflops=peak_gflops,
+                               flops=flops[side]) for r in side_runs]
+        sums[side] = side_summary(side_runs, per_run[side])
+        if side in counts:
+            sums[side].update(executed_flops_total=sum(flops[side][warmup:]), build_flops=counts[side]["build_flops"])
+    out = {side: sums[side] for side in ("ours", "ours_warm") if side in sums}
+    if "trl" not in sums:
+        return out
+
+    trl_sides = [side for side in runs if side.startswith("trl")]
+    excluded = {side: None if side == "trl" else exclusion(algo, runs[side], runs["trl"]) for side in trl_sides}
+    cold, candidates = {}, {}
+    for side in trl_sides:
+        entry = {"side": side, "excluded": excluded[side]}
+        if side in sums:
+            entry.update(sums[side], step1_rel_diff_vs_plain={
+                k: rel_diff(good[side][0]["first"][k], good["trl"][0]["first"][k]) for k in FIRST_STEP_KEYS[algo]})
+            cold[side] = per_run[side]
+        if side == "trl_precompute" and side in sums:  # cold: charged its constructor's precompute
+            total = warmup + steps
+            charge = precompute_charge(sums[side]["runs_build_s"], sums["trl"]["runs_build_s"], total)
+            charge_flops = (max(0, counts[side]["build_flops"] - counts["trl"]["build_flops"]) / total
+                            if side in counts and "trl" in counts else 0.0)
+            cold[side] = [rates(r, warmup, flops_per_n=6, peak_gflops=peak_gflops, flops=flops[side],
+                                charge_s=charge, charge_flops=charge_flops) for r in good[side]]
+            entry.update(side_summary(good[side], cold[side]), charge_s_per_step=charge,
+                         charge_flops_per_step=charge_flops, steps_only=sums[side])
+        candidates["plain" if side == "trl" else side[4:]] = entry
+    best = pick_best({side: statistics.median(r["tokens_per_s"] for r in cold[side]) for side in cold}, excluded)
+    out["trl"] = dict(candidates["plain" if best == "trl" else best[4:]], variant="plain" if best == "trl" else best[4:])
+    out["trl_candidates"] = candidates
+
+    if "ours" in sums:
+        out["speedup_paired"] = paired_ratios([r["tokens_per_s"] for r in per_run["ours"]],
+                                              [r["tokens_per_s"] for r in cold[best]])
+        out["mem_ratio_paired"] = paired_ratios([r["peak_mem_mb"] for r in good["ours"]],
+                                                [r["peak_mem_mb"] for r in good[best]])
+        out["speedup"], out["mem_ratio"] = out["speedup_paired"]["median"], out["mem_ratio_paired"]["median"]
+        out["speedup_of_medians"] = out["ours"]["tokens_per_s"] / out["trl"]["tokens_per_s"]
+        ours, trl = good["ours"][0]["first"], good["trl"][0]["first"]
+        out["step1"] = {k: {"ours": ours[k], "trl": trl[k], "rel_diff": rel_diff(ours[k], trl[k])}
+                        for k in FIRST_STEP_KEYS[algo]}
+    if "ours_warm" in sums:  # against TRL's precompute steps alone; plain TRL only when there is none
+        against = "trl_precompute" if "trl_precompute" in sums and not excluded["trl_precompute"] else "trl"
+        out["speedup_warm_paired"] = paired_ratios([r["tokens_per_s"] for r in per_run["ours_warm"]],
+                                                   [r["tokens_per_s"] for r in per_run[against]])
+        out["mem_ratio_warm_paired"] = paired_ratios([r["peak_mem_mb"] for r in good["ours_warm"]],
+                                                     [r["peak_mem_mb"] for r in good[against]])
+        out["speedup_warm"] = out["speedup_warm_paired"]["median"]
+        out["mem_ratio_warm"] = out["mem_ratio_warm_paired"]["median"]
+        out["warm_against"] = against
+    out["trl_batch_mismatches"] = max(r["batch_mismatches"] for r in good["trl"])
+    return out
+
+
+def fmt(value, spec: str, scale: float = 1) -> str:
+    return "" if value is None else format(value / scale, spec)
+
+
+def fmt_ratios(p: dict) -> str:
+    return (f"{p['median']:.2f}x (min {p['min']:.2f}x, max {p['max']:.2f}x; rounds "
+            + " ".join(f"{v:.2f}" for v in p["values"]) + ")")
+
+
+def print_table(algo, s: dict, args, peak: float) -> None:
     batch = f"{args.batch_size} rows" if algo == "sft" else f"{args.dpo_batch_size} pairs"
-    print(f"\n{algo.upper()}: batch {batch}, max length {args.max_length}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up, median of {args.repeats}\n{'side':<18}{'tokens/s':>10}{'steps/s':>10}"
-          f"{'peak MB':>10}{'MFU':>8}")
-    names = {"ours": "alignkit" + (" (cold)" if algo == "dpo" else ""), "ours_warm": "alignkit (warm)", "trl": "TRL"}
-    for side, r in ((side, s[side]) for side in names if side in s):
-        print(f"{names[side]:<18}{r['tokens_per_s']:>10.1f}{r['steps_per_s']:>10.4f}{r['peak_mem_mb']:>10.0f}"
-              f"{r['mfu']:>8.1%}")
-    clean = ", ".join(f"{names[side]} {'+'.join(s[side]['runs_clean_steps'])}" for side in names if side in s)
-    print(f"clean/timed steps per run (others used < {QUIET:.0%} of the CPUs): {clean}")
+    dtype = "float32" if args.device == "cpu" else "bfloat16 weights"
+    print(f"\n{algo.upper()} - scope: {args.device.upper()}, {dtype}, {args.random_init or args.model}, batch {batch}, "
+          f"max length {args.max_length}, the first {args.warmup + args.steps} batches of the bundled data "
+          f"(seed {args.seed}); {args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} rounds")
+    print(f"{'side':<24}{'tokens/s':>9}{'steps/s':>9}{'peak MB':>9}{'build s':>8}{'GFLOP/step':>11}"
+          f"{'util.':>8}{'threads':>8}  allocator")
+    rows = [(SIDE_NAMES[side] + (" (cold)" if algo == "dpo" and side == "ours" else ""), s[side])
+            for side in ("ours", "ours_warm") if side in s]
+    for variant, c in s.get("trl_candidates", {}).items():
+        name = SIDE_NAMES[c["side"]] + (" (cold)" if variant == "precompute" else "")
+        rows.append((name + (" *" if variant == s["trl"]["variant"] else ""), c))
+        if "steps_only" in c:
+            rows.append(("  its steps alone", c["steps_only"]))
+    for name, r in rows:
+        if "tokens_per_s" not in r:
+            print(f"{name:<24}{'-':>9}   {r.get('excluded')}")
+            continue
+        print(f"{name:<24}{r['tokens_per_s']:>9.1f}{r['steps_per_s']:>9.4f}{r['peak_mem_mb']:>9.0f}{r['build_s']:>8.1f}"
+              f"{fmt(r.get('executed_flops_per_step'), '.0f', 1e9):>11}{fmt(r.get('utilisation'), '.1%'):>8}"
+              f"{str(r['threads']):>8}  {r['allocator']}" + ("  EXCLUDED" if r.get("excluded") else ""))
+    if any(r.get("utilisation", 0) > 1 for _, r in rows):
+        print("WARNING: utilisation over 100%: the matmul peak was measured low (a disturbed machine?)")
+    if "trl_candidates" in s:
+        print(f"* TRL at its best: the fastest TRL side doing the same work ({s['trl']['variant']})")
+    pre = s.get("trl_candidates", {}).get("precompute", {})
+    if "charge_s_per_step" in pre:
+        print(f"TRL precompute (cold) = its steps + {pre['charge_s_per_step']:.2f} s and "
+              f"{pre['charge_flops_per_step'] / 1e9:.0f} GFLOP per step: the constructor's precompute "
+              f"(median build s minus plain TRL's), spread over all {args.warmup + args.steps} steps")
+    print("tokens/s per round: " + "; ".join(f"{name.strip(' *')} " + " ".join(f"{v:.1f}" for v in r["runs_tokens_per_s"])
+                                             for name, r in rows if "runs_tokens_per_s" in r))
+    print(f"clean/timed steps per run (others used < {QUIET:.0%} of the CPUs): "
+          + ", ".join(f"{name.strip(' *')} {'+'.join(r['runs_clean_steps'])}" for name, r in rows if "runs_clean_steps" in r))
+    print(f"util. = executed matmul + attention FLOPs of the timed steps (FlopCounterMode, one more untimed run) "
+          f"/ their measured seconds / matmul peak {peak:.1f} GFLOP/s")
+    for variant, c in s.get("trl_candidates", {}).items():
+        if variant != "plain":
+            diffs = ", ".join(f"{k} {d:.1e}" for k, d in c.get("step1_rel_diff_vs_plain", {}).items())
+            print(f"TRL {variant}: " + (f"EXCLUDED from best: {c['excluded']}" if c["excluded"] else
+                                        f"same work as plain TRL (batches hold our tokens; step-1 rel diff "
+                                        f"{diffs}, within {SAME_WORK_REL:g})"))
     if "speedup" in s:
-        print(f"{'ours/TRL':<18}{s['speedup']:>9.2f}x{'':>10}{s['mem_ratio']:>9.2f}x   (targets: >= "
-              f"{TARGETS[algo][0]}x tokens/s, <= {TARGETS[algo][1]}x memory)"
-              + (f"; warm: {s['speedup_warm']:.2f}x, {s['mem_ratio_warm']:.2f}x" if "speedup_warm" in s else ""))
-        for key, v in s["step1"].items():
-            print(f"step-1 {key}: alignkit {v['ours']:.6f}  TRL {v['trl']:.6f}  rel diff {v['rel_diff']:.1e}"
-                  f"  ({'agree' if v['rel_diff'] <= 1e-3 else 'DISAGREE'} at 1e-3)")
-        print(f"TRL batches differing from ours (ids, mask, loss positions): {s['trl_batch_mismatches']}"
+        print(f"ours/TRL-best tokens/s, paired by round:  {fmt_ratios(s['speedup_paired'])}  "
+              f"(target >= {TARGETS[algo][0]}x)")
+        print(f"ours/TRL-best peak memory, paired:        {fmt_ratios(s['mem_ratio_paired'])}  "
+              f"(target <= {TARGETS[algo][1]}x)")
+    if "speedup_warm" in s:
+        against = ("TRL precompute, steps alone" if s["warm_against"] == "trl_precompute" else
+                   "plain TRL, which recomputes the reference: NOT like for like")
+        print(f"warm: alignkit (cache filled) / {against}: tokens/s {fmt_ratios(s['speedup_warm_paired'])}; "
+              f"memory {fmt_ratios(s['mem_ratio_warm_paired'])}")
+    for key, v in s.get("step1", {}).items():
+        print(f"step-1 {key}: alignkit {v['ours']:.6f}  TRL {v['trl']:.6f}  rel diff {v['rel_diff']:.1e}"
+              f"  ({'agree' if v['rel_diff'] <= SAME_WORK_REL else 'DISAGREE'} at {SAME_WORK_REL:g})")
+    if "trl_batch_mismatches" in s:
+        print(f"plain TRL batches differing from ours (ids, mask, loss positions): {s['trl_batch_mismatches']}"
               + ("" if s["trl_batch_mismatches"] == 0 else ": NOT the same work"))
 
 
@@ -414,37 +710,38 @@ def run_scaling(args, algos, peak_gflops) -> dict:
     table = {}
     for algo in algos:
         print(f"\nalignkit scaling, {algo.upper()} ({'rows' if algo == 'sft' else 'pairs'} x length, synthetic, "
-              f"{args.scaling_steps} timed steps after 1 warm-up)\n"
-              f"{'batch':>6}{'length':>8}{'tokens/step':>13}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'MFU':>7}")
+              f"{args.scaling_steps} timed steps after 1 warm-up; nominal MFU, see the module docstring)\n"
+              f"{'batch':>6}{'length':>8}{'tokens/step':>13}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'nom.MFU':>9}")
         table[algo] = []
         for batch, length in configs:
             run = measured(spec_for(args, algo, "ours", batch_size=batch, max_length=length, warmup=1,
                                     steps=args.scaling_steps, synthetic=[batch, length]), args.max_wait)
-            r = rates(run, 1, 4 if algo == "sft" else 6, peak_gflops)
+            r = rates(run, 1, flops_per_n=4 if algo == "sft" else 6, peak_gflops=peak_gflops)
             table[algo].append({"batch": batch, "length": length, "tokens_per_step": run["tokens"][-1], **r,
                                 "peak_mem_mb": run["peak_mem_mb"]})
             print(f"{batch:>6}{length:>8}{run['tokens'][-1]:>13}{r['s_per_step']:>9.2f}{r['tokens_per_s']:>10.1f}"
-                  f"{run['peak_mem_mb']:>9.0f}{r['mfu']:>7.1%}")
+                  f"{run['peak_mem_mb']:>9.0f}{r['mfu_nominal']:>9.1%}")
     return table
 
 
 INT_OPTIONS = (  # flag, default, minimum, help
     ("--steps", 6, 1, "timed optimizer steps per run"),
-    ("--warmup", 1, 0, "untimed optimizer steps before them"),
-    ("--repeats", 3, 1, "runs per side; the median is reported"),
+    ("--warmup", 1, 1, "untimed optimizer steps before them (at least 1: alignkit's step 0 skips the reference)"),
+    ("--repeats", MIN_REPEATS, 1, "rounds (every side once per round); medians and paired ratios over them"),
     ("--batch-size", 8, 1, "SFT rows per optimizer step"),
     ("--dpo-batch-size", 4, 1, "DPO pairs per optimizer step"),
     ("--max-length", 256, 16, "longest sequence in tokens"),
     ("--scaling-batch", 4, 1, "batch of the --scaling sequence-length sweep"),
     ("--scaling-steps", 2, 1, "timed steps per --scaling point"),
     ("--seed", 42, 0, "seed of the adapter initialisation and the data order"),
+    ("--threads", os.cpu_count() or 1, 1, "torch threads of every worker process and of the matmul peak"),
 )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for flag, default, _, text in INT_OPTIONS:
-        p.add_argument(flag, type=int, default=default, help=text)
+        p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant) on both sides")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
     p.add_argument("--nll-alpha", type=float, default=0.0, help="NLL weight (TRL: loss_type [sigmoid, sft])")
@@ -453,8 +750,16 @@ def parse_args(argv=None):
     p.add_argument("--random-init", choices=["qwen2.5-0.5b"], help="a random-weight model of this shape instead")
     p.add_argument("--only", choices=["sft", "dpo"], help="benchmark one algorithm")
     p.add_argument("--skip-trl", action="store_true", help="time alignkit alone")
+    p.add_argument("--allocator", choices=["reuse", "glibc"], default="reuse",
+                   help="every process, both sides: reuse = alignkit.runtime.reuse_freed_memory() (default), "
+                        "glibc = glibc's default")
     p.add_argument("--trl-reuse-memory", action="store_true",
-                   help="give TRL's process alignkit's allocator setting too (alignkit.reuse_freed_memory)")
+                   help="kept for old command lines: both sides now get --allocator (reuse by default)")
+    best = p.add_mutually_exclusive_group()
+    best.add_argument("--trl-best", dest="trl_best", action="store_true", default=True,
+                      help="also time TRL with its CPU speed options and compare with the fastest that does the "
+                           "same work (default)")
+    best.add_argument("--trl-plain", dest="trl_best", action="store_false", help="time plain TRL trainers only")
     p.add_argument("--scaling", action="store_true", help="also time alignkit over lengths and batch sizes")
     p.add_argument("--profile", action="store_true", help="profile one alignkit step per algorithm")
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for idle CPUs before a run")
@@ -463,6 +768,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     problems = [f"{flag} must be >= {low}" for flag, _, low, _ in INT_OPTIONS
                 if getattr(args, flag[2:].replace("-", "_")) < low]
+    if args.trl_reuse_memory and args.allocator != "reuse":
+        problems.append("--trl-reuse-memory contradicts --allocator glibc (both sides share --allocator)")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device here")
     if problems:
@@ -470,31 +777,89 @@ def parse_args(argv=None):
     return args
 
 
+def run_sides(args, algo, sides) -> dict[str, list[dict]]:
+    """``args.repeats`` rounds of every side, order reversed every other round. A TRL candidate that fails,
+    or after the first round turns out not to be the same work as plain TRL, is not run again."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    dropped = set()
+    for r in range(args.repeats):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            if side in dropped:
+                continue
+            try:
+                runs[side].append(measured(spec_for(args, algo, side), args.max_wait))
+            except WorkerFailed as e:
+                if side in ("ours", "ours_warm", "trl"):
+                    sys.exit(str(e))
+                print(f"  {algo} {side}: {e}")
+                runs[side].append({"error": str(e)})
+                dropped.add(side)
+                continue
+            res = runs[side][-1]
+            print(f"  {algo} {side} round {r + 1}: {rates(res, args.warmup)['tokens_per_s']:.1f} tokens/s, "
+                  f"build {res['build_s']:.1f} s, {res['threads']} threads, allocator {res['allocator']}")
+        for side in sides:
+            if side.startswith("trl_") and side not in dropped and runs["trl"] and (
+                    why := exclusion(algo, runs[side], runs["trl"])):
+                print(f"  {algo} {side}: not the same work ({why}); excluded, not timed again")
+                dropped.add(side)
+    return runs
+
+
+def count_flops(args, algo, runs) -> dict[str, dict]:
+    """One more untimed run per side, under a FLOP counter: per-step and constructor FLOPs (not for TRL
+    candidates that failed or are not the same work)."""
+    counts = {}
+    for side, side_runs in runs.items():
+        if not side_runs or "error" in side_runs[0] or (side.startswith("trl_") and exclusion(algo, side_runs, runs["trl"])):
+            continue
+        print(f"  {algo} {side}: counting executed FLOPs (one untimed run)")
+        try:
+            res = launch(spec_for(args, algo, side, count_flops=True))
+        except WorkerFailed as e:
+            print(f"  {algo} {side}: FLOP count failed, no utilisation for this side:\n{e}")
+            continue
+        counts[side] = {"flops": res["flops"], "build_flops": res["build_flops"]}
+    return counts
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
+    torch.set_num_threads(args.threads)  # the matmul peak with the workers' thread count
     with_trl = not args.skip_trl and importlib.util.find_spec("trl") is not None
     if not args.skip_trl and not with_trl:
         print("TRL is not installed (pip install 'alignkit[bench]'): timing alignkit alone.")
+    if args.repeats < MIN_REPEATS:
+        print(f"WARNING: --repeats {args.repeats} < {MIN_REPEATS}: the host drifts by +-15%, so few rounds give "
+              "wide, unreliable ratios")
+    if args.threads > (os.cpu_count() or 1):
+        print(f"WARNING: --threads {args.threads} > {os.cpu_count()} cores")
     algos = [args.only] if args.only else ["sft", "dpo"]
-    peak = matmul_peak_gflops(args.device, args.max_wait)
-    report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak,
+    peak, peak_shape = matmul_peak_gflops(args.device, args.max_wait)
+    like_for_like = with_trl and args.trl_best
+    report = {"machine": machine_info(args.device), "matmul_peak_gflops": peak, "matmul_peak_shape": peak_shape,
+              "like_for_like": like_for_like,
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}}
-    print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; matmul peak {peak:.1f} GFLOP/s")
-    if args.device == "cpu":
-        print("allocator: alignkit's process keeps freed memory for reuse (its CLI default, reuse_freed_memory()); "
-              + ("so does TRL's (--trl-reuse-memory)" if args.trl_reuse_memory else "TRL's has glibc's default"))
+    print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; {args.threads} torch threads "
+          f"per process; matmul peak {peak:.1f} GFLOP/s (best of {len(PEAK_SHAPES[args.device])} shapes, reached at "
+          f"{'x'.join(map(str, peak_shape))})")
+    print(f"allocator: every process, both sides: {args.allocator}"
+          + (" (alignkit.runtime.reuse_freed_memory())" if args.allocator == "reuse" else " (glibc's default)"))
+    if with_trl:
+        print("TRL: " + ("plain trainers only (--trl-plain): NOT like for like" if not args.trl_best else
+                         "plain and with its CPU speed options; the fastest that does the same work is compared"))
     for algo in algos:
-        sides = ["ours"] + (["ours_warm"] if algo == "dpo" else []) + (["trl"] if with_trl else [])
-        runs: dict[str, list[dict]] = {side: [] for side in sides}
-        for r in range(args.repeats):
-            for side in sides if r % 2 == 0 else sides[::-1]:
-                runs[side].append(measured(spec_for(args, algo, side), args.max_wait))
-                print(f"  {algo} {side} repeat {r + 1}: {rates(runs[side][-1], args.warmup)['tokens_per_s']:.1f} tokens/s")
-        report[algo] = summarise(algo, runs, peak, args.warmup)
-        print_table(algo, report[algo], args)
+        variants = TRL_VARIANTS[algo] if args.trl_best else ()
+        sides = (["ours"] + (["ours_warm"] if algo == "dpo" else [])
+                 + (["trl", *("trl_" + v for v in variants)] if with_trl else []))
+        runs = run_sides(args, algo, sides)
+        counts = count_flops(args, algo, runs)
+        report[algo] = summarise(algo, runs, counts, peak, args.warmup, args.steps)
+        report[algo]["like_for_like"] = like_for_like
+        print_table(algo, report[algo], args, peak)
         if args.profile:
             table = measured(spec_for(args, algo, "ours", steps=1, profile=True), args.max_wait)["profile"]
             report[algo]["profile"] = table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +87,13 @@ def rows_file(tmp_path_factory):
             for r in ROWS:
                 f.write(json.dumps({**r, "prompt": f"{r['prompt']} ({i})"}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``benchmarking/bench_throughput.py`` loaded as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarking" / "bench_throughput.py"
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

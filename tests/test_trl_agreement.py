@@ -6,8 +6,6 @@ token ids), so this test also guards the benchmark's like-for-like comparison. l
 zero, so the step-1 loss is the base model's loss on the batch on both sides.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -17,16 +15,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from alignkit import DPO, SFT, PreferenceGym, SFTGym  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarking" / "bench_throughput.py"
 REL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _KeepLogs(TrainerCallback):
