@@ -22,11 +22,11 @@ import torch
 
 from .adapters import adapter_base_model, load_adapter
 from .agents import PreferenceObjective, score_preferences
-from .config import DPOConfig, as_test_split
+from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset
 from .errors import UserError
 from .formats import ColumnMap
-from .generation import Sampling, generate_replies, sampling_problems
+from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs

@@ -152,8 +152,6 @@ class SFTConfig:
              "--chosen-column and --rejected-column")
         need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
         need(not self.eval or self.pop_size == 1, "--eval chats with one adapter: drop --pop-size")
-        from .generation import sampling_problems  # --temperature, --top-p, --repetition-penalty
-
         problems += sampling_problems(self.temperature, self.top_p, self.repetition_penalty)
         need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
         need(self.evo_steps >= 1, f"--evo-steps must be >= 1 (got {self.evo_steps})")
@@ -259,6 +257,20 @@ def preference_problems(beta: float, nll_alpha: float, loss_type: str, label_smo
         problems.append(f"{name('label_smoothing')} must be in [0, 0.5) (got {label_smoothing})")
     elif label_smoothing and loss_type != "sigmoid":
         problems.append(f"{name('label_smoothing')} applies to the sigmoid loss only (got loss type {loss_type!r})")
+    return problems
+
+
+def sampling_problems(temperature: float, top_p: float, repetition_penalty: float,
+                      name=_as_flag) -> list[str]:
+    """What is wrong with these sampling options (empty when nothing); ``name`` spells an option."""
+    problems = []
+    if not 0 <= temperature < math.inf:   # written as ranges so NaN fails them too
+        problems.append(f"{name('temperature')} must be >= 0 and finite; 0 is greedy (got {temperature})")
+    if not 0 < top_p <= 1:
+        problems.append(f"{name('top_p')} must be in (0, 1] (got {top_p})")
+    if not 0 < repetition_penalty < math.inf:
+        problems.append(f"{name('repetition_penalty')} must be > 0 and finite; 1 leaves logits alone "
+                        f"(got {repetition_penalty})")
     return problems
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import sampling_problems
 from .quality import Answer
 
 
@@ -57,20 +58,6 @@ class Sampling:
         if self.seed is None or self.greedy:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
-
-
-def sampling_problems(temperature: float, top_p: float, repetition_penalty: float,
-                      name: Callable[[str], str] = lambda n: "--" + n.replace("_", "-")) -> list[str]:
-    """What is wrong with these sampling options (empty when nothing); ``name`` spells an option."""
-    problems = []
-    if not 0 <= temperature < math.inf:   # written as ranges so NaN fails them too
-        problems.append(f"{name('temperature')} must be >= 0 and finite; 0 is greedy (got {temperature})")
-    if not 0 < top_p <= 1:
-        problems.append(f"{name('top_p')} must be in (0, 1] (got {top_p})")
-    if not 0 < repetition_penalty < math.inf:
-        problems.append(f"{name('repetition_penalty')} must be > 0 and finite; 1 leaves logits alone "
-                        f"(got {repetition_penalty})")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------
