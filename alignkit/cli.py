@@ -6,6 +6,7 @@
     alignkit sft|dpo --eval --load-path P  chat with a trained adapter
     alignkit plot RUN [RUN ...]            training-curve figures
     alignkit export --load-path P --out D  merge an adapter into its base model
+    alignkit export --load-path P --format gguf --out F.gguf [--ollama]   ... as one GGUF file
     alignkit pipeline                      SFT -> DPO+NLL -> comparison report
 
 A mistake a user can fix prints one line and exits with code 2.
