@@ -87,38 +87,60 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, load_tokenizer, make_dataset
 from alignkit.runtime import reuse_freed_memory
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import (  # noqa: E402  (beside this script)
+    FIRST_STEP_KEYS,
+    PEAK_SHAPES,
+    QUIET,
+    SAME_WORK_REL,
+    clock,
+    exclusion,
+    machine_info,
+    matmul_peak_gflops,
+    paired_ratios,
+    peak_mb,
+    pick_best,
+    precompute_charge,
+    rates,
+    rel_diff,
+    reset_peak,
+    side_summary,
+    stamp,
+    step_flops,
+    wait_for_quiet,
+)
+from trl_side import (  # noqa: E402, F401  (beside this script; some re-exported for the tests)
+    TRL_VARIANTS,
+    Stopwatch,
+    batch_differs,
+    batch_mismatches,
+    flop_counter,
+    lora_config,
+    run_trl,
+    split_row,
+    trl_dpo_dataset,
+    trl_sft_dataset,
+    trl_trainer,
+)
+
 TARGETS = {"sft": (1.5, 1.0), "dpo": (2.0, 0.8)}  # (min speedup, max memory ratio) the project aims at
-FIRST_STEP_KEYS = {"sft": ("loss",), "dpo": ("loss", "logps/chosen", "logps/rejected")}
-QUIET = 0.1  # share of the CPUs other processes may use during a timed step
-SAME_WORK_REL = 1e-3  # step-1 numbers of a TRL candidate may differ from plain TRL's by this much (relative)
 MIN_REPEATS = 5  # fewer rounds than this get a warning: the host drifts by +-15%
-TRL_VARIANTS = {"sft": ("padding_free",), "dpo": ("precompute",)}  # TRL speed options tried beside plain
 SIDE_NAMES = {"ours": "alignkit", "ours_warm": "alignkit (warm)", "trl": "TRL plain",
               "trl_padding_free": "TRL padding_free", "trl_precompute": "TRL precompute"}
 # nominal model FLOPs per real token, in units of N (module docstring); DPO sides with an in-step reference: 6
 NOMINAL_FLOPS_PER_N = {"sft": {}, "dpo": {"ours": 6, "trl": 6}}
-
-
-def lora_config():
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
 def build_model(spec):
@@ -165,147 +187,6 @@ def synthetic_batches(spec, vocab: int) -> list[dict]:
     return batches
 
 
-def split_row(batch, i) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of row ``i`` of a right-padded gym batch."""
-    n = int(batch["attention_mask"][i].sum())
-    ids, is_response = batch["input_ids"][i, :n].tolist(), (batch["labels"][i, :n] != -100).tolist()
-    start = is_response.index(True)
-    return ids[:start], ids[start:]
-
-
-def trl_sft_dataset(batches):
-    rows = [split_row(b, i) for b in batches for i in range(len(b["input_ids"]))]
-    return Dataset.from_dict({"input_ids": [p + r for p, r in rows],
-                              "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in rows]})
-
-
-def trl_dpo_dataset(batches, tokenizer):
-    """Pairs in batch order, as text (decoded from our ids) for TRL to tokenize."""
-    cols = {"prompt": [], "chosen": [], "rejected": []}
-    for b in batches:
-        pairs = b["example_ids"].shape[0]
-        for i in range(pairs):
-            (prompt, chosen), (_, rejected) = split_row(b, i), split_row(b, pairs + i)
-            for key, ids in zip(cols, (prompt, chosen, rejected), strict=True):
-                cols[key].append(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-    return Dataset.from_dict(cols)
-
-
-def trl_trainer(algo, model, tokenizer, batches, output_dir, *, lr=5e-5, beta=0.1, nll_alpha=0.0, seed=42,
-                max_length=None, callbacks=(), variant="plain"):
-    """A TRL trainer set up to do exactly what alignkit does on ``batches`` (see the module docstring),
-    with one of TRL's speed options when ``variant`` is ``"padding_free"`` (SFT) or ``"precompute"`` (DPO)."""
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    if variant not in ("plain", *TRL_VARIANTS[algo]):
-        raise ValueError(f"no TRL variant {variant!r} for {algo}")
-    on_gpu = model.device.type == "cuda"
-    rows = len(batches[0]["input_ids"]) // (1 if algo == "sft" else 2)
-    max_length = max_length or max(len(b["input_ids"][0]) for b in batches)
-    common = dict(output_dir=output_dir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
-                  max_steps=len(batches), learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-                  weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", gradient_checkpointing=False,
-                  bf16=on_gpu, fp16=False, use_cpu=not on_gpu, logging_steps=1, save_strategy="no",
-                  report_to="none", disable_tqdm=True, seed=seed, train_sampling_strategy="sequential",
-                  dataloader_pin_memory=False, max_length=max_length)
-    kwargs = dict(processing_class=tokenizer, peft_config=lora_config(), callbacks=list(callbacks))
-    if algo == "sft":
-        if variant == "padding_free":  # TRL refuses max_length with padding_free; our rows are already cut to it
-            common.update(max_length=None, padding_free=True)
-        args = SFTConfig(completion_only_loss=True, **common)
-        return SFTTrainer(model, args=args, train_dataset=trl_sft_dataset(batches), **kwargs)
-    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, nll_alpha]) if nll_alpha else {}
-    args = DPOConfig(beta=beta, precompute_ref_log_probs=variant == "precompute", **losses, **common)
-    return DPOTrainer(model, args=args, train_dataset=trl_dpo_dataset(batches, tokenizer), **kwargs)
-
-
-def batch_differs(theirs: dict, ours: dict, algo: str) -> bool:
-    """Whether one TRL training batch holds other tokens than ours: padded batches must match in ids,
-    attention mask and loss positions; a padding-free batch (one flattened row, no attention mask) must
-    hold our rows' real tokens, in order, with the same loss positions."""
-    theirs = {k: v.cpu() for k, v in theirs.items() if torch.is_tensor(v)}
-    real = ours["attention_mask"].bool()
-    ours_loss = ours["labels"] != -100
-    if "attention_mask" not in theirs:  # padding-free: compare the real tokens, flattened
-        if theirs["input_ids"].shape != (1, int(real.sum())):
-            return True
-        return not (torch.equal(theirs["input_ids"][0], ours["input_ids"][real])
-                    and torch.equal(theirs["labels"][0] != -100, ours_loss[real]))
-    loss_at = theirs["labels"] != -100 if algo == "sft" else theirs["completion_mask"].bool()
-    return not (theirs["input_ids"].shape == ours["input_ids"].shape
-                and torch.equal(theirs["input_ids"] * theirs["attention_mask"], ours["input_ids"] * ours["attention_mask"])
-                and torch.equal(theirs["attention_mask"].long(), ours["attention_mask"].long())
-                and torch.equal(loss_at, ours_loss))
-
-
-def batch_mismatches(trainer, batches, algo) -> int:
-    """How many of TRL's training batches differ from ours (see ``batch_differs``)."""
-    return sum(batch_differs(theirs, ours, algo)
-               for theirs, ours in zip(trainer.get_train_dataloader(), batches, strict=True))
-
-
-def flop_counter():
-    """A ``FlopCounterMode`` that also counts the CPU's fused SDPA kernel (torch's table lacks it), with
-    torch's own SDPA formulas."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-    def forward(query, key, value, *args, out_val=None, **kwargs):
-        return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
-    forward._get_raw = backward._get_raw = True  # they take tensors, not shapes
-    aten = torch.ops.aten
-    mapping = {op: fn for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", forward),
-                                       ("_scaled_dot_product_flash_attention_for_cpu_backward", backward))
-               if (op := getattr(aten, name, None)) is not None}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-class Stopwatch(TrainerCallback):
-    """Times each TRL optimizer step (from the start of training), keeps TRL's logged metrics and, when
-    given a running FLOP counter, its total at the same moments."""
-
-    def __init__(self, device, counter=None):
-        self.device, self.counter, self.stamps, self.logs, self.flops = device, counter, [], [], []
-
-    def _mark(self):
-        self.stamps.append(stamp(self.device))
-        if self.counter is not None:
-            self.flops.append(self.counter.get_total_flops())
-
-    def on_train_begin(self, args, state, control, **kw):
-        reset_peak(self.device)
-        self._mark()
-
-    def on_step_end(self, args, state, control, **kw):
-        self._mark()
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        self.logs.append(dict(logs or {}))
-
-
-def run_trl(spec, model, tokenizer, batches) -> dict:
-    counting = spec["count_flops"]
-    build_counter, counter = (flop_counter(), flop_counter()) if counting else (None, None)
-    watch = Stopwatch(spec["device"], counter)
-    with tempfile.TemporaryDirectory() as out:
-        start = clock(spec["device"])
-        with build_counter or contextlib.nullcontext():  # the constructor: DPO precompute runs here
-            trainer = trl_trainer(spec["algo"], model, tokenizer, batches, out, lr=spec["lr"], beta=spec["beta"],
-                                  nll_alpha=spec["nll_alpha"], seed=spec["seed"], max_length=spec["max_length"],
-                                  callbacks=[watch], variant=spec["variant"])
-        build_s = clock(spec["device"]) - start
-        mismatches = batch_mismatches(trainer, batches, spec["algo"])
-        with counter or contextlib.nullcontext():
-            trainer.train()
-    return {"stamps": watch.stamps, "first": {k: watch.logs[0][k] for k in FIRST_STEP_KEYS[spec["algo"]]},
-            "peak_mem_mb": peak_mb(spec["device"]), "batch_mismatches": mismatches, "build_s": build_s,
-            "flops": watch.flops if counting else None,
-            "build_flops": build_counter.get_total_flops() if counting else None}
-
-
 def run_ours(spec, model, tokenizer, batches) -> dict:
     common = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, batch_size=spec["batch_size"],
                   lr=spec["lr"], lora_config=lora_config(), seed=spec["seed"])
@@ -332,91 +213,6 @@ def run_ours(spec, model, tokenizer, batches) -> dict:
             "peak_mem_mb": peak_mb(spec["device"]), "build_s": build_s, "flops": flops if counter else None,
             "build_flops": fill_counter.get_total_flops() if counter else None,  # the warm cache's fill
             "profile": prof and prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)}
-
-
-def clock(device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def stamp(device) -> tuple[float, float | None, float]:
-    """(wall clock, CPU seconds the machine has been busy, CPU seconds of this process): see ``rates``."""
-    return clock(device), busy_cpu_seconds(), time.process_time()
-
-
-def reset_peak(device) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the VmHWM high-water mark
-
-
-def peak_mb(device) -> float:
-    """Peak memory in MiB since ``reset_peak``: GPU allocations, or the resident set (CPU)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-PEAK_SHAPES = {  # (m, k, n) of the matmuls whose best rate is the peak; on CPU a square alone runs well below
-    # what the model's narrower matmuls reach (smaller outputs stay in cache): the model could beat its "peak"
-    "cpu": [(2048, 2048, 2048)] + [(1024, k, n) for k in (512, 1024, 2048) for n in (512, 1024, 2048)],
-    "cuda": [(8192, 8192, 8192), (4096, 4096, 4096)],
-}
-
-
-def matmul_peak_gflops(device: str, max_wait_s: float, rounds: int = 3, repeats: int = 10) -> tuple[float, list[int]]:
-    """Best rate of one matmul over ``PEAK_SHAPES`` (float32 on CPU, bfloat16 on GPU) and ``rounds`` quiet
-    moments, with this process's torch thread count; and the (m, k, n) that reached it."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    operands = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-                for m, k, n in PEAK_SHAPES[device]]
-    best = (0.0, [])
-    for _ in range(rounds):
-        wait_for_quiet(max_wait_s)
-        for a, b in operands:
-            for _ in range(repeats):
-                start = clock(device)
-                a @ b
-                seconds = clock(device) - start
-                best = max(best, (2 * a.shape[0] * a.shape[1] * b.shape[1] / seconds / 1e9, [*a.shape, b.shape[1]]))
-    return best
-
-
-def machine_info(device: str) -> dict:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "python": platform.python_version(),
-            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            **{pkg: __import__(pkg).__version__ if importlib.util.find_spec(pkg) else None
-               for pkg in ("torch", "transformers", "peft", "trl")}}
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``), else None."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def wait_for_quiet(max_wait_s: float) -> None:
-    """Wait, up to ``max_wait_s``, until other processes leave the CPUs idle (under ``QUIET`` of them)."""
-    deadline = time.monotonic() + max_wait_s
-    while (start := busy_cpu_seconds()) is not None:
-        time.sleep(3)
-        share = (busy_cpu_seconds() - start) / (3 * os.cpu_count())
-        if share < QUIET or time.monotonic() > deadline:
-            return
-        print(f"  waiting: other processes keep {share:.0%} of the CPUs busy")
-        time.sleep(20)
 
 
 def worker(spec: dict) -> None:
@@ -476,98 +272,6 @@ def spec_for(args, algo, side, **extra) -> dict:
                 device=args.device, model=args.model, random_init=args.random_init, seed=args.seed,
                 synthetic=None, profile=False, count_flops=False, threads=args.threads,
                 allocator=args.allocator) | extra
-
-
-def step_flops(cumulative: list[int] | None) -> list[int] | None:
-    """Per-step FLOPs from a counter's running totals (taken before the first step and after each)."""
-    return None if cumulative is None else [b - a for a, b in zip(cumulative[:-1], cumulative[1:], strict=True)]
-
-
-def rates(run: dict, warmup: int, *, flops_per_n: float = 0, peak_gflops: float = 0,
-          flops: list[int] | None = None, charge_s: float = 0.0, charge_flops: float = 0.0) -> dict:
-    """Tokens/s, steps/s and utilisation over the timed steps, leaving out steps in which other processes
-    used ``QUIET`` or more of the CPUs (unless all were).
-
-    ``flops``: executed FLOPs of each step (all steps, warm-up included), from the counting run;
-    utilisation = executed FLOPs of the steps used / their seconds / ``peak_gflops``. ``charge_s`` and
-    ``charge_flops``: work done outside the steps (TRL's constructor precompute) charged to each step used.
-    ``flops_per_n``: nominal model FLOPs per real token in units of ``n_params`` (``mfu_nominal``)."""
-    steps = list(zip(run["stamps"][warmup:-1], run["stamps"][warmup + 1:], run["tokens"][warmup:],
-                     range(warmup, len(run["tokens"])), strict=True))
-    # other processes' CPU time in a step = the machine's busy time minus this process's CPU time
-    clean = [s for s in steps
-             if s[0][1] is None or s[1][1] - s[0][1] - (s[1][2] - s[0][2]) < QUIET * (s[1][0] - s[0][0]) * os.cpu_count()]
-    used = clean or steps
-    seconds = sum(b[0] - a[0] for a, b, _, _ in used) + charge_s * len(used)
-    tps = sum(n for _, _, n, _ in used) / seconds
-    out = {"tokens_per_s": tps, "steps_per_s": len(used) / seconds, "s_per_step": seconds / len(used),
-           "clean_steps": len(clean), "steps": len(steps)}
-    if flops_per_n and peak_gflops:
-        out["mfu_nominal"] = tps * flops_per_n * run["n_params"] / (peak_gflops * 1e9)
-    if flops is not None:
-        executed = sum(flops[i] for _, _, _, i in used) + charge_flops * len(used)
-        out["executed_flops_per_step"] = executed / len(used)
-        if peak_gflops:
-            out["utilisation"] = executed / seconds / (peak_gflops * 1e9)
-    return out
-
-
-def precompute_charge(build_with: list[float], build_without: list[float], total_steps: int) -> float:
-    """Seconds charged to each step for work a constructor did up front: the difference of the median
-    build times of the side that precomputes and the one that does not, spread over all steps (never
-    negative: a noisy difference below zero charges nothing)."""
-    return max(0.0, statistics.median(build_with) - statistics.median(build_without)) / total_steps
-
-
-def paired_ratios(ours: list[float], theirs: list[float]) -> dict:
-    """Per-round ratios ours_r / theirs_r with their median, min and max."""
-    values = [a / b for a, b in zip(ours, theirs, strict=True)]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
-def rel_diff(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
-def step1_differences(first: dict, reference: dict, keys, rel: float = SAME_WORK_REL) -> dict[str, float]:
-    """The step-1 numbers of ``first`` that differ from ``reference``'s by more than ``rel`` (relative)."""
-    return {k: d for k in keys if (d := rel_diff(first[k], reference[k])) > rel}
-
-
-def exclusion(algo: str, runs: list[dict], plain_runs: list[dict]) -> str | None:
-    """Why a TRL candidate is not the same work as plain TRL (None when it is): a failed run, batches
-    holding other tokens than ours, or step-1 numbers more than ``SAME_WORK_REL`` away from plain TRL's."""
-    if not runs or "error" in runs[0]:
-        return "failed to run: " + (runs[0]["error"].strip().splitlines()[-1] if runs else "no run")
-    if bad := max(r["batch_mismatches"] for r in runs):
-        return f"{bad} batches hold other tokens than ours"
-    if diffs := step1_differences(runs[0]["first"], plain_runs[0]["first"], FIRST_STEP_KEYS[algo]):
-        return "step-1 " + ", ".join(f"{k} differs by {d:.1e}" for k, d in diffs.items()) + " from plain TRL"
-    return None
-
-
-def pick_best(tokens_per_s: dict[str, float], excluded: dict[str, str | None]) -> str:
-    """The candidate with the highest tokens/s among those not excluded."""
-    fine = {k: v for k, v in tokens_per_s.items() if not excluded.get(k)}
-    return max(fine, key=fine.get)
-
-
-def single(values: list):
-    """The one value all runs share, else all of them."""
-    return values[0] if len(set(values)) == 1 else values
-
-
-def side_summary(runs: list[dict], per_run: list[dict]) -> dict:
-    """Medians over the runs of one side, the per-run values and the conditions each run had."""
-    out = {k: statistics.median(r[k] for r in per_run)
-           for k in ("tokens_per_s", "steps_per_s", "s_per_step", "mfu_nominal", "executed_flops_per_step",
-                     "utilisation") if k in per_run[0]}
-    out["peak_mem_mb"] = statistics.median(r["peak_mem_mb"] for r in runs)
-    out.update(runs_tokens_per_s=[r["tokens_per_s"] for r in per_run], runs_peak_mem_mb=[r["peak_mem_mb"] for r in runs],
-               runs_clean_steps=[f"{r['clean_steps']}/{r['steps']}" for r in per_run],
-               threads=single([r["threads"] for r in runs]), allocator=single([r["allocator"] for r in runs]),
-               build_s=statistics.median(r["build_s"] for r in runs), runs_build_s=[r["build_s"] for r in runs])
-    return out
 
 
 def summarise(algo, runs: dict[str, list[dict]], counts: dict[str, dict], peak_gflops: float, warmup: int,

@@ -93,7 +93,7 @@ def rows_file(tmp_path_factory):
 def bench():
     """``benchmarking/bench_throughput.py`` loaded as a module (it is a script, not part of the package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarking" / "bench_throughput.py"
-    spec = importlib.util.spec_from_file_location("bench_throughput", path)
+    spec = importlib.util.spec_from_file_location("bench_throughput", path)   # it imports its sibling itself
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
