@@ -295,11 +295,9 @@ def _roomy_layer_type():
 def chat_prompt_ids(tokenizer, prompt) -> list[int]:
     """Token ids of ``prompt`` (text: one user turn; or a message list) followed by the assistant
     header, exactly as training renders the context of an answer."""
-    from .gyms import as_messages, render_messages
+    from .gyms import as_messages, context_ids
 
-    text = render_messages(tokenizer, as_messages(prompt, "user"), generation_prompt=True)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+    return context_ids(tokenizer, as_messages(prompt, "user"))
 
 
 def answer_text(tokenizer, ids: list[int]) -> str:

@@ -90,6 +90,14 @@ def render_messages(tokenizer, messages: list[Message], generation_prompt: bool 
     return "".join(m["content"] + (eos if m["role"] == "assistant" else "\n") for m in messages)
 
 
+def context_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of ``messages`` followed by the assistant header: the context an answer continues,
+    tokenized as :func:`encode_messages` tokenizes a prompt (the template writes its own special
+    tokens; plain text gets the tokenizer's BOS, if any)."""
+    text = render_messages(tokenizer, messages, generation_prompt=True)
+    return tokenizer(text, add_special_tokens=not _has_template(tokenizer))["input_ids"]
+
+
 def _answer_text(rendered: str, eos: str) -> str:
     """The learned part of a rendered assistant turn: up to and including its end-of-turn token.
 

@@ -349,3 +349,14 @@ def test_readme_example_files_load(name, tokenizer):
 
 def test_every_example_file_is_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.jsonl")) == sorted(README_EXAMPLES)
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "plain_tokenizer"])
+def test_generation_context_is_the_training_prompt(which, request):
+    from alignkit.generation import chat_prompt_ids
+    from alignkit.gyms import encode_pair
+
+    tok = request.getfixturevalue(which)
+    prompt = [SYSTEM, user("Hi there!"), bot("Hey!"), user("Any weekend plans?")]
+    assert chat_prompt_ids(tok, prompt) == encode_pair(tok, prompt, "Hiking, you?")[0].prompt_ids
+    assert chat_prompt_ids(tok, "Hi!") == encode_pair(tok, "Hi!", "Hello.")[0].prompt_ids
