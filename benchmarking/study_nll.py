@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from alignkit.cliutil import ArgParser, guarded, positive_int
@@ -53,15 +52,14 @@ def train_runs(args) -> dict[str, dict]:
     out = {}
     for name, alpha in RUNS.items():
         folder = args.out / f"dpo_alpha{alpha:g}"
-        start = time.perf_counter()
         if not (args.reuse and (folder / "actor" / "adapter_model.safetensors").is_file()):
             cfg = build_config("dpo", {"save_path": str(folder), "no_timestamp": True, "overwrite": True,
                                        "nll_alpha": alpha, "epochs": args.epochs, "max_steps": args.max_steps,
                                        "eval_interval": args.eval_interval, "lr": args.lr, "beta": args.beta,
                                        "plot": False})
             run(cfg)
-        seconds = time.perf_counter() - start
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        seconds = max(r.get("time", 0.0) for r in rows)   # the run's own clock, also for a reused run
         evals = [r for r in rows if r.get("split") == "eval"]
         out[name] = {"folder": folder, "seconds": seconds, "eval": evals,
                      "steps": max(r["step"] for r in rows), "config": read_run_info(folder)["config"]}
@@ -86,8 +84,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("Vanilla DPO vs DPO+NLL from the base model (held-out pairs)")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
