@@ -31,6 +31,7 @@ from alignkit.formats import (
     check_columns,
     detect_shape,
     normalize,
+    value_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -296,26 +297,11 @@ def _check_columns_arg(columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(columns)
 
 
-def _value_problem(value: Any) -> str | None:
-    """Why a needed value cannot be trained on (worded to follow "with"), or None when it can."""
-    if value is None:
-        return "a missing value"
-    if not isinstance(value, str):
-        return "a non-string value"
-    if not value.strip():
-        return "an empty value"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
-        return "text that is not valid Unicode (a lone surrogate)"
-    return None
-
-
 def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[list[dict[str, str]], dict]:
     """Keep rows whose needed values are all non-blank valid strings; returns them and drops per reason."""
     kept, reasons = [], Counter()
     for row in rows:
-        problem = next((p for p in (_value_problem(row.get(c)) for c in columns) if p), None)
+        problem = next((p for p in (value_problem(row.get(c)) for c in columns) if p), None)
         if problem:
             reasons[problem] += 1
         else:

@@ -206,14 +206,25 @@ def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, l
 # ---------------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
+def value_problem(value: Any) -> str | None:
+    """Why a text value cannot be trained on (worded to follow "with"), or None when it can."""
     if value is None:
-        raise Dropped("a missing value")
+        return "a missing value"
     if not isinstance(value, str):
-        raise Dropped("a non-string value")
+        return "a non-string value"
     if not value.strip():
-        raise Dropped("an empty value")
-    _check_unicode(value)
+        return "an empty value"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
+        return "text that is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def _text(value: Any) -> str:
+    problem = value_problem(value)
+    if problem:
+        raise Dropped(problem)
     return value
 
 
