@@ -19,28 +19,38 @@ from .data import BUNDLED_DATASET
 from .errors import UserError
 from .runs import resumed_config
 
+SFT_LR, SFT_STEPS = 1e-3, 40
+DPO_BETA, DPO_LR, DPO_STEPS = 0.1, 2e-5, 20
+
 # How each trainable configuration is made: algorithm, options, and the run it warm-starts from.
+# SFT and SFT -> DPO+NLL use the recipe benchmarking/sweep_recipe.py chose on the embedded model and
+# data (benchmarking/RESULTS_quality.md); DPO and DPO+NLL from the base keep the training defaults.
 RECIPES = {
-    "sft": ("sft", {}, None),
-    "dpo": ("dpo", {"nll_alpha": 0.0}, None),
-    "dpo_nll": ("dpo", {"nll_alpha": 1.0}, None),
-    "sft_dpo_nll": ("dpo", {"nll_alpha": 1.0}, "sft"),
+    "sft": ("sft", {"lr": SFT_LR, "max_steps": SFT_STEPS}, None),
+    "dpo": ("dpo", {"nll_alpha": 0.0, "max_steps": 20}, None),
+    "dpo_nll": ("dpo", {"nll_alpha": 1.0, "max_steps": 20}, None),
+    "sft_dpo_nll": ("dpo", {"nll_alpha": 1.0, "beta": DPO_BETA, "lr": DPO_LR, "max_steps": DPO_STEPS}, "sft"),
 }
 PIPELINE_CONFIGS = ("base", "sft", "sft_dpo_nll")
 ALL_CONFIGS = tuple(LABELS)
 
 
-def train_configurations(names, out_dir, max_steps: int = 0, model: str | None = None,
+def train_configurations(names, out_dir, max_steps: int | None = None, model: str | None = None,
                          dataset: str | None = None, reuse: bool = False, seed: int | None = None,
                          test_size: float | None = None, overwrite: bool = False,
-                         timings: dict[str, float] | None = None) -> dict[str, str | None]:
+                         timings: dict[str, float] | None = None,
+                         peaks: dict[str, float] | None = None) -> dict[str, str | None]:
     """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
+
+    Each takes its recipe's options (:data:`RECIPES`); ``max_steps``, when not None, replaces every
+    recipe's step count (0: one epoch each).
 
     ``base`` needs no training (None). A warm-started configuration trains its parent first.
     A folder that already holds a run is refused unless ``reuse`` (a finished run is kept, an
     interrupted one resumed) or ``overwrite`` (trained again from scratch).
     ``dataset``, ``seed`` and ``test_size`` default to the training defaults. ``timings``, when
-    given, receives the seconds each trained configuration took, by label.
+    given, receives the seconds each trained configuration took, by label; ``peaks``, the process's peak
+    resident memory (GB) once each had trained.
     """
     split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size)) if v is not None}
     from .train import run
@@ -67,8 +77,9 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
             cfg = resumed_config(algo, {"resume": str(folder)})
         else:
             extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
-            cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "max_steps": max_steps,
-                                      "model": model, "overwrite": held, **split, **options, **extra})
+            steps = {} if max_steps is None else {"max_steps": max_steps}
+            cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "model": model,
+                                      "overwrite": held, **split, **options, **steps, **extra})
         started = time.time()
         print(f"== training {LABELS[name]} -> {folder}")
         run(cfg)
@@ -76,6 +87,8 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
         print(f"== {LABELS[name]} trained in {seconds:.0f} s")
         if timings is not None:
             timings[LABELS[name]] = seconds
+        if peaks is not None:
+            peaks[LABELS[name]] = peak_memory_gb()
         runs[name] = str(folder)
         return runs[name]
 
@@ -84,7 +97,7 @@ def train_configurations(names, out_dir, max_steps: int = 0, model: str | None =
     return {name: runs[name] for name in names}
 
 
-def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_tokens=200, model=None,
+def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new_tokens=200, model=None,
                       dataset=None, given: dict[str, str] | None = None, reuse=False, seed=None,
                       test_size=None, overwrite=False, decoding: Decoding | None = None) -> Path:
     """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``.
@@ -102,32 +115,48 @@ def train_and_compare(names, out_dir, max_steps=0, prompts_file=None, max_new_to
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
-    started, timings = time.time(), {}
+    started, timings, peaks = time.time(), {}, {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
-                                test_size, overwrite, timings=timings) if to_train else {}
+                                test_size, overwrite, timings=timings, peaks=peaks) if to_train else {}
     runs = {n: given.get(n, runs.get(n)) for n in names}
     compared = time.time()
     report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
                      test_size=test_size, max_new_tokens=max_new_tokens, decoding=decoding)
     timings["comparison (scoring, generation, report)"] = time.time() - compared
+    peaks["comparison"] = peak_memory_gb()
     print(f"report: {report}")
     print(f"numbers: {report.parent / 'results.json'}")
-    print(timing_summary(timings, time.time() - started))
+    print(timing_summary(timings, time.time() - started, peaks))
     return report
 
 
-def timing_summary(timings: dict[str, float], total: float) -> str:
-    """One line: seconds per stage and the total, e.g. ``time: SFT 86 s, ... total 5m49s``."""
+def peak_memory_gb() -> float:
+    """This process's peak resident memory so far, in GB (a high-water mark: it never falls)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # kB on Linux, bytes on macOS
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def timing_summary(timings: dict[str, float], total: float, peaks: dict[str, float] | None = None) -> str:
+    """One line: seconds per stage and the total, e.g. ``time: SFT 86 s, ... total 5m49s``, then, when
+    ``peaks`` is given, the peak resident memory reached by the end of each stage."""
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     minutes, seconds = divmod(round(total), 60)
-    return f"time: {stages + ', ' if stages else ''}total {minutes}m{seconds:02d}s"
+    line = f"time: {stages + ', ' if stages else ''}total {minutes}m{seconds:02d}s"
+    if peaks:
+        line += "; peak memory by the end of " + ", ".join(f"{name} {gb:.1f} GB" for name, gb in peaks.items())
+    return line
 
 
-def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, default_steps: int) -> None:
+def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     """Flags shared by ``alignkit pipeline`` and ``benchmarking/evaluate_models.py``."""
     parser.add_argument("--out", default=default_out, help=f"output folder [default: {default_out}]")
-    parser.add_argument("--max-steps", type=non_negative_int, default=default_steps,
-                        help=f"optimizer steps per training stage; 0 = one epoch each [default: {default_steps}]")
+    parser.add_argument("--max-steps", type=non_negative_int, default=None,
+                        help=f"optimizer steps of every training stage; 0 = one epoch each [default: each "
+                        f"stage's recipe: SFT {SFT_STEPS} steps at lr {SFT_LR:g}, SFT -> DPO+NLL {DPO_STEPS} steps "
+                        f"at lr {DPO_LR:g} and beta {DPO_BETA:g}, DPO and DPO+NLL from the base 20 steps]")
     parser.add_argument("--prompts", default=None, help="text file of prompts, one per line "
                         "[default: the seed's four prompts and two more]")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length cap [default: 200]")
@@ -161,8 +190,7 @@ def add_pipeline_parser(sub) -> None:
     p = sub.add_parser("pipeline", help="SFT -> DPO+NLL -> comparison report, in one go",
                        description="Train SFT, then DPO+NLL warm-started from it, then compare the base model, "
                        "SFT and SFT -> DPO+NLL in one HTML report (answers, numbers, training curves).")
-    # 20 steps a stage keeps the whole pipeline near 15 minutes on 2 CPU cores.
-    add_comparison_arguments(p, "outputs/pipeline", default_steps=20)
+    add_comparison_arguments(p, "outputs/pipeline")
     p.set_defaults(handler=pipeline)
 
 

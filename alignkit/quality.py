@@ -126,3 +126,10 @@ def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 
             entry["outside_noise"] = bool(d_low > 0 or d_high < 0)
         out[name] = entry
     return out
+
+
+def format_measure(entry: dict, fmt: str = "{:.3g}") -> str:
+    """One :func:`answer_quality` entry as text: ``value [low, high]``, with ``*`` when its difference
+    from the base is outside the noise, e.g. ``0.26 [0.13, 0.41]*``."""
+    mark = "*" if entry.get("outside_noise") else ""
+    return f"{fmt.format(entry['value'])} [{fmt.format(entry['low'])}, {fmt.format(entry['high'])}]{mark}"

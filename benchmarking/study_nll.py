@@ -23,10 +23,12 @@ from pathlib import Path
 from alignkit.cliutil import ArgParser, guarded, positive_int
 
 RUNS = {"vanilla DPO": 0.0, "DPO+NLL": 1.0}
-CURVES = [("logps/chosen", "held-out chosen log-prob (sum per answer)"),
-          ("logps/rejected", "held-out rejected log-prob (sum per answer)"),
-          ("rewards/margins", "held-out reward margin"),
-          ("rewards/accuracies", "held-out preference accuracy")]
+CURVES = [(("logps/chosen",), "held-out chosen log-prob (sum per answer)"),
+          (("logps/rejected",), "held-out rejected log-prob (sum per answer)"),
+          (("rewards/chosen", "rewards/rejected", "rewards/margins"),
+           "held-out rewards: chosen (solid), rejected (dashed), margin (dotted)"),
+          (("rewards/accuracies",), "held-out preference accuracy (margin > 0; all ties at step 0)")]
+STYLES = ("-", "--", ":")
 
 
 def parse_args(argv=None):
@@ -75,9 +77,11 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     from alignkit.io import atomic_write
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
-        for name, r in runs.items():
-            ax.plot([e["step"] for e in r["eval"]], [e[key] for e in r["eval"]], marker="o", ms=3, label=name)
+    for ax, (keys, title) in zip(axes.flat, CURVES, strict=True):
+        for color, (name, r) in enumerate(runs.items()):
+            for key, style in zip(keys, STYLES, strict=False):
+                ax.plot([e["step"] for e in r["eval"]], [e[key] for e in r["eval"]], style, color=f"C{color}",
+                        marker="o", ms=3, label=name if key == keys[0] else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -107,6 +111,9 @@ def answer_scores(args, runs: dict[str, dict]) -> dict[str, dict]:
 
 
 def table(runs: dict[str, dict], scores: dict[str, dict]) -> str:
+    from alignkit.quality import format_measure
+    from alignkit.report import QUALITY_COLUMNS
+
     lines = ["| run | steps | time (s) | chosen log-prob start -> end | rejected log-prob start -> end | "
              "margin end | accuracy end |", "| --- | ---: | ---: | --- | --- | ---: | ---: |"]
     for name, r in runs.items():
@@ -123,11 +130,7 @@ def table(runs: dict[str, dict], scores: dict[str, dict]) -> str:
                   "| answers of | repetition | looping share | ended on their own | mean words | distinct-2 |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name, s in scores.items():
-            cells = []
-            for key in ("repetition", "looping_share", "ended_share", "mean_words", "distinct_2"):
-                q = s["quality"][key]
-                mark = "*" if q.get("outside_noise") else ""
-                cells.append(f"{q['value']:.3g} [{q['low']:.3g}, {q['high']:.3g}]{mark}")
+            cells = [format_measure(s["quality"][key], fmt) for key, _, fmt in QUALITY_COLUMNS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

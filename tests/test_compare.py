@@ -98,6 +98,16 @@ def test_timing_summary_names_each_stage_and_the_total():
     line = timing_summary({"SFT": 86.4, "SFT -> DPO + NLL": 173.6, "comparison": 61.0}, 349.2)
     assert line == "time: SFT 86 s, SFT -> DPO + NLL 174 s, comparison 61 s, total 5m49s"
     assert timing_summary({}, 59.6) == "time: total 1m00s"
+    assert timing_summary({"SFT": 10.0}, 10.0, {"SFT": 2.14, "comparison": 3.0}) == \
+        "time: SFT 10 s, total 0m10s; peak memory by the end of SFT 2.1 GB, comparison 3.0 GB"
+
+
+def test_peak_memory_is_this_process_high_water_mark():
+    from alignkit.pipeline import peak_memory_gb
+
+    status = Path("/proc/self/status").read_text()
+    hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_memory_gb() == pytest.approx(hwm_kb * 1024 / 1e9, rel=0.02)
 
 
 def test_every_configuration_answers_the_held_out_prompts_with_intervals(runs, tmp_path):
@@ -140,3 +150,21 @@ def test_sampled_comparison_is_seeded(runs, tmp_path):
         Decoding(repetition_penalty=0)
     assert Decoding(repetition_penalty=1.2).settings() == {"do_sample": False, "repetition_penalty": 1.2,
                                                            "max_new_tokens": 200}
+
+
+def test_pipeline_stages_take_their_recipe_unless_max_steps_is_given(monkeypatch, tmp_path):
+    import alignkit.train
+    from alignkit import pipeline
+
+    seen = {}
+    monkeypatch.setattr(alignkit.train, "run", lambda cfg: seen.__setitem__(Path(cfg.save_path).name, cfg))
+    pipeline.train_configurations(["sft_dpo_nll"], tmp_path / "a")
+    sft, dpo = seen["sft"], seen["sft_dpo_nll"]
+    assert (sft.lr, sft.max_steps) == (pipeline.SFT_LR, pipeline.SFT_STEPS)
+    assert (dpo.beta, dpo.lr, dpo.max_steps, dpo.nll_alpha) == (pipeline.DPO_BETA, pipeline.DPO_LR,
+                                                                 pipeline.DPO_STEPS, 1.0)
+    assert dpo.load_path == str(tmp_path / "a" / "sft" / "actor")
+    seen.clear()
+    pipeline.train_configurations(["sft_dpo_nll"], tmp_path / "b", max_steps=3)
+    assert seen["sft"].max_steps == seen["sft_dpo_nll"].max_steps == 3
+    assert seen["sft_dpo_nll"].beta == pipeline.DPO_BETA   # only the step count is replaced
