@@ -1,12 +1,12 @@
 """The five-way comparison: Base model, SFT, DPO, DPO + NLL and SFT -> DPO + NLL.
 
-Given no run folders, it trains the four configurations on the embedded defaults (``--max-steps``
-optimizer steps per stage, 20 by default; 0 = one epoch each) and compares them with the base model (an untrained
-LoRA) on a fixed prompt set that includes the seed's four prompts: greedy decoding
+Given no run folders, it trains the four configurations on the embedded defaults (each with its
+recipe in ``alignkit.pipeline.RECIPES``; ``--max-steps N`` gives every stage N optimizer steps, 0 one epoch
+each) and compares them with the base model (an untrained LoRA) on a fixed prompt set that includes the seed's four prompts: greedy decoding
 (``do_sample=False``) and ``max_new_tokens=200``. Given run folders (``--sft outputs/sft`` ...), it
 compares those and trains only what is missing.
 
-    python benchmarking/evaluate_models.py --max-steps 20 --out outputs/five_way
+    python benchmarking/evaluate_models.py --out outputs/five_way
 
 It writes ``<out>/report/index.html`` (one self-contained page with a tab per configuration for each
 prompt, the numbers and the training curves) and ``<out>/report/results.json``.

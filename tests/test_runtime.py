@@ -38,3 +38,29 @@ def test_reuse_freed_memory_stops_page_faults_after_the_first_steps():
     # reused: after the heap has grown in the first steps, later steps fault in (almost) nothing
     assert tuned["faults"][0] > pages_per_step * 0.9
     assert sum(tuned["faults"][2:]) < 0.25 * sum(plain["faults"][2:])
+
+
+RELEASE = r"""
+import json, torch
+from pathlib import Path
+from alignkit.runtime import release_freed_memory, reuse_freed_memory
+
+def rss_mb():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+reuse_freed_memory()
+blocks = [torch.ones(100 * 2**20 // 4) for _ in range(4)]   # 400 MiB, from the heap
+del blocks
+kept = rss_mb()        # freed, but the heap keeps the pages
+released = release_freed_memory()
+print(json.dumps({"kept": kept, "after": rss_mb(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings are Linux-only")
+def test_release_freed_memory_hands_a_finished_stage_pages_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["released"] is True
+    assert got["kept"] - got["after"] > 350, got   # the 400 MiB the stage freed left the process
