@@ -87,6 +87,7 @@ def train_point(args, folder: Path, algo: str, options: dict) -> None:
     options)."""
     from alignkit import checkpoints
     from alignkit.config import build_config
+    from alignkit.runtime import release_freed_memory
     from alignkit.train import run
 
     extra = {**dict(args.option),
@@ -97,6 +98,7 @@ def train_point(args, folder: Path, algo: str, options: dict) -> None:
     cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "overwrite": True, "plot": False,
                               **wanted})
     run(cfg)
+    release_freed_memory()   # the next point starts from what is in use, not from this one's peak
 
 
 def run_seconds(folder: Path) -> float:
