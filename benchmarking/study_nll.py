@@ -16,7 +16,6 @@ chosen log-prob stays near or above where it started.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def parse_args(argv=None):
 def train_runs(args) -> dict[str, dict]:
     """Train both runs (or reuse them); returns per run its folder, seconds and eval rows."""
     from alignkit.config import build_config
+    from alignkit.plots import read_metrics
     from alignkit.runs import read_run_info
     from alignkit.train import run
 
@@ -60,7 +60,7 @@ def train_runs(args) -> dict[str, dict]:
                                        "eval_interval": args.eval_interval, "lr": args.lr, "beta": args.beta,
                                        "plot": False})
             run(cfg)
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(folder)
         seconds = max(r.get("time", 0.0) for r in rows)   # the run's own clock, also for a reused run
         evals = [r for r in rows if r.get("split") == "eval"]
         out[name] = {"folder": folder, "seconds": seconds, "eval": evals,

@@ -103,10 +103,9 @@ def train_point(args, folder: Path, algo: str, options: dict) -> None:
 
 def run_seconds(folder: Path) -> float:
     """The seconds a run took by its own clock (the last ``time`` in its metrics.jsonl)."""
-    import json
+    from alignkit.plots import read_metrics
 
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return max(r.get("time", 0.0) for r in rows)
+    return max(r.get("time", 0.0) for r in read_metrics(folder))
 
 
 def _recorded(folder: Path, options: dict) -> bool:
