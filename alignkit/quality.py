@@ -49,16 +49,33 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else 0.0
 
 
-MEASURES: dict[str, Callable[[Sequence[Answer]], float]] = {
-    "repetition": lambda a: _mean([repetition_score(x.text) for x in a]),
-    "looping_share": lambda a: _mean([repetition_score(x.text) > LOOPING for x in a]),
-    "ended_share": lambda a: _mean([x.ended for x in a]),
-    "mean_words": lambda a: _mean([len(x.text.split()) for x in a]),
+PER_ANSWER: dict[str, Callable[[Answer], float]] = {
+    "repetition": lambda x: repetition_score(x.text),
+    "looping_share": lambda x: float(repetition_score(x.text) > LOOPING),
+    "ended_share": lambda x: float(x.ended),
+    "mean_words": lambda x: float(len(x.text.split())),
     # per answer, then averaged: a corpus-level ratio falls whenever a resample repeats an answer,
     # which would bias its bootstrap interval below the value itself
-    "distinct_2": lambda a: _mean([distinct_n([x.text], 2) for x in a]),
+    "distinct_2": lambda x: distinct_n([x.text], 2),
+}
+"""Name -> the value of one answer; each measure of a list of answers is the mean of these."""
+
+MEASURES: dict[str, Callable[[Sequence[Answer]], float]] = {
+    name: (lambda answers, value=value: _mean([value(a) for a in answers])) for name, value in PER_ANSWER.items()
 }
 """Name -> measure of a list of answers (all on the same prompts)."""
+
+
+def _draws(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) indices drawn with replacement: row r is the r-th bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, n, n) for _ in range(resamples)])
+
+
+def _percentiles(values, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def bootstrap_interval(items: Sequence, statistic: Callable[[Sequence], float], resamples: int = 2000,
@@ -66,12 +83,8 @@ def bootstrap_interval(items: Sequence, statistic: Callable[[Sequence], float], 
     """Percentile bootstrap interval of ``statistic(items)`` resampling ``items`` with replacement."""
     if not items:
         return (0.0, 0.0)
-    rng = np.random.default_rng(seed)
-    n = len(items)
-    values = [statistic([items[i] for i in rng.integers(0, n, n)]) for _ in range(resamples)]
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    draws = _draws(len(items), resamples, seed)
+    return _percentiles([statistic([items[i] for i in idx]) for idx in draws], level)
 
 
 def paired_difference(items: Sequence, base: Sequence, statistic: Callable[[Sequence], float],
@@ -86,15 +99,9 @@ def paired_difference(items: Sequence, base: Sequence, statistic: Callable[[Sequ
     diff = statistic(items) - statistic(base)
     if not items:
         return (diff, diff, diff)
-    rng = np.random.default_rng(seed)
-    n = len(items)
-    values = []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        values.append(statistic([items[i] for i in idx]) - statistic([base[i] for i in idx]))
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(diff), float(low), float(high)
+    draws = _draws(len(items), resamples, seed)
+    values = [statistic([items[i] for i in idx]) - statistic([base[i] for i in idx]) for idx in draws]
+    return (float(diff), *_percentiles(values, level))
 
 
 def _per_prompt(answers) -> list[list[Answer]]:
@@ -113,15 +120,35 @@ def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 
     """
     answers = _per_prompt(answers)
     base = _per_prompt(base) if base is not None else None
-    out = {}
-    for name, flat_measure in MEASURES.items():
-        def measure(groups, flat_measure=flat_measure):
-            return flat_measure([a for group in groups for a in group])
+    if base is not None and len(base) != len(answers):
+        raise ValueError(f"paired lists differ in length: {len(answers)} vs {len(base)}")
+    # Every measure is a mean over answers, so a resample's value is (sum of its prompts' sums) /
+    # (sum of their counts): each answer is measured once and the resamples are array sums.
+    # The draws are those of bootstrap_interval / paired_difference, so the numbers are theirs.
+    draws = _draws(len(answers), resamples, seed) if answers else None
+    counts = np.array([len(group) for group in answers], dtype=float)
+    base_counts = np.array([len(group) for group in base], dtype=float) if base is not None else None
 
-        low, high = bootstrap_interval(answers, measure, resamples, seed)
-        entry = {"value": measure(answers), "low": low, "high": high}
+    def sums(groups, value):
+        return np.array([sum(value(a) for a in group) for group in groups], dtype=float)
+
+    def mean(total, count):
+        return np.divide(total, count, out=np.zeros_like(total, dtype=float), where=count > 0)
+
+    out = {}
+    for name, value in PER_ANSWER.items():
+        own = sums(answers, value)
+        entry = {"value": MEASURES[name]([a for group in answers for a in group])}
+        resampled = mean(own[draws].sum(1), counts[draws].sum(1)) if draws is not None else None
+        entry["low"], entry["high"] = _percentiles(resampled, 0.95) if draws is not None else (0.0, 0.0)
         if base is not None:
-            diff, d_low, d_high = paired_difference(answers, base, measure, resamples, seed)
+            base_value = MEASURES[name]([a for group in base for a in group])
+            diff = entry["value"] - base_value
+            if draws is None:
+                d_low = d_high = diff
+            else:
+                base_resampled = mean(sums(base, value)[draws].sum(1), base_counts[draws].sum(1))
+                d_low, d_high = _percentiles(resampled - base_resampled, 0.95)
             entry["vs_base"] = [diff, d_low, d_high]
             entry["outside_noise"] = bool(d_low > 0 or d_high < 0)
         out[name] = entry

@@ -75,3 +75,31 @@ def test_samples_of_one_prompt_are_resampled_together():
     assert q["looping_share"]["value"] == 0.5
     # resampling whole prompts can only give 0, 1/2 or 1: never the 1/3 or 2/3 of loose samples
     assert {q["looping_share"]["low"], q["looping_share"]["high"]} <= {0.0, 0.5, 1.0}
+
+
+def test_answer_quality_equals_the_bootstrap_of_each_measure():
+    # answer_quality measures each answer once and resamples sums; its numbers must be those of the
+    # generic bootstrap of each list measure over the same draws, also with unequal sample counts.
+    import random
+
+    rng = random.Random(7)
+    words = "a b c d e f sleep well rest tea".split()
+
+    def answer():
+        return Answer(" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))), ended=rng.random() < 0.5)
+
+    answers = [[answer() for _ in range(rng.randint(1, 3))] for _ in range(13)]
+    base = [[answer() for _ in range(rng.randint(1, 3))] for _ in range(13)]
+    q = answer_quality(answers, base, seed=5, resamples=300)
+    for name, flat in MEASURES.items():
+        def measure(groups, flat=flat):
+            return flat([a for group in groups for a in group])
+
+        low, high = bootstrap_interval(answers, measure, resamples=300, seed=5)
+        diff, d_low, d_high = paired_difference(answers, base, measure, resamples=300, seed=5)
+        assert q[name]["value"] == pytest.approx(measure(answers), abs=1e-12)
+        assert (q[name]["low"], q[name]["high"]) == pytest.approx((low, high), abs=1e-12)
+        assert q[name]["vs_base"] == pytest.approx([diff, d_low, d_high], abs=1e-12)
+        assert q[name]["outside_noise"] == (d_low > 0 or d_high < 0)
+    with pytest.raises(ValueError, match="differ in length"):
+        answer_quality(answers, base[:-1])
