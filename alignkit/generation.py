@@ -5,7 +5,10 @@ model's) but keeps only what answering needs: a key/value cache written in place
 position's logits, rows leaving the batch as soon as they end, and no per-step processors unless
 sampling asks for them. Greedy decoding runs the computation of ``model.generate(do_sample=False)``
 and picks the same tokens; only at a near-tie could the last bits, which a smaller batch (rows that
-left) or merged weights round differently, pick another one.
+left) or merged weights round differently, pick another one. For Llama and Qwen2 models each new
+token runs through :class:`LeanStep`: the same arithmetic as the model's forward in about half the
+operations (query/key/value and gate/up each one matrix product, residual additions inside the
+products, no per-step mask building), which is most of the time of a single stream.
 
 :func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
 the duration, so a token costs what it costs without an adapter; the original weight tensors are
@@ -163,6 +166,96 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | 
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class LeanStep:
+    """One new token per row through a Llama-family decoder, without the module machinery.
+
+    Computes what the model's forward computes for one token per row on a key/value cache (RMSNorm,
+    rotary positions from the model's own ``rotary_emb``, grouped-query attention through
+    ``scaled_dot_product_attention``, SiLU MLP) with the query/key/value weights and the gate/up
+    weights each concatenated into one matrix and the residual additions fused into the products:
+    about half the operations per layer. Built by :meth:`for_model`, which accepts only models whose
+    every layer is this shape (plain linear layers, i.e. LoRA merged first, SDPA attention, no
+    sliding window, no biases except on query/key/value); anything else decodes with its own forward.
+    The fused matrices are copies: nothing of the model is written.
+    """
+
+    ARCHITECTURES = ("llama", "qwen2")
+
+    def __init__(self, lm):
+        config, inner = lm.config, lm.model
+        self.inner, self.head = inner, lm.get_output_embeddings()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = inner.layers[0].self_attn.head_dim
+        self.layers = []
+        with torch.no_grad():
+            for layer in inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+                self.layers.append((
+                    layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                    torch.cat([m.weight for m in qkv]).t(),
+                    torch.cat([m.bias for m in qkv]) if attn.q_proj.bias is not None else None,
+                    attn.o_proj.weight.t(), attn.scaling,
+                    layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(), mlp.down_proj.weight.t()))
+        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+
+    @classmethod
+    def for_model(cls, model) -> LeanStep | None:
+        """A :class:`LeanStep` for ``model`` (a causal LM, PEFT-wrapped or not), or None when any of its
+        layers is not the plain Llama shape this step computes."""
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(lm, "config", None)
+        inner = getattr(lm, "model", None)
+        if config is None or inner is None or getattr(config, "model_type", None) not in cls.ARCHITECTURES:
+            return None
+        if (getattr(config, "_attn_implementation", None) != "sdpa" or config.hidden_act != "silu"
+                or getattr(config, "use_sliding_window", False) or getattr(config, "partial_rotary_factor", 1.0) != 1.0
+                or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ())):
+            return None
+        head = lm.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None or type(inner.embed_tokens) is not nn.Embedding:
+            return None
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if set(dict(attn.named_children())) != {"q_proj", "k_proj", "v_proj", "o_proj"}:
+                return None   # extra parts (e.g. query/key norms) this step does not compute
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in linears):
+                return None   # a LoRA layer that could not be merged, or a hooked layer
+            if any(m.bias is not None for m in linears[3:]) or len({m.bias is None for m in linears[:3]}) > 1:
+                return None
+            if layer._forward_hooks or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
+                return None
+        return cls(lm)
+
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
+        boolean over the cache's positions after this one's (None: every position of every row is real);
+        ``cache`` (from :func:`new_cache`) receives this token's keys and values."""
+        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        hidden = self.inner.embed_tokens(tokens)                       # (B, H)
+        cos, sin = self.inner.rotary_emb(hidden, position)             # (B, 1, D)
+        half, queries = dim // 2, heads * dim
+        for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_up_t, down_t) in enumerate(self.layers):
+            x = norm1 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps1))
+            qkv = x @ qkv_t if qkv_bias is None else torch.addmm(qkv_bias, x, qkv_t)
+            qk = qkv[:, :queries + kv_heads * dim].view(rows, heads + kv_heads, dim)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            keys, values = cache.layers[i].update(qk[:, heads:].view(rows, kv_heads, 1, dim),
+                                                  qkv[:, queries + kv_heads * dim:].view(rows, kv_heads, 1, dim))
+            # The query heads of one key/value head attend as one group (what transformers does for one token).
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=mask,
+                scale=scaling)
+            hidden = torch.addmm(hidden, out.reshape(rows, queries), o_t)
+            x = norm2 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps2))
+            gate_up = x @ gate_up_t
+            hidden = torch.addmm(hidden, torch.nn.functional.silu(gate_up[:, :self.intermediate])
+                                 * gate_up[:, self.intermediate:], down_t)
+        return self.head(self.inner.norm(hidden))
+
+
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
            sampling: Sampling | None = None, generator: torch.Generator | None = None,
            on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
@@ -193,6 +286,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     rows = list(range(len(prompts)))   # the prompt each batch row answers
     cache = new_cache(model, room=width + max_new_tokens)
+    lean = LeanStep.for_model(model)
+    padded = any(len(p) < width for p in prompts)   # without padding no position needs masking
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -222,8 +317,11 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
                 seen.scatter_(1, tokens[:, None], True)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            if lean is not None:
+                logits = lean(tokens, position, mask.bool()[:, None, None, :] if padded else None, cache)
+            else:
+                logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
     return answers
 
 

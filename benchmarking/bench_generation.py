@@ -20,7 +20,9 @@ prompts of the bundled dataset (test split, then train) in one batch, and one pr
 chat answers). tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
 runs ``--repeats`` times, plain and ours alternating; medians are reported with min-max, since other
 processes on the machine disturb single runs. Every run checks that both sides produced the same
-tokens. With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
+multiply the case's rows by every weight matrix once (float32 weights streamed from memory: the
+floor of any float32 decoder here). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
 --format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
 """
 
@@ -91,6 +93,27 @@ def _ours(model, prompts, max_new_tokens, stop, pad):
     return generate_ids(model, prompts, max_new_tokens, [stop], pad, batch_size=len(prompts))
 
 
+def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
+    """Tokens/s if a decoding step cost nothing but multiplying ``rows`` rows by every weight matrix
+    of the model once (LoRA merged, as ours decodes): the bound the machine puts on any float32
+    decoder that keeps every row in the batch for every step, before attention, norms or Python.
+    Best of ``repeats`` passes, so it is optimistic (weights partly left in cache by the last pass)."""
+    import torch
+
+    from alignkit.generation import merged_lora
+
+    with merged_lora(model), torch.no_grad():
+        weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        best = float("inf")
+        for _ in range(repeats + 1):   # the first pass only warms up
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+    return rows / best
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -119,11 +142,13 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
               "ours_tokens_per_s": statistics.median(runs["ours"]),
               "plain_runs": runs["plain"], "ours_runs": runs["ours"], "identical": identical}
     result["speedup"] = result["ours_tokens_per_s"] / result["plain_tokens_per_s"]
+    result["matmul_bound_tokens_per_s"] = _matmul_bound(model, len(prompts))
     if first_difference:
         result["first_difference"] = first_difference
     same = "identical token for token" if identical else f"DIFFERENT (first at {first_difference})"
     print(f"{label}: plain {result['plain_tokens_per_s']:.1f} tok/s, ours {result['ours_tokens_per_s']:.1f} tok/s "
-          f"(median of {args.repeats}), speedup {result['speedup']:.2f}x; outputs {same}", flush=True)
+          f"(median of {args.repeats}), speedup {result['speedup']:.2f}x; outputs {same}; matmul bound "
+          f"{result['matmul_bound_tokens_per_s']:.1f} tok/s", flush=True)
     return result
 
 

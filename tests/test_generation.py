@@ -11,6 +11,7 @@ import torch
 from alignkit.cli import main
 from alignkit.evaluate import Chat, interactive
 from alignkit.generation import (
+    LeanStep,
     Sampling,
     TextStream,
     chat_prompt_ids,
@@ -18,6 +19,7 @@ from alignkit.generation import (
     generate_answers,
     generate_ids,
     merged_lora,
+    new_cache,
 )
 from alignkit.models import add_lora
 
@@ -89,6 +91,68 @@ def test_batched_greedy_is_plain_generate_per_prompt(model, tokenizer):
     answers = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS))
     reference = [plain_generate(model, p, 12, tokenizer.eos_token_id) for p in prompts]
     assert answers == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in reference]
+
+
+def _qwen2(vocab_size: int, **options):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, **options)
+    return lively(Qwen2ForCausalLM(config))
+
+
+def _steps_agree(model, tokenizer, lean) -> None:
+    """Prefill left-padded prompts, then feed the same tokens to the model's forward and to ``lean``
+    on two caches: the logits agree at every step."""
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 2)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    theirs, ours = new_cache(model, room=width + 6), new_cache(model, room=width + 6)
+    with torch.no_grad():
+        for cache in (theirs, ours):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+        position = positions[:, -1:]
+        for _ in range(5):
+            tokens = logits.argmax(-1)
+            mask, position = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), position + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
+                           cache=theirs).logits[:, -1]
+            lean_logits = lean(tokens, position, mask.bool()[:, None, None, :], ours)
+            torch.testing.assert_close(lean_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer):
+    with merged_lora(model):
+        lean = LeanStep.for_model(model)
+        assert lean is not None   # the tiny Llama with merged LoRA takes the lean step
+        _steps_agree(model, tokenizer, lean)
+    qwen = _qwen2(len(tokenizer))   # query/key/value biases
+    assert qwen.model.layers[0].self_attn.q_proj.bias is not None
+    _steps_agree(qwen, tokenizer, LeanStep.for_model(qwen))
+
+
+def test_models_the_lean_step_does_not_compute_decode_with_their_own_forward(model, make_model, tokenizer):
+    assert LeanStep.for_model(model) is None   # LoRA layers not merged: not plain linear layers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    biased = lively(LlamaForCausalLM(config))   # output and MLP biases: not computed by the lean step
+    assert LeanStep.for_model(biased) is None
+    windowed = _qwen2(len(tokenizer), use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert LeanStep.for_model(windowed) is None
+    prompt = chat_prompt_ids(tokenizer, PROMPTS[1])
+    for other in (biased, windowed):
+        assert decode(other, [prompt], 8, [-1], pad_id=2)[0] == plain_generate(other, prompt, 8, stop=-1)
+    # the Qwen2 shape it does compute answers as generate does, through the lean step
+    qwen = _qwen2(len(tokenizer))
+    assert decode(qwen, [prompt], 8, [-1], pad_id=2)[0] == plain_generate(qwen, prompt, 8, stop=-1)
 
 
 def test_answers_stop_at_max_new_tokens_and_at_the_stop_token(base):
