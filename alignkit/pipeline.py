@@ -27,7 +27,7 @@ DPO_BETA, DPO_LR, DPO_STEPS = 0.1, 2e-5, 20
 # SFT and SFT -> DPO+NLL use the recipe benchmarking/sweep_recipe.py chose on the embedded model and
 # data (benchmarking/RESULTS_quality.md); DPO and DPO+NLL from the base keep the training defaults.
 # Every stage runs its batch of 8 as two micro-batches of 4: the same gradients (up to float rounding)
-# at less peak memory (the demo: 3.2 GB; SFT on whole batches of 8 steps 10% faster but takes it to 3.5 GB).
+# at less peak memory (SFT on whole batches of 8 steps 10% faster but peaks at 3.5 GB instead of 2.6).
 RECIPES = {
     "sft": ("sft", {"lr": SFT_LR, "max_steps": SFT_STEPS, "micro_batch_size": 4}, None),
     "dpo": ("dpo", {"nll_alpha": 0.0, "max_steps": 20, "micro_batch_size": 4}, None),

@@ -138,16 +138,16 @@ def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 
     out = {}
     for name, value in PER_ANSWER.items():
         own = sums(answers, value)
-        entry = {"value": MEASURES[name]([a for group in answers for a in group])}
+        entry = {"value": float(mean(own.sum(keepdims=True), counts.sum(keepdims=True))[0])}
         resampled = mean(own[draws].sum(1), counts[draws].sum(1)) if draws is not None else None
         entry["low"], entry["high"] = _percentiles(resampled, 0.95) if draws is not None else (0.0, 0.0)
         if base is not None:
-            base_value = MEASURES[name]([a for group in base for a in group])
-            diff = entry["value"] - base_value
+            base_sums = sums(base, value)
+            diff = entry["value"] - float(mean(base_sums.sum(keepdims=True), base_counts.sum(keepdims=True))[0])
             if draws is None:
                 d_low = d_high = diff
             else:
-                base_resampled = mean(sums(base, value)[draws].sum(1), base_counts[draws].sum(1))
+                base_resampled = mean(base_sums[draws].sum(1), base_counts[draws].sum(1))
                 d_low, d_high = _percentiles(resampled - base_resampled, 0.95)
             entry["vs_base"] = [diff, d_low, d_high]
             entry["outside_noise"] = bool(d_low > 0 or d_high < 0)
