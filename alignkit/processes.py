@@ -41,6 +41,14 @@ def make_accelerator(device: str = "auto"):
     from accelerate.utils import DistributedType
 
     processes = launched_processes()
+    # accelerate's launcher says what a config asks for in the environment. Checked before anything
+    # else: with --device cpu accelerate would build plain CPU processes and train DDP silently.
+    asked = [name for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                     ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
+             if os.environ.get(flag, "").strip().lower() in ("1", "true", "yes")]
+    if asked:
+        raise UserError(f"this launch asks for {asked[0]}; alignkit trains with data parallelism (DDP) only: "
+                        "use a DDP config (configs/accelerate/ddp*.yaml)")
     if device in (None, "auto") and not torch.cuda.is_available():
         raise UserError(f"accelerate launched {processes} processes but this machine has no CUDA device; for CPU "
                         "processes pass --device cpu (see configs/accelerate/ddp_cpu.yaml)")

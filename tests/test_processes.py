@@ -112,6 +112,20 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     assert not (tmp_path / "fail" / "actor").exists()
 
 
+@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_an_fsdp_or_deepspeed_launch_is_refused_not_trained_as_ddp(flag, name, device, monkeypatch):
+    # what accelerate's launcher sets for such a config; with --device cpu, accelerate itself would
+    # quietly build plain CPU processes (DDP) instead
+    from alignkit.errors import UserError
+    from alignkit.processes import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(UserError, match=f"^this launch asks for {name}; alignkit trains with data parallelism"):
+        make_accelerator(device)
+
+
 def test_shipped_accelerate_configs_are_data_parallel_configs():
     from accelerate.commands.config.config_args import ClusterConfig
 
