@@ -164,8 +164,8 @@ def test_pipeline_stages_take_their_recipe_unless_max_steps_is_given(monkeypatch
     assert (dpo.beta, dpo.lr, dpo.max_steps, dpo.nll_alpha) == (pipeline.DPO_BETA, pipeline.DPO_LR,
                                                                  pipeline.DPO_STEPS, 1.0)
     assert dpo.load_path == str(tmp_path / "a" / "sft" / "actor")
-    # both stages split their batch of 8 in two micro-batches (peak memory)
-    assert (sft.micro_batch_size, sft.batch_size, dpo.micro_batch_size, dpo.batch_size) == (4, 8, 4, 8)
+    # both stages split their batch of 8 into micro-batches (peak memory)
+    assert (sft.micro_batch_size, sft.batch_size, dpo.micro_batch_size, dpo.batch_size) == (4, 8, 2, 8)
     seen.clear()
     pipeline.train_configurations(["sft_dpo_nll"], tmp_path / "b", max_steps=3)
     assert seen["sft"].max_steps == seen["sft_dpo_nll"].max_steps == 3
