@@ -7,8 +7,8 @@ sampling asks for them. Greedy decoding runs the computation of ``model.generate
 and picks the same tokens; only at a near-tie could the last bits, which a smaller batch (rows that
 left) or merged weights round differently, pick another one. For Llama and Qwen2 models each new
 token runs through :class:`LeanStep`: the same arithmetic as the model's forward in about half the
-operations (query/key/value and gate/up each one matrix product, residual additions inside the
-products, no per-step mask building), which is most of the time of a single stream.
+operations (query/key/value in one matrix product, residual additions inside the products, no
+per-step mask building), which is most of the time of a single stream.
 
 :func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
 the duration, so a token costs what it costs without an adapter; the original weight tensors are
@@ -171,12 +171,13 @@ class LeanStep:
 
     Computes what the model's forward computes for one token per row on a key/value cache (RMSNorm,
     rotary positions from the model's own ``rotary_emb``, grouped-query attention through
-    ``scaled_dot_product_attention``, SiLU MLP) with the query/key/value weights and the gate/up
-    weights each concatenated into one matrix and the residual additions fused into the products:
-    about half the operations per layer. Built by :meth:`for_model`, which accepts only models whose
-    every layer is this shape (plain linear layers, i.e. LoRA merged first, SDPA attention, no
-    sliding window, no biases except on query/key/value); anything else decodes with its own forward.
-    The fused matrices are copies: nothing of the model is written.
+    ``scaled_dot_product_attention``, SiLU MLP) with the query/key/value weights concatenated into
+    one matrix and the residual additions fused into the products: about half the operations per
+    layer (fusing gate and up as well measured no faster, for 200 MB more on the embedded model).
+    Built by :meth:`for_model`, which accepts only models whose every layer is this shape (plain
+    linear layers, i.e. LoRA merged first, SDPA attention, no sliding window, no biases except on
+    query/key/value); anything else decodes with its own forward. The query/key/value matrices are
+    copies: nothing of the model is written.
     """
 
     ARCHITECTURES = ("llama", "qwen2")
@@ -197,8 +198,7 @@ class LeanStep:
                     torch.cat([m.bias for m in qkv]) if attn.q_proj.bias is not None else None,
                     attn.o_proj.weight.t(), attn.scaling,
                     layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(), mlp.down_proj.weight.t()))
-        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+                    mlp.gate_proj.weight.t(), mlp.up_proj.weight.t(), mlp.down_proj.weight.t()))
 
     @classmethod
     def for_model(cls, model) -> LeanStep | None:
@@ -237,7 +237,7 @@ class LeanStep:
         hidden = self.inner.embed_tokens(tokens)                       # (B, H)
         cos, sin = self.inner.rotary_emb(hidden, position)             # (B, 1, D)
         half, queries = dim // 2, heads * dim
-        for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_up_t, down_t) in enumerate(self.layers):
+        for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_t, up_t, down_t) in enumerate(self.layers):
             x = norm1 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps1))
             qkv = x @ qkv_t if qkv_bias is None else torch.addmm(qkv_bias, x, qkv_t)
             qk = qkv[:, :queries + kv_heads * dim].view(rows, heads + kv_heads, dim)
@@ -250,9 +250,7 @@ class LeanStep:
                 scale=scaling)
             hidden = torch.addmm(hidden, out.reshape(rows, queries), o_t)
             x = norm2 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps2))
-            gate_up = x @ gate_up_t
-            hidden = torch.addmm(hidden, torch.nn.functional.silu(gate_up[:, :self.intermediate])
-                                 * gate_up[:, self.intermediate:], down_t)
+            hidden = torch.addmm(hidden, torch.nn.functional.silu(x @ gate_t) * (x @ up_t), down_t)
         return self.head(self.inner.norm(hidden))
 
 
