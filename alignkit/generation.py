@@ -238,7 +238,7 @@ class LeanStep:
         cos, sin = self.inner.rotary_emb(hidden, position)             # (B, 1, D)
         half, queries = dim // 2, heads * dim
         for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_t, up_t, down_t) in enumerate(self.layers):
-            x = norm1 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps1))
+            x = _rms_norm(hidden, norm1, eps1)
             qkv = x @ qkv_t if qkv_bias is None else torch.addmm(qkv_bias, x, qkv_t)
             qk = qkv[:, :queries + kv_heads * dim].view(rows, heads + kv_heads, dim)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -249,9 +249,15 @@ class LeanStep:
                 qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=mask,
                 scale=scaling)
             hidden = torch.addmm(hidden, out.reshape(rows, queries), o_t)
-            x = norm2 * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps2))
+            x = _rms_norm(hidden, norm2, eps2)
             hidden = torch.addmm(hidden, torch.nn.functional.silu(x @ gate_t) * (x @ up_t), down_t)
         return self.head(self.inner.norm(hidden))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it, written out: calling the norm modules instead made
+    a one-row decoding step 5% slower."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
