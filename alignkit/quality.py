@@ -126,29 +126,27 @@ def answer_quality(answers: Sequence, base: Sequence | None = None, seed: int = 
     # (sum of their counts): each answer is measured once and the resamples are array sums.
     # The draws are those of bootstrap_interval / paired_difference, so the numbers are theirs.
     draws = _draws(len(answers), resamples, seed) if answers else None
-    counts = np.array([len(group) for group in answers], dtype=float)
-    base_counts = np.array([len(group) for group in base], dtype=float) if base is not None else None
 
-    def sums(groups, value):
-        return np.array([sum(value(a) for a in group) for group in groups], dtype=float)
-
-    def mean(total, count):
-        return np.divide(total, count, out=np.zeros_like(total, dtype=float), where=count > 0)
+    def measured(groups, value) -> tuple[float, np.ndarray | None]:
+        """The measure of ``groups`` and its value in each resample (None without prompts)."""
+        sums = np.array([sum(value(a) for a in group) for group in groups], dtype=float)
+        counts = np.array([len(group) for group in groups], dtype=float)
+        point = float(sums.sum() / counts.sum()) if counts.sum() else 0.0
+        if draws is None:
+            return point, None
+        total, n = sums[draws].sum(1), counts[draws].sum(1)
+        return point, np.divide(total, n, out=np.zeros_like(total), where=n > 0)
 
     out = {}
     for name, value in PER_ANSWER.items():
-        own = sums(answers, value)
-        entry = {"value": float(mean(own.sum(keepdims=True), counts.sum(keepdims=True))[0])}
-        resampled = mean(own[draws].sum(1), counts[draws].sum(1)) if draws is not None else None
-        entry["low"], entry["high"] = _percentiles(resampled, 0.95) if draws is not None else (0.0, 0.0)
+        point, resampled = measured(answers, value)
+        low, high = _percentiles(resampled, 0.95) if resampled is not None else (0.0, 0.0)
+        entry = {"value": point, "low": low, "high": high}
         if base is not None:
-            base_sums = sums(base, value)
-            diff = entry["value"] - float(mean(base_sums.sum(keepdims=True), base_counts.sum(keepdims=True))[0])
-            if draws is None:
-                d_low = d_high = diff
-            else:
-                base_resampled = mean(base_sums[draws].sum(1), base_counts[draws].sum(1))
-                d_low, d_high = _percentiles(resampled - base_resampled, 0.95)
+            base_point, base_resampled = measured(base, value)
+            diff = point - base_point
+            d_low, d_high = (_percentiles(resampled - base_resampled, 0.95) if resampled is not None
+                             else (diff, diff))
             entry["vs_base"] = [diff, d_low, d_high]
             entry["outside_noise"] = bool(d_low > 0 or d_high < 0)
         out[name] = entry
