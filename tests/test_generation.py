@@ -359,3 +359,27 @@ def test_replies_say_whether_the_answer_ended(make_model, base, tokenizer):
     assert [(r.text, r.ended) for r in replies] == [("", True), ("", True)]
     replies = generate_replies(base, tokenizer, ["Hi", "Why?"], max_new_tokens=5)
     assert all(r.text and not r.ended for r in replies)
+
+
+def test_roomy_cache_keeps_the_rows_that_stay_exactly_as_a_plain_cache_does(make_model):
+    from transformers import DynamicCache
+
+    model = make_model()
+    torch.manual_seed(0)
+    roomy, plain = new_cache(model, room=6), DynamicCache(config=model.config)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+
+    def append(rows, length):
+        keys, values = torch.randn(rows, heads, length, dim), torch.randn(rows, heads, length, dim)
+        for cache in (roomy, plain):
+            got = cache.layers[0].update(keys, values)
+        return got
+
+    append(4, 3)
+    for cache in (roomy, plain):
+        cache.batch_select_indices(torch.tensor([1, 3]))   # rows 0 and 2 leave
+    append(2, 1)
+    keys, values = append(2, 4)   # past the room: the buffers grow
+    assert roomy.layers[0].get_seq_length() == 8
+    assert torch.equal(keys, plain.layers[0].keys) and torch.equal(values, plain.layers[0].values)
+    assert torch.equal(roomy.layers[0].keys, plain.layers[0].keys)
