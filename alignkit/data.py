@@ -31,6 +31,7 @@ from alignkit.formats import (
     check_columns,
     detect_shape,
     normalize,
+    unread_columns,
     value_problem,
 )
 
@@ -109,6 +110,10 @@ def make_dataset(
         records, found = apply_column_map(records, found, column_map, task, label)
         shape = detect_shape(records, format)
         check_columns(shape, task, records, found, label)
+        unread = unread_columns(found)
+        if unread:
+            logger.warning("dataset '%s': column(s) %s are not read (their text is not trained on)", label,
+                           ", ".join(unread))
         rows, dropped = normalize(records, shape, task)
         wanted = f"{shape} {'SFT' if task == 'sft' else 'preference'} data"
     n_rows = len(records)
@@ -148,6 +153,8 @@ def _load_rows(name_or_path, columns: tuple[str, ...]) -> tuple[str, list[dict[s
         return (text, *_read_file(path))
     if path.exists():
         raise UserError(f"dataset '{text}' is a folder; give a file ({', '.join(FILE_FORMATS)})")
+    if path.parent != Path(".") and path.parent.is_dir():   # a local folder: a mistyped file, not a hub id
+        raise UserError(f"dataset file '{text}' does not exist (the folder '{path.parent}' has no '{path.name}')")
     if _HUB_ID.match(text):
         return (text, *_read_hub(text, columns))
     raise UserError(
@@ -170,8 +177,9 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         try:
             if suffix == ".csv":
                 # Decoded here so a wrong encoding gets the same message (with the line) as JSON;
-                # dtype=str keeps CSV text as written ("007" stays "007"); empty cells become NaN.
-                frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str)
+                # dtype=str keeps CSV text as written ("007" stays "007", "None" and "NA" stay text);
+                # only empty cells become NaN.
+                frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False, na_values=[""])
                 frame = frame.astype(object).where(frame.notna(), None)
                 records = frame.to_dict("records")
             else:
@@ -224,14 +232,18 @@ def _read_json_lines(path: Path, text: str) -> list[Any]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"'{path}' line {number} is not valid JSON: {err.msg}") from err
+            raise UserError(f"'{path}' line {number} is not valid JSON: {err.msg}{_array_hint(text)}") from err
         except RecursionError:
             raise UserError(f"'{path}' line {number} is nested too deeply") from None
         if not isinstance(record, dict):
             raise UserError(f"'{path}' line {number} is a JSON {_json_kind(record)}; each line must be one "
-                            "object with named fields, like {\"prompt\": ...}")
+                            "object with named fields, like {\"prompt\": ...}" + _array_hint(text))
         records.append(record)
     return records
+
+
+def _array_hint(text: str) -> str:
+    return " (the file looks like one JSON array: name it .json)" if text.lstrip().startswith("[") else ""
 
 
 def _read_json(path: Path) -> list[Any]:

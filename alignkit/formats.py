@@ -5,13 +5,18 @@ Accepted shapes (the names ``--format`` takes):
 - ``standard``: text columns. Preference: ``prompt``, ``chosen``, ``rejected``. SFT: ``prompt`` and
   ``completion`` (or ``chosen``, so preference data also trains SFT).
 - ``conversational``: messages, each ``{"role": "system"|"user"|"assistant", "content": text}``.
-  SFT: ``messages`` (every assistant turn is learned), or ``prompt`` + ``completion`` as message
-  lists. Preference: ``prompt`` (messages, may hold earlier turns) + ``chosen``/``rejected`` (an
+  SFT: ``messages`` (every assistant turn is learned but one that opens the conversation, which
+  answers nothing), ``prompt`` + ``completion`` as message lists, or preference rows (below: the
+  chosen answer is learned). Preference: ``prompt`` (messages, may hold earlier turns) + ``chosen``/``rejected`` (an
   assistant message or a list of messages), or only ``chosen``/``rejected`` as whole conversations
   whose shared leading messages become the prompt (implicit prompt).
 - ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
+
+Preference rows whose chosen and rejected answers are the same teach nothing and are dropped (counted).
+Columns no shape reads (e.g. ``system`` or ``context``) are named in a warning, since their text is
+not trained on.
 
 What the gyms receive (``normalize`` returns these):
 
@@ -189,6 +194,8 @@ def _check_answer(messages: list, row: int, what: str) -> None:
 
 def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
     """``(prompt, chosen, rejected)`` from two whole conversations: their shared leading messages."""
+    if chosen == rejected:
+        raise Dropped("the same chosen and rejected answer")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -196,8 +203,7 @@ def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, l
         _fail(row, "chosen and rejected share no leading message, so there is no prompt; give a prompt "
                    "column or conversations that start the same")
     if n == len(chosen) or n == len(rejected):
-        _fail(row, "one of chosen and rejected is the other's beginning (or both are equal); they must "
-                   "differ in their answers")
+        _fail(row, "one of chosen and rejected is the other's beginning; they must differ in their answers")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -238,9 +244,15 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             messages = messages_of(record["messages"], row, "messages")
             if not any(m["role"] == "assistant" for m in messages):
                 _fail(row, "the conversation has no assistant turn, so there is nothing to learn")
+            if not any(m["role"] == "assistant" for m in messages[1:]):
+                _fail(row, "the conversation's only assistant turn opens it, answering nothing, so there is "
+                           "nothing to learn")
             while messages[-1]["role"] != "assistant":  # turns after the last answer teach nothing
                 messages.pop()
             return {"messages": messages}
+        if "prompt" not in record:   # implicit-prompt preference rows: learn the chosen conversation's answer
+            prompt, completion, _ = _conversational(record, "preference", row).values()
+            return {"prompt": prompt, "completion": completion}
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
         completion = messages_of(record.get(column), row, column, lone_role="assistant")
@@ -271,8 +283,8 @@ def _alpaca(record: dict, task: str, row: int) -> dict:
     extra = record.get("input")
     if isinstance(extra, str) and extra.strip():
         prompt = f"{prompt}\n\n{extra}"
-    if task == "sft":
-        return {"prompt": prompt, "completion": _text(record.get("output"))}
+    if task == "sft":   # "completion" when --response-column named the answer column
+        return {"prompt": prompt, "completion": _text(record.get("completion", record.get("output")))}
     return {"prompt": prompt, "chosen": _text(record.get("chosen")), "rejected": _text(record.get("rejected"))}
 
 
@@ -290,11 +302,13 @@ def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]
     if shape == "sharegpt":
         return [["conversations"] + (["chosen", "rejected"] if task == "preference" else [])]
     if shape == "alpaca":
-        return [["instruction", "output"] if task == "sft" else ["instruction", "chosen", "rejected"]]
+        return [["instruction", "output"], ["instruction", "completion"]] if task == "sft" else \
+            [["instruction", "chosen", "rejected"]]
     if task == "sft":
         if shape == "conversational" and any("messages" in r for r in records):
             return [["messages"]]
-        return [["prompt", "completion"], ["prompt", "chosen"]]
+        implicit = [["chosen", "rejected"]] if shape == "conversational" else []
+        return [["prompt", "completion"], ["prompt", "chosen"], *implicit]
     if shape == "conversational":
         return [["prompt", "chosen", "rejected"], ["chosen", "rejected"]]
     return [["prompt", "chosen", "rejected"]]
@@ -307,11 +321,29 @@ def check_columns(shape: str, task: str, records: list[dict], found: list[str], 
         return
     best = min(options, key=lambda o: sum(c not in found for c in o))
     missing = [c for c in best if c not in found]
-    hint = ""
-    if task == "preference" and "rejected" not in found and shape != "sharegpt":
-        hint = " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
     raise UserError(f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: "
-                    f"{', '.join(found) or 'none'}{hint}")
+                    f"{', '.join(found) or 'none'}{_columns_hint(task, shape, found)}")
+
+
+def _columns_hint(task: str, shape: str, found: list[str]) -> str:
+    """What the user most likely has to do when the needed columns are missing."""
+    if len(found) == 1 and any(sep in found[0] for sep in ";\t|"):
+        return (" (one column whose name holds separators: is the file not comma-separated? CSV files "
+                "need commas)")
+    if "text" in found and not any(c in found for c in KNOWN_COLUMNS):
+        return (" (plain 'text' rows are not supported: training needs to know which part is the answer; "
+                "give prompt and completion columns, or messages)")
+    if task == "preference" and "rejected" not in found and shape != "sharegpt" and \
+            any(c in found for c in ("completion", "messages", "output", "chosen")):
+        return " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
+    flags = ("--prompt-column, --chosen-column and --rejected-column" if task == "preference" else
+             "--prompt-column and --response-column, or --messages-column")
+    return f" (if yours are named differently, name them with {flags})"
+
+
+def unread_columns(found: list[str]) -> list[str]:
+    """The columns no shape reads (their text is not trained on)."""
+    return [c for c in found if c not in KNOWN_COLUMNS]
 
 
 def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], dict[str, int]]:
@@ -322,7 +354,10 @@ def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], d
     kept, dropped = [], {}
     for number, record in enumerate(records, start=1):
         try:
-            kept.append(convert(record, task, number))
+            row = convert(record, task, number)
+            if task == "preference" and row["chosen"] == row["rejected"]:
+                raise Dropped("the same chosen and rejected answer")
+            kept.append(row)
         except Dropped as why:
             dropped[str(why)] = dropped.get(str(why), 0) + 1
     return kept, dropped

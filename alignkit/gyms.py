@@ -112,9 +112,9 @@ def _answer_text(rendered: str, eos: str) -> str:
 def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 0) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, learned)`` pieces, in order.
 
-    Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token);
-    everything else (system and user turns, template headers, earlier answers given as prompt)
-    is context. The pieces come from rendering growing prefixes of the conversation, so no
+    Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token),
+    except one that opens the conversation (it answers nothing); everything else (system and user
+    turns, template headers, earlier answers given as prompt) is context. The pieces come from rendering growing prefixes of the conversation, so no
     ``{% generation %}`` markers are needed; a template that renders a prefix differently inside
     a longer conversation is refused. Messages after the last learned answer are left out.
     """
@@ -122,7 +122,7 @@ def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 
     segments: list[tuple[str, bool]] = []
     consumed = ""   # the part of the rendering already split into segments
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < learn_from:
+        if message["role"] != "assistant" or i < max(learn_from, 1):
             continue
         head = render_messages(tokenizer, messages[:i], generation_prompt=True)
         full = render_messages(tokenizer, messages[: i + 1])
@@ -236,12 +236,15 @@ class _Gym:
         self.seed = seed
         self.pad_token_id = tokenizer.pad_token_id
         self.train_examples = self._encode_split(train_dataset, "train")
-        self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
         if not self.train_examples:
             rows = self.encode_stats["train"].rows
             raise UserError(f"no training rows left after tokenization: all {rows} train rows have a prompt "
                             f"longer than --max-length ({max_context_length} tokens); raise --max-length or "
                             "shorten the prompts")
+        self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
+        if test_dataset is not None and self.encode_stats["test"].rows and not self.test_examples:
+            logger.warning("test split: no row is left after tokenization, so this run is not evaluated; raise "
+                           "--max-length or --test-size")
         self.epoch = 0
         self._order: list[int] = []
         self._cursor = 0
@@ -266,8 +269,9 @@ class _Gym:
             logger.warning("%s split: dropped %d of %d rows whose prompt alone exceeds max_context_length=%d",
                            split, stats.dropped_prompt_too_long, stats.rows, self.max_context_length)
         if stats.truncated_responses:
-            logger.info("%s split: truncated %d responses to fit max_context_length=%d",
-                        split, stats.truncated_responses, self.max_context_length)
+            # A cut response loses its end-of-turn token: the model is not taught to stop on it.
+            logger.warning("%s split: cut %d of %d responses to fit max_context_length=%d (they lose their "
+                           "end-of-turn token)", split, stats.truncated_responses, stats.rows, self.max_context_length)
         if stats.boundary_merges:
             logger.info("%s split: %d rows would merge tokens across the prompt/response boundary; "
                         "prompt and response were tokenized separately", split, stats.boundary_merges)

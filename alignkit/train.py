@@ -305,7 +305,7 @@ def train(s: Setup) -> dict:
 
         for path in plot_run(s.run_dir):
             logger.info("wrote %s", path)
-    say(f"final eval: {_short(final)}")
+    say(f"final eval: {_short(final)}" if final else "final eval: none (no held-out rows)")
     say(f"adapter saved to {s.run_dir / 'actor'}")
     return final
 

@@ -182,6 +182,54 @@ def test_csv_empty_cells_are_dropped(tmp_path, caplog):
     assert "1 with a missing value" in caplog.text
 
 
+def test_csv_text_that_reads_like_a_missing_value_is_kept(tmp_path, caplog):
+    words = ["None", "NA", "null", "N/A", "nan", "NULL", "n/a", "#N/A"]
+    path = tmp_path / "words.csv"
+    path.write_text("prompt,chosen,rejected\n" + "".join(f"say {w},{w},no\n" for w in words))
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(path, test_size=1)
+    assert sorted(list(train["chosen"]) + list(test["chosen"])) == sorted(words)
+    assert "dropped" not in caplog.text
+
+
+def test_pairs_with_the_same_answer_twice_are_dropped_and_counted(tmp_path, caplog):
+    rows = _rows(6)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(_write_jsonl(tmp_path / "same.jsonl", rows), test_size=1)
+    assert len(train) + len(test) == 5 and rows[2]["prompt"] not in list(train["prompt"]) + list(test["prompt"])
+    assert "1 with the same chosen and rejected answer" in caplog.text
+
+
+def test_columns_no_shape_reads_are_named_in_a_warning(tmp_path, caplog):
+    rows = [{"system": "You are a pirate.", **row} for row in _rows(4)]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        make_dataset(_write_jsonl(tmp_path / "orca.jsonl", rows), test_size=1)
+    assert "column(s) system are not read" in caplog.text
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("semi.csv", "prompt;chosen;rejected\nq;a;b\nr;c;d\n", "is the file not comma-separated?"),
+    ("text.jsonl", '{"text": "a"}\n{"text": "b"}\n', "plain 'text' rows are not supported"),
+    ("named.jsonl", '{"question": "q", "good": "a", "bad": "b"}\n' * 2, "--prompt-column, --chosen-column and"),
+    ("array.jsonl", json.dumps(_rows(2)), "looks like one JSON array: name it .json"),
+    ("lines.jsonl", json.dumps(_rows(2), indent=1), "looks like one JSON array: name it .json"),
+])
+def test_likely_mistakes_get_a_hint(tmp_path, name, text, needle):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        make_dataset(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_mistyped_path_in_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError, match="dataset file 'data/prefs' does not exist"):
+        make_dataset("data/prefs")
+
+
 # --- bundled set and hub ----------------------------------------------------------------------
 
 

@@ -139,6 +139,40 @@ def test_implicit_prompt_is_the_shared_prefix(tmp_path):
                    "rejected": [bot("No. 0")]}
 
 
+def test_an_opening_assistant_turn_is_context_not_learned(tokenizer, tmp_path):
+    convo = [bot("Hi, I am your helper."), user("Hello!"), bot("How can I help?")]
+    enc, _ = encode_messages(tokenizer, convo)
+    ids, labels = enc.input_ids, enc.labels
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans(labels)] == ["How can I help?<|im_end|>"]
+    assert "Hi, I am your helper." in tokenizer.decode(enc.prompt_ids)
+    alone = [{"messages": [bot(f"Hi {i}."), user("Bye.")]} for i in range(3)]
+    with pytest.raises(UserError, match="row 1: the conversation's only assistant turn opens it"):
+        make_dataset(write_jsonl(tmp_path / "alone.jsonl", alone), task="sft")
+
+
+def test_sft_on_implicit_prompt_rows_learns_the_chosen_answer(tmp_path):
+    rows = [{"chosen": [SYSTEM, user(f"q{i}"), bot(f"yes {i}!")], "rejected": [SYSTEM, user(f"q{i}"), bot("No.")]}
+            for i in range(4)]
+    train, test = make_dataset(write_jsonl(tmp_path / "implicit.jsonl", rows), test_size=1, task="sft")
+    row = sorted(train.to_list() + test.to_list(), key=lambda r: r["prompt"][1]["content"])[0]
+    assert row == {"prompt": [SYSTEM, user("q0")], "completion": [bot("yes 0!")]}
+
+
+def test_pairs_that_are_the_same_conversation_are_dropped(tmp_path, caplog):
+    rows = [{"chosen": [user(f"q{i}"), bot(f"yes {i}!")], "rejected": [user(f"q{i}"), bot("No.")]} for i in range(4)]
+    rows[0]["rejected"] = rows[0]["chosen"]
+    with caplog.at_level("WARNING", logger="alignkit.data"):
+        train, test = make_dataset(write_jsonl(tmp_path / "same.jsonl", rows), test_size=1)
+    assert len(train) + len(test) == 3 and "1 with the same chosen and rejected answer" in caplog.text
+
+
+def test_alpaca_rows_take_the_answer_column_the_user_names(tmp_path):
+    rows = [{"instruction": f"Summarise {i}.", "context": "A cat sat.", "response": f"Cat {i}."} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "dolly.jsonl", rows), test_size=1, task="sft",
+                               column_map=ColumnMap(response="response"))
+    assert sorted(r["completion"] for r in train.to_list() + test.to_list()) == ["Cat 0.", "Cat 1.", "Cat 2."]
+
+
 # --- every shape loads ------------------------------------------------------------------------------
 
 

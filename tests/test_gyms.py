@@ -49,7 +49,15 @@ def test_truncation_keeps_prompt_and_drops_long_prompts(tokenizer, rows, caplog)
     assert "dropped 1 of 7 rows" in caplog.text
     for ex in gym.train_examples:
         assert len(ex.input_ids) <= 50 and len(ex.response_ids) >= 1
-    assert gym.encode_stats["train"].truncated_responses > 0
+    cut = gym.encode_stats["train"].truncated_responses
+    assert cut > 0 and f"train split: cut {cut} of 7 responses to fit max_context_length=50" in caplog.text
+
+
+def test_a_test_split_emptied_by_tokenization_is_said_plainly(tokenizer, rows, caplog):
+    long_prompt = {"prompt": "word " * 300, "chosen": "ok", "rejected": "no"}
+    with caplog.at_level(logging.WARNING):
+        gym = PreferenceGym(rows, [long_prompt], tokenizer, max_context_length=50)
+    assert gym.test_examples == [] and "test split: no row is left after tokenization" in caplog.text
 
 
 def test_reset_and_step_cover_each_row_once_per_epoch(tokenizer, rows):
