@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_folder
+from .io import atomic_folder, unwritable
 
 
 def add_parsers(sub) -> None:
@@ -45,7 +45,16 @@ def plot(flags: dict) -> int:
 
     if not 0 <= flags["smoothing"] < 1:
         raise UserError(f"--smoothing must be in [0, 1) (got {flags['smoothing']})")
-    for path in plot_runs(flags["runs"], out_dir=flags["out"], smoothing=flags["smoothing"]):
+    for target in [flags["out"]] if flags["out"] else flags["runs"]:
+        if Path(target).exists() and not Path(target).is_dir():
+            raise UserError(f"{'--out ' if flags['out'] else ''}{target} is a file; give a folder")
+        problem = unwritable(target)
+        if problem:
+            raise UserError(f"{'--out ' if flags['out'] else ''}{target} cannot be written: {problem}")
+    written = plot_runs(flags["runs"], out_dir=flags["out"], smoothing=flags["smoothing"])
+    if not written:
+        raise UserError(f"no figure written: {', '.join(flags['runs'])} hold(s) no finite metrics to plot")
+    for path in written:
         print(path)
     return 0
 
@@ -61,6 +70,13 @@ def _base_model(flags: dict) -> str:
         raise UserError(f"the adapter at {flags['load_path']} was trained on {base!r}, not {flags['model']!r}")
     check_adapter_folder(flags["load_path"])
     return flags["model"] or base or DEFAULT_MODEL
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before the model loads, an ``--out`` that cannot be written."""
+    problem = unwritable(out)
+    if problem:
+        raise UserError(f"--out {out} cannot be written: {problem}")
 
 
 def _merged_model(flags: dict, base: str):
@@ -82,6 +98,7 @@ def export(flags: dict) -> int:
         raise UserError(f"--out {out} is a file; give a folder to create")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose another folder")
+    _check_writable(out)
     merged, tokenizer = _merged_model(flags, _base_model(flags))
     if out.exists():
         out.rmdir()  # empty (checked above): the finished folder takes its place
@@ -106,6 +123,7 @@ def _export_gguf(flags: dict) -> int:
 
     quant = check_quant(flags["quant"] or "f16")
     out = check_gguf_out(flags["out"], modelfile=flags["ollama"])
+    _check_writable(out)
     base = _base_model(flags)
     source = resolve_model_source(base)
     if source.kind == "local":   # refuse another architecture before loading any weights

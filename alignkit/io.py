@@ -18,6 +18,21 @@ from pathlib import Path
 from typing import Any
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (a file or folder to write, perhaps under folders still to create) cannot be written
+    here, worded to follow "cannot be written: ", or None when it can."""
+    path = Path(path).absolute()
+    anchor = path
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if anchor != path and not anchor.is_dir():
+        return f"{anchor} is a file, not a folder"
+    folder = anchor if anchor.is_dir() else anchor.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no write permission on {folder}"
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path``.
 

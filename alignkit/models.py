@@ -320,10 +320,14 @@ def read_chat_template(path: str | os.PathLike) -> str:
     try:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        render_jinja_template([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]],
-                              chat_template=text)
+        probe = [{"role": "user", "content": "Question 7?"}, {"role": "assistant", "content": "Answer 9."}]
+        rendered = render_jinja_template([probe], chat_template=text)[0][0]
     except TemplateError as err:
         raise UserError(f"--chat-template {path} is not a working Jinja template: {err}") from None
+    missing = [m["role"] for m in probe if m["content"] not in rendered]
+    if missing:   # the model would train on the template's fixed text instead of the conversation
+        raise UserError(f"--chat-template {path} does not write the messages' content (a {' and '.join(missing)} "
+                        "message was left out of its rendering)")
     return text
 
 
@@ -417,6 +421,20 @@ def quiet_peft():
         yield
 
 
+def _check_targets(model, targets) -> None:
+    """A UserError naming every LoRA target module that matches no module of ``model`` (PEFT would
+    adapt the others and drop a mistyped name without a word, or fail with a traceback when none match)."""
+    if not targets or isinstance(targets, str):   # a regular expression, or PEFT's own presets: PEFT checks them
+        return
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                         and "lora_" not in n})
+        raise UserError(f"--lora-target-modules: no module named {', '.join(unknown)} in the model; its linear "
+                        f"modules are: {', '.join(linear)}")
+
+
 def add_lora(model, lora_config=None, adapter_name: str = "default"):
     """Put a LoRA adapter named `adapter_name` on `model` and make it the active one.
 
@@ -429,6 +447,7 @@ def add_lora(model, lora_config=None, adapter_name: str = "default"):
     from peft import PeftModel, get_peft_model
 
     config = lora_config if lora_config is not None else default_lora_config()
+    _check_targets(model, config.target_modules)
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
             raise ValueError(f"the model already has an adapter named '{adapter_name}'")

@@ -114,6 +114,8 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
     unknown = [n for n in names if n not in LABELS]
     if unknown:
         raise UserError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
+    if reuse and overwrite:
+        raise UserError("--reuse keeps trained configurations and --overwrite trains them again: pass one of them")
     prompts = read_prompts(prompts_file) if prompts_file else None
     decoding = decoding or Decoding(max_new_tokens=max_new_tokens)   # checked before any training
     given = dict(given or {})
@@ -121,6 +123,7 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
+    check_data(to_train, dataset, seed, test_size)
     started, timings, peaks = time.time(), {}, {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
                                 test_size, overwrite, timings=timings, peaks=peaks) if to_train else {}
@@ -134,6 +137,31 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
     print(f"numbers: {report.parent / 'results.json'}")
     print(timing_summary(timings, time.time() - started, peaks))
     return report
+
+
+def check_data(names, dataset: str | None, seed: int | None, test_size: float | None) -> None:
+    """Refuse, before any stage trains, a dataset that one of the stages to train cannot read (e.g. SFT
+    data for the DPO stage, found only after SFT has trained otherwise)."""
+    if dataset is None:
+        return
+    from .config import as_test_split
+    from .data import make_dataset
+
+    defaults = build_config("sft", {})
+    tasks = {"preference" if RECIPES[n][0] == "dpo" else "sft" for name in names if name != "base"
+             for n in _with_parents(name)}
+    for task in sorted(tasks):
+        make_dataset(dataset, test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
+                     seed=seed if seed is not None else defaults.seed, task=task)
+
+
+def _with_parents(name: str) -> list[str]:
+    """``name`` and the configurations it warm-starts from."""
+    chain = []
+    while name:
+        chain.append(name)
+        name = RECIPES[name][2]
+    return chain
 
 
 def peak_memory_gb() -> float:

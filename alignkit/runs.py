@@ -22,24 +22,21 @@ from pathlib import Path
 from .checkpoints import remove_leftovers
 from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, flag, load_yaml
 from .errors import UserError
-from .io import append_jsonl, atomic_write_text, read_jsonl
+from .io import append_jsonl, atomic_write_text, read_jsonl, unwritable
 
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_save_path(cfg: SFTConfig) -> None:
     """Refuse, before anything loads, a run whose folder cannot be written or holds another run."""
     if cfg.resume:
         folder = Path(cfg.resume)
+        if not folder.exists():
+            raise UserError(f"--resume {folder}: no such folder")
+        if not folder.is_dir():
+            raise UserError(f"--resume {folder} is a file; give the folder of the run to continue")
         if not (folder / RUN_RECORD).is_file():
             raise UserError(f"--resume {folder}: not a run folder (no {RUN_RECORD})")
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -48,9 +45,9 @@ def check_save_path(cfg: SFTConfig) -> None:
     base = Path(cfg.save_path)
     if base.exists() and not base.is_dir():
         raise UserError(f"--save-path {base} is a file; give a folder")
-    anchor = _nearest_existing(base)
-    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"--save-path {base} cannot be written (no write permission on {anchor})")
+    problem = unwritable(base)
+    if problem:
+        raise UserError(f"--save-path {base} cannot be written: {problem}")
     if not cfg.no_timestamp or not base.is_dir() or not any(base.iterdir()):
         return
     if not cfg.overwrite:

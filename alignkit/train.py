@@ -17,6 +17,7 @@ a second signal stops at once (every write is atomic, so nothing is left half-wr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -29,9 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .adapters import adapter_base_model, adapter_chat_template, check_adapter_folder, load_adapter
+from .adapters import (
+    adapter_base_model,
+    adapter_chat_template,
+    check_adapter_folder,
+    load_adapter,
+    read_adapter_config,
+)
 from .agents import DPO, SFT
-from .config import SFTConfig
+from .config import SFTConfig, flag
 from .data import make_dataset
 from .errors import RunInterrupted, UserError
 from .gyms import PreferenceGym, SFTGym
@@ -57,6 +64,35 @@ def resolve_base_model(cfg: SFTConfig) -> str:
     if cfg.load_path:
         check_adapter_folder(cfg.load_path)  # damaged weights are refused before the base model loads
     return cfg.model or adapter_base or DEFAULT_MODEL
+
+
+# LoRA options and the key each has in a PEFT adapter_config.json.
+ADAPTER_SHAPE = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "lora_target_modules": "target_modules"}
+
+
+def with_adapter_shape(cfg: SFTConfig) -> SFTConfig:
+    """``cfg`` with the LoRA shape of its ``--load-path`` adapter, which a warm start keeps (the run
+    record then tells the truth); an option set to something else than the adapter's is a UserError."""
+    if not cfg.load_path:
+        return cfg
+    adapter, defaults, changes = read_adapter_config(cfg.load_path), type(cfg)(), {}
+    for name, key in ADAPTER_SHAPE.items():
+        theirs, mine = adapter.get(key), getattr(cfg, name)
+        if theirs is None or isinstance(theirs, str):   # not recorded, or a pattern: nothing to compare
+            continue
+        if name == "lora_target_modules":
+            theirs, same = sorted(theirs), sorted(mine) == sorted(theirs)
+        else:
+            same = float(mine) == float(theirs)
+        if same:
+            continue
+        if mine != getattr(defaults, name):
+            shown = " ".join(mine) if isinstance(mine, list) else mine
+            raise UserError(f"--{flag(name)} {shown} contradicts the --load-path adapter ({key}={theirs}); a warm "
+                            f"start keeps the adapter's shape: drop --{flag(name)}")
+        changes[name] = theirs
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def run_chat_template(cfg: SFTConfig) -> str | None:
@@ -94,6 +130,7 @@ class Setup:
 
 def setup(cfg: SFTConfig) -> Setup:
     """Load model, tokenizer and data, build the gym and the agent for ``cfg``."""
+    cfg = with_adapter_shape(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.reuse_memory:
@@ -250,7 +287,7 @@ def train(s: Setup) -> dict:
     log = start_records(s, start)
     steps = f"resuming at step {start} of {s.total_steps}" if start else str(s.total_steps)
     say(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "
-          f"{steps} steps of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
+          f"{steps} step{'s' if s.total_steps != 1 else ''} of {cfg.batch_size}, base {s.base_model} -> {s.run_dir}")
 
     def evaluate(step):
         if not gym.test_examples:

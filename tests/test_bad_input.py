@@ -395,3 +395,53 @@ def test_yaml_numbers_written_as_pyyaml_strings_are_accepted(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.warmup_ratio) == (0.0001, 2.0, 4, 0.0)
     assert type(cfg.lr) is float and type(cfg.batch_size) is int and type(cfg.warmup_ratio) is float
     assert build_config("sft", {"config": str(write(tmp_path / "empty.yaml", ""))}).lr == 2e-4
+
+
+# --- options that contradict the model or the warm-start adapter ------------------------------------
+
+
+def test_lora_targets_that_name_no_module_are_refused(train, rows_file):
+    for targets in (["foo_proj"], ["q_proj", "v_projj"]):   # none match; one matches, a typo does not
+        line = train("sft", rows_file, "--lora-target-modules", *targets)
+        assert line.startswith(f"error: --lora-target-modules: no module named {targets[-1]} in the model")
+        assert "q_proj" in line.split("its linear modules are:")[1]
+
+
+def test_a_warm_start_keeps_the_adapters_shape(tiny_model_dir, rows_file, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(run_flags("sft", first, "--model", tiny_model_dir, "--dataset", rows_file, "--lora-r", "4")) == 0
+    line = refused(capsys, *run_flags("sft", tmp_path / "bad", "--dataset", rows_file, "--load-path",
+                                      first / "actor", "--lora-r", "8"))
+    assert line == ("error: --lora-r 8 contradicts the --load-path adapter (r=4); a warm start keeps the "
+                    "adapter's shape: drop --lora-r")
+    warm = tmp_path / "warm"
+    assert main(run_flags("sft", warm, "--dataset", rows_file, "--load-path", first / "actor")) == 0
+    recorded = json.loads((warm / "run.json").read_text())["config"]
+    assert recorded["lora_r"] == 4   # the shape trained, not the default 16
+
+
+def test_a_chat_template_that_leaves_out_the_messages_is_refused(train, rows_file, tmp_path):
+    template = write(tmp_path / "const.jinja", "hello{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    line = train("sft", rows_file, "--chat-template", template)
+    assert line == (f"error: --chat-template {template} does not write the messages' content (a user and assistant "
+                    "message was left out of its rendering)")
+
+
+# --- outputs that cannot be written ---------------------------------------------------------------
+
+
+def test_plot_and_export_refuse_outputs_that_cannot_be_written(tiny_model_dir, rows_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(run_flags("sft", run, "--model", tiny_model_dir, "--dataset", rows_file)) == 0
+    a_file = write(tmp_path / "a_file", "x")
+    assert refused(capsys, "plot", run, "--out", a_file) == f"error: --out {a_file} is a file; give a folder"
+    assert refused(capsys, "plot", run, "--out", a_file / "sub") == (
+        f"error: --out {a_file / 'sub'} cannot be written: {a_file} is a file, not a folder")
+    assert refused(capsys, "export", "--load-path", run / "actor", "--out", a_file / "merged") == (
+        f"error: --out {a_file / 'merged'} cannot be written: {a_file} is a file, not a folder")
+    assert refused(capsys, "export", "--load-path", run / "actor", "--format", "gguf", "--out",
+                   a_file / "m.gguf") == f"error: --out {a_file / 'm.gguf'} cannot be written: {a_file} is a file, not a folder"
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert refused(capsys, "plot", empty).startswith("error: ")

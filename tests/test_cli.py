@@ -270,3 +270,15 @@ def test_label_smoothing_with_a_loss_other_than_sigmoid_is_refused_up_front(caps
 
     with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid loss only"):
         DPO(torch.nn.Linear(1, 1), 0, "<pad>", loss_type="hinge", label_smoothing=0.2)
+
+
+def test_pipeline_refuses_before_training_what_a_later_stage_would_refuse(tiny_model_dir, tmp_path, capsys):
+    sft_only = tmp_path / "sft.jsonl"
+    sft_only.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a {i}."}) + "\n" for i in range(8)))
+    out = tmp_path / "pipe"
+    base = ["pipeline", "--model", str(tiny_model_dir), "--max-steps", "1", "--max-new-tokens", "2", "--out", str(out)]
+    assert main([*base, "--dataset", str(sft_only)]) == 2
+    assert "SFT data cannot train DPO" in capsys.readouterr().err
+    assert not (out / "runs" / "sft").exists()   # the SFT stage did not train first
+    assert main([*base, "--reuse", "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith("error: --reuse keeps trained configurations and --overwrite")
