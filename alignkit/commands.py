@@ -46,11 +46,12 @@ def plot(flags: dict) -> int:
     if not 0 <= flags["smoothing"] < 1:
         raise UserError(f"--smoothing must be in [0, 1) (got {flags['smoothing']})")
     for target in [flags["out"]] if flags["out"] else flags["runs"]:
+        named = f"--out {target}" if flags["out"] else target
         if Path(target).exists() and not Path(target).is_dir():
-            raise UserError(f"{'--out ' if flags['out'] else ''}{target} is a file; give a folder")
+            raise UserError(f"{named} is a file; give a folder")
         problem = unwritable(target)
         if problem:
-            raise UserError(f"{'--out ' if flags['out'] else ''}{target} cannot be written: {problem}")
+            raise UserError(f"{named} cannot be written: {problem}")
     written = plot_runs(flags["runs"], out_dir=flags["out"], smoothing=flags["smoothing"])
     if not written:
         raise UserError(f"no figure written: {', '.join(flags['runs'])} hold(s) no finite metrics to plot")
