@@ -35,6 +35,8 @@ def read_adapter_config(load_path) -> dict:
     """The parsed ``adapter_config.json`` of the adapter folder ``load_path``: a JSON object."""
     folder = Path(load_path)
     config_file = folder / ADAPTER_CONFIG
+    if not folder.exists():
+        raise UserError(f"{load_path}: no such adapter folder")
     if not config_file.is_file():
         hint = " (did you mean its actor/ folder?)" if (folder / "actor").is_dir() else ""
         raise UserError(f"{load_path} is not a LoRA adapter folder: no {ADAPTER_CONFIG}{hint}")

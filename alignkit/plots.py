@@ -86,6 +86,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         UserError: when the folder has no ``metrics.jsonl``.
     """
     path = Path(run_dir) / METRICS_FILE
+    if not Path(run_dir).exists():
+        raise UserError(f"{run_dir}: no such run folder")
     if not path.is_file():
         raise UserError(f"no metrics file at {path}: is {Path(run_dir)} a training run folder?")
     records: list[dict] = []

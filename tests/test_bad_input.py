@@ -260,6 +260,7 @@ def warm_start(rows_file, tmp_path, capsys):
 def test_folder_that_is_not_an_adapter(warm_start, actor, tmp_path):
     assert "is not a LoRA adapter folder: no adapter_config.json" in warm_start(tmp_path)
     assert "did you mean its actor/ folder?" in warm_start(actor.parent)
+    assert warm_start(tmp_path / "nothere") == f"error: {tmp_path / 'nothere'}: no such adapter folder"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -444,4 +445,5 @@ def test_plot_and_export_refuse_outputs_that_cannot_be_written(tiny_model_dir, r
     empty = tmp_path / "empty_run"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
-    assert refused(capsys, "plot", empty).startswith("error: ")
+    assert refused(capsys, "plot", empty) == f"error: no figure written: {empty} hold(s) no finite metrics to plot"
+    assert refused(capsys, "plot", tmp_path / "nothere") == f"error: {tmp_path / 'nothere'}: no such run folder"
