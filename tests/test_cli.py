@@ -85,7 +85,7 @@ def test_sft_then_dpo_warm_start_then_chat_and_export(tiny_model_dir, rows_file,
     (["dpo", "--loss-type", "nope"], "--loss-type must be one of"),
     (["dpo", "--eval"], "--eval needs --load-path"),
     (["sft", "--frobnicate"], "unrecognized arguments"),
-    (["dpo", "--load-path", "/nonexistent/actor"], "not a LoRA adapter folder"),
+    (["dpo", "--load-path", "/nonexistent/actor"], "/nonexistent/actor: no such adapter folder"),
     (["plot", "/nonexistent/run"], "/nonexistent/run"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(argv, needle, capsys):
