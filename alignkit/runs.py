@@ -118,6 +118,10 @@ def resumed_config(algo: str, given: dict) -> SFTConfig:
     cls = CONFIGS[algo]
     if given.get("config"):
         given = {**load_yaml(given["config"], cls), **given}
+    elsewhere = given.get("save_path")
+    if elsewhere and Path(elsewhere).resolve() not in (run_dir.resolve(), run_dir.resolve().parent):
+        raise UserError(f"--resume continues {run_dir} in place; it cannot write to --save-path {elsewhere}: "
+                        "drop --save-path (or copy the run folder there first and resume the copy)")
     names = {f.name for f in dataclasses.fields(cls)}
     recorded = {k: v for k, v in info["config"].items() if k in names}
     changed = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in given.items()

@@ -159,6 +159,11 @@ def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path
     # extending a finished run: only --max-steps / --epochs may change
     assert main(["sft", "--resume", str(run), "--lr", "0.5"]) == 2
     assert "would change its result: --lr 0.5 (recorded: 0.01)" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert main(["sft", "--resume", str(run), "--save-path", str(other), "--max-steps", "2"]) == 2
+    assert _errors(capsys) == [f"error: --resume continues {run} in place; it cannot write to --save-path {other}: "
+                               "drop --save-path (or copy the run folder there first and resume the copy)"]
+    assert not other.exists()
     assert main(["sft", "--resume", str(run), "--max-steps", "2"]) == 0
     assert sorted(_train_losses(run)) == [1, 2]
 
