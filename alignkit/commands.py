@@ -49,9 +49,7 @@ def plot(flags: dict) -> int:
         named = f"--out {target}" if flags["out"] else target
         if Path(target).exists() and not Path(target).is_dir():
             raise UserError(f"{named} is a file; give a folder")
-        problem = unwritable(target)
-        if problem:
-            raise UserError(f"{named} cannot be written: {problem}")
+        _check_writable(target, named)
     written = plot_runs(flags["runs"], out_dir=flags["out"], smoothing=flags["smoothing"])
     if not written:
         raise UserError(f"no figure written: {', '.join(flags['runs'])} hold(s) no finite metrics to plot")
@@ -73,11 +71,12 @@ def _base_model(flags: dict) -> str:
     return flags["model"] or base or DEFAULT_MODEL
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse, before the model loads, an ``--out`` that cannot be written."""
+def _check_writable(out, named: str | None = None) -> None:
+    """Refuse, before any work, an output ``out`` that cannot be written (``named``: how the message
+    names it, by default ``--out <out>``)."""
     problem = unwritable(out)
     if problem:
-        raise UserError(f"--out {out} cannot be written: {problem}")
+        raise UserError(f"{named or f'--out {out}'} cannot be written: {problem}")
 
 
 def _merged_model(flags: dict, base: str):

@@ -61,6 +61,9 @@ class ColumnMap:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
 
+SAME_ANSWERS = "the same chosen and rejected answer"   # why a pair that teaches nothing is dropped
+
+
 class Dropped(Exception):
     """A row that cannot be trained on but does not make the file wrong (counted, not fatal)."""
 
@@ -195,7 +198,7 @@ def _check_answer(messages: list, row: int, what: str) -> None:
 def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
     """``(prompt, chosen, rejected)`` from two whole conversations: their shared leading messages."""
     if chosen == rejected:
-        raise Dropped("the same chosen and rejected answer")
+        raise Dropped(SAME_ANSWERS)
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -356,7 +359,7 @@ def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], d
         try:
             row = convert(record, task, number)
             if task == "preference" and row["chosen"] == row["rejected"]:
-                raise Dropped("the same chosen and rejected answer")
+                raise Dropped(SAME_ANSWERS)
             kept.append(row)
         except Dropped as why:
             dropped[str(why)] = dropped.get(str(why), 0) + 1
