@@ -124,7 +124,7 @@ def read_run_record(run_dir) -> RunRecord:
     try:
         config = json.loads(path.read_text())["config"]
         columns = ColumnMap(prompt=config.get("prompt_column"), chosen=config.get("chosen_column"),
-                            rejected=config.get("rejected_column"))
+                            rejected=config.get("rejected_column"), system=config.get("system_column"))
         split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]),
                       config.get("format", "auto"), columns)
         return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))

@@ -61,6 +61,8 @@ class SFTConfig:
     chosen_column: str | None = opt(None, "column holding the preferred answer [default: chosen]")
     rejected_column: str | None = opt(None, "column holding the dispreferred answer [default: rejected]")
     messages_column: str | None = opt(None, "SFT: column holding whole conversations [default: messages]")
+    system_column: str | None = opt(None, "column holding a system message for each row's prompt [default: "
+                                          "system]")
     chat_template: str | None = opt(None, "Jinja chat-template file replacing (or supplying) the tokenizer's; "
                                           "saved with the adapter")
     # -- optimisation ---------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class SFTConfig:
     def column_map(self) -> ColumnMap:
         """The dataset columns named on the command line (see :mod:`alignkit.formats`)."""
         return ColumnMap(prompt=self.prompt_column, response=self.response_column, chosen=self.chosen_column,
-                         rejected=self.rejected_column, messages=self.messages_column)
+                         rejected=self.rejected_column, messages=self.messages_column, system=self.system_column)
 
     def to_dict(self) -> dict:
         """The options as a plain dict (what ``run.json`` records)."""

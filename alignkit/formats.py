@@ -14,9 +14,13 @@ Accepted shapes (the names ``--format`` takes):
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
 
+Any shape may have a ``system`` column (text): a non-empty value becomes the system message that
+opens the row's prompt (an empty or missing one leaves the model's default). Once a file has that
+column every prompt is a message list. A row with both a system value and a system message of its
+own is an error, since one of the two would be lost.
+
 Preference rows whose chosen and rejected answers are the same teach nothing and are dropped (counted).
-Columns no shape reads (e.g. ``system`` or ``context``) are named in a warning, since their text is
-not trained on.
+Columns no shape reads (e.g. ``context``) are named in a warning, since their text is not trained on.
 
 What the gyms receive (``normalize`` returns these):
 
@@ -43,7 +47,7 @@ TASKS = ("sft", "preference")
 
 # Every column any shape reads (hub datasets convert only these to Python objects).
 KNOWN_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations", "instruction",
-                 "input", "output")
+                 "input", "output", "system")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class ColumnMap:
     chosen: str | None = None
     rejected: str | None = None
     messages: str | None = None
+    system: str | None = None
 
     def given(self) -> dict[str, str]:
         """The parts the user named, as ``{part: column}``."""
@@ -91,7 +96,7 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
         raise UserError(f"dataset '{label}' has no column named in {', '.join(missing)}; "
                         f"its columns are: {', '.join(found) or 'none'}")
     target = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
-              "response": "completion"}
+              "response": "completion", "system": "system"}
     renames = {col: target[part] for part, col in given.items() if col != target[part]}
     if not renames:
         return records, found
@@ -349,15 +354,38 @@ def unread_columns(found: list[str]) -> list[str]:
     return [c for c in found if c not in KNOWN_COLUMNS]
 
 
+def _system_text(value: Any, row: int) -> str | None:
+    """The system message text of a ``system`` cell; None when it is missing or blank."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        _fail(row, f"system is {_kind(value)}, not text")
+    _check_unicode(value)
+    return value
+
+
+def with_system(row: dict, system: str | None, number: int) -> dict:
+    """``row`` (as the converters return it) with its prompt as messages opened by ``system``, if given."""
+    key = "messages" if "messages" in row else "prompt"
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    turns = [dict(m) for m in (row[key] if isinstance(row[key], list) else [{"role": "user", "content": row[key]}])]
+    if messages and turns[0]["role"] == "system":
+        _fail(number, "has both a system column value and a system message; keep one")
+    return {**row, key: messages + turns}
+
+
 def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], dict[str, int]]:
     """Convert every row of ``shape`` for ``task``; returns the rows and ``{reason: count}`` of drops."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     convert = CONVERTERS[shape]
+    has_system = any("system" in record for record in records)
     kept, dropped = [], {}
     for number, record in enumerate(records, start=1):
         try:
             row = convert(record, task, number)
+            if has_system:
+                row = with_system(row, _system_text(record.get("system"), number), number)
             if task == "preference" and row["chosen"] == row["rejected"]:
                 raise Dropped(SAME_ANSWERS)
             kept.append(row)

@@ -202,10 +202,10 @@ def test_pairs_with_the_same_answer_twice_are_dropped_and_counted(tmp_path, capl
 
 
 def test_columns_no_shape_reads_are_named_in_a_warning(tmp_path, caplog):
-    rows = [{"system": "You are a pirate.", **row} for row in _rows(4)]
+    rows = [{"context": "Some background.", **row} for row in _rows(4)]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        make_dataset(_write_jsonl(tmp_path / "orca.jsonl", rows), test_size=1)
-    assert "column(s) system are not read" in caplog.text
+        make_dataset(_write_jsonl(tmp_path / "ctx.jsonl", rows), test_size=1)
+    assert "column(s) context are not read" in caplog.text
 
 
 @pytest.mark.parametrize("name, text, needle", [

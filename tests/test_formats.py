@@ -369,6 +369,7 @@ README_EXAMPLES = {  # file -> (task, format, column map), as the README's comma
     "implicit_prompt.jsonl": ("preference", "auto", ColumnMap()),
     "mapped_columns.jsonl": ("preference", "auto", ColumnMap(prompt="question", chosen="good_answer",
                                                               rejected="bad_answer")),
+    "system_column.jsonl": ("preference", "auto", ColumnMap(prompt="question")),
 }
 
 
@@ -394,3 +395,51 @@ def test_generation_context_is_the_training_prompt(which, request):
     prompt = [SYSTEM, user("Hi there!"), bot("Hey!"), user("Any weekend plans?")]
     assert chat_prompt_ids(tok, prompt) == encode_pair(tok, prompt, "Hiking, you?")[0].prompt_ids
     assert chat_prompt_ids(tok, "Hi!") == encode_pair(tok, "Hi!", "Hello.")[0].prompt_ids
+
+
+# -- a system column ---------------------------------------------------------------------------
+
+
+def _by_answer(dataset, key="chosen"):
+    return {row[key] if isinstance(row[key], str) else row[key][-1]["content"]: row for row in dataset}
+
+
+def test_a_system_column_opens_every_shapes_prompt_with_a_system_message(tmp_path, tokenizer):
+    rows = [{"system": "Talk like a pirate.", "prompt": "Capital of France?", "chosen": "Arr, Paris!",
+             "rejected": "Paris."},
+            {"system": "", "prompt": "A fruit?", "chosen": "Apple!", "rejected": "A seed-bearing structure."},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "Four, by arithmetic."}]
+    train, test = make_dataset(write_jsonl(tmp_path / "s.jsonl", rows), test_size=1)
+    rows_by = {**_by_answer(train), **_by_answer(test)}
+    assert rows_by["Arr, Paris!"]["prompt"] == [{"role": "system", "content": "Talk like a pirate."},
+                                                user("Capital of France?")]
+    assert rows_by["Apple!"]["prompt"] == [user("A fruit?")]   # empty cell: the model's default stays
+    assert rows_by["4"]["prompt"] == [user("2+2?")]            # missing key: the same
+    # The system text is context: rendered before the question, never learned.
+    enc, _merged = encode_messages(tokenizer, rows_by["Arr, Paris!"]["prompt"] + [bot("Arr, Paris!")],
+                                   learn_from=2)
+    assert "Talk like a pirate." in tokenizer.decode(enc.prompt_ids)
+    assert "pirate" not in tokenizer.decode(enc.response_ids)
+
+    sft_rows = [{"system": "Be brief.", "messages": [user("Hi"), bot("Hey.")]},
+                {"system": "Be brief.", "messages": [user("Bye"), bot("Ciao.")]}]
+    train, test = make_dataset(write_jsonl(tmp_path / "m.jsonl", sft_rows), test_size=1, task="sft")
+    assert all(r["messages"][0] == SYSTEM for r in list(train) + list(test))
+
+    alpaca = [{"system": "Be brief.", "instruction": f"Say {w}", "input": "", "output": w} for w in ("a", "b")]
+    train, test = make_dataset(write_jsonl(tmp_path / "a.jsonl", alpaca), test_size=1, task="sft")
+    assert all(r["prompt"][0] == SYSTEM and r["prompt"][1]["role"] == "user" for r in list(train) + list(test))
+
+
+def test_system_column_flag_names_the_column_and_a_second_system_message_is_refused(tmp_path):
+    rows = [{"persona": "Be brief.", "prompt": f"Q{i}", "chosen": f"A{i}", "rejected": f"B{i} long"} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "p.jsonl", rows), test_size=1,
+                               column_map=ColumnMap(system="persona"))
+    assert all(r["prompt"][0] == SYSTEM for r in list(train) + list(test))
+
+    both = [{"system": "Be brief.", "prompt": [SYSTEM, user("Hi")], "chosen": [bot("Hey")], "rejected": [bot("Go")]}]
+    with pytest.raises(UserError, match="row 1: has both a system column value and a system message"):
+        make_dataset(write_jsonl(tmp_path / "both.jsonl", both * 2), test_size=1)
+    numeric = [{"system": 7, "prompt": "Q", "chosen": "A", "rejected": "B"}]
+    with pytest.raises(UserError, match="row 1: system is a number, not text"):
+        make_dataset(write_jsonl(tmp_path / "num.jsonl", numeric * 2), test_size=1)
