@@ -425,6 +425,9 @@ def build_config(algo: str, flags: dict | None = None, **overrides):
     values = dict(flags or {}, **overrides)
     merged = load_yaml(values["config"], cls) if values.get("config") else {}
     merged.update(values)
+    if merged.get("share_prompts") is True and merged.get("packing") is False:   # both asked for, not defaults
+        raise UserError("invalid options: --share-prompts works through packing; drop --no-packing or "
+                        "--share-prompts")
     cfg = cls(**merged)
     cfg.validate()
     return cfg

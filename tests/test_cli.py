@@ -272,6 +272,16 @@ def test_label_smoothing_with_a_loss_other_than_sigmoid_is_refused_up_front(caps
         DPO(torch.nn.Linear(1, 1), 0, "<pad>", loss_type="hinge", label_smoothing=0.2)
 
 
+def test_share_prompts_without_packing_is_refused_but_either_alone_runs(capsys):
+    from alignkit.config import build_config
+
+    assert main(["dpo", "--no-packing", "--share-prompts"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: invalid options: --share-prompts works through packing; "
+                                               "drop --no-packing or --share-prompts")
+    assert build_config("dpo", {"packing": False}).share_prompts   # the default, unused without packing
+    assert not build_config("dpo", {"share_prompts": False}).share_prompts
+
+
 def test_pipeline_refuses_before_training_what_a_later_stage_would_refuse(tiny_model_dir, tmp_path, capsys):
     sft_only = tmp_path / "sft.jsonl"
     sft_only.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a {i}."}) + "\n" for i in range(8)))
