@@ -274,14 +274,16 @@ def _read_json(path: Path) -> list[Any]:
 def _read_hub(repo_id: str, columns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
     import datasets
 
+    from .hub import cache_only_if_unreachable, unreachable_reason
+
     try:
-        ds = datasets.load_dataset(repo_id, split="train")
+        with cache_only_if_unreachable():
+            ds = datasets.load_dataset(repo_id, split="train")
     except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split())
-        raise UserError(
-            f"could not load dataset '{repo_id}' from the Hugging Face hub ({reason}); "
-            f"the bundled '{BUNDLED_DATASET}' works offline"
-        ) from err
+        why = unreachable_reason()
+        where = f": {why}" if why else f" from the Hugging Face hub ({' '.join(str(err).split())})"
+        raise UserError(f"could not load dataset '{repo_id}'{where}; the bundled '{BUNDLED_DATASET}' works "
+                        "offline") from err
     found = list(ds.column_names)
     # Only the needed columns are converted to Python objects: hub sets can carry large extras.
     ds = ds.select_columns([c for c in columns if c in found])

@@ -295,6 +295,12 @@ def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
     """One-line `UserError` for a failed `from_pretrained`, worded for where it came from."""
     reason = " ".join(str(err).split())
     if source.kind == "hub":
+        from .hub import unreachable_reason
+
+        why = unreachable_reason()
+        if why:
+            return UserError(f"could not load {what} '{source.location}': {why}; the embedded default "
+                             f"'{DEFAULT_MODEL}' works offline")
         return UserError(
             f"could not load {what} '{source.location}' from the Hugging Face hub ({reason}); "
             f"the embedded default '{DEFAULT_MODEL}' works offline"
@@ -342,6 +348,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
     """
     from transformers import AutoTokenizer
 
+    from .hub import cache_only_if_unreachable
+
     source = resolve_model_source(name_or_path)
     remote = {"trust_remote_code": trust_remote_code}
     try:
@@ -353,7 +361,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
                 gguf = Path(source.location)
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **remote)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **remote)
+            with cache_only_if_unreachable():
+                tokenizer = AutoTokenizer.from_pretrained(source.location, **remote)
     except (OSError, ValueError) as err:  # hub HTTP and offline errors are OSErrors
         raise _hub_failure(source, "tokenizer", err) from err
     if tokenizer.pad_token is None:
@@ -384,6 +393,8 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from .hub import cache_only_if_unreachable
+
     source = resolve_model_source(name_or_path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -393,8 +404,9 @@ def load_model(
     elif source.kind == "local":
         _check_local_weights(Path(location))
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        with cache_only_if_unreachable() if source.kind == "hub" else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
     # hub HTTP and offline errors are OSErrors; a damaged weights file is a SafetensorError; weights
     # of other shapes than config.json describes are a RuntimeError
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:

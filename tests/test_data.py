@@ -267,3 +267,24 @@ def test_hub_dataset_goes_through_the_same_checks(monkeypatch, caplog):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_list([{"text": "x"}]))
     with pytest.raises(UserError, match="lacks column.*prompt, chosen, rejected; it has: text"):
         make_dataset("org/prefs")
+
+
+def test_an_unreachable_hub_fails_a_dataset_id_at_once_with_the_reason(monkeypatch, tmp_path):
+    import time
+
+    import datasets  # noqa: F401  (imported first, as alignkit does, so its offline flag is the one switched)
+
+    import alignkit.hub
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")   # refused at once
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(alignkit.hub, "_REACHABLE", {})
+    start = time.monotonic()
+    with pytest.raises(UserError) as info:
+        make_dataset("org/not-cached-prefs")
+    assert time.monotonic() - start < 20
+    assert str(info.value) == ("could not load dataset 'org/not-cached-prefs': the Hugging Face hub "
+                               "(http://127.0.0.1:9) cannot be reached from here and it is not in the local cache; "
+                               f"the bundled '{BUNDLED_DATASET}' works offline")

@@ -175,8 +175,13 @@ def test_hub_id_offline_is_user_error(monkeypatch):
 
 
 def test_hub_failure_from_any_oserror(monkeypatch):
-    """An unreachable hub surfaces from transformers as an OSError; it must become a UserError."""
+    """A hub failure surfaces from transformers as an OSError; it must become a UserError."""
     from transformers import AutoModelForCausalLM
+
+    import alignkit.hub
+
+    monkeypatch.setattr(alignkit.hub, "_REACHABLE", {"https://huggingface.co": True})   # reachable, yet it fails
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://huggingface.co")
 
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -309,3 +314,58 @@ def test_embedded_model_converts_once_and_reloads_from_cache(embedded_cache):
     with torch.no_grad():
         out = second.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+# --- an unreachable hub -------------------------------------------------------------------------
+
+
+def _cache_repo(cache: Path, repo_id: str, files_from: Path) -> None:
+    """``files_from``'s files laid out as huggingface_hub caches a downloaded model repository."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(files_from, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """A hub endpoint that refuses connections and an empty local cache in ``tmp_path / 'hub'``."""
+    import alignkit.hub
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")   # the discard port: refused
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(alignkit.hub, "_REACHABLE", {})
+    return tmp_path / "hub"
+
+
+def test_an_unreachable_hub_loads_a_cached_model_at_once_and_fails_fast_otherwise(unreachable_hub, tiny_model_dir):
+    import time
+
+    from huggingface_hub import constants
+
+    _cache_repo(unreachable_hub, "org/tiny", tiny_model_dir)
+    start = time.monotonic()
+    model, tokenizer = load_model("org/tiny", device="cpu"), load_tokenizer("org/tiny")
+    assert model.config.num_hidden_layers == 2 and tokenizer.pad_token is not None
+    with pytest.raises(UserError) as info:
+        load_model("org/not-cached", device="cpu")
+    assert str(info.value) == ("could not load model 'org/not-cached': the Hugging Face hub (http://127.0.0.1:9) "
+                               "cannot be reached from here and it is not in the local cache; the embedded "
+                               f"default '{DEFAULT_MODEL}' works offline")
+    assert time.monotonic() - start < 20   # without the cache-only mode each request is retried for ~25 s
+    assert constants.HF_HUB_OFFLINE is False   # the offline flag was set for the loads only
+
+
+def test_a_reachable_hub_is_used_as_before(monkeypatch):
+    import alignkit.hub
+
+    monkeypatch.setattr(alignkit.hub, "_REACHABLE", {"https://example.invalid": True})
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://example.invalid")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with alignkit.hub.cache_only_if_unreachable():
+        assert not alignkit.hub.offline()
+    assert alignkit.hub.unreachable_reason() is None
