@@ -291,6 +291,18 @@ def _check_local_weights(folder: Path) -> None:
             if pickled else "has no weights: model.safetensors is missing"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Files one of which a folder's tokenizer is read from (fast, configured, SentencePiece, BPE or WordPiece)."""
+
+
+def _check_local_tokenizer(folder: Path) -> None:
+    """A UserError when a local model folder holds no tokenizer files (transformers' own error blames
+    missing conversion libraries)."""
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"the model folder '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "save it beside the weights with tokenizer.save_pretrained(folder)")
+
+
 def _hub_failure(source: ModelSource, what: str, err: Exception) -> UserError:
     """One-line `UserError` for a failed `from_pretrained`, worded for where it came from."""
     reason = " ".join(str(err).split())
@@ -360,6 +372,9 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote
             else:  # reading only the tokenizer from the GGUF is far quicker than a full conversion
                 gguf = Path(source.location)
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **remote)
+        elif source.kind == "local":
+            _check_local_tokenizer(Path(source.location))
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **remote)
         else:
             with cache_only_if_unreachable():
                 tokenizer = AutoTokenizer.from_pretrained(source.location, **remote)

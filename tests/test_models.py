@@ -369,3 +369,8 @@ def test_a_reachable_hub_is_used_as_before(monkeypatch):
     with alignkit.hub.cache_only_if_unreachable():
         assert not alignkit.hub.offline()
     assert alignkit.hub.unreachable_reason() is None
+
+
+def test_a_model_folder_without_tokenizer_files_says_so(tiny_folder):
+    with pytest.raises(UserError, match=f"the model folder '{tiny_folder}' has no tokenizer \\(none of tokenizer.json"):
+        load_tokenizer(tiny_folder)
