@@ -178,8 +178,10 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             if suffix == ".csv":
                 # Decoded here so a wrong encoding gets the same message (with the line) as JSON;
                 # dtype=str keeps CSV text as written ("007" stays "007", "None" and "NA" stay text);
-                # only empty cells become NaN.
-                frame = pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False, na_values=[""])
+                # only empty cells become NaN. Windows line ends become "\n", inside quoted cells too
+                # (else every line break of a multi-line answer would carry a "\r" token).
+                text = _read_text(path).replace("\r\n", "\n")
+                frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
                 frame = frame.astype(object).where(frame.notna(), None)
                 records = frame.to_dict("records")
             else:

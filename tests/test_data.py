@@ -192,6 +192,14 @@ def test_csv_text_that_reads_like_a_missing_value_is_kept(tmp_path, caplog):
     assert "dropped" not in caplog.text
 
 
+def test_windows_line_ends_of_a_csv_become_newlines_inside_quoted_cells_too(tmp_path):
+    path = tmp_path / "windows.csv"
+    path.write_bytes(b'prompt,chosen,rejected\r\nList two fruits,"Apple\r\nPear",Fruit.\r\nhi,hey!,Greetings.\r\n')
+    train, test = make_dataset(path, test_size=1)
+    assert sorted(list(train["chosen"]) + list(test["chosen"])) == ["Apple\nPear", "hey!"]
+    assert sorted(list(train["rejected"]) + list(test["rejected"])) == ["Fruit.", "Greetings."]
+
+
 def test_pairs_with_the_same_answer_twice_are_dropped_and_counted(tmp_path, caplog):
     rows = _rows(6)
     rows[2]["rejected"] = rows[2]["chosen"]
