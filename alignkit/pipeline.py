@@ -184,13 +184,15 @@ def timing_summary(timings: dict[str, float], total: float, peaks: dict[str, flo
     return line
 
 
-def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """Flags shared by ``alignkit pipeline`` and ``benchmarking/evaluate_models.py``."""
+def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, from_base: bool = False) -> None:
+    """Flags shared by ``alignkit pipeline`` and ``benchmarking/evaluate_models.py`` (``from_base``: the
+    latter, which also trains DPO and DPO+NLL from the base model)."""
     parser.add_argument("--out", default=default_out, help=f"output folder [default: {default_out}]")
+    more = f", DPO and DPO+NLL from the base {RECIPES['dpo'][1]['max_steps']} steps" if from_base else ""
     parser.add_argument("--max-steps", type=non_negative_int, default=None,
                         help=f"optimizer steps of every training stage; 0 = one epoch each [default: each "
                         f"stage's recipe: SFT {SFT_STEPS} steps at lr {SFT_LR:g}, SFT -> DPO+NLL {DPO_STEPS} steps "
-                        f"at lr {DPO_LR:g} and beta {DPO_BETA:g}, DPO and DPO+NLL from the base 20 steps]")
+                        f"at lr {DPO_LR:g} and beta {DPO_BETA:g}{more}]")
     parser.add_argument("--prompts", default=None, help="text file of prompts, one per line "
                         "[default: the seed's four prompts and two more]")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length cap [default: 200]")

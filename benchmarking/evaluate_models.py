@@ -21,7 +21,7 @@ from alignkit.pipeline import ALL_CONFIGS, add_comparison_arguments, decoding_fr
 
 def main(argv=None) -> int:
     parser = ArgParser(prog="evaluate_models.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_comparison_arguments(parser, "outputs/five_way")
+    add_comparison_arguments(parser, "outputs/five_way", from_base=True)
     for name in ALL_CONFIGS[1:]:
         parser.add_argument(f"--{name.replace('_', '-')}", metavar="RUN_DIR", default=None,
                             help=f"an existing {name} run folder (holding actor/) to use instead of training")
