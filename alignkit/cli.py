@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_or_chat(algo: str, flags: dict) -> int:
     """``alignkit sft|dpo``: train, continue a run (``--resume``), or chat (``--eval --load-path``)."""
+    if flags.get("resume") and flags.get("eval"):
+        raise UserError("--eval chats with the adapter at --load-path; --resume continues training: give one of them")
     if flags.get("resume"):
         from .runs import resumed_config
 

@@ -62,9 +62,16 @@ LABELS = {
 def read_prompts(path) -> list[str]:
     """Prompts from a text file, one per non-empty line."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--prompts {path} is a folder; give a text file with one prompt per line")
     if not p.is_file():
         raise UserError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path} is not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"could not read --prompts {path}: {err.strerror or err}") from None
     if not prompts:
         raise UserError(f"{path} holds no prompts (one per line)")
     return prompts

@@ -91,9 +91,9 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     given = column_map.given()
     if task == "preference" and "response" in given:
         raise UserError("--response-column is for SFT data; DPO reads --chosen-column and --rejected-column")
-    missing = [f"--{part}-column {col}" for part, col in given.items() if col not in found]
+    missing = [f"'{col}' (--{part}-column)" for part, col in given.items() if col not in found]
     if missing:
-        raise UserError(f"dataset '{label}' has no column named in {', '.join(missing)}; "
+        raise UserError(f"dataset '{label}' has no column {', '.join(missing)}; "
                         f"its columns are: {', '.join(found) or 'none'}")
     target = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
               "response": "completion", "system": "system"}

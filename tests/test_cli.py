@@ -272,6 +272,15 @@ def test_label_smoothing_with_a_loss_other_than_sigmoid_is_refused_up_front(caps
         DPO(torch.nn.Linear(1, 1), 0, "<pad>", loss_type="hinge", label_smoothing=0.2)
 
 
+def test_eval_with_resume_and_a_prompts_folder_are_refused_in_one_line(tmp_path, capsys):
+    assert main(["sft", "--eval", "--resume", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --eval chats with the adapter at --load-path; --resume "
+                                               "continues training: give one of them")
+    assert main(["pipeline", "--prompts", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --prompts {tmp_path} is a folder; give a text file with one "
+                                               "prompt per line")
+
+
 def test_share_prompts_without_packing_is_refused_but_either_alone_runs(capsys):
     from alignkit.config import build_config
 

@@ -240,7 +240,7 @@ def test_column_mapping(tmp_path):
     train, _ = make_dataset(write_jsonl(tmp_path / "c.jsonl", convo), test_size=1, task="sft",
                             column_map=ColumnMap(messages="dialog"))
     assert train[0]["messages"][1] == bot("b")
-    with pytest.raises(UserError, match=r"no column named in --chosen-column best; its columns are: question, "
+    with pytest.raises(UserError, match=r"no column 'best' \(--chosen-column\); its columns are: question, "
                                         r"good, bad, prompt"):
         make_dataset(path, column_map=ColumnMap(chosen="best"))
 
@@ -329,7 +329,7 @@ def test_column_flags_and_yaml_keys(tmp_path, tiny_model_dir, capsys):
     config.write_text("prompt_column: question\nresponse-column: good\n")
     assert main(["sft", *base, "--save-path", str(tmp_path / "b"), "--config", str(config)]) == 0
     assert main(["sft", *base, "--save-path", str(tmp_path / "c"), "--prompt-column", "nope"]) == 2
-    assert "no column named in --prompt-column nope; its columns are: question, good, bad" in capsys.readouterr().err
+    assert "no column 'nope' (--prompt-column); its columns are: question, good, bad" in capsys.readouterr().err
     assert main(["dpo", *base, "--save-path", str(tmp_path / "d"), "--response-column", "good"]) == 2
     assert "--response-column and --messages-column are for SFT data" in capsys.readouterr().err
 
