@@ -8,8 +8,9 @@ Accepted shapes (the names ``--format`` takes):
   SFT: ``messages`` (every assistant turn is learned but one that opens the conversation, which
   answers nothing), ``prompt`` + ``completion`` as message lists, or preference rows (below: the
   chosen answer is learned). Preference: ``prompt`` (messages, may hold earlier turns) + ``chosen``/``rejected`` (an
-  assistant message or a list of messages), or only ``chosen``/``rejected`` as whole conversations
-  whose shared leading messages become the prompt (implicit prompt).
+  assistant message or a list of messages, or the whole conversation: prompt messages repeated
+  exactly, then the answer), or only ``chosen``/``rejected`` as whole conversations whose shared
+  leading messages become the prompt (implicit prompt).
 - ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
@@ -200,6 +201,16 @@ def _check_answer(messages: list, row: int, what: str) -> None:
                    "must end with an assistant turn")
 
 
+def without_prompt(answer: list, prompt: list) -> list:
+    """An answer written as the whole conversation (the prompt's messages, then the answer) cut to the answer.
+
+    Some datasets (UltraFeedback-style) store ``chosen``/``rejected`` as full conversations beside a
+    ``prompt`` column; an answer that does not start with exactly the prompt's messages is returned as it is.
+    """
+    n = len(prompt)
+    return answer[n:] if len(answer) > n and answer[:n] == prompt else answer
+
+
 def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
     """``(prompt, chosen, rejected)`` from two whole conversations: their shared leading messages."""
     if chosen == rejected:
@@ -263,13 +274,14 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             return {"prompt": prompt, "completion": completion}
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
-        completion = messages_of(record.get(column), row, column, lone_role="assistant")
+        completion = without_prompt(messages_of(record.get(column), row, column, lone_role="assistant"), prompt)
         _check_answer(completion, row, column)
         return {"prompt": prompt, "completion": completion}
     chosen = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
     rejected = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
     if "prompt" in record:
         prompt = messages_of(record["prompt"], row, "prompt", lone_role="user")
+        chosen, rejected = without_prompt(chosen, prompt), without_prompt(rejected, prompt)
     else:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected, row)
     _check_answer(chosen, row, "chosen")

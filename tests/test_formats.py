@@ -443,3 +443,21 @@ def test_system_column_flag_names_the_column_and_a_second_system_message_is_refu
     numeric = [{"system": 7, "prompt": "Q", "chosen": "A", "rejected": "B"}]
     with pytest.raises(UserError, match="row 1: system is a number, not text"):
         make_dataset(write_jsonl(tmp_path / "num.jsonl", numeric * 2), test_size=1)
+
+
+def test_answers_written_as_whole_conversations_beside_a_prompt_are_cut_to_the_answer(tmp_path):
+    """UltraFeedback-style rows: a text prompt, and chosen/rejected that repeat it as the first turn."""
+    rows = [{"prompt": f"Question {i}?", "chosen": [user(f"Question {i}?"), bot(f"Good {i}.")],
+             "rejected": [user(f"Question {i}?"), bot(f"Bad {i}.")], "score_chosen": 8.0} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+    for row in list(train) + list(test):
+        i = row["prompt"][0]["content"].split()[1][:-1]
+        assert row == {"prompt": [user(f"Question {i}?")], "chosen": [bot(f"Good {i}.")],
+                       "rejected": [bot(f"Bad {i}.")]}
+    train, test = make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1, task="sft")
+    assert all(r["completion"] == [bot(r["prompt"][0]["content"].replace("Question", "Good").replace("?", "."))]
+               for r in list(train) + list(test))
+    # A first turn that is not exactly the prompt is not cut: the row is refused as before.
+    rows[0]["chosen"][0] = user("Another question?")
+    with pytest.raises(UserError, match="row 1: chosen starts with a user turn"):
+        make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
