@@ -43,7 +43,8 @@ BUNDLED_DATASET = "human-like-sample"
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# org/name, optionally :split (the hub's split names: letters, digits, _ . -)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?$")
 
 
 BUNDLED_CHAT_DATASET = "human-like-chat"
@@ -273,18 +274,23 @@ def _read_json(path: Path) -> list[Any]:
     raise UserError(f"'{path}' must hold a list of row objects or an object of column lists")
 
 
-def _read_hub(repo_id: str, columns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_hub(name: str, columns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of hub dataset ``org/name`` (its ``train`` split) or ``org/name:split``."""
     import datasets
 
     from .hub import cache_only_if_unreachable, unreachable_reason
 
+    repo_id, _, split = name.partition(":")
     try:
         with cache_only_if_unreachable():
-            ds = datasets.load_dataset(repo_id, split="train")
+            ds = datasets.load_dataset(repo_id, split=split or "train")
     except (OSError, ValueError) as err:
         why = unreachable_reason()
-        where = f": {why}" if why else f" from the Hugging Face hub ({' '.join(str(err).split())})"
-        raise UserError(f"could not load dataset '{repo_id}'{where}; the bundled '{BUNDLED_DATASET}' works "
+        reason = " ".join(str(err).split())
+        if "Unknown split" in reason:   # datasets lists the splits there are
+            raise UserError(f"dataset '{name}': {reason.rstrip('.')}; name one as {repo_id}:SPLIT") from err
+        where = f": {why}" if why else f" from the Hugging Face hub ({reason})"
+        raise UserError(f"could not load dataset '{name}'{where}; the bundled '{BUNDLED_DATASET}' works "
                         "offline") from err
     found = list(ds.column_names)
     # Only the needed columns are converted to Python objects: hub sets can carry large extras.

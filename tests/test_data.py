@@ -296,3 +296,24 @@ def test_an_unreachable_hub_fails_a_dataset_id_at_once_with_the_reason(monkeypat
     assert str(info.value) == ("could not load dataset 'org/not-cached-prefs': the Hugging Face hub "
                                "(http://127.0.0.1:9) cannot be reached from here and it is not in the local cache; "
                                f"the bundled '{BUNDLED_DATASET}' works offline")
+
+
+def test_a_hub_dataset_split_is_named_after_a_colon(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def load(repo_id, split):
+        asked.append((repo_id, split))
+        if split not in ("train", "train_prefs"):
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train_prefs\', \'test_prefs\'].')
+        return Dataset.from_list(_rows(6))
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    make_dataset("org/prefs", test_size=1)
+    make_dataset("org/prefs:train_prefs", test_size=1)
+    assert asked == [("org/prefs", "train"), ("org/prefs", "train_prefs")]
+    with pytest.raises(UserError) as info:
+        make_dataset("org/prefs:validation")
+    assert str(info.value) == ("dataset 'org/prefs:validation': Unknown split \"validation\". Should be one of "
+                               "['train_prefs', 'test_prefs']; name one as org/prefs:SPLIT")
