@@ -55,7 +55,7 @@ class SFTConfig:
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
     max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit")
     format: str = opt("auto", "dataset shape: auto (recognised from the rows), standard, conversational, "
-                              "sharegpt or alpaca")
+                              "sharegpt, alpaca or hh (Anthropic HH-RLHF transcripts)")
     prompt_column: str | None = opt(None, "column holding the prompt [default: prompt]")
     response_column: str | None = opt(None, "SFT: column holding the answer to learn [default: completion, else "
                                             "chosen]")

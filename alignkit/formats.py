@@ -14,6 +14,11 @@ Accepted shapes (the names ``--format`` takes):
 - ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
+- ``hh``: Anthropic HH-RLHF transcripts, text in which turns start with ``Human:`` or ``Assistant:``
+  after a blank line. ``chosen``/``rejected`` are whole transcripts (their shared turns become the
+  prompt; SFT with ``chosen`` alone learns every assistant turn), or ``prompt`` is a transcript
+  ending with an empty ``Assistant:`` turn and the answers are its text. The turns become messages,
+  so the model's chat template renders them.
 
 Any shape may have a ``system`` column (text): a non-empty value becomes the system message that
 opens the row's prompt (an empty or missing one leaves the model's default). Once a file has that
@@ -35,12 +40,13 @@ Rows with a blank message or missing text are dropped with a counted warning, as
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import UserError
 
-FORMATS = ("auto", "standard", "conversational", "sharegpt", "alpaca")
+FORMATS = ("auto", "standard", "conversational", "sharegpt", "alpaca", "hh")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
@@ -110,6 +116,15 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     return out, names
 
 
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")   # an HH transcript's turn marker
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def is_transcript(value: Any) -> bool:
+    """Whether ``value`` is HH-RLHF transcript text: it opens with a ``Human:`` turn and has an answer marker."""
+    return isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value
+
+
 def row_shape(row: dict) -> str:
     """The shape a row is written in (one of ``FORMATS`` but ``auto``)."""
     if "conversations" in row:
@@ -119,7 +134,9 @@ def row_shape(row: dict) -> str:
     if "messages" in row:
         return "conversational"
     values = [row.get(c) for c in ("prompt", "completion", "chosen", "rejected")]
-    return "conversational" if any(isinstance(v, (list, dict)) for v in values) else "standard"
+    if any(isinstance(v, (list, dict)) for v in values):
+        return "conversational"
+    return "hh" if is_transcript(row.get("prompt", row.get("chosen"))) else "standard"
 
 
 def detect_shape(records: list[dict], fmt: str) -> str:
@@ -314,7 +331,45 @@ def _standard(record: dict, task: str, row: int) -> dict:
     return {c: _text(record.get(c)) for c in ("prompt", "chosen", "rejected")}
 
 
-CONVERTERS = {"standard": _standard, "conversational": _conversational, "sharegpt": _sharegpt, "alpaca": _alpaca}
+def transcript_messages(value: Any, row: int, what: str) -> list[dict[str, str]]:
+    """The turns of HH transcript text as messages; a trailing empty ``Assistant:`` turn (a prompt's) is left out."""
+    text = _text(value)
+    if not is_transcript(text):
+        _fail(row, f"{what} is not a transcript of 'Human:' and 'Assistant:' turns, as row 1 is")
+    parts = _TURN.split(text.strip("\n").lstrip())
+    messages = [{"role": _HH_ROLES[marker], "content": content.strip()}
+                for marker, content in zip(parts[1::2], parts[2::2], strict=True)]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    for m in messages:
+        if not m["content"]:
+            raise Dropped("an empty message")
+        _check_unicode(m["content"])
+    return messages
+
+
+def _hh(record: dict, task: str, row: int) -> dict:
+    try:
+        return _hh_row(record, task, row)
+    except UserError as err:   # HH data has a few broken transcripts (e.g. no final answer): counted, not fatal
+        raise Dropped(f"a transcript that {'cannot be trained on' if task == 'sft' else 'is no preference pair'} "
+                      f"({str(err).split(': ', 1)[-1]})") from None
+
+
+def _hh_row(record: dict, task: str, row: int) -> dict:
+    if "prompt" in record:
+        prompt = transcript_messages(record["prompt"], row, "prompt")
+        answers = {c: without_prompt(transcript_messages(record[c], row, c), prompt) if is_transcript(record[c])
+                   else [{"role": "assistant", "content": _text(record[c]).strip()}]
+                   for c in ("chosen", "rejected") if c in record}
+        return _conversational({"prompt": prompt, **answers}, task, row)
+    if task == "sft" and "rejected" not in record:
+        return _conversational({"messages": transcript_messages(record.get("chosen"), row, "chosen")}, task, row)
+    return _conversational({c: transcript_messages(record.get(c), row, c) for c in ("chosen", "rejected")}, task, row)
+
+
+CONVERTERS = {"standard": _standard, "conversational": _conversational, "sharegpt": _sharegpt, "alpaca": _alpaca,
+              "hh": _hh}
 
 
 def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]]:
@@ -324,6 +379,8 @@ def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]
     if shape == "alpaca":
         return [["instruction", "output"], ["instruction", "completion"]] if task == "sft" else \
             [["instruction", "chosen", "rejected"]]
+    if shape == "hh":
+        return [["chosen"]] if task == "sft" else [["chosen", "rejected"]]
     if task == "sft":
         if shape == "conversational" and any("messages" in r for r in records):
             return [["messages"]]

@@ -370,6 +370,7 @@ README_EXAMPLES = {  # file -> (task, format, column map), as the README's comma
     "mapped_columns.jsonl": ("preference", "auto", ColumnMap(prompt="question", chosen="good_answer",
                                                               rejected="bad_answer")),
     "system_column.jsonl": ("preference", "auto", ColumnMap(prompt="question")),
+    "hh_transcripts.jsonl": ("preference", "auto", ColumnMap()),
 }
 
 
@@ -461,3 +462,48 @@ def test_answers_written_as_whole_conversations_beside_a_prompt_are_cut_to_the_a
     rows[0]["chosen"][0] = user("Another question?")
     with pytest.raises(UserError, match="row 1: chosen starts with a user turn"):
         make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+
+
+# -- Anthropic HH transcripts ----------------------------------------------------------------------
+
+
+def _hh(*turns):
+    return "".join(f"\n\n{role}: {text}" for role, text in turns)
+
+
+def test_hh_transcripts_become_messages_with_the_shared_turns_as_prompt(tmp_path, tokenizer, caplog):
+    import logging
+
+    head = [("Human", "Plans?"), ("Assistant", "Hiking! You?"), ("Human", "Same. Tips?")]
+    rows = [{"chosen": _hh(*head, ("Assistant", "Bring water.")), "rejected": _hh(*head, ("Assistant", "No."))},
+            {"chosen": _hh(("Human", "Hi"), ("Assistant", "Hey!")), "rejected": _hh(("Human", "Hi"), ("Assistant", "Go."))},
+            # a broken transcript (no final answer), as HH-RLHF has a few: dropped and counted
+            {"chosen": _hh(("Human", "Yo"), ("Assistant", "Hey"), ("Human", "Bye")), "rejected": _hh(("Human", "Yo"))}]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(write_jsonl(tmp_path / "hh.jsonl", rows), test_size=1)
+    assert "dropped 1 of 3 rows (1 with a transcript that is no preference pair" in caplog.text
+    by = _by_answer(train) | _by_answer(test)
+    assert by["Bring water."] == {"prompt": [user("Plans?"), bot("Hiking! You?"), user("Same. Tips?")],
+                                  "chosen": [bot("Bring water.")], "rejected": [bot("No.")]}
+    gym = PreferenceGym(train, test, tokenizer, max_context_length=256)
+    pair = next(p for p in gym.train_examples + gym.test_examples
+                if "Bring water." in tokenizer.decode(p.chosen.input_ids))
+    learned = [t for t in pair.chosen.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "Bring water.<|im_end|>"   # only the final answer, no "Assistant:" marker
+    assert "Human:" not in tokenizer.decode(pair.chosen.input_ids)
+
+    # SFT on chosen transcripts alone: every assistant turn is learned.
+    sft = [{"chosen": _hh(*head, ("Assistant", f"Bring water {i}."))} for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hh_sft.jsonl", sft), test_size=1, task="sft")
+    assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_hh_prompt_transcripts_with_text_answers(tmp_path):
+    rows = [{"prompt": _hh(("Human", f"Q{i}?"), ("Assistant", "")), "chosen": f" Good {i}.", "rejected": f" Bad {i}."}
+            for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hhp.jsonl", rows), test_size=1)
+    for row in list(train) + list(test):
+        i = row["prompt"][0]["content"][1:-1]
+        assert row == {"prompt": [user(f"Q{i}?")], "chosen": [bot(f"Good {i}.")], "rejected": [bot(f"Bad {i}.")]}
+    with pytest.raises(UserError, match="row 2 is written as standard data but row 1 as hh"):
+        make_dataset(write_jsonl(tmp_path / "mixed.jsonl", [rows[0], {"prompt": "Q", "chosen": "A", "rejected": "B"}]))
