@@ -96,17 +96,24 @@ class Split:
     test_size: float
     format: str = "auto"
     column_map: ColumnMap = ColumnMap()
+    eval_dataset: str | None = None   # held-out rows from this dataset instead of a test_size share
 
     def load(self):
         """``(train, test)`` preference rows of this split (see ``alignkit.data.make_dataset``)."""
         return make_dataset(self.dataset, test_size=as_test_split(self.test_size), seed=self.seed,
-                            format=self.format, column_map=self.column_map)
+                            format=self.format, column_map=self.column_map, eval_dataset=self.eval_dataset)
+
+    def _key(self) -> tuple:
+        held_out = (_dataset_id(self.eval_dataset),) if self.eval_dataset else (float(self.test_size),)
+        return (_dataset_id(self.dataset), self.seed, self.format, self.column_map, *held_out)
 
     def same_as(self, other: Split) -> bool:
-        return (_dataset_id(self.dataset), self.seed, float(self.test_size), self.format, self.column_map) == \
-            (_dataset_id(other.dataset), other.seed, float(other.test_size), other.format, other.column_map)
+        """Whether both splits hold the same held-out rows (and the same training rows)."""
+        return self._key() == other._key()
 
     def __str__(self) -> str:
+        if self.eval_dataset:
+            return f"dataset {self.dataset}, held out: dataset {self.eval_dataset}"
         return f"dataset {self.dataset}, seed {self.seed}, test size {self.test_size:g}"
 
 
@@ -133,7 +140,7 @@ def read_run_record(run_dir) -> RunRecord:
         columns = ColumnMap(prompt=config.get("prompt_column"), chosen=config.get("chosen_column"),
                             rejected=config.get("rejected_column"), system=config.get("system_column"))
         split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]),
-                      config.get("format", "auto"), columns)
+                      config.get("format", "auto"), columns, config.get("eval_dataset"))
         return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))
     except FileNotFoundError:
         raise UserError(f"{run_dir} has no run.json: cannot tell which split it was trained against") from None

@@ -53,6 +53,8 @@ class SFTConfig:
     dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id "
                                          "(org/name: its train split; org/name:SPLIT for another)")
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
+    eval_dataset: str | None = opt(None, "held-out rows from this dataset (a file or hub id, e.g. org/name:test) "
+                                         "instead of a --test-size share of --dataset")
     max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit")
     format: str = opt("auto", "dataset shape: auto (recognised from the rows), standard, conversational, "
                               "sharegpt, alpaca or hh (Anthropic HH-RLHF transcripts)")
@@ -426,6 +428,9 @@ def build_config(algo: str, flags: dict | None = None, **overrides):
     values = dict(flags or {}, **overrides)
     merged = load_yaml(values["config"], cls) if values.get("config") else {}
     merged.update(values)
+    if merged.get("eval_dataset") and "test_size" in merged:
+        raise UserError("invalid options: --test-size cuts the held-out rows from --dataset; with --eval-dataset "
+                        "they are that dataset's rows: drop one of them")
     if merged.get("share_prompts") is True and merged.get("packing") is False:   # both asked for, not defaults
         raise UserError("invalid options: --share-prompts works through packing; drop --no-packing or "
                         "--share-prompts")

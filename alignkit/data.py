@@ -67,6 +67,7 @@ def make_dataset(
     task: str = "preference",
     format: str = "auto",
     column_map: ColumnMap | None = None,
+    eval_dataset: str | os.PathLike | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
 
@@ -81,6 +82,9 @@ def make_dataset(
         format: `auto` (recognised from the rows) or one of `standard`, `conversational`,
             `sharegpt`, `alpaca` to insist on it.
         column_map: which of the file's columns hold the prompt, answers or messages.
+        eval_dataset: a second dataset (any source above, read the same way) whose rows are the
+            test split; every usable row of `name_or_path` is then training data and `test_size`
+            is not used. Rows found in both are counted in a warning.
 
     Files must be UTF-8 text (a byte-order mark is accepted); any other bytes make the whole file
     an error naming the line, since a wrong encoding garbles every row, not just one. In `.jsonl`
@@ -98,6 +102,30 @@ def make_dataset(
     """
     if columns is not None:
         columns = _check_columns_arg(columns)
+    rows, label = usable_rows(name_or_path, columns, task=task, format=format, column_map=column_map)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    if eval_dataset is not None:
+        held_out, eval_label = usable_rows(eval_dataset, columns, task=task, format=format, column_map=column_map)
+        train_rows = [rows[i] for i in order]
+        keys = {_row_key(r) for r in train_rows}
+        shared = sum(_row_key(r) in keys for r in held_out)
+        if shared:
+            logger.warning("dataset '%s': %d of its %d rows are also in the training data '%s' (their scores "
+                           "measure memory, not generalisation)", eval_label, shared, len(held_out), label)
+        return Dataset.from_list(train_rows), Dataset.from_list(held_out)
+    n_test = _test_count(test_size, len(rows), label)
+    test_rows = [rows[i] for i in order[:n_test]]
+    train_rows = [rows[i] for i in order[n_test:]]
+    return Dataset.from_list(train_rows), Dataset.from_list(test_rows)
+
+
+def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None = None, *, task: str = "preference",
+                format: str = "auto", column_map: ColumnMap | None = None) -> tuple[list[dict], str]:
+    """Every usable row of one dataset (converted, bad rows and duplicates dropped with a warning) and its label.
+
+    Arguments as for :func:`make_dataset`; raises `UserError` when no row is usable.
+    """
+    if columns is not None:
         label, records, found = _load_rows(name_or_path, columns)
         missing = [c for c in columns if c not in found]
         if missing:
@@ -126,11 +154,7 @@ def make_dataset(
     if not rows:
         why = f": all {n_rows} rows were dropped ({detail})" if dropped else ""
         raise UserError(f"dataset '{label}' has no usable rows (each needs non-empty text in {wanted}){why}")
-    n_test = _test_count(test_size, len(rows), label)
-    order = np.random.default_rng(seed).permutation(len(rows))
-    test_rows = [rows[i] for i in order[:n_test]]
-    train_rows = [rows[i] for i in order[n_test:]]
-    return Dataset.from_list(train_rows), Dataset.from_list(test_rows)
+    return rows, label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +355,15 @@ def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tupl
     return kept, dict(reasons)
 
 
+def _row_key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
 def _drop_duplicates(rows: list[dict], label: str) -> list[dict]:
     """Drop exact repeats: a repeat could land in both splits and inflate test scores."""
     seen, kept = set(), []
     for row in rows:
-        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        key = _row_key(row)
         if key not in seen:
             seen.add(key)
             kept.append(row)

@@ -27,7 +27,7 @@ def train_and_show(algo: str, n_prompts: int = 3, max_new_tokens: int = 200, **o
     check_save_path(cfg)
     s = setup(cfg)
     final = train(s)
-    _, test = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed)
+    _, test = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed, eval_dataset=cfg.eval_dataset)
     rows = [test[i] for i in range(min(n_prompts, len(test)))]
     prompts = [r["prompt"] for r in rows]
     model = s.agent.unwrapped_model()

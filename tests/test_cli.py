@@ -281,6 +281,22 @@ def test_eval_with_resume_and_a_prompts_folder_are_refused_in_one_line(tmp_path,
                                                "prompt per line")
 
 
+def test_an_eval_dataset_run_records_it_and_test_size_with_it_is_refused(tiny_model_dir, rows_file, tmp_path, capsys):
+    assert main(["sft", "--eval-dataset", str(rows_file), "--test-size", "0.2"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: invalid options: --test-size cuts the held-out rows from "
+                                               "--dataset; with --eval-dataset they are that dataset's rows: drop "
+                                               "one of them")
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(line for line in rows_file.read_text().splitlines(keepends=True)[:3]))
+    run = tmp_path / "run"
+    assert main(["sft", "--max-steps", "1", "--batch-size", "4", "--max-length", "64", "--no-plot", "--model",
+                 str(tiny_model_dir), "--dataset", str(rows_file), "--eval-dataset", str(held), "--save-path", str(run),
+                 "--no-timestamp"]) == 0
+    out = capsys.readouterr().out
+    assert "SFT: 24 train / 3 test rows" in out
+    assert json.loads((run / "run.json").read_text())["config"]["eval_dataset"] == str(held)
+
+
 def test_share_prompts_without_packing_is_refused_but_either_alone_runs(capsys):
     from alignkit.config import build_config
 

@@ -38,7 +38,7 @@ def test_runs_on_one_split_are_scored_on_it_and_results_say_which(runs, tiny_mod
     results = json.loads((report.parent / "results.json").read_text())
     splits = [c["split"] for c in results["configs"]]
     assert splits == [{"dataset": str(rows_file), "seed": 42, "test_size": 6.0, "format": "auto", "column_map": {},
-                       "pairs": 6}] * 3
+                       "eval_dataset": None, "pairs": 6}] * 3
 
 
 def test_runs_trained_against_other_splits_are_refused(runs, tiny_model_dir, tmp_path):
@@ -66,7 +66,8 @@ def test_an_explicit_split_must_not_overlap_any_training_split(runs, rows_file, 
                      max_new_tokens=3, dataset=str(fresh), test_size=4, progress=lambda _: None)
     results = json.loads((report.parent / "results.json").read_text())
     assert {json.dumps(c["split"]) for c in results["configs"]} == {
-        json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "format": "auto", "column_map": {}, "pairs": 4})}
+        json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "format": "auto", "column_map": {}, "eval_dataset": None,
+                    "pairs": 4})}
 
 
 def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, rows_file, monkeypatch):
@@ -170,3 +171,17 @@ def test_pipeline_stages_take_their_recipe_unless_max_steps_is_given(monkeypatch
     pipeline.train_configurations(["sft_dpo_nll"], tmp_path / "b", max_steps=3)
     assert seen["sft"].max_steps == seen["sft_dpo_nll"].max_steps == 3
     assert seen["sft_dpo_nll"].beta == pipeline.DPO_BETA   # only the step count is replaced
+
+
+def test_a_run_with_an_eval_dataset_is_scored_on_that_dataset(tiny_model_dir, rows_file, tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(rows_file.read_text().splitlines(keepends=True)[:4]))
+    flags = ["--model", str(tiny_model_dir), "--dataset", str(rows_file), "--eval-dataset", str(held),
+             "--save-path", str(tmp_path / "sft"), "--no-timestamp", "--max-steps", "1", "--batch-size", "4",
+             "--max-length", "64", "--no-plot", "--eval-interval", "0"]
+    assert main(["sft", *flags]) == 0
+    report = compare({"base": None, "sft": str(tmp_path / "sft")}, tmp_path / "report", prompts=["Hi?"],
+                     max_new_tokens=2, progress=lambda _: None)
+    results = json.loads((report.parent / "results.json").read_text())
+    assert [(c["split"]["eval_dataset"], c["split"]["pairs"]) for c in results["configs"]] == [(str(held), 4)] * 2
+    assert "held out: dataset" in str(Split(str(rows_file), 42, 0.1, eval_dataset=str(held)))

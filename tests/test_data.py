@@ -317,3 +317,16 @@ def test_a_hub_dataset_split_is_named_after_a_colon(monkeypatch):
         make_dataset("org/prefs:validation")
     assert str(info.value) == ("dataset 'org/prefs:validation': Unknown split \"validation\". Should be one of "
                                "['train_prefs', 'test_prefs']; name one as org/prefs:SPLIT")
+
+
+def test_an_eval_dataset_is_the_held_out_split_and_all_of_the_dataset_trains(tmp_path, caplog):
+    rows = _rows(10)
+    data = _write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    held = _write_jsonl(tmp_path / "test.jsonl", rows[6:])   # 2 of its 4 rows are training rows too
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(data, eval_dataset=held, seed=3)
+    assert sorted(train["prompt"]) == sorted(r["prompt"] for r in rows[:8])
+    assert list(test["prompt"]) == [r["prompt"] for r in rows[6:]]   # in file order, all of them
+    assert f"dataset '{held}': 2 of its 4 rows are also in the training data" in caplog.text
+    with pytest.raises(UserError, match="missing.jsonl' does not exist"):
+        make_dataset(data, eval_dataset=tmp_path / "missing.jsonl")
