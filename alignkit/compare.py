@@ -148,20 +148,22 @@ def read_run_record(run_dir) -> RunRecord:
         raise UserError(f"{path} is not a readable run record ({type(exc).__name__}: {exc})") from None
 
 
-def _rows(dataset) -> set[str]:
+def row_keys(dataset) -> set[str]:
+    """The preference rows of ``dataset`` as comparable keys (to find rows two splits share)."""
     return {json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True) for r in dataset}
 
 
 def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed: int | None = None,
-                 test_size: float | None = None) -> Split:
+                 test_size: float | None = None, eval_dataset: str | None = None) -> Split:
     """The one held-out split every configuration is scored on.
 
-    Without ``dataset``/``seed``/``test_size``: the split all runs were trained against (a mix is a
-    UserError); with any of them: that split (the rest from the runs, or the defaults), checked to
-    share no row with any run's training split.
+    Without ``dataset``/``seed``/``test_size``/``eval_dataset``: the split all runs were trained
+    against (a mix is a UserError); with any of them: that split (the rest from the runs, or the
+    defaults; ``eval_dataset``: that dataset's rows are held out), checked to share no row with any
+    run's training split.
     """
     own = list(records.values())
-    if dataset is None and seed is None and test_size is None:
+    if dataset is None and seed is None and test_size is None and eval_dataset is None:
         split = own[0].split if own else Split(_DEFAULTS.dataset, _DEFAULTS.seed, _DEFAULTS.test_size)
         differ = [f"{name} ({r.split})" for name, r in records.items() if not r.split.same_as(split)]
         if differ:
@@ -176,10 +178,12 @@ def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed
 
     split = Split(dataset if dataset is not None else common("dataset", _DEFAULTS.dataset),
                   seed if seed is not None else common("seed", _DEFAULTS.seed),
-                  test_size if test_size is not None else common("test_size", _DEFAULTS.test_size))
-    held_out = _rows(split.load()[1])
+                  test_size if test_size is not None else common("test_size", _DEFAULTS.test_size),
+                  eval_dataset=eval_dataset if eval_dataset is not None else
+                  (common("eval_dataset", None) if test_size is None else None))
+    held_out = row_keys(split.load()[1])
     for name, record in records.items():
-        shared = len(held_out & _rows(record.split.load()[0]))
+        shared = len(held_out & row_keys(record.split.load()[0]))
         if shared:
             raise UserError(f"the held-out split ({split}) shares {shared} row(s) with the training split of "
                             f"{name} ({record.split}); choose a split that {name} did not train on")
@@ -301,11 +305,12 @@ class Decoding:
 
 def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = None, model: str | None = None,
             max_new_tokens: int = 200, dataset: str | None = None, seed: int | None = None,
-            test_size: float | None = None, progress=print, decoding: Decoding | None = None) -> Path:
+            test_size: float | None = None, progress=print, decoding: Decoding | None = None,
+            eval_dataset: str | None = None) -> Path:
     """Score every configuration in ``runs`` (label key -> run folder or None) and write the report.
 
-    The held-out split comes from the runs' records, or from ``dataset``/``seed``/``test_size`` when
-    given (see :func:`choose_split`). Besides the showcase ``prompts`` every configuration answers the
+    The held-out split comes from the runs' records, or from ``dataset``/``seed``/``test_size`` (or
+    ``eval_dataset``) when given (see :func:`choose_split`). Besides the showcase ``prompts`` every configuration answers the
     held-out prompts (see :class:`Decoding`); their answer quality, with bootstrap intervals and paired
     differences from the base (when ``runs`` has ``"base"``), goes into the report. Returns the path of
     ``out_dir/index.html``; ``out_dir/results.json`` holds the same numbers and, per configuration,
@@ -315,7 +320,7 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
     prompts = prompts or DEFAULT_PROMPTS
     base_model = check_same_base(runs, model)
     records = {key: read_run_record(d) for key, d in runs.items() if d}
-    split = choose_split(records, dataset, seed, test_size)
+    split = choose_split(records, dataset, seed, test_size, eval_dataset)
     evaluator = Evaluator(base_model, split)
     scored_on = {**asdict(split), "column_map": split.column_map.given(), "pairs": len(evaluator.test)}
     lengths = {r.max_length for r in records.values()}

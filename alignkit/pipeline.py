@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
-from .compare import LABELS, Decoding, compare, read_prompts
+from .compare import LABELS, Decoding, compare, read_prompts, row_keys
 from .config import build_config
 from .data import BUNDLED_DATASET
 from .errors import UserError
@@ -44,7 +44,7 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
                          dataset: str | None = None, reuse: bool = False, seed: int | None = None,
                          test_size: float | None = None, overwrite: bool = False,
                          timings: dict[str, float] | None = None,
-                         peaks: dict[str, float] | None = None) -> dict[str, str | None]:
+                         peaks: dict[str, float] | None = None, eval_dataset: str | None = None) -> dict[str, str | None]:
     """Train each configuration in ``names`` into ``out_dir/<name>``; returns name -> run folder.
 
     Each takes its recipe's options (:data:`RECIPES`); ``max_steps``, when not None, replaces every
@@ -53,11 +53,12 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
     ``base`` needs no training (None). A warm-started configuration trains its parent first.
     A folder that already holds a run is refused unless ``reuse`` (a finished run is kept, an
     interrupted one resumed) or ``overwrite`` (trained again from scratch).
-    ``dataset``, ``seed`` and ``test_size`` default to the training defaults. ``timings``, when
+    ``dataset``, ``seed`` and ``test_size`` (or ``eval_dataset``) default to the training defaults. ``timings``, when
     given, receives the seconds each trained configuration took, by label; ``peaks``, the process's peak
     resident memory (GB) once each had trained.
     """
-    split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size)) if v is not None}
+    split = {k: v for k, v in (("dataset", dataset), ("seed", seed), ("test_size", test_size),
+                               ("eval_dataset", eval_dataset)) if v is not None}
     from .train import run
 
     out_dir = Path(out_dir)
@@ -105,11 +106,12 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
 
 def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new_tokens=200, model=None,
                       dataset=None, given: dict[str, str] | None = None, reuse=False, seed=None,
-                      test_size=None, overwrite=False, decoding: Decoding | None = None) -> Path:
+                      test_size=None, overwrite=False, decoding: Decoding | None = None,
+                      eval_dataset: str | None = None) -> Path:
     """Train what ``given`` does not provide, then write the comparison report into ``out_dir/report``.
 
-    ``dataset``/``seed``/``test_size``, when given, are used for training and to score every
-    configuration on that one split; otherwise each run's record decides (see ``compare.choose_split``).
+    ``dataset``/``seed``/``test_size`` (or ``eval_dataset``), when given, are used for training and to
+    score every configuration on that one split; otherwise each run's record decides (see ``compare.choose_split``).
     """
     unknown = [n for n in names if n not in LABELS]
     if unknown:
@@ -123,14 +125,19 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
         if not (Path(folder) / "actor" / "adapter_config.json").exists():
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
-    check_data(to_train, dataset, seed, test_size)
+    if eval_dataset is not None and test_size is not None:
+        raise UserError("--test-size cuts the held-out rows from --dataset; with --eval-dataset they are that "
+                        "dataset's rows: drop one of them")
+    check_data(to_train, dataset, seed, test_size, eval_dataset)
     started, timings, peaks = time.time(), {}, {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
-                                test_size, overwrite, timings=timings, peaks=peaks) if to_train else {}
+                                test_size, overwrite, timings=timings, peaks=peaks,
+                                eval_dataset=eval_dataset) if to_train else {}
     runs = {n: given.get(n, runs.get(n)) for n in names}
     compared = time.time()
     report = compare(runs, Path(out_dir) / "report", prompts=prompts, model=model, dataset=dataset, seed=seed,
-                     test_size=test_size, max_new_tokens=max_new_tokens, decoding=decoding)
+                     test_size=test_size, max_new_tokens=max_new_tokens, decoding=decoding,
+                     eval_dataset=eval_dataset)
     timings["comparison (scoring, generation, report)"] = time.time() - compared
     peaks["comparison"] = peak_memory_gb()
     print(f"report: {report}")
@@ -139,10 +146,12 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
     return report
 
 
-def check_data(names, dataset: str | None, seed: int | None, test_size: float | None) -> None:
+def check_data(names, dataset: str | None, seed: int | None, test_size: float | None,
+               eval_dataset: str | None = None) -> None:
     """Refuse, before any stage trains, a dataset that one of the stages to train cannot read (e.g. SFT
-    data for the DPO stage, found only after SFT has trained otherwise)."""
-    if dataset is None:
+    data for the DPO stage, found only after SFT has trained otherwise), and an ``eval_dataset`` that
+    shares rows with the training data (the comparison refuses to score on it)."""
+    if dataset is None and eval_dataset is None:
         return
     from .config import as_test_split
     from .data import make_dataset
@@ -151,8 +160,15 @@ def check_data(names, dataset: str | None, seed: int | None, test_size: float | 
     tasks = {"preference" if RECIPES[n][0] == "dpo" else "sft" for name in names if name != "base"
              for n in _with_parents(name)}
     for task in sorted(tasks):
-        make_dataset(dataset, test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
-                     seed=seed if seed is not None else defaults.seed, task=task)
+        make_dataset(dataset or defaults.dataset,
+                     test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
+                     seed=seed if seed is not None else defaults.seed, task=task, eval_dataset=eval_dataset)
+    if eval_dataset is not None:
+        train, held_out = make_dataset(dataset or defaults.dataset, eval_dataset=eval_dataset)
+        shared = len(row_keys(held_out) & row_keys(train))
+        if shared:
+            raise UserError(f"--eval-dataset {eval_dataset} shares {shared} row(s) with the training data; the "
+                            "comparison scores only on rows no configuration trained on")
 
 
 def _with_parents(name: str) -> list[str]:
@@ -204,6 +220,9 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
     parser.add_argument("--seed", type=int, default=None, help="seed of the split (and of training)")
     parser.add_argument("--test-size", type=float, default=None,
                         help="held-out share (0 < x < 1) or row count (>= 1) of the split")
+    parser.add_argument("--eval-dataset", default=None,
+                        help="held-out rows from this dataset (a file or hub id, e.g. org/name:test) instead of a "
+                        "--test-size share of --dataset, for training and scoring")
     parser.add_argument("--eval-prompts", type=non_negative_int, default=None,
                         help="answer only the first N held-out prompts for the answer-quality table (0: none) "
                         "[default: all of them]")
@@ -242,5 +261,6 @@ def pipeline(flags: dict) -> int:
     """``alignkit pipeline``."""
     train_and_compare(PIPELINE_CONFIGS, flags["out"], flags["max_steps"], flags["prompts"], flags["max_new_tokens"],
                       flags["model"], flags["dataset"], reuse=flags["reuse"], seed=flags["seed"],
-                      test_size=flags["test_size"], overwrite=flags["overwrite"], decoding=decoding_from(flags))
+                      test_size=flags["test_size"], overwrite=flags["overwrite"], decoding=decoding_from(flags),
+                      eval_dataset=flags["eval_dataset"])
     return 0

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         given = {n: getattr(args, n) for n in ALL_CONFIGS[1:] if getattr(args, n)}
         train_and_compare(args.configs, args.out, args.max_steps, args.prompts, args.max_new_tokens, args.model,
                           args.dataset, given=given, reuse=args.reuse, seed=args.seed, test_size=args.test_size,
-                          overwrite=args.overwrite, decoding=decoding_from(args))
+                          overwrite=args.overwrite, decoding=decoding_from(args),
+                          eval_dataset=args.eval_dataset)
 
     return guarded(run)
 

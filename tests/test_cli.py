@@ -196,6 +196,24 @@ def test_diverging_loss_is_one_line_and_saves_nothing(tiny_model_dir, rows_file,
     assert not (run / "actor").exists()
 
 
+def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, rows_file, tmp_path, capsys):
+    lines = rows_file.read_text().splitlines(keepends=True)
+    train, held, leaky = tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "leaky.jsonl"
+    train.write_text("".join(lines[:18]))
+    held.write_text("".join(lines[18:]))
+    leaky.write_text("".join(lines[15:]))
+    argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(train), "--max-steps", "1",
+            "--max-new-tokens", "2", "--eval-prompts", "2", "--out", str(tmp_path / "pipe")]
+    assert main([*argv, "--eval-dataset", str(leaky)]) == 2   # refused before any training
+    assert capsys.readouterr().err.strip() == (f"error: --eval-dataset {leaky} shares 3 row(s) with the training "
+                                               "data; the comparison scores only on rows no configuration trained on")
+    assert not (tmp_path / "pipe" / "runs").exists()
+    assert main([*argv, "--eval-dataset", str(held)]) == 0
+    assert "SFT: 18 train / 6 test rows" in capsys.readouterr().out
+    results = json.loads((tmp_path / "pipe" / "report" / "results.json").read_text())
+    assert {(c["split"]["eval_dataset"], c["split"]["pairs"]) for c in results["configs"]} == {(str(held), 6)}
+
+
 def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path):
     out = tmp_path / "pipe"
     argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(rows_file), "--max-steps", "2",
