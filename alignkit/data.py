@@ -139,11 +139,11 @@ def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None
         records, found = apply_column_map(records, found, column_map, task, label)
         shape = detect_shape(records, format)
         check_columns(shape, task, records, found, label)
-        unread = unread_columns(found)
+        unread = unread_columns(found, shape)
         if unread:
             logger.warning("dataset '%s': column(s) %s are not read (their text is not trained on)", label,
                            ", ".join(unread))
-        rows, dropped = normalize(records, shape, task)
+        rows, dropped = normalize(records, shape, task, system_column=column_map.system or "system")
         wanted = f"{shape} {'SFT' if task == 'sft' else 'preference'} data"
     n_rows = len(records)
     detail = ", ".join(f"{n} with {why}" for why, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
@@ -184,7 +184,7 @@ def _load_rows(name_or_path, columns: tuple[str, ...]) -> tuple[str, list[dict[s
         return (text, *_read_hub(text, columns))
     raise UserError(
         f"dataset '{text}' is not a bundled set ({', '.join(BUNDLED_DATASETS)}), an existing file or a hub id "
-        "like 'org/name'; "
+        "like 'org/name' (or 'org/name:split'); "
         f"accepted file types: {', '.join(FILE_FORMATS)}"
     )
 

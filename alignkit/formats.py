@@ -26,7 +26,8 @@ column every prompt is a message list. A row with both a system value and a syst
 own is an error, since one of the two would be lost.
 
 Preference rows whose chosen and rejected answers are the same teach nothing and are dropped (counted).
-Columns no shape reads (e.g. ``context``) are named in a warning, since their text is not trained on.
+Columns the rows' shape does not read (e.g. ``context``) are named in a warning, since their text is not
+trained on.
 
 What the gyms receive (``normalize`` returns these):
 
@@ -98,6 +99,13 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     given = column_map.given()
     if task == "preference" and "response" in given:
         raise UserError("--response-column is for SFT data; DPO reads --chosen-column and --rejected-column")
+    parts_of: dict[str, list[str]] = {}
+    for part, col in given.items():
+        parts_of.setdefault(col, []).append(f"--{part}-column")
+    twice = {col: parts for col, parts in parts_of.items() if len(parts) > 1}
+    if twice:
+        col, parts = next(iter(twice.items()))
+        raise UserError(f"{' and '.join(parts)} both name the column '{col}'; a column plays one part")
     missing = [f"'{col}' (--{part}-column)" for part, col in given.items() if col not in found]
     if missing:
         raise UserError(f"dataset '{label}' has no column {', '.join(missing)}; "
@@ -125,6 +133,14 @@ def is_transcript(value: Any) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value
 
 
+def _is_hh_row(row: dict) -> bool:
+    """An HH row: a prompt transcript that ends waiting for the answer, or (no prompt) a chosen transcript."""
+    if "prompt" in row:
+        prompt = row["prompt"]
+        return is_transcript(prompt) and prompt.rstrip().endswith("\n\nAssistant:")
+    return is_transcript(row.get("chosen"))
+
+
 def row_shape(row: dict) -> str:
     """The shape a row is written in (one of ``FORMATS`` but ``auto``)."""
     if "conversations" in row:
@@ -136,7 +152,7 @@ def row_shape(row: dict) -> str:
     values = [row.get(c) for c in ("prompt", "completion", "chosen", "rejected")]
     if any(isinstance(v, (list, dict)) for v in values):
         return "conversational"
-    return "hh" if is_transcript(row.get("prompt", row.get("chosen"))) else "standard"
+    return "hh" if _is_hh_row(row) else "standard"
 
 
 def detect_shape(records: list[dict], fmt: str) -> str:
@@ -145,9 +161,15 @@ def detect_shape(records: list[dict], fmt: str) -> str:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     if not records:  # nothing to look at (a hub set without any known column): the plainest shape
         return "standard" if fmt == "auto" else fmt
-    first = row_shape(records[0])
-    for number, record in enumerate(records, start=1):
-        shape = row_shape(record)
+    shapes = [row_shape(record) for record in records]
+    if set(shapes) == {"hh", "standard"} or fmt in ("hh", "standard") and set(shapes) <= {"hh", "standard"}:
+        # Text rows, some written as HH transcripts: with a prompt column the text is taken as written
+        # (a prompt may quote a dialogue); without one they are transcripts, and rows that are not (e.g. a
+        # cut transcript without an answer) are dropped and counted by the converter.
+        text_shape = fmt if fmt != "auto" else ("standard" if any("prompt" in r for r in records) else "hh")
+        shapes = [text_shape] * len(records)
+    first = shapes[0]
+    for number, (record, shape) in enumerate(zip(records, shapes, strict=True), start=1):
         if fmt != "auto" and shape != fmt:
             raise UserError(f"row {number} is written as {shape} data, not {fmt} (its columns: {', '.join(record)})")
         if shape != first:
@@ -162,6 +184,9 @@ def detect_shape(records: list[dict], fmt: str) -> str:
 
 def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[str, str]:
     role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    if not sharegpt and isinstance(value, dict) and "from" in value and "value" in value:
+        _fail(row, f"{what} is a ShareGPT turn ({{from, value}}); ShareGPT files are read as they are, from "
+                   "a 'conversations' column (or with --format sharegpt), without --messages-column")
     if not isinstance(value, dict) or role_key not in value or text_key not in value:
         _fail(row, f"{what} holds {_kind(value)} where a {{{role_key}, {text_key}}} object is needed")
     role, content = value[role_key], value[text_key]
@@ -203,16 +228,26 @@ def messages_of(value: Any, row: int, what: str, sharegpt: bool = False, lone_ro
     if value is None:
         raise Dropped("a missing value")
     if not isinstance(value, list):
-        _fail(row, f"{what} is {_kind(value)}; a list of messages is needed")
+        hint = (" (CSV cells are always text: keep message lists in a .jsonl, .json or .parquet file)"
+                if isinstance(value, str) and value.lstrip().startswith(("[", "{")) else "")
+        _fail(row, f"{what} is {_kind(value)}; a list of messages is needed{hint}")
     if not value:
         _fail(row, f"{what} is an empty conversation")
     return [_message(m, row, f"{what} message {i}", sharegpt) for i, m in enumerate(value, start=1)]
 
 
-def _check_answer(messages: list, row: int, what: str) -> None:
+def opens_conversation(messages: list, i: int) -> bool:
+    """Whether message ``i`` opens the conversation: only system messages come before it (an assistant
+    turn there answers nothing, so it is context, not something to learn)."""
+    return all(m["role"] == "system" for m in messages[:i])
+
+
+def _check_answer(messages: list, row: int, what: str, beside_prompt: bool = False) -> None:
     """Preference answers continue the prompt: they start and end with an assistant turn."""
     if messages[0]["role"] != "assistant":
-        _fail(row, f"{what} starts with a {messages[0]['role']} turn; an answer starts with an assistant turn")
+        hint = (" (an answer written as the whole conversation must begin with the prompt column's messages, "
+                "the same text)" if beside_prompt else "")
+        _fail(row, f"{what} starts with a {messages[0]['role']} turn; an answer starts with an assistant turn{hint}")
     if messages[-1]["role"] != "assistant":
         _fail(row, f"the {what} conversation ends with a {messages[-1]['role']} turn; preference answers "
                    "must end with an assistant turn")
@@ -222,10 +257,13 @@ def without_prompt(answer: list, prompt: list) -> list:
     """An answer written as the whole conversation (the prompt's messages, then the answer) cut to the answer.
 
     Some datasets (UltraFeedback-style) store ``chosen``/``rejected`` as full conversations beside a
-    ``prompt`` column; an answer that does not start with exactly the prompt's messages is returned as it is.
+    ``prompt`` column; an answer that does not start with the prompt's messages (same roles, same text
+    up to surrounding whitespace) is returned as it is.
     """
     n = len(prompt)
-    return answer[n:] if len(answer) > n and answer[:n] == prompt else answer
+    same = len(answer) > n and all(a["role"] == p["role"] and a["content"].strip() == p["content"].strip()
+                                   for a, p in zip(answer[:n], prompt, strict=False))
+    return answer[n:] if same else answer
 
 
 def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
@@ -280,7 +318,8 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             messages = messages_of(record["messages"], row, "messages")
             if not any(m["role"] == "assistant" for m in messages):
                 _fail(row, "the conversation has no assistant turn, so there is nothing to learn")
-            if not any(m["role"] == "assistant" for m in messages[1:]):
+            if not any(m["role"] == "assistant" and not opens_conversation(messages, i)
+                       for i, m in enumerate(messages)):
                 _fail(row, "the conversation's only assistant turn opens it, answering nothing, so there is "
                            "nothing to learn")
             while messages[-1]["role"] != "assistant":  # turns after the last answer teach nothing
@@ -292,7 +331,7 @@ def _conversational(record: dict, task: str, row: int) -> dict:
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
         completion = without_prompt(messages_of(record.get(column), row, column, lone_role="assistant"), prompt)
-        _check_answer(completion, row, column)
+        _check_answer(completion, row, column, beside_prompt=True)
         return {"prompt": prompt, "completion": completion}
     chosen = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
     rejected = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
@@ -301,8 +340,8 @@ def _conversational(record: dict, task: str, row: int) -> dict:
         chosen, rejected = without_prompt(chosen, prompt), without_prompt(rejected, prompt)
     else:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected, row)
-    _check_answer(chosen, row, "chosen")
-    _check_answer(rejected, row, "rejected")
+    _check_answer(chosen, row, "chosen", beside_prompt="prompt" in record)
+    _check_answer(rejected, row, "rejected", beside_prompt="prompt" in record)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -335,7 +374,7 @@ def transcript_messages(value: Any, row: int, what: str) -> list[dict[str, str]]
     """The turns of HH transcript text as messages; a trailing empty ``Assistant:`` turn (a prompt's) is left out."""
     text = _text(value)
     if not is_transcript(text):
-        _fail(row, f"{what} is not a transcript of 'Human:' and 'Assistant:' turns, as row 1 is")
+        _fail(row, f"{what} is not a transcript of 'Human:' and 'Assistant:' turns")
     parts = _TURN.split(text.strip("\n").lstrip())
     messages = [{"role": _HH_ROLES[marker], "content": content.strip()}
                 for marker, content in zip(parts[1::2], parts[2::2], strict=True)]
@@ -418,33 +457,53 @@ def _columns_hint(task: str, shape: str, found: list[str]) -> str:
     return f" (if yours are named differently, name them with {flags})"
 
 
-def unread_columns(found: list[str]) -> list[str]:
-    """The columns no shape reads (their text is not trained on)."""
-    return [c for c in found if c not in KNOWN_COLUMNS]
+_READ_BY = {
+    "standard": ("prompt", "completion", "chosen", "rejected"),
+    "conversational": ("prompt", "completion", "chosen", "rejected", "messages"),
+    "sharegpt": ("conversations", "chosen", "rejected"),
+    "alpaca": ("instruction", "input", "output", "completion", "chosen", "rejected"),
+    "hh": ("prompt", "chosen", "rejected"),
+}
 
 
-def _system_text(value: Any, row: int) -> str | None:
-    """The system message text of a ``system`` cell; None when it is missing or blank."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+def unread_columns(found: list[str], shape: str | None = None) -> list[str]:
+    """The columns ``shape`` does not read (any shape, without one): their text is not trained on."""
+    read = KNOWN_COLUMNS if shape is None else (*_READ_BY[shape], "system")
+    return [c for c in found if c not in read]
+
+
+def _system_text(value: Any, row: int, column: str = "system") -> str | None:
+    """The system message text of a ``system`` cell; None when it is missing, blank or NaN (a missing
+    value as pandas writes it to JSON)."""
+    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
         return None
     if not isinstance(value, str):
-        _fail(row, f"system is {_kind(value)}, not text")
+        _fail(row, f"{column} is {_kind(value)}, not text")
     _check_unicode(value)
     return value
 
 
-def with_system(row: dict, system: str | None, number: int) -> dict:
-    """``row`` (as the converters return it) with its prompt as messages opened by ``system``, if given."""
+def with_system(row: dict, system: str | None, number: int, column: str = "system") -> dict:
+    """``row`` (as the converters return it) with its prompt as messages opened by ``system``, if given.
+
+    A conversation that already opens with a system message keeps it when it is the same text;
+    another text is an error (one of the two would be lost).
+    """
     key = "messages" if "messages" in row else "prompt"
     messages = [{"role": "system", "content": system}] if system is not None else []
     turns = [dict(m) for m in (row[key] if isinstance(row[key], list) else [{"role": "user", "content": row[key]}])]
     if messages and turns[0]["role"] == "system":
-        _fail(number, "has both a system column value and a system message; keep one")
+        if turns[0]["content"].strip() != system.strip():
+            _fail(number, f"has a {column} column value and a different system message of its own; keep one")
+        messages = []
     return {**row, key: messages + turns}
 
 
-def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], dict[str, int]]:
-    """Convert every row of ``shape`` for ``task``; returns the rows and ``{reason: count}`` of drops."""
+def normalize(records: list[dict], shape: str, task: str, system_column: str = "system") -> tuple[list[dict], dict[str, int]]:
+    """Convert every row of ``shape`` for ``task``; returns the rows and ``{reason: count}`` of drops.
+
+    ``system_column``: the user's name of the ``system`` column, for error messages.
+    """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     convert = CONVERTERS[shape]
@@ -454,7 +513,8 @@ def normalize(records: list[dict], shape: str, task: str) -> tuple[list[dict], d
         try:
             row = convert(record, task, number)
             if has_system:
-                row = with_system(row, _system_text(record.get("system"), number), number)
+                row = with_system(row, _system_text(record.get("system"), number, system_column), number,
+                                  system_column)
             if task == "preference" and row["chosen"] == row["rejected"]:
                 raise Dropped(SAME_ANSWERS)
             kept.append(row)

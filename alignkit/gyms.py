@@ -24,6 +24,7 @@ import torch
 
 from .config import SFTConfig
 from .errors import UserError
+from .formats import opens_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 
     """Split a rendered conversation into ``(text, learned)`` pieces, in order.
 
     Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token),
-    except one that opens the conversation (it answers nothing); everything else (system and user
+    except one that opens the conversation (only system messages before it: it answers nothing); everything else (system and user
     turns, template headers, earlier answers given as prompt) is context. The pieces come from rendering growing prefixes of the conversation, so no
     ``{% generation %}`` markers are needed; a template that renders a prefix differently inside
     a longer conversation is refused. Messages after the last learned answer are left out.
@@ -122,7 +123,7 @@ def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 
     segments: list[tuple[str, bool]] = []
     consumed = ""   # the part of the rendering already split into segments
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < max(learn_from, 1):
+        if message["role"] != "assistant" or i < learn_from or opens_conversation(messages, i):
             continue
         head = render_messages(tokenizer, messages[:i], generation_prompt=True)
         full = render_messages(tokenizer, messages[: i + 1])

@@ -438,12 +438,23 @@ def test_system_column_flag_names_the_column_and_a_second_system_message_is_refu
                                column_map=ColumnMap(system="persona"))
     assert all(r["prompt"][0] == SYSTEM for r in list(train) + list(test))
 
-    both = [{"system": "Be brief.", "prompt": [SYSTEM, user("Hi")], "chosen": [bot("Hey")], "rejected": [bot("Go")]}]
-    with pytest.raises(UserError, match="row 1: has both a system column value and a system message"):
-        make_dataset(write_jsonl(tmp_path / "both.jsonl", both * 2), test_size=1)
-    numeric = [{"system": 7, "prompt": "Q", "chosen": "A", "rejected": "B"}]
-    with pytest.raises(UserError, match="row 1: system is a number, not text"):
-        make_dataset(write_jsonl(tmp_path / "num.jsonl", numeric * 2), test_size=1)
+    same = [{"system": "Be brief. ", "prompt": [SYSTEM, user(f"Hi {i}")], "chosen": [bot("Hey")], "rejected": [bot("Go")]}
+            for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "same.jsonl", same), test_size=1)
+    assert all(r["prompt"][:2] == [SYSTEM, user(r["prompt"][1]["content"])] for r in list(train) + list(test))
+    other = [dict(row, persona="Talk like a pirate.") for row in same]
+    with pytest.raises(UserError, match="row 1: has a persona column value and a different system message of its own"):
+        make_dataset(write_jsonl(tmp_path / "other.jsonl", other), test_size=1, column_map=ColumnMap(system="persona"))
+    numeric = [{"persona": 7, "prompt": f"Q{i}", "chosen": "A", "rejected": "B"} for i in range(2)]
+    with pytest.raises(UserError, match="row 1: persona is a number, not text"):
+        make_dataset(write_jsonl(tmp_path / "num.jsonl", numeric), test_size=1, column_map=ColumnMap(system="persona"))
+    # NaN, as json.dump writes pandas' missing values, is a missing system message like null
+    (tmp_path / "nan.jsonl").write_text('{"system": NaN, "prompt": "Q1", "chosen": "A", "rejected": "B"}\n'
+                                        '{"system": "Be brief.", "prompt": "Q2", "chosen": "A", "rejected": "B"}\n')
+    train, test = make_dataset(tmp_path / "nan.jsonl", test_size=1)
+    assert sorted(len(r["prompt"]) for r in list(train) + list(test)) == [1, 2]
+    with pytest.raises(UserError, match="--prompt-column and --system-column both name the column 'prompt'"):
+        make_dataset(tmp_path / "nan.jsonl", column_map=ColumnMap(prompt="prompt", system="prompt"))
 
 
 def test_answers_written_as_whole_conversations_beside_a_prompt_are_cut_to_the_answer(tmp_path):
@@ -505,5 +516,37 @@ def test_hh_prompt_transcripts_with_text_answers(tmp_path):
     for row in list(train) + list(test):
         i = row["prompt"][0]["content"][1:-1]
         assert row == {"prompt": [user(f"Q{i}?")], "chosen": [bot(f"Good {i}.")], "rejected": [bot(f"Bad {i}.")]}
-    with pytest.raises(UserError, match="row 2 is written as standard data but row 1 as hh"):
-        make_dataset(write_jsonl(tmp_path / "mixed.jsonl", [rows[0], {"prompt": "Q", "chosen": "A", "rejected": "B"}]))
+    # Beside plain prompts, a prompt that quotes a dialogue is text as written; so is every prompt under
+    # --format standard.
+    mixed = [rows[0], {"prompt": "Q", "chosen": "A", "rejected": "B"}]
+    train, test = make_dataset(write_jsonl(tmp_path / "mixed.jsonl", mixed), test_size=1)
+    assert sorted(r["prompt"] for r in list(train) + list(test)) == sorted(r["prompt"] for r in mixed)
+    train, test = make_dataset(write_jsonl(tmp_path / "std.jsonl", rows), test_size=1, format="standard")
+    assert sorted(r["prompt"] for r in list(train) + list(test)) == sorted(r["prompt"] for r in rows)
+
+
+
+def test_an_assistant_greeting_after_a_system_message_still_opens_the_conversation(tmp_path, tokenizer):
+    greeting = [{"system": "Be brief.", "messages": [bot("Welcome!"), user(f"Q{i}"), bot(f"A{i}")]} for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "greet.jsonl", greeting), test_size=1, task="sft")
+    gym = SFTGym(train, test, tokenizer, max_context_length=256)
+    for enc in gym.train_examples + gym.test_examples:
+        learned = tokenizer.decode([t for t in enc.labels if t != IGNORE_INDEX])
+        assert learned in ("A0<|im_end|>", "A1<|im_end|>")   # not the greeting
+    only = [{"messages": [SYSTEM, bot("Welcome!")]}, {"messages": [user("Q"), bot("A")]}]
+    with pytest.raises(UserError, match="row 1: the conversation's only assistant turn opens it"):
+        make_dataset(write_jsonl(tmp_path / "only.jsonl", only), test_size=1, task="sft")
+
+
+def test_columns_the_shape_does_not_read_are_named_and_mapping_hints(tmp_path):
+    from alignkit.formats import unread_columns
+
+    assert unread_columns(["prompt", "input", "chosen", "rejected", "system"], "standard") == ["input"]
+    assert unread_columns(["instruction", "input", "output"], "alpaca") == []
+    sharegpt_as_messages = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}] * 2
+    with pytest.raises(UserError, match="is a ShareGPT turn .* without --messages-column"):
+        make_dataset(write_jsonl(tmp_path / "sg.jsonl", sharegpt_as_messages), task="sft",
+                     column_map=ColumnMap(messages="conversations"))
+    (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}]"\n')
+    with pytest.raises(UserError, match="CSV cells are always text: keep message lists in a .jsonl"):
+        make_dataset(tmp_path / "m.csv", task="sft")
