@@ -55,7 +55,8 @@ class SFTConfig:
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
     eval_dataset: str | None = opt(None, "held-out rows from this dataset (a file or hub id, e.g. org/name:test) "
                                          "instead of a --test-size share of --dataset")
-    max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit")
+    max_length: int = opt(256, "longest sequence in tokens; responses are cut to fit, rows whose prompt alone "
+                               "does not fit are dropped (counted)")
     format: str = opt("auto", "dataset shape: auto (recognised from the rows), standard, conversational, "
                               "sharegpt, alpaca or hh (Anthropic HH-RLHF transcripts)")
     prompt_column: str | None = opt(None, "column holding the prompt [default: prompt]")

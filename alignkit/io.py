@@ -64,6 +64,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1)
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=float) + "\n")
 
 
+def _readable_by_all(folder: Path) -> None:
+    """Files 0644 and folders 0755 under ``folder``: safetensors writes its files owner-only (0600),
+    which would keep an adapter or model from being shared or served as another user."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o755)
+        for name in files:
+            os.chmod(Path(root) / name, 0o644)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Fill a temporary folder beside ``path`` inside the block; on success it becomes ``path``.
@@ -79,6 +89,7 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     try:
         os.chmod(tmp, 0o755)
         yield tmp
+        _readable_by_all(tmp)
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path} already exists")

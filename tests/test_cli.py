@@ -313,6 +313,9 @@ def test_an_eval_dataset_run_records_it_and_test_size_with_it_is_refused(tiny_mo
     out = capsys.readouterr().out
     assert "SFT: 24 train / 3 test rows" in out
     assert json.loads((run / "run.json").read_text())["config"]["eval_dataset"] == str(held)
+    # safetensors writes owner-only files; what a run saves is readable by all, like its other files
+    for saved in (run / "actor" / "adapter_model.safetensors", run / "optimizer.safetensors", run / "run.json"):
+        assert saved.stat().st_mode & 0o777 == 0o644, saved
 
 
 def test_share_prompts_without_packing_is_refused_but_either_alone_runs(capsys):
