@@ -11,6 +11,7 @@ anything else fails at once, with a message that says why.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
 from urllib.parse import urlparse
@@ -19,10 +20,16 @@ _REACHABLE: dict[str, bool] = {}   # endpoint -> whether it accepted a connectio
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub endpoint (``HF_ENDPOINT``, by default https://huggingface.co) accepts a TCP connection."""
+    """Whether the hub endpoint (``HF_ENDPOINT``, by default https://huggingface.co) accepts a TCP connection.
+
+    Behind a proxy (``HTTPS_PROXY`` or ``ALL_PROXY`` set) a direct connection says nothing, so the hub
+    counts as reachable and the libraries find out through the proxy.
+    """
     from huggingface_hub import constants
 
     endpoint = constants.ENDPOINT
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     if endpoint not in _REACHABLE:
         url = urlparse(endpoint)
         port = url.port or (443 if url.scheme == "https" else 80)

@@ -288,6 +288,8 @@ def test_an_unreachable_hub_fails_a_dataset_id_at_once_with_the_reason(monkeypat
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "datasets")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(alignkit.hub, "_REACHABLE", {})
     start = time.monotonic()
     with pytest.raises(UserError) as info:

@@ -338,6 +338,8 @@ def unreachable_hub(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")   # the discard port: refused
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(alignkit.hub, "_REACHABLE", {})
     return tmp_path / "hub"
 
@@ -362,6 +364,12 @@ def test_an_unreachable_hub_loads_a_cached_model_at_once_and_fails_fast_otherwis
 
 def test_a_reachable_hub_is_used_as_before(monkeypatch):
     import alignkit.hub
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(alignkit.hub, "_REACHABLE", {})
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")   # behind a proxy: no direct probe
+    assert alignkit.hub.hub_reachable() and alignkit.hub._REACHABLE == {}
+    monkeypatch.delenv("HTTPS_PROXY")
 
     monkeypatch.setattr(alignkit.hub, "_REACHABLE", {"https://example.invalid": True})
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://example.invalid")
