@@ -4,7 +4,8 @@ Accepted shapes (the names ``--format`` takes):
 
 - ``standard``: text columns. Preference: ``prompt``, ``chosen``, ``rejected``. SFT: ``prompt`` and
   ``completion`` (or ``chosen``, so preference data also trains SFT).
-- ``conversational``: messages, each ``{"role": "system"|"user"|"assistant", "content": text}``.
+- ``conversational``: messages, each ``{"role": "system"|"user"|"assistant", "content": text}`` (or
+  content as text parts, ``[{"type": "text", "text": ...}]``, joined by newlines).
   SFT: ``messages`` (every assistant turn is learned but one that opens the conversation, which
   answers nothing), ``prompt`` + ``completion`` as message lists, or preference rows (below: the
   chosen answer is learned). Preference: ``prompt`` (messages, may hold earlier turns) + ``chosen``/``rejected`` (an
@@ -198,12 +199,26 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
         _fail(row, f"{what} has the unknown role {role!r} (accepted: {', '.join(ROLES)})")
     if content is None:
         raise Dropped("a missing message")
+    if isinstance(content, list) and not sharegpt:
+        content = _text_of_parts(content, row, what)
     if not isinstance(content, str):
         _fail(row, f"{what} has a {text_key} that is {_kind(content)}, not text")
     if not content.strip():
         raise Dropped("an empty message")
     _check_unicode(content)
     return {"role": role, "content": content}
+
+
+def _text_of_parts(parts: list, row: int, what: str) -> str:
+    """The text of content written as parts (``[{"type": "text", "text": ...}, ...]``), joined by newlines."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or "type" not in part:
+            _fail(row, f"{what} has content parts that are not {{type, ...}} objects")
+        if part["type"] != "text" or not isinstance(part.get("text"), str):
+            _fail(row, f"{what} has a {part['type']!r} content part; only text parts can be trained on")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _check_unicode(text: str) -> None:

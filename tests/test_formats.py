@@ -550,3 +550,17 @@ def test_columns_the_shape_does_not_read_are_named_and_mapping_hints(tmp_path):
     (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}]"\n')
     with pytest.raises(UserError, match="CSV cells are always text: keep message lists in a .jsonl"):
         make_dataset(tmp_path / "m.csv", task="sft")
+
+
+def test_content_written_as_text_parts_is_joined_and_other_parts_are_refused(tmp_path):
+    def parts(*texts):
+        return [{"type": "text", "text": t} for t in texts]
+
+    rows = [{"messages": [{"role": "user", "content": parts(f"Look {i}:", "what is it?")},
+                          {"role": "assistant", "content": parts(f"A cat {i}.")}]} for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "parts.jsonl", rows), test_size=1, task="sft")
+    assert sorted(r["messages"][0]["content"] for r in list(train) + list(test)) == ["Look 0:\nwhat is it?",
+                                                                                    "Look 1:\nwhat is it?"]
+    rows[1]["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x.png"}})
+    with pytest.raises(UserError, match="row 2: messages message 1 has a 'image_url' content part; only text parts"):
+        make_dataset(write_jsonl(tmp_path / "image.jsonl", rows), test_size=1, task="sft")
