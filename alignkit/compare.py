@@ -169,7 +169,8 @@ def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed
         if differ:
             first = next(iter(records))
             raise UserError(f"the runs were trained against different held-out splits: {first} ({split}) vs "
-                            f"{', '.join(differ)}; pass --dataset/--seed/--test-size to score all on one split")
+                            f"{', '.join(differ)}; pass --dataset/--seed/--test-size (or --eval-dataset) to score all on one "
+                            "split")
         return split
 
     def common(field: str, default):
@@ -208,8 +209,15 @@ class Evaluator:
     def _batches(self, max_length: int):
         if max_length not in self._gyms:
             # Only the held-out split is scored; it stands in as the (unused) training split too.
-            self._gyms[max_length] = PreferenceGym(self.test, self.test, self.tokenizer, data_batch_size_per_gpu=8,
-                                                   max_context_length=max_length, seed=self.split.seed)
+            if not len(self.test):
+                raise UserError(f"the held-out split ({self.split}) has no rows to score")
+            try:
+                self._gyms[max_length] = PreferenceGym(self.test, self.test, self.tokenizer,
+                                                       data_batch_size_per_gpu=8, max_context_length=max_length,
+                                                       seed=self.split.seed)
+            except UserError:   # the gym words it for training rows
+                raise UserError(f"the held-out split ({self.split}) has no row whose prompt fits the runs' max "
+                                f"length ({max_length} tokens)") from None
         return self._gyms[max_length].test_batches(8)
 
     def held_out_prompts(self, limit: int | None = None) -> list:

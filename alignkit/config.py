@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import BUNDLED_DATASET
+from .data import BUNDLED_DATASET, BUNDLED_DATASETS
 from .errors import UserError
 from .formats import FORMATS, ColumnMap
 from .losses import PREFERENCE_LOSSES
@@ -153,6 +153,10 @@ class SFTConfig:
         for target in self.report_to.split(","):
             need(target.strip() in REPORT_TARGETS, f"--report-to takes {', '.join(REPORT_TARGETS)} (got {target!r})")
         need(self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)} (got {self.format!r})")
+        for name in ("dataset", "eval_dataset"):
+            value = getattr(self, name)
+            need(value is None and name == "eval_dataset" or isinstance(value, str) and value.strip(),
+                 f"--{flag(name)} needs a dataset: a bundled name, a file or a hub id (got {value!r})")
         need(self.algo == "sft" or not self.response_column and not self.messages_column,
              "--response-column and --messages-column are for SFT data; DPO reads --prompt-column, "
              "--chosen-column and --rejected-column")
@@ -423,15 +427,40 @@ def load_yaml(path, cls) -> dict:
     return {k: _coerce(cls, k, v, str(path)) for k, v in options.items()}
 
 
+PATH_OPTIONS = ("dataset", "eval_dataset", "model", "load_path", "chat_template")
+"""Options that may name a local file or folder: recorded as absolute paths, so a run folder's record
+(``--resume``, the comparison) works from any working directory."""
+
+
+def absolute_paths(values: dict) -> dict:
+    """``values`` with every :data:`PATH_OPTIONS` value that names an existing local file or folder made
+    absolute (bundled dataset names, hub ids and the embedded model's name stay as they are)."""
+    out = dict(values)
+    for key in PATH_OPTIONS:
+        value = out.get(key)
+        if isinstance(value, str) and value.strip() and value not in BUNDLED_DATASETS:
+            path = Path(value).expanduser()
+            if path.exists():
+                out[key] = str(path.resolve())
+    return out
+
+
 def build_config(algo: str, flags: dict | None = None, **overrides):
     """The config of ``algo`` from defaults, then ``flags['config']``'s YAML, then flags and overrides."""
     cls = CONFIGS[algo]
     values = dict(flags or {}, **overrides)
     merged = load_yaml(values["config"], cls) if values.get("config") else {}
+    # A flag wins over the config file: one choosing the other way to hold rows out drops the file's.
+    if values.get("eval_dataset") and "test_size" not in values:
+        merged.pop("test_size", None)
+    if "test_size" in values and "eval_dataset" not in values:
+        merged.pop("eval_dataset", None)
     merged.update(values)
+    merged = absolute_paths(merged)
     if merged.get("eval_dataset") and "test_size" in merged:
+        where = "" if "test_size" in values else f" (both in {values['config']})"
         raise UserError("invalid options: --test-size cuts the held-out rows from --dataset; with --eval-dataset "
-                        "they are that dataset's rows: drop one of them")
+                        f"they are that dataset's rows: drop one of them{where}")
     if merged.get("share_prompts") is True and merged.get("packing") is False:   # both asked for, not defaults
         raise UserError("invalid options: --share-prompts works through packing; drop --no-packing or "
                         "--share-prompts")

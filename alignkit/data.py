@@ -9,6 +9,7 @@ Sources (see `make_dataset`): the bundled sample by name, a local `.jsonl` / `.j
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -102,10 +103,13 @@ def make_dataset(
     """
     if columns is not None:
         columns = _check_columns_arg(columns)
-    rows, label = usable_rows(name_or_path, columns, task=task, format=format, column_map=column_map)
+    named = _naming_the_file if eval_dataset is not None else contextlib.nullcontext
+    with named(name_or_path):
+        rows, label = usable_rows(name_or_path, columns, task=task, format=format, column_map=column_map)
     order = np.random.default_rng(seed).permutation(len(rows))
     if eval_dataset is not None:
-        held_out, eval_label = usable_rows(eval_dataset, columns, task=task, format=format, column_map=column_map)
+        with named(eval_dataset):
+            held_out, eval_label = usable_rows(eval_dataset, columns, task=task, format=format, column_map=column_map)
         train_rows = [rows[i] for i in order]
         keys = {_row_key(r) for r in train_rows}
         shared = sum(_row_key(r) in keys for r in held_out)
@@ -117,6 +121,17 @@ def make_dataset(
     test_rows = [rows[i] for i in order[:n_test]]
     train_rows = [rows[i] for i in order[n_test:]]
     return Dataset.from_list(train_rows), Dataset.from_list(test_rows)
+
+
+@contextlib.contextmanager
+def _naming_the_file(name):
+    """Row errors raised inside name the dataset they are about (with two datasets, either could be meant)."""
+    try:
+        yield
+    except UserError as err:
+        if str(err).startswith("row "):
+            raise UserError(f"dataset '{os.fspath(name)}', {err}") from None
+        raise
 
 
 def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None = None, *, task: str = "preference",

@@ -331,6 +331,19 @@ class _Gym:
             idx = idx[:usable][self.accelerator.process_index::n]
         return self._collate([self.train_examples[i] for i in idx])
 
+    def data_fingerprint(self) -> str:
+        """A hash of every tokenized train and test example (ids and labels), in their stored order:
+        equal exactly when the data a run sees is the same, whatever file or hub set it came from."""
+        import array
+
+        h = hashlib.sha256()
+        for split in (self.train_examples, self.test_examples):
+            h.update(len(split).to_bytes(8, "little"))
+            for example in split:
+                for enc in (example.chosen, example.rejected) if isinstance(example, PreferencePair) else (example,):
+                    h.update(array.array("q", enc.input_ids).tobytes() + b"|" + array.array("q", enc.labels).tobytes())
+        return h.hexdigest()[:32]
+
     def state_dict(self) -> dict:
         """Data position, so a resumed run continues with the same next batch."""
         return {"epoch": self.epoch, "cursor": self._cursor, "seed": self.seed}

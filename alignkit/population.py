@@ -271,7 +271,8 @@ def run_population(cfg) -> Path:
     check_save_path(cfg)
     s = setup(cfg)
     if not s.gym.test_examples:
-        raise UserError("population tuning scores members on held-out rows: give --test-size > 0")
+        raise UserError("population tuning scores members on held-out rows, and none is left after tokenization: "
+                        "raise --max-length or --test-size")
     population = build_population(s)
     run_dir = s.run_dir = claim_run_dir(cfg)
     if cfg.resume and (run_dir / "training_state.json").exists():

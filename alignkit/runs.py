@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .checkpoints import remove_leftovers
-from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, flag, load_yaml
+from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, absolute_paths, flag, load_yaml
 from .errors import UserError
 from .io import append_jsonl, atomic_write_text, read_jsonl, unwritable
 
@@ -123,7 +123,9 @@ def resumed_config(algo: str, given: dict) -> SFTConfig:
         raise UserError(f"--resume continues {run_dir} in place; it cannot write to --save-path {elsewhere}: "
                         "drop --save-path (or copy the run folder there first and resume the copy)")
     names = {f.name for f in dataclasses.fields(cls)}
-    recorded = {k: v for k, v in info["config"].items() if k in names}
+    # Paths as absolute on both sides (a record from before they were kept absolute names them as typed).
+    recorded = absolute_paths({k: v for k, v in info["config"].items() if k in names})
+    given = absolute_paths(given)
     changed = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in given.items()
                if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
     if changed:

@@ -152,9 +152,12 @@ def setup(cfg: SFTConfig) -> Setup:
     gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
     gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=per_process, accelerator=accelerator,
                   max_context_length=cfg.max_length, seed=cfg.seed)
+    more = "give a larger --eval-dataset" if cfg.eval_dataset else "raise --test-size"
+    if cfg.eval_dataset and not gym.test_examples:   # evaluation was asked for by name: no silent skip
+        raise UserError(f"--eval-dataset {cfg.eval_dataset}: none of its {len(test_ds)} rows has a prompt that fits "
+                        f"--max-length ({cfg.max_length} tokens); raise --max-length")
     if 0 < len(gym.test_examples) < processes:
-        raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; "
-                        "raise --test-size")
+        raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; {more}")
     # each process on the device accelerate gave it ("cpu:0" is plain "cpu" to the loader)
     device = cfg.device if accelerator is None else accelerator.device.type if accelerator.device.type == "cpu" \
         else str(accelerator.device)
@@ -203,7 +206,7 @@ def start_records(s: Setup, start: int, **extra) -> MetricsLog:
     options = dict(s.cfg.to_dict(), resume=None, overwrite=False)  # how a run was started is not an option of it
     info = {"algo": s.cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": options,
             "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
-            "total_steps": s.total_steps, **extra}
+            "data_fingerprint": s.gym.data_fingerprint(), "total_steps": s.total_steps, **extra}
     if s.main:
         atomic_write_json(s.run_dir / "run.json", info)
     return MetricsLog(s.run_dir, s.cfg.report_to, s.run_dir.name, options, resume_after=start or None,
@@ -238,6 +241,20 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _check_same_data(s: Setup) -> None:
+    """A UserError when the data a resumed run reads now is not the data it started with (a data file
+    edited or replaced in between): resuming would mix two datasets in one run."""
+    from .runs import read_run_info
+
+    recorded = read_run_info(s.run_dir)
+    before = recorded.get("data_fingerprint")
+    if before is not None and before != s.gym.data_fingerprint():
+        rows = f"{recorded.get('train_rows')} train / {recorded.get('test_rows')} test rows then, " \
+               f"{len(s.gym.train_examples)} / {len(s.gym.test_examples)} now"
+        raise UserError(f"--resume {s.run_dir}: its data changed since the run started ({rows}, as tokenized); "
+                        "resuming would mix two datasets in one run: restore the data or start a new run")
 
 
 def _resume_state(s: Setup) -> int:
@@ -279,6 +296,8 @@ def train(s: Setup) -> dict:
     cfg, gym, agent = s.cfg, s.gym, s.agent
     say = print if s.main else (lambda *args, **kwargs: None)   # one process speaks for all
     s.run_dir = s.run_dir or broadcast_from_main(claim_run_dir(cfg) if s.main else None, s.accelerator)
+    if cfg.resume:
+        _check_same_data(s)
     start = _resume_state(s) if cfg.resume else 0
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "

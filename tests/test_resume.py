@@ -207,3 +207,25 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_mode
     assert [p.name for p in run.iterdir() if p.name.startswith(("checkpoint", "."))] == ["checkpoint-2"]
     monkeypatch.setattr(checkpoints, "save_file", real)
     assert main(["sft", "--resume", str(run)]) == 0
+
+
+def test_resume_refuses_data_that_changed_and_works_from_another_folder(tiny_model_dir, rows_file, tmp_path, capsys,
+                                                                        monkeypatch):
+    data = tmp_path / "data" / "rows.jsonl"
+    data.parent.mkdir()
+    data.write_text(rows_file.read_text())
+    monkeypatch.chdir(data.parent)
+    run = tmp_path / "run"
+    flags = _flags(tiny_model_dir, "rows.jsonl", run, "--max-steps", "1")   # a relative path, as typed
+    assert main(["sft", *flags]) == 0
+    assert json.loads((run / "run.json").read_text())["config"]["dataset"] == str(data)   # recorded absolute
+    monkeypatch.chdir(tmp_path)   # elsewhere: the record still finds the data
+    assert main(["sft", "--resume", str(run), "--max-steps", "2"]) == 0
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + [lines[0].replace("?", "??")]))   # one row edited
+    capsys.readouterr()
+    assert main(["sft", "--resume", str(run), "--max-steps", "3"]) == 2
+    assert _errors(capsys) == [f"error: --resume {run}: its data changed since the run started (18 train / 6 test "
+                               "rows then, 18 / 6 now, as tokenized); resuming would mix two datasets in one run: "
+                               "restore the data or start a new run"]
+    assert sorted(_train_losses(run)) == [1, 2]
