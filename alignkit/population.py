@@ -264,7 +264,7 @@ def run_population(cfg) -> Path:
     from .io import atomic_write_json
     from .processes import launched_processes
     from .runs import check_save_path, claim_run_dir
-    from .train import setup, start_records
+    from .train import check_same_data, setup, start_records
 
     if launched_processes() > 1:
         raise UserError("--pop-size trains its members in one process; run it without accelerate launch")
@@ -278,6 +278,8 @@ def run_population(cfg) -> Path:
     if cfg.resume and (run_dir / "training_state.json").exists():
         print(f"{run_dir} has already finished its population run")
         return run_dir
+    if cfg.resume:
+        check_same_data(s)
     start, leader = load_population(population, s) if cfg.resume else (0, 0)
     log = start_records(s, start, population=cfg.pop_size)
     resuming = f"resuming at step {start} of " if start else ""

@@ -243,7 +243,7 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _check_same_data(s: Setup) -> None:
+def check_same_data(s: Setup) -> None:
     """A UserError when the data a resumed run reads now is not the data it started with (a data file
     edited or replaced in between): resuming would mix two datasets in one run."""
     from .runs import read_run_info
@@ -297,7 +297,7 @@ def train(s: Setup) -> dict:
     say = print if s.main else (lambda *args, **kwargs: None)   # one process speaks for all
     s.run_dir = s.run_dir or broadcast_from_main(claim_run_dir(cfg) if s.main else None, s.accelerator)
     if cfg.resume:
-        _check_same_data(s)
+        check_same_data(s)
     start = _resume_state(s) if cfg.resume else 0
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
