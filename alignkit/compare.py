@@ -23,7 +23,7 @@ import torch
 from .adapters import adapter_base_model, load_adapter
 from .agents import PreferenceObjective, score_preferences
 from .config import DPOConfig, as_test_split, sampling_problems
-from .data import make_dataset
+from .data import make_dataset, row_key
 from .errors import UserError
 from .formats import ColumnMap
 from .generation import Sampling, generate_replies
@@ -150,7 +150,7 @@ def read_run_record(run_dir) -> RunRecord:
 
 def row_keys(dataset) -> set[str]:
     """The preference rows of ``dataset`` as comparable keys (to find rows two splits share)."""
-    return {json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True) for r in dataset}
+    return {row_key(r) for r in dataset}
 
 
 def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed: int | None = None,

@@ -111,8 +111,8 @@ def make_dataset(
         with named(eval_dataset):
             held_out, eval_label = usable_rows(eval_dataset, columns, task=task, format=format, column_map=column_map)
         train_rows = [rows[i] for i in order]
-        keys = {_row_key(r) for r in train_rows}
-        shared = sum(_row_key(r) in keys for r in held_out)
+        keys = {row_key(r) for r in train_rows}
+        shared = sum(row_key(r) in keys for r in held_out)
         if shared:
             logger.warning("dataset '%s': %d of its %d rows are also in the training data '%s' (their scores "
                            "measure memory, not generalisation)", eval_label, shared, len(held_out), label)
@@ -370,7 +370,8 @@ def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tupl
     return kept, dict(reasons)
 
 
-def _row_key(row: dict) -> str:
+def row_key(row: dict) -> str:
+    """A row as a comparable key: equal for rows with the same values."""
     return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
@@ -378,7 +379,7 @@ def _drop_duplicates(rows: list[dict], label: str) -> list[dict]:
     """Drop exact repeats: a repeat could land in both splits and inflate test scores."""
     seen, kept = set(), []
     for row in rows:
-        key = _row_key(row)
+        key = row_key(row)
         if key not in seen:
             seen.add(key)
             kept.append(row)

@@ -23,8 +23,8 @@ Accepted shapes (the names ``--format`` takes):
 
 Any shape may have a ``system`` column (text): a non-empty value becomes the system message that
 opens the row's prompt (an empty or missing one leaves the model's default). Once a file has that
-column every prompt is a message list. A row with both a system value and a system message of its
-own is an error, since one of the two would be lost.
+column every prompt is a message list. A row whose conversation already opens with a system message
+keeps it once when the texts agree; different texts are an error, since one of the two would be lost.
 
 Preference rows whose chosen and rejected answers are the same teach nothing and are dropped (counted).
 Columns the rows' shape does not read (e.g. ``context``) are named in a warning, since their text is not
