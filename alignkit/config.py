@@ -427,6 +427,10 @@ def load_yaml(path, cls) -> dict:
     return {k: _coerce(cls, k, v, str(path)) for k, v in options.items()}
 
 
+EVAL_DATASET_OR_TEST_SIZE = ("--test-size cuts the held-out rows from --dataset; with --eval-dataset they are that "
+                             "dataset's rows: drop one of them")
+
+
 PATH_OPTIONS = ("dataset", "eval_dataset", "model", "load_path", "chat_template")
 """Options that may name a local file or folder: recorded as absolute paths, so a run folder's record
 (``--resume``, the comparison) works from any working directory."""
@@ -459,8 +463,7 @@ def build_config(algo: str, flags: dict | None = None, **overrides):
     merged = absolute_paths(merged)
     if merged.get("eval_dataset") and "test_size" in merged:
         where = "" if "test_size" in values else f" (both in {values['config']})"
-        raise UserError("invalid options: --test-size cuts the held-out rows from --dataset; with --eval-dataset "
-                        f"they are that dataset's rows: drop one of them{where}")
+        raise UserError(f"invalid options: {EVAL_DATASET_OR_TEST_SIZE}{where}")
     if merged.get("share_prompts") is True and merged.get("packing") is False:   # both asked for, not defaults
         raise UserError("invalid options: --share-prompts works through packing; drop --no-packing or "
                         "--share-prompts")

@@ -54,9 +54,16 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
 TASKS = ("sft", "preference")
 
+# The columns each shape reads, besides the ``system`` column every shape takes.
+_READ_BY = {
+    "standard": ("prompt", "completion", "chosen", "rejected"),
+    "conversational": ("prompt", "completion", "chosen", "rejected", "messages"),
+    "sharegpt": ("conversations", "chosen", "rejected"),
+    "alpaca": ("instruction", "input", "output", "completion", "chosen", "rejected"),
+    "hh": ("prompt", "chosen", "rejected"),
+}
 # Every column any shape reads (hub datasets convert only these to Python objects).
-KNOWN_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations", "instruction",
-                 "input", "output", "system")
+KNOWN_COLUMNS = tuple(dict.fromkeys(c for columns in _READ_BY.values() for c in columns)) + ("system",)
 
 
 @dataclass(frozen=True)
@@ -472,19 +479,9 @@ def _columns_hint(task: str, shape: str, found: list[str]) -> str:
     return f" (if yours are named differently, name them with {flags})"
 
 
-_READ_BY = {
-    "standard": ("prompt", "completion", "chosen", "rejected"),
-    "conversational": ("prompt", "completion", "chosen", "rejected", "messages"),
-    "sharegpt": ("conversations", "chosen", "rejected"),
-    "alpaca": ("instruction", "input", "output", "completion", "chosen", "rejected"),
-    "hh": ("prompt", "chosen", "rejected"),
-}
-
-
-def unread_columns(found: list[str], shape: str | None = None) -> list[str]:
-    """The columns ``shape`` does not read (any shape, without one): their text is not trained on."""
-    read = KNOWN_COLUMNS if shape is None else (*_READ_BY[shape], "system")
-    return [c for c in found if c not in read]
+def unread_columns(found: list[str], shape: str) -> list[str]:
+    """The columns ``shape`` does not read: their text is not trained on."""
+    return [c for c in found if c not in _READ_BY[shape] and c != "system"]
 
 
 def _system_text(value: Any, row: int, column: str = "system") -> str | None:

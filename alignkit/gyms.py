@@ -15,6 +15,7 @@ Batch layout (all tensors, right-padded with ``pad_token_id``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -331,9 +332,11 @@ class _Gym:
             idx = idx[:usable][self.accelerator.process_index::n]
         return self._collate([self.train_examples[i] for i in idx])
 
+    @functools.cached_property
     def data_fingerprint(self) -> str:
         """A hash of every tokenized train and test example (ids and labels), in their stored order:
-        equal exactly when the data a run sees is the same, whatever file or hub set it came from."""
+        equal exactly when the data a run sees is the same, whatever file or hub set it came from
+        (computed once: the examples do not change)."""
         import array
 
         h = hashlib.sha256()

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
 from .compare import LABELS, Decoding, compare, read_prompts, row_keys
-from .config import build_config
+from .config import EVAL_DATASET_OR_TEST_SIZE, build_config
 from .data import BUNDLED_DATASET
 from .errors import UserError
 from .runs import resumed_config
@@ -126,8 +126,7 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
             raise UserError(f"--{name.replace('_', '-')} {folder}: not a run folder (no actor/adapter_config.json)")
     to_train = [n for n in names if n not in given]
     if eval_dataset is not None and test_size is not None:
-        raise UserError("--test-size cuts the held-out rows from --dataset; with --eval-dataset they are that "
-                        "dataset's rows: drop one of them")
+        raise UserError(EVAL_DATASET_OR_TEST_SIZE)
     check_data(to_train, dataset, seed, test_size, eval_dataset)
     started, timings, peaks = time.time(), {}, {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,

@@ -206,7 +206,7 @@ def start_records(s: Setup, start: int, **extra) -> MetricsLog:
     options = dict(s.cfg.to_dict(), resume=None, overwrite=False)  # how a run was started is not an option of it
     info = {"algo": s.cfg.algo, "run_name": s.run_dir.name, "base_model": s.base_model, "config": options,
             "train_rows": len(s.gym.train_examples), "test_rows": len(s.gym.test_examples),
-            "data_fingerprint": s.gym.data_fingerprint(), "total_steps": s.total_steps, **extra}
+            "data_fingerprint": s.gym.data_fingerprint, "total_steps": s.total_steps, **extra}
     if s.main:
         atomic_write_json(s.run_dir / "run.json", info)
     return MetricsLog(s.run_dir, s.cfg.report_to, s.run_dir.name, options, resume_after=start or None,
@@ -250,7 +250,7 @@ def check_same_data(s: Setup) -> None:
 
     recorded = read_run_info(s.run_dir)
     before = recorded.get("data_fingerprint")
-    if before is not None and before != s.gym.data_fingerprint():
+    if before is not None and before != s.gym.data_fingerprint:
         rows = f"{recorded.get('train_rows')} train / {recorded.get('test_rows')} test rows then, " \
                f"{len(s.gym.train_examples)} / {len(s.gym.test_examples)} now"
         raise UserError(f"--resume {s.run_dir}: its data changed since the run started ({rows}, as tokenized); "
