@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
 from .errors import UserError
 from .formats import ColumnMap
-from .generation import Sampling, generate_replies
+from .generation import BASE, Sampling, generate_replies, mixable_adapters
 from .gyms import PreferenceGym
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
@@ -225,16 +226,42 @@ class Evaluator:
         prompts = [row["prompt"] for row in self.test]
         return prompts if limit is None else prompts[:limit]
 
-    def _replies(self, model, prompts: list, held_out: list, decoding: Decoding) -> tuple[list[str], list]:
-        """Showcase answers and, per held-out prompt, its ``Answer`` samples: all prompts in one batch."""
+    def _replies(self, model, prompts: list, held_out: list, decoding: Decoding,
+                 adapters: list[str] | None = None) -> list[tuple[list[str], list]]:
+        """Per configuration (one, or one per name of ``adapters``, all answering in shared batches):
+        its showcase answers and, per held-out prompt, its ``Answer`` samples."""
         every = list(prompts) + list(held_out)
+        configs = adapters or [None]
+        rows = every * len(configs)
+        names = [name for name in configs for _ in every] if adapters else None
+        batches = max(math.ceil(len(rows) / self.MAX_ROWS), 1)   # as few as fit, of even sizes
         samples = []
         for k in range(decoding.samples):
-            samples.append(generate_replies(model, self.tokenizer, every, decoding.max_new_tokens,
-                                            batch_size=max(len(every), 1), sampling=decoding.sampling(k)))
-        showcase = [reply.text for reply in samples[0][: len(prompts)]]
-        per_prompt = [[sample[len(prompts) + i] for sample in samples] for i in range(len(held_out))]
-        return showcase, per_prompt
+            replies = generate_replies(model, self.tokenizer, rows, decoding.max_new_tokens,
+                                       batch_size=max(math.ceil(len(rows) / batches), 1),
+                                       sampling=decoding.sampling(k), adapters=names)
+            samples.append([replies[c * len(every):(c + 1) * len(every)] for c in range(len(configs))])
+        out = []
+        for c in range(len(configs)):
+            showcase = [reply.text for reply in samples[0][c][: len(prompts)]]
+            out.append((showcase, [[sample[c][len(prompts) + i] for sample in samples] for i in range(len(held_out))]))
+        return out
+
+    MAX_ROWS = 160
+    """The most prompts answered in one batch: its key/value cache is preallocated for every row (about
+    1.9 GB for 160 rows of the embedded model), and beyond ~100 rows a larger batch gains little."""
+
+    def _held_out_metrics(self, model, has_adapter: bool, max_length: int, beta: float) -> dict:
+        reference = ReferencePolicy(model, cache=self.reference_cache)  # the base: adapter disabled
+        held_out = score_preferences(model, self._batches(max_length), reference,
+                                     PreferenceObjective(beta=beta, nll_alpha=1.0))
+        return {
+            # The base is its own reference: every reward is 0 and "accuracy" says nothing.
+            "preference_accuracy": held_out["rewards/accuracies"] if has_adapter else None,
+            "reward_chosen": held_out["rewards/chosen"],
+            "reward_rejected": held_out["rewards/rejected"],
+            "sft_loss": held_out["nll_loss"],  # mean NLL per chosen-response token = SFT loss on chosen
+        }
 
     def score(self, run_dir: str | None, prompts: list[str], decoding: Decoding | None = None,
               max_length: int = _DEFAULTS.max_length, beta: float = _DEFAULTS.beta) -> dict:
@@ -243,29 +270,81 @@ class Evaluator:
         Also answers the held-out prompts (``decoding.eval_prompts`` of them) and returns those answers
         under ``"held_out_answers"``: per prompt a list of ``decoding.samples`` :class:`Answer` s.
         """
+        return self.score_all([(run_dir, max_length, beta)], prompts, decoding)[0]
+
+    def score_all(self, configs: list[tuple[str | None, int, float]], prompts: list[str],
+                  decoding: Decoding | None = None, progress=None, labels: list[str] | None = None) -> list[dict]:
+        """:meth:`score` for each ``(run_dir, max_length, beta)`` of ``configs``, in their order.
+
+        Greedy answers of several configurations come from one decoding pass: every adapter is
+        loaded on the base at once and each row runs its own (the answers are those each adapter
+        gives alone). Sampled answers, and adapters that cannot share a batch, are generated one
+        configuration at a time. ``progress(message)`` hears of each step, which names configuration
+        ``i`` by ``labels[i]`` when given.
+        """
         decoding = decoding or Decoding()
+        say = progress or (lambda message: None)
+        held_out_prompts = self.held_out_prompts(decoding.eval_prompts)
+        metrics, answers = [], {}
+        for i, (run_dir, max_length, beta) in enumerate(configs):
+            label = f"{labels[i]} " if labels else ""
+            say(f"evaluating {label}({run_dir or 'untrained LoRA'})")
+            model = self._with_adapter(run_dir)
+            try:
+                metrics.append(self._held_out_metrics(model, bool(run_dir), max_length, beta))
+                if decoding.samples > 1 or decoding.temperature > 0 or len(configs) == 1:
+                    answers[i] = self._replies(model, prompts, held_out_prompts, decoding)[0]
+            finally:
+                self.base = model.unload()  # drop the LoRA layers: the next configuration starts clean
+        if len(answers) < len(configs):
+            answers = self._replies_together(configs, prompts, held_out_prompts, decoding, say)
+        results = []
+        for i, scores in enumerate(metrics):
+            showcase, held_out_answers = answers[i]
+            results.append({"answers": showcase, "held_out_answers": held_out_answers, "metrics": {
+                **scores,
+                "mean_answer_words": sum(len(a.split()) for a in showcase) / max(len(showcase), 1),
+                "repetition": sum(repetition_score(a) for a in showcase) / max(len(showcase), 1)}})
+        return results
+
+    def _with_adapter(self, run_dir, model=None, name: str = "default"):
+        """The base with the adapter of ``run_dir`` (None: an untrained LoRA) as ``name``, on ``model``
+        when given (a PEFT model on the base)."""
         if run_dir:
-            model = load_adapter(self.base, Path(run_dir) / "actor", is_trainable=False)
-        else:
-            model = add_lora(self.base)
+            return load_adapter(self.base, Path(run_dir) / "actor", adapter_name=name, is_trainable=False,
+                                model=model)
+        return add_lora(model if model is not None else self.base, adapter_name=name)
+
+    def _replies_together(self, configs, prompts, held_out_prompts, decoding, say) -> dict:
+        """Greedy answers of every configuration, from one model holding all their adapters."""
+        names = [f"config{i}" if run_dir else BASE for i, (run_dir, _, _) in enumerate(configs)]
+        model = None
         try:
-            reference = ReferencePolicy(model, cache=self.reference_cache)  # the base: adapter disabled
-            held_out = score_preferences(model, self._batches(max_length), reference,
-                                         PreferenceObjective(beta=beta, nll_alpha=1.0))
-            answers, held_out_answers = self._replies(model, prompts, self.held_out_prompts(decoding.eval_prompts),
-                                                      decoding)
+            for name, (run_dir, _, _) in zip(names, configs, strict=True):
+                if run_dir:
+                    model = self._with_adapter(run_dir, model, name)
+            if model is None:   # only untrained bases: one pass answers for all of them
+                model = self._with_adapter(None)
+                names = ["default"] * len(configs)
+            model.eval()
+            together = mixable_adapters(model, names)
+            rows = (len(prompts) + len(held_out_prompts)) * len(configs)
+            say(f"answering {len(prompts) + len(held_out_prompts)} prompts x {len(configs)} configurations"
+                + (f" in shared batches ({rows} rows)" if together else " one configuration at a time"))
+            if together:
+                return dict(enumerate(self._replies(model, prompts, held_out_prompts, decoding, names)))
+            answers = {}
+            for i, name in enumerate(names):
+                if name == BASE:
+                    with model.disable_adapter():
+                        answers[i] = self._replies(model, prompts, held_out_prompts, decoding)[0]
+                else:
+                    model.set_adapter(name)
+                    answers[i] = self._replies(model, prompts, held_out_prompts, decoding)[0]
+            return answers
         finally:
-            self.base = model.unload()  # drop the LoRA layers: the next configuration starts clean
-        metrics = {
-            # The base is its own reference: every reward is 0 and "accuracy" says nothing.
-            "preference_accuracy": held_out["rewards/accuracies"] if run_dir else None,
-            "reward_chosen": held_out["rewards/chosen"],
-            "reward_rejected": held_out["rewards/rejected"],
-            "sft_loss": held_out["nll_loss"],  # mean NLL per chosen-response token = SFT loss on chosen
-            "mean_answer_words": sum(len(a.split()) for a in answers) / max(len(answers), 1),
-            "repetition": sum(repetition_score(a) for a in answers) / max(len(answers), 1),
-        }
-        return {"answers": answers, "metrics": metrics, "held_out_answers": held_out_answers}
+            if model is not None:
+                self.base = model.unload()
 
 
 @dataclass(frozen=True)
@@ -333,16 +412,13 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
     scored_on = {**asdict(split), "column_map": split.column_map.given(), "pairs": len(evaluator.test)}
     lengths = {r.max_length for r in records.values()}
     base_length = lengths.pop() if len(lengths) == 1 else _DEFAULTS.max_length  # for the untrained base
-    configs = []
-    for key, run_dir in runs.items():
-        progress(f"evaluating {LABELS.get(key, key)} ({run_dir or 'untrained LoRA'})")
-        record = records.get(key)
-        with torch.no_grad():
-            scored = evaluator.score(run_dir, prompts, decoding,
-                                     max_length=record.max_length if record else base_length,
-                                     beta=record.beta if record else _DEFAULTS.beta)
-        configs.append({"name": LABELS.get(key, key), "run_dir": str(run_dir) if run_dir else None,
-                        "split": scored_on, **scored})
+    settings = [(run_dir, records[key].max_length if key in records else base_length,
+                 records[key].beta if key in records else _DEFAULTS.beta) for key, run_dir in runs.items()]
+    with torch.no_grad():
+        scores = evaluator.score_all(settings, prompts, decoding, progress=progress,
+                                     labels=[LABELS.get(key, key) for key in runs])
+    configs = [{"name": LABELS.get(key, key), "run_dir": str(run_dir) if run_dir else None, "split": scored_on,
+                **scored} for (key, run_dir), scored in zip(runs.items(), scores, strict=True)]
     held_out = {c["name"]: c.pop("held_out_answers") for c in configs}
     base = held_out.get(LABELS["base"])
     n_held_out = len(next(iter(held_out.values()), []))

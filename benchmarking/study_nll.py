@@ -97,15 +97,18 @@ def answer_scores(args, runs: dict[str, dict]) -> dict[str, dict]:
     import torch
 
     from alignkit.compare import Decoding, Evaluator, read_run_record
+    from alignkit.config import DPOConfig
     from alignkit.quality import answer_quality
 
     first = next(iter(runs.values()))
     evaluator = Evaluator(split=read_run_record(first["folder"]).split)
     decoding = Decoding(max_new_tokens=args.max_new_tokens, eval_prompts=args.eval_prompts or None)
-    answers = {}
-    with torch.no_grad():
-        for name, folder in [("base", None)] + [(n, r["folder"]) for n, r in runs.items()]:
-            answers[name] = evaluator.score(folder, [], decoding)["held_out_answers"]
+    defaults = DPOConfig()
+    configs = [("base", None)] + [(n, r["folder"]) for n, r in runs.items()]
+    with torch.no_grad():   # every configuration answers in shared batches
+        scored = evaluator.score_all([(folder, defaults.max_length, defaults.beta) for _, folder in configs], [],
+                                     decoding)
+    answers = {name: s["held_out_answers"] for (name, _), s in zip(configs, scored, strict=True)}
     return {name: {"quality": answer_quality(a, None if name == "base" else answers["base"]), "n": len(a)}
             for name, a in answers.items()}
 

@@ -93,6 +93,40 @@ def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, ro
     assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards
 
 
+def _loud_copy(run_dir, to, seed: int) -> str:
+    """A copy of the run folder ``run_dir`` whose adapter's B matrices are large random ones."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run_dir, to)
+    weights = to / "actor" / "adapter_model.safetensors"
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=generator) * 2.0 if "lora_B" in k else v
+               for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    return str(to)
+
+
+def test_configurations_answering_in_one_batch_answer_as_each_alone(runs, tiny_model_dir, rows_file, tmp_path):
+    from alignkit.compare import Decoding
+
+    evaluator = Evaluator(str(tiny_model_dir), Split(str(rows_file), 42, 6))
+    decoding = Decoding(max_new_tokens=8, eval_prompts=4)
+    # one training step barely moves the tiny model: adapters with large random B matrices answer visibly apart
+    loud = [_loud_copy(runs[key], tmp_path / key, seed) for seed, key in enumerate(("sft", "dpo"))]
+    configs = [(None, 64, 0.1), (loud[0], 64, 0.1), (loud[1], 64, 0.5)]
+    alone = [evaluator.score(run_dir, ["Hi?", "Why?"], decoding, max_length=length, beta=beta)
+             for run_dir, length, beta in configs]
+    said = []
+    together = evaluator.score_all(configs, ["Hi?", "Why?"], decoding, progress=said.append)
+    assert said[-1] == "answering 6 prompts x 3 configurations in shared batches (18 rows)"
+    assert together == alone
+    texts = [[a[0].text for a in config["held_out_answers"]] for config in alone]
+    assert texts[0] != texts[1] != texts[2] != texts[0], texts   # three configurations answering differently
+    assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards
+
+
 def test_timing_summary_names_each_stage_and_the_total():
     from alignkit.pipeline import timing_summary
 

@@ -383,3 +383,72 @@ def test_roomy_cache_keeps_the_rows_that_stay_exactly_as_a_plain_cache_does(make
     assert roomy.layers[0].get_seq_length() == 8
     assert torch.equal(keys, plain.layers[0].keys) and torch.equal(values, plain.layers[0].values)
     assert torch.equal(roomy.layers[0].keys, plain.layers[0].keys)
+
+
+# -- several adapters in one batch ----------------------------------------------------------------
+
+
+def _two_adapters(make_model):
+    """A tiny model with two LoRA adapters, ``one`` (query/key/value/output) and ``two`` (those and the
+    MLP, another rank), each with a non-zero ``lora_B``: three different models on one base."""
+    from peft import LoraConfig
+
+    model = add_lora(lively(make_model()), adapter_name="one")
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj",
+                                                                   "up_proj", "down_proj"]), adapter_name="two")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=generator)
+    return model.eval()
+
+
+def _alone(model, name, prompts, stop):
+    """Each prompt answered by ``model`` with only the adapter ``name`` active (BASE: none)."""
+    from alignkit.generation import BASE
+
+    if name == BASE:
+        with model.disable_adapter():
+            return [plain_generate(model, p, 10, stop) for p in prompts]
+    model.set_adapter(name)
+    return [plain_generate(model, p, 10, stop) for p in prompts]
+
+
+def test_rows_of_several_adapters_answer_as_each_adapter_alone(make_model, tokenizer, monkeypatch):
+    from alignkit.generation import BASE, mixable_adapters
+
+    model = _two_adapters(make_model)
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
+    stop = tokenizer.eos_token_id
+    expected = {name: _alone(model, name, prompts, stop) for name in ("one", BASE, "two")}
+    assert expected["one"] != expected["two"] != expected[BASE] != expected["one"]   # three different models
+    # interleaved: every adapter's rows are scattered over the prompt list
+    names = [name for _ in prompts for name in ("two", BASE, "one")]
+    every = [p for p in prompts for _ in range(3)]
+    assert mixable_adapters(model, names)
+    assert LeanStep.for_model(model, ("two", BASE, "one")) is not None
+    want = [expected[name][i // 3] for i, name in enumerate(names)]
+    for batch_size in (len(every), 5):
+        assert generate_ids(model, every, 10, [stop], pad_id=2, batch_size=batch_size, adapters=names) == want
+    # the model's own forward with PEFT's per-row adapter names answers the same
+    monkeypatch.setattr(LeanStep, "for_model", classmethod(lambda cls, model, adapters=(): None))
+    assert decode(model, every, 10, [stop], 2, adapters=names) == want
+    with pytest.raises(ValueError, match="adapter names for"):
+        decode(model, every, 10, [stop], 2, adapters=names[:2])
+
+
+def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
+    from peft import LoraConfig
+
+    from alignkit.generation import BASE, mixable_adapters
+
+    model = _two_adapters(make_model)
+    assert not mixable_adapters(model, ["one", "three"])   # not loaded
+    assert not mixable_adapters(lively(make_model()), [BASE])   # no LoRA at all
+    add_lora(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), adapter_name="dora")
+    assert mixable_adapters(model, ["one", "two", BASE]) and not mixable_adapters(model, ["one", "dora"])
+    assert LeanStep.for_model(model, ("one", "dora")) is None
+    merged = _two_adapters(make_model)
+    merged.merge_adapter(["one"])   # an adapter in the base weights would count twice
+    assert not mixable_adapters(merged, ["one", "two"])
