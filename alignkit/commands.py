@@ -36,6 +36,8 @@ def add_parsers(sub) -> None:
                    help="GGUF weight type [default: f16]; requantize f16 with llama.cpp's llama-quantize for others")
     p.add_argument("--ollama", action="store_true", help="with --format gguf, also write an Ollama Modelfile "
                    "beside the file (then: ollama create NAME -f Modelfile)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --ollama, the Modelfile's system message "
+                   "(e.g. the one the adapter was trained with) [default: the chat template's default]")
     p.set_defaults(handler=export)
 
 
@@ -91,8 +93,8 @@ def export(flags: dict) -> int:
     """``alignkit export``: merged model + tokenizer (with chat template) as safetensors, or one GGUF file."""
     if flags.get("format") == "gguf":
         return _export_gguf(flags)
-    if flags.get("quant") is not None or flags.get("ollama"):
-        raise UserError("--quant and --ollama apply to --format gguf")
+    if flags.get("quant") is not None or flags.get("ollama") or flags.get("system") is not None:
+        raise UserError("--quant, --ollama and --system apply to --format gguf")
     out = Path(flags["out"])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder to create")
@@ -122,6 +124,10 @@ def _export_gguf(flags: dict) -> int:
     from .models import resolve_model_source
 
     quant = check_quant(flags["quant"] or "f16")
+    if flags.get("system") is not None and not flags["ollama"]:
+        raise UserError("--system sets the Ollama Modelfile's system message: add --ollama")
+    if flags.get("system") is not None and ('"""' in flags["system"] or not flags["system"].strip()):
+        raise UserError('--system must be non-empty text without """ (the Modelfile quotes it with """)')
     out = check_gguf_out(flags["out"], modelfile=flags["ollama"])
     _check_writable(out)
     base = _base_model(flags)
@@ -138,7 +144,8 @@ def _export_gguf(flags: dict) -> int:
     print(f"GGUF written to {path} ({path.stat().st_size / 1e6:.1f} MB, {quant}, "
           f"{sum(p.numel() for p in merged.parameters()) / 1e6:.1f}M parameters)")
     if flags["ollama"]:
-        modelfile, more = write_modelfile(path, tokenizer, context_length=merged.config.max_position_embeddings)
+        modelfile, more = write_modelfile(path, tokenizer, context_length=merged.config.max_position_embeddings,
+                                          system=flags.get("system"))
         notes += more
         cd = "" if modelfile.parent.resolve() == Path.cwd().resolve() else f"cd {modelfile.parent} && "
         print(f"Ollama Modelfile written to {modelfile} (then: {cd}ollama create NAME -f Modelfile)")

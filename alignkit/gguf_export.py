@@ -354,28 +354,30 @@ def chatml_default_system(tokenizer) -> tuple[bool, str | None]:
 
 
 def write_modelfile(gguf_path, tokenizer, context_length: int | None = None, temperature: float = 0.7,
-                    top_p: float = 0.9) -> tuple[Path, list[str]]:
+                    top_p: float = 0.9, system: str | None = None) -> tuple[Path, list[str]]:
     """Write an Ollama ``Modelfile`` beside ``gguf_path`` so ``ollama create NAME -f Modelfile`` works.
 
     A ChatML chat template (SmolLM2's, Qwen's; see :func:`chatml_default_system`) becomes the
     equivalent Go template, with its default system message as ``SYSTEM`` and the end-of-turn
     tokens as ``stop`` parameters. Any other template gets a plain prompt template and a note
-    saying so. ``num_ctx`` is the model's context length, at most 4096. Returns ``(path, notes)``.
+    saying so. ``num_ctx`` is the model's context length, at most 4096. ``system`` replaces the default
+    system message. Returns ``(path, notes)``.
     """
     gguf_path = Path(gguf_path)
-    chatml, system = chatml_default_system(tokenizer)
+    chatml, default_system = chatml_default_system(tokenizer)
+    system = system if system is not None else default_system
     notes = []
     lines = [f"FROM ./{gguf_path.name}", ""]
     if chatml:
         lines.append(f'TEMPLATE """{_CHATML_TEMPLATE}"""')
-        if system is not None and '"""' not in system:
-            lines.append(f'SYSTEM """{system}"""')
         stops = ["<|im_start|>", "<|im_end|>"]
     else:
         lines.append(f'TEMPLATE """{_PLAIN_TEMPLATE}"""')
         stops = []
         notes.append("note: the chat template is not ChatML, which is the one alignkit can translate for Ollama; "
                      "the Modelfile has a plain prompt template: edit its TEMPLATE to match the model")
+    if system is not None and '"""' not in system:
+        lines.append(f'SYSTEM """{system}"""')
     eos = getattr(tokenizer, "eos_token", None)
     if eos and eos not in stops:
         stops.append(eos)

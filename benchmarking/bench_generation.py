@@ -17,7 +17,9 @@ rendered with the chat template as training renders them, answers end at ``<|im_
 
 Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batch, the first 30
 prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
-chat answers). tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
+chat answers). Then the comparison's case: ``--configurations`` configurations on the one base (the
+base alone, the adapter, fresh LoRAs) answer the report's prompts and the 39 held-out ones, one
+configuration at a time against all in shared batches (each row adding its own adapter's update). tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
 runs ``--repeats`` times, plain and ours alternating; medians are reported with min-max, since other
 processes on the machine disturb single runs. Every run checks that both sides produced the same
 tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
@@ -152,6 +154,69 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
     return result
 
 
+def _configurations(model, prompts: list[list[int]], count: int, args, stop: int, pad: int) -> dict:
+    """``count`` configurations on the one base (the base alone, the adapter, and fresh LoRAs with random
+    ``lora_B`` seeded 1, 2, ...) answering every prompt: one configuration at a time (merged weights,
+    as the comparison did) against all in shared batches (each row its own adapter)."""
+    import torch
+
+    from alignkit.generation import BASE, generate_ids
+    from alignkit.models import add_lora
+
+    names = [BASE, "default"]
+    for seed in range(1, count - 1):
+        name = f"extra{seed}"
+        add_lora(model, adapter_name=name)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name and f".{name}." in param_name:
+                    param.normal_(0.0, 0.02, generator=generator)
+        names.append(name)
+    model.set_adapter("default")
+    model.eval()
+    names = names[:count]
+
+    def separate():
+        out = []
+        for name in names:
+            if name == BASE:
+                with model.disable_adapter():
+                    out += generate_ids(model, prompts, args.max_new_tokens, [stop], pad, batch_size=len(prompts))
+            else:
+                model.set_adapter(name)
+                out += generate_ids(model, prompts, args.max_new_tokens, [stop], pad, batch_size=len(prompts))
+        model.set_adapter("default")
+        return out
+
+    def shared():
+        rows = [name for name in names for _ in prompts]
+        return generate_ids(model, prompts * len(names), args.max_new_tokens, [stop], pad, batch_size=len(rows),
+                            adapters=rows)
+
+    runs = {"separate": [], "shared": []}
+    identical = True
+    for repeat in range(args.repeats):
+        one, one_s = _timed(separate)
+        both, both_s = _timed(shared)
+        tokens = sum(len(a) for a in one)
+        runs["separate"].append(tokens / one_s)
+        runs["shared"].append(sum(len(a) for a in both) / both_s)
+        identical = identical and one == both
+        print(f"  {len(names)} configurations run {repeat + 1}: one at a time {runs['separate'][-1]:7.1f} tok/s "
+              f"({one_s:6.1f} s)   shared batches {runs['shared'][-1]:7.1f} tok/s ({both_s:6.1f} s)   {tokens} tokens",
+              flush=True)
+    result = {"configurations": len(names), "prompts": len(prompts), "rows": len(prompts) * len(names),
+              "separate_tokens_per_s": statistics.median(runs["separate"]),
+              "shared_tokens_per_s": statistics.median(runs["shared"]),
+              "separate_runs": runs["separate"], "shared_runs": runs["shared"], "identical": identical}
+    result["speedup"] = result["shared_tokens_per_s"] / result["separate_tokens_per_s"]
+    print(f"{len(names)} configurations x {len(prompts)} prompts: one at a time {result['separate_tokens_per_s']:.1f} "
+          f"tok/s, shared batches {result['shared_tokens_per_s']:.1f} tok/s (median of {args.repeats}), speedup "
+          f"{result['speedup']:.2f}x; outputs {'identical token for token' if identical else 'DIFFERENT'}", flush=True)
+    return result
+
+
 def _llama_cpp(path: str, single: list[int], batched: list[list[int]], max_new_tokens: int, threads: int,
                ours_single: list[int]) -> dict:
     from llama_cpp import Llama
@@ -205,6 +270,9 @@ def run(args) -> int:
         many = [chat_prompt_ids(tokenizer, p) for p in _prompts(30)]
         results["batched_30"] = _case(f"batched, {len(many)} prompts", model, many, args, stop, pad)
     results["single"] = _case("single stream", model, encode[:1], args, stop, pad)
+    if args.configurations > 1:
+        shared = encode if args.quick else encode + [chat_prompt_ids(tokenizer, p) for p in _prompts(39)]
+        results["configurations"] = _configurations(model, shared, args.configurations, args, stop, pad)
     if args.gguf:
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed: llama.cpp not measured (pip install llama-cpp-python)")
@@ -231,6 +299,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--adapter", help="a LoRA adapter folder of the embedded model [default: a fresh LoRA "
                                           "with random lora_B]")
+    parser.add_argument("--configurations", type=non_negative_int, default=3,
+                        help="configurations answering the comparison's prompts (the 6 report prompts and 39 "
+                             "held-out ones; --quick: the 6), one at a time and in shared batches; 0 or 1 "
+                             "skips the case [3: the base, the adapter and one more]")
     parser.add_argument("--gguf", help="a GGUF file for llama.cpp (needs llama-cpp-python)")
     parser.add_argument("--json", help="write the numbers to this JSON file")
     return guarded(lambda: run(parser.parse_args(argv)))

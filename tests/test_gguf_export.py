@@ -151,6 +151,11 @@ def test_modelfile_translates_chatml_and_falls_back_for_other_templates(tokenize
     path, notes = write_modelfile(other / "m.gguf", plain_tokenizer)
     assert "{{ .Prompt }}" in path.read_text() and 'PARAMETER stop "<|im_end|>"' in path.read_text()
     assert len(notes) == 1 and "not ChatML" in notes[0]
+    # a system message of the user's replaces the template's default, in either kind of template
+    for folder, tok in ((tmp_path / "own", tokenizer), (other / "own", plain_tokenizer)):
+        folder.mkdir()
+        text = write_modelfile(folder / "m.gguf", tok, system="You answer warmly.")[0].read_text()
+        assert [line for line in text.splitlines() if line.startswith("SYSTEM")] == ['SYSTEM """You answer warmly."""']
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -158,18 +163,20 @@ def test_modelfile_translates_chatml_and_falls_back_for_other_templates(tokenize
                             "llama-quantize"),
     (["--out", "{tmp}/model.bin"], "give a file name ending in .gguf"),
     (["--out", "{tmp}/exists.gguf"], "already exists; choose another file name"),
+    (["--system", "Be kind."], "--system sets the Ollama Modelfile's system message: add --ollama"),
+    (["--system", 'Say """hi"""', "--ollama", ""], '--system must be non-empty text without """'),
 ])
 def test_bad_gguf_flags_are_one_line(argv, needle, tmp_path, capsys):
     (tmp_path / "exists.gguf").write_bytes(b"keep me")
     flags = {"--out": str(tmp_path / "new.gguf"), "--quant": "f16"}
     flags.update(dict(zip(argv[::2], [a.format(tmp=tmp_path) for a in argv[1::2]], strict=True)))
     code = main(["export", "--load-path", str(tmp_path / "adapter"), "--format", "gguf",
-                 *[x for kv in flags.items() for x in kv]])
+                 *[x for kv in flags.items() for x in kv if x != ""]])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "exists.gguf").read_bytes() == b"keep me"
     assert main(["export", "--load-path", "x", "--out", str(tmp_path / "f"), "--quant", "f16"]) == 2
-    assert "--quant and --ollama apply to --format gguf" in capsys.readouterr().err
+    assert "--quant, --ollama and --system apply to --format gguf" in capsys.readouterr().err
 
 
 def test_non_llama_base_is_refused_in_one_line(tokenizer, tmp_path, capsys):
