@@ -385,6 +385,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
         return answers
     if adapters is not None and len(adapters) != len(prompts):
         raise ValueError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
+    if adapters is not None and not hasattr(model, "peft_config"):
+        raise ValueError("adapter names need a PEFT model holding those adapters")
     if generator is None:
         generator = sampling.generator(device)
     names = list(dict.fromkeys(adapters or ()))   # each adapter once, in order of appearance
@@ -531,9 +533,18 @@ def answer_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def cache_bytes_per_token(model) -> int:
+    """Bytes one token of one row takes in ``model``'s key/value cache (keys and values of every layer)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers * 2 * kv_heads * dim * next(model.parameters()).element_size()
+
+
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                  batch_size: int = 8, sampling: Sampling | None = None,
-                 adapters: list[str] | None = None) -> list[list[int]]:
+                 adapters: list[str] | None = None, cache_budget: int | None = None) -> list[list[int]]:
     """The answer token ids to each token-id prompt (stop token left out), in the order of ``prompts``.
 
     Prompts are sorted by length and decoded ``batch_size`` at a time (left-padded, so similar
@@ -541,10 +552,16 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
     (:func:`merged_lora`). Greedy answers are those of ``model.generate(do_sample=False)``.
     With ``adapters`` (one adapter name per prompt, see :func:`decode`) each prompt is answered by its
     own adapter, prompts of different adapters sharing batches; nothing is merged then.
+    ``cache_budget`` (bytes) caps the rows of a batch so that its key/value cache, preallocated for the
+    longest prompt and ``max_new_tokens``, stays within it; the batches are then of even sizes.
     """
     sampling = sampling or Sampling()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if cache_budget is not None and prompts:
+        per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens)
+        batch_size = max(min(batch_size, cache_budget // per_row), 1)
+        batch_size = math.ceil(len(prompts) / math.ceil(len(prompts) / batch_size))   # as few, as even
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[int]] = [[] for _ in prompts]
     generator = sampling.generator(next(model.parameters()).device)
@@ -564,18 +581,19 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
 
 
 def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int = 200, batch_size: int = 8, *,
-                     sampling: Sampling | None = None, adapters: list[str] | None = None) -> list[Answer]:
+                     sampling: Sampling | None = None, adapters: list[str] | None = None,
+                     cache_budget: int | None = None) -> list[Answer]:
     """Answer each prompt (text: one user turn; or a message list), in the order of ``prompts``.
 
     Prompts are rendered as training renders them (:func:`chat_prompt_ids`) and answered by
-    :func:`generate_ids`: sorted by length into batches of ``batch_size``, with merged LoRA weights
-    (or, with ``adapters``, each by its own adapter).
+    :func:`generate_ids`: sorted by length into batches of ``batch_size`` (fewer rows where
+    ``cache_budget`` says so), with merged LoRA weights (or, with ``adapters``, each by its own adapter).
     Greedy unless ``sampling`` says otherwise; greedy answers are those of
     ``model.generate(do_sample=False)``, sampled ones reproducible when ``sampling.seed`` is set.
     """
     encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     out = generate_ids(model, encoded, max_new_tokens, stop_token_ids(model, tokenizer), pad_token_id(tokenizer),
-                       batch_size, sampling, adapters)
+                       batch_size, sampling, adapters, cache_budget)
     # The ids leave the stop token out: fewer than the limit means the answer stopped by itself.
     return [Answer(answer_text(tokenizer, ids), len(ids) < max_new_tokens) for ids in out]
 

@@ -436,6 +436,8 @@ def test_rows_of_several_adapters_answer_as_each_adapter_alone(make_model, token
     assert decode(model, every, 10, [stop], 2, adapters=names) == want
     with pytest.raises(ValueError, match="adapter names for"):
         decode(model, every, 10, [stop], 2, adapters=names[:2])
+    with pytest.raises(ValueError, match="need a PEFT model"):
+        decode(lively(make_model()), every[:1], 10, [stop], 2, adapters=[BASE])
 
 
 def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
@@ -452,3 +454,23 @@ def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
     merged = _two_adapters(make_model)
     merged.merge_adapter(["one"])   # an adapter in the base weights would count twice
     assert not mixable_adapters(merged, ["one", "two"])
+
+
+def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tokenizer, monkeypatch):
+    import alignkit.generation as generation
+    from alignkit.generation import cache_bytes_per_token
+
+    config = model.config   # the tiny Llama: 2 layers, 2 key/value heads of 8 dimensions, float32
+    assert cache_bytes_per_token(model) == config.num_hidden_layers * 2 * 2 * 8 * 4
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS] + [[5, 6, 7]]
+    expected = generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts))
+    sizes = []
+    real = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda model, batch, *a, **k: sizes.append(len(batch)) or real(model, batch, *a, **k))
+    per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + 6)
+    budget = 2 * per_row + per_row // 2   # room for two rows, not three
+    got = generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts), cache_budget=budget)
+    assert got == expected and sizes == [2, 2, 1]
+    sizes.clear()
+    generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts), cache_budget=1)
+    assert sizes == [1] * 5   # less than one row: one row at a time
