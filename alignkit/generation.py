@@ -139,10 +139,22 @@ BASE = "__base__"
 def mixable_adapters(model, names) -> bool:
     """Whether ``model`` (a PEFT model) can answer rows of the adapters ``names`` (:data:`BASE` allowed) in
     one batch: each is loaded, and each is plain LoRA on linear layers (no DoRA or other variants, no LoRA
-    bias), nothing is merged into the base weights, and the adapters are enabled."""
+    bias, no fully trained extra modules such as ``modules_to_save`` or trainable tokens), nothing is
+    merged into the base weights, and the adapters are enabled."""
     from peft.tuners.lora import LoraLayer
 
     wanted = {n for n in names if n != BASE}
+    configs = getattr(model, "peft_config", {})
+    if not wanted <= set(configs):
+        return False
+    for name in wanted:
+        config = configs[name]
+        if (getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False)
+                or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None)
+                or getattr(config, "lora_bias", False)):
+            return False
+    if any(type(m).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper") for m in model.modules()):
+        return False
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not layers or not wanted <= set().union(*(layer.lora_A.keys() for layer in layers)):
         return False

@@ -451,6 +451,9 @@ def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
     add_lora(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), adapter_name="dora")
     assert mixable_adapters(model, ["one", "two", BASE]) and not mixable_adapters(model, ["one", "dora"])
     assert LeanStep.for_model(model, ("one", "dora")) is None
+    saved = _two_adapters(make_model)   # a fully trained norm beside the LoRA: PEFT cannot mix it per row
+    add_lora(saved, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]), adapter_name="saved")
+    assert not mixable_adapters(saved, ["one", "saved"]) and not mixable_adapters(saved, ["one", "two"])
     merged = _two_adapters(make_model)
     merged.merge_adapter(["one"])   # an adapter in the base weights would count twice
     assert not mixable_adapters(merged, ["one", "two"])
