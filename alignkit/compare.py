@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_base_model, load_adapter
+from .adapters import adapter_base_model, load_adapter, read_adapter_config
 from .agents import PreferenceObjective, score_preferences
 from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
 from .errors import UserError
 from .formats import ColumnMap
-from .generation import BASE, Sampling, generate_replies, mixable_adapters
+from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
+from .lean_step import BASE, mixable_adapters
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
 from .quality import answer_quality
@@ -81,10 +82,16 @@ def check_same_base(runs: dict[str, str | None], model: str | None) -> str:
     """The one base model all run adapters share (``model`` if given); a mix is a UserError."""
     bases = {name: adapter_base_model(Path(d) / "actor") for name, d in runs.items() if d}
     wanted = model or next(iter(bases.values()), None) or DEFAULT_MODEL
-    wrong = [f"{name} ({base})" for name, base in bases.items() if base and base != wanted]
+    wrong = [f"{name} ({base})" for name, base in bases.items() if base and _same_model(base) != _same_model(wanted)]
     if wrong:
         raise UserError(f"all runs must share the base model {wanted!r}; these do not: {', '.join(wrong)}")
     return wanted
+
+
+def _same_model(name: str) -> str:
+    """``name`` as compared between runs: a local folder by its absolute path (runs record absolute
+    paths, a user may type a relative one), anything else (a hub id, the embedded model) as it is."""
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,8 @@ class Evaluator:
         decoding = decoding or Decoding()
         say = progress or (lambda message: None)
         held_out_prompts = self.held_out_prompts(decoding.eval_prompts)
+        together = (decoding.temperature == 0 and len(configs) > 1
+                    and all(_plain_lora(run_dir) for run_dir, _, _ in configs if run_dir))
         metrics, answers = [], {}
         for i, (run_dir, max_length, beta) in enumerate(configs):
             label = f"{labels[i]} " if labels else ""
@@ -291,10 +300,10 @@ class Evaluator:
             model = self._with_adapter(run_dir)
             try:
                 metrics.append(self._held_out_metrics(model, bool(run_dir), max_length, beta))
-                if decoding.samples > 1 or decoding.temperature > 0 or len(configs) == 1:
+                if not together:
                     answers[i] = self._replies(model, prompts, held_out_prompts, decoding)[0]
             finally:
-                self.base = model.unload()  # drop the LoRA layers: the next configuration starts clean
+                self.base = _unload(model)  # drop the adapter: the next configuration starts clean
         if len(answers) < len(configs):
             answers = self._replies_together(configs, prompts, held_out_prompts, decoding, say)
         results = []
@@ -343,7 +352,28 @@ class Evaluator:
             return answers
         finally:
             if model is not None:
-                self.base = model.unload()
+                self.base = _unload(model)
+
+
+def _plain_lora(run_dir) -> bool:
+    """Whether the adapter of ``run_dir`` is plain LoRA (see :func:`~alignkit.lean_step.mixable_adapters`),
+    read from its ``adapter_config.json`` before anything is loaded: adapters of other PEFT types cannot
+    even be loaded beside LoRA ones."""
+    config = read_adapter_config(Path(run_dir) / "actor")
+    return (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save")
+            and not config.get("trainable_token_indices") and not config.get("lora_bias"))
+
+
+def _unload(model):
+    """The base model under PEFT ``model``, every adapter removed and every module as it was: PEFT's
+    ``unload()`` would leave an adapter's trained copy of a ``modules_to_save`` module in the base."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.original_module)
+    return model.unload()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
+from .lean_step import LeanStep, adapter_segments
 from .quality import Answer
 
 
@@ -132,63 +132,6 @@ def merged_lora(model) -> Iterator:
             setattr(parent, child, layer)
 
 
-BASE = "__base__"
-"""The adapter name of a row that runs the base model alone (PEFT's name for it in mixed batches)."""
-
-
-def mixable_adapters(model, names) -> bool:
-    """Whether ``model`` (a PEFT model) can answer rows of the adapters ``names`` (:data:`BASE` allowed) in
-    one batch: each is loaded, and each is plain LoRA on linear layers (no DoRA or other variants, no LoRA
-    bias, no fully trained extra modules such as ``modules_to_save`` or trainable tokens), nothing is
-    merged into the base weights, and the adapters are enabled."""
-    from peft.tuners.lora import LoraLayer
-
-    wanted = {n for n in names if n != BASE}
-    configs = getattr(model, "peft_config", {})
-    if not wanted <= set(configs):
-        return False
-    for name in wanted:
-        config = configs[name]
-        if (getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False)
-                or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None)
-                or getattr(config, "lora_bias", False)):
-            return False
-    if any(type(m).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper") for m in model.modules()):
-        return False
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers or not wanted <= set().union(*(layer.lora_A.keys() for layer in layers)):
-        return False
-    for layer in layers:
-        if layer.merged or layer.disable_adapters or layer.lora_embedding_A:
-            return False
-        if any(n in layer.lora_variant or layer.lora_bias.get(n) for n in wanted if n in layer.lora_A):
-            return False
-    return True
-
-
-def _segments(groups: list[int]) -> list[tuple[int, int, int]]:
-    """``(group, start, end)`` of each run of equal values in ``groups`` (rows sorted by adapter)."""
-    runs, start = [], 0
-    for group, run in itertools.groupby(groups):
-        end = start + sum(1 for _ in run)
-        runs.append((group, start, end))
-        start = end
-    return runs
-
-
-def _add_lora(out: torch.Tensor, x: torch.Tensor, pieces, segments) -> torch.Tensor:
-    """``out`` with each row's low-rank update added in place: rows ``start:end`` of group ``g`` get
-    ``x[start:end] @ a_t @ b_t`` where ``pieces[g]`` is ``(a_t, b_t)`` (the scaling folded into ``b_t``)
-    or None (no update: the base model, or an adapter without this layer)."""
-    if pieces is None:
-        return out
-    for group, start, end in segments:
-        piece = pieces[group]
-        if piece is not None:
-            out[start:end].addmm_(x[start:end] @ piece[0], piece[1])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The decoding loop
 # ---------------------------------------------------------------------------------------------
@@ -230,151 +173,6 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | 
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-class LeanStep:
-    """One new token per row through a Llama-family decoder, without the module machinery.
-
-    Computes what the model's forward computes for one token per row on a key/value cache (RMSNorm,
-    rotary positions from the model's own ``rotary_emb``, grouped-query attention through
-    ``scaled_dot_product_attention``, SiLU MLP) with the query/key/value weights concatenated into
-    one matrix and the residual additions fused into the products: about half the operations per
-    layer (fusing gate and up as well measured no faster, for 200 MB more on the embedded model).
-    Built by :meth:`for_model`, which accepts only models whose every layer is this shape (plain
-    linear layers, i.e. LoRA merged first, SDPA attention, no sliding window, no biases except on
-    query/key/value); anything else decodes with its own forward. The query/key/value matrices are
-    copies: nothing of the model is written.
-
-    With ``adapters`` (names of LoRA adapters loaded on the model, :data:`BASE` for none) the linear
-    layers may be LoRA layers: their base weights are used, and each row adds the low-rank update of
-    its own adapter (see :meth:`__call__`'s ``segments``).
-    """
-
-    ARCHITECTURES = ("llama", "qwen2")
-
-    def __init__(self, lm, adapters: tuple[str, ...] = ()):
-        config, inner = lm.config, lm.model
-        self.inner, self.head = inner, lm.get_output_embeddings()
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = inner.layers[0].self_attn.head_dim
-        self.adapters = tuple(adapters)
-        self.layers, self.lora = [], []
-        with torch.no_grad():
-            for layer in inner.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                qkv = [_base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-                self.layers.append((
-                    layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                    torch.cat([m.weight for m in qkv]).t(),
-                    torch.cat([m.bias for m in qkv]) if qkv[0].bias is not None else None,
-                    _base_linear(attn.o_proj).weight.t(), attn.scaling,
-                    layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                    *(_base_linear(m).weight.t() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))))
-                self.lora.append(tuple(self._low_rank(modules) for modules in (
-                    (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj,), (mlp.up_proj,),
-                    (mlp.down_proj,))))
-
-    def _low_rank(self, modules):
-        """Per adapter, ``(a_t, b_t)`` with ``x @ a_t @ b_t`` the update of the outputs of ``modules`` side
-        by side (one product for query/key/value: ``b_t`` is block-diagonal), or None where the adapter has
-        none of them; None for all when no adapter touches them."""
-        pieces = []
-        for name in self.adapters:
-            parts = [(m, name) for m in modules if name != BASE and name in getattr(m, "lora_A", {})]
-            if not parts:
-                pieces.append(None)
-                continue
-            outs = [_base_linear(m).out_features for m in modules]
-            a_t = torch.cat([m.lora_A[n].weight.t() for m, n in parts], dim=1)
-            b_t = a_t.new_zeros(a_t.shape[1], sum(outs))
-            row = 0
-            for m, n in parts:
-                col = sum(outs[:modules.index(m)])
-                rank = m.lora_A[n].weight.shape[0]
-                b_t[row:row + rank, col:col + outs[modules.index(m)]] = m.lora_B[n].weight.t() * m.scaling[n]
-                row += rank
-            pieces.append((a_t, b_t))
-        return tuple(pieces) if any(p is not None for p in pieces) else None
-
-    @classmethod
-    def for_model(cls, model, adapters: tuple[str, ...] = ()) -> LeanStep | None:
-        """A :class:`LeanStep` for ``model`` (a causal LM, PEFT-wrapped or not), or None when any of its
-        layers is not the plain Llama shape this step computes. Without ``adapters`` every linear layer
-        must be plain (LoRA merged first); with them, LoRA layers on plain linear layers are accepted
-        (:func:`mixable_adapters` says whether the adapters are plain LoRA)."""
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = getattr(lm, "config", None)
-        inner = getattr(lm, "model", None)
-        if config is None or inner is None or getattr(config, "model_type", None) not in cls.ARCHITECTURES:
-            return None
-        if (getattr(config, "_attn_implementation", None) != "sdpa" or config.hidden_act != "silu"
-                or getattr(config, "use_sliding_window", False) or getattr(config, "partial_rotary_factor", 1.0) != 1.0
-                or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ())):
-            return None
-        if adapters and not mixable_adapters(model, adapters):
-            return None
-        from peft.tuners.lora import Linear as LoraLinear
-
-        head = lm.get_output_embeddings()
-        if type(head) is not nn.Linear or head.bias is not None or type(inner.embed_tokens) is not nn.Embedding:
-            return None
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if set(dict(attn.named_children())) != {"q_proj", "k_proj", "v_proj", "o_proj"}:
-                return None   # extra parts (e.g. query/key norms) this step does not compute
-            modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            linears = [_base_linear(m) if adapters else m for m in modules]
-            if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in linears):
-                return None   # a LoRA layer that could not be merged, or a hooked layer
-            if adapters and any(type(m) not in (nn.Linear, LoraLinear) or m._forward_hooks or m._forward_pre_hooks
-                                for m in modules):
-                return None
-            if any(m.bias is not None for m in linears[3:]) or len({m.bias is None for m in linears[:3]}) > 1:
-                return None
-            if layer._forward_hooks or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
-                return None
-        return cls(lm, adapters)
-
-    def __call__(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache,
-                 segments: list[tuple[int, int, int]] = ()) -> torch.Tensor:
-        """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
-        boolean over the cache's positions after this one's (None: every position of every row is real);
-        ``cache`` (from :func:`new_cache`) receives this token's keys and values. ``segments`` says which
-        rows run which adapter: ``(i, start, end)`` gives rows ``start:end`` the adapter ``adapters[i]``."""
-        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        hidden = self.inner.embed_tokens(tokens)                       # (B, H)
-        cos, sin = self.inner.rotary_emb(hidden, position)             # (B, 1, D)
-        half, queries = dim // 2, heads * dim
-        for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_t, up_t, down_t) in enumerate(self.layers):
-            lora_qkv, lora_o, lora_gate, lora_up, lora_down = self.lora[i]
-            x = _rms_norm(hidden, norm1, eps1)
-            qkv = x @ qkv_t if qkv_bias is None else torch.addmm(qkv_bias, x, qkv_t)
-            qkv = _add_lora(qkv, x, lora_qkv, segments)
-            qk = qkv[:, :queries + kv_heads * dim].view(rows, heads + kv_heads, dim)
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            keys, values = cache.layers[i].update(qk[:, heads:].view(rows, kv_heads, 1, dim),
-                                                  qkv[:, queries + kv_heads * dim:].view(rows, kv_heads, 1, dim))
-            # The query heads of one key/value head attend as one group (what transformers does for one token).
-            out = torch.nn.functional.scaled_dot_product_attention(
-                qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=mask,
-                scale=scaling).reshape(rows, queries)
-            hidden = _add_lora(torch.addmm(hidden, out, o_t), out, lora_o, segments)
-            x = _rms_norm(hidden, norm2, eps2)
-            gate = _add_lora(x @ gate_t, x, lora_gate, segments)
-            act = torch.nn.functional.silu(gate) * _add_lora(x @ up_t, x, lora_up, segments)
-            hidden = _add_lora(torch.addmm(hidden, act, down_t), act, lora_down, segments)
-        return self.head(self.inner.norm(hidden))
-
-
-def _base_linear(module: nn.Module) -> nn.Module:
-    """The linear layer under a LoRA layer (the module itself when it is not one)."""
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm as transformers computes it, written out: calling the norm modules instead made
-    a one-row decoding step 5% slower."""
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
            sampling: Sampling | None = None, generator: torch.Generator | None = None,
            on_token: Callable[[int, int], None] | None = None, adapters: list[str] | None = None) -> list[list[int]]:
@@ -405,6 +203,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     # The batch rows hold the prompts grouped by adapter, so each adapter's rows are one slice.
     rows = sorted(range(len(prompts)), key=lambda i: names.index(adapters[i])) if adapters else list(range(len(prompts)))
     groups = [names.index(adapters[r]) for r in rows] if adapters else []
+    segments = adapter_segments(groups)   # (adapter, first row, end row) of the batch, while rows leave
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -446,6 +245,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
                 cache.batch_select_indices(keep)
                 rows = [r for r, end in zip(rows, ended_list, strict=True) if not end]
                 groups = [g for g, end in zip(groups, ended_list, strict=True) if not end] if adapters else []
+                segments = adapter_segments(groups)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None
             if seen is not None:
@@ -453,8 +253,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
             if lean is not None:
-                logits = lean(tokens, position, mask.bool()[:, None, None, :] if padded else None, cache,
-                              _segments(groups))
+                logits = lean(tokens, position, mask.bool()[:, None, None, :] if padded else None, cache, segments)
             else:
                 logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
                                use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]

@@ -160,7 +160,8 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
     as the comparison did) against all in shared batches (each row its own adapter)."""
     import torch
 
-    from alignkit.generation import BASE, generate_ids
+    from alignkit.generation import generate_ids
+    from alignkit.lean_step import BASE
     from alignkit.models import add_lora
 
     names = [BASE, "default"]

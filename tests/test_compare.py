@@ -219,3 +219,33 @@ def test_a_run_with_an_eval_dataset_is_scored_on_that_dataset(tiny_model_dir, ro
     results = json.loads((report.parent / "results.json").read_text())
     assert [(c["split"]["eval_dataset"], c["split"]["pairs"]) for c in results["configs"]] == [(str(held), 4)] * 2
     assert "held out: dataset" in str(Split(str(rows_file), 42, 0.1, eval_dataset=str(held)))
+
+
+def test_unloading_an_adapter_with_a_saved_module_gives_back_the_base_as_it_was(tiny_model):
+    import copy
+
+    from peft import LoraConfig
+
+    from alignkit.compare import _unload
+    from alignkit.models import add_lora
+
+    base = copy.deepcopy(tiny_model)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = add_lora(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)   # the adapter's trained copy
+    after = _unload(model).state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_relative_model_folder_is_the_absolute_one_the_runs_record(tmp_path, monkeypatch):
+    from alignkit.compare import check_same_base
+
+    (tmp_path / "model").mkdir()
+    actor = tmp_path / "run" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "model")}))
+    monkeypatch.chdir(tmp_path)
+    assert check_same_base({"sft": str(tmp_path / "run")}, "model") == "model"
+    with pytest.raises(UserError, match="all runs must share the base model 'other'"):
+        check_same_base({"sft": str(tmp_path / "run")}, "other")

@@ -406,7 +406,7 @@ def _two_adapters(make_model):
 
 def _alone(model, name, prompts, stop):
     """Each prompt answered by ``model`` with only the adapter ``name`` active (BASE: none)."""
-    from alignkit.generation import BASE
+    from alignkit.lean_step import BASE
 
     if name == BASE:
         with model.disable_adapter():
@@ -416,7 +416,7 @@ def _alone(model, name, prompts, stop):
 
 
 def test_rows_of_several_adapters_answer_as_each_adapter_alone(make_model, tokenizer, monkeypatch):
-    from alignkit.generation import BASE, mixable_adapters
+    from alignkit.lean_step import BASE, mixable_adapters
 
     model = _two_adapters(make_model)
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
@@ -443,7 +443,7 @@ def test_rows_of_several_adapters_answer_as_each_adapter_alone(make_model, token
 def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
     from peft import LoraConfig
 
-    from alignkit.generation import BASE, mixable_adapters
+    from alignkit.lean_step import BASE, mixable_adapters
 
     model = _two_adapters(make_model)
     assert not mixable_adapters(model, ["one", "three"])   # not loaded
