@@ -28,7 +28,7 @@ from .errors import UserError
 from .formats import ColumnMap
 from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
-from .lean_step import BASE, mixable_adapters
+from .lean_step import BASE, mixable_adapters, plain_lora_config
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
 from .quality import answer_quality
@@ -292,7 +292,9 @@ class Evaluator:
         say = progress or (lambda message: None)
         held_out_prompts = self.held_out_prompts(decoding.eval_prompts)
         together = (decoding.temperature == 0 and len(configs) > 1
-                    and all(_plain_lora(run_dir) for run_dir, _, _ in configs if run_dir))
+                    # read before anything is loaded: adapters of other PEFT types cannot even load beside LoRA
+                    and all(plain_lora_config(read_adapter_config(Path(run_dir) / "actor"))
+                            for run_dir, _, _ in configs if run_dir))
         metrics, answers = [], {}
         for i, (run_dir, max_length, beta) in enumerate(configs):
             label = f"{labels[i]} " if labels else ""
@@ -353,15 +355,6 @@ class Evaluator:
         finally:
             if model is not None:
                 self.base = _unload(model)
-
-
-def _plain_lora(run_dir) -> bool:
-    """Whether the adapter of ``run_dir`` is plain LoRA (see :func:`~alignkit.lean_step.mixable_adapters`),
-    read from its ``adapter_config.json`` before anything is loaded: adapters of other PEFT types cannot
-    even be loaded beside LoRA ones."""
-    config = read_adapter_config(Path(run_dir) / "actor")
-    return (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save")
-            and not config.get("trainable_token_indices") and not config.get("lora_bias"))
 
 
 def _unload(model):

@@ -201,8 +201,9 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
         generator = sampling.generator(device)
     names = list(dict.fromkeys(adapters or ()))   # each adapter once, in order of appearance
     # The batch rows hold the prompts grouped by adapter, so each adapter's rows are one slice.
-    rows = sorted(range(len(prompts)), key=lambda i: names.index(adapters[i])) if adapters else list(range(len(prompts)))
-    groups = [names.index(adapters[r]) for r in rows] if adapters else []
+    group_of = [names.index(a) for a in adapters] if adapters else [0] * len(prompts)
+    rows = sorted(range(len(prompts)), key=group_of.__getitem__)
+    groups = [group_of[r] for r in rows]
     segments = adapter_segments(groups)   # (adapter, first row, end row) of the batch, while rows leave
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -244,7 +245,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
                 keep = (~ended).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 rows = [r for r, end in zip(rows, ended_list, strict=True) if not end]
-                groups = [g for g, end in zip(groups, ended_list, strict=True) if not end] if adapters else []
+                groups = [g for g, end in zip(groups, ended_list, strict=True) if not end]
                 segments = adapter_segments(groups)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None

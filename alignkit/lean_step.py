@@ -18,6 +18,13 @@ BASE = "__base__"
 """The adapter name of a row that runs the base model alone (PEFT's name for it in mixed batches)."""
 
 
+def plain_lora_config(config: dict) -> bool:
+    """Whether an adapter config (``adapter_config.json`` as a dict) is plain LoRA: no DoRA, no LoRA bias,
+    no fully trained extra modules (``modules_to_save``, trainable tokens), not another PEFT type."""
+    return (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save")
+            and not config.get("trainable_token_indices") and not config.get("lora_bias"))
+
+
 def mixable_adapters(model, names) -> bool:
     """Whether ``model`` (a PEFT model) can answer rows of the adapters ``names`` (:data:`BASE` allowed) in
     one batch: each is loaded, and each is plain LoRA on linear layers (no DoRA or other variants, no LoRA
@@ -29,12 +36,8 @@ def mixable_adapters(model, names) -> bool:
     configs = getattr(model, "peft_config", {})
     if not wanted <= set(configs):
         return False
-    for name in wanted:
-        config = configs[name]
-        if (getattr(config, "peft_type", None) != "LORA" or getattr(config, "use_dora", False)
-                or getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None)
-                or getattr(config, "lora_bias", False)):
-            return False
+    if not all(plain_lora_config(configs[name].to_dict()) for name in wanted):
+        return False
     if any(type(m).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper") for m in model.modules()):
         return False
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]

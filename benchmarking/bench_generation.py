@@ -51,7 +51,6 @@ def _prompts(n: int) -> list[str]:
 
 
 def _model(adapter: str | None):
-    import torch
 
     from alignkit.adapters import load_adapter
     from alignkit.models import add_lora, load_model, load_tokenizer
@@ -61,13 +60,20 @@ def _model(adapter: str | None):
     if adapter:
         model = load_adapter(model, adapter, is_trainable=False)
     else:
-        model = add_lora(model)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, 0.02, generator=generator)
+        model = _noisy_lora(add_lora(model), "default", seed=0)
     return model.eval(), tokenizer
+
+
+def _noisy_lora(model, name: str, seed: int):
+    """``model`` with the ``lora_B`` of its adapter ``name`` drawn from N(0, 0.02) (seeded), so it changes answers."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name and f".{name}." in param_name:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model
 
 
 def _plain(model, prompts: list[list[int]], max_new_tokens: int, stop: int, pad: int) -> list[list[int]]:
@@ -158,7 +164,6 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
     """``count`` configurations on the one base (the base alone, the adapter, and fresh LoRAs with random
     ``lora_B`` seeded 1, 2, ...) answering every prompt: one configuration at a time (merged weights,
     as the comparison did) against all in shared batches (each row its own adapter)."""
-    import torch
 
     from alignkit.generation import generate_ids
     from alignkit.lean_step import BASE
@@ -167,12 +172,7 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
     names = [BASE, "default"]
     for seed in range(1, count - 1):
         name = f"extra{seed}"
-        add_lora(model, adapter_name=name)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if "lora_B" in param_name and f".{name}." in param_name:
-                    param.normal_(0.0, 0.02, generator=generator)
+        _noisy_lora(add_lora(model, adapter_name=name), name, seed)
         names.append(name)
     model.set_adapter("default")
     model.eval()
