@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel
 
 from . import checkpoints
 from .config import DPOConfig, SFTConfig, preference_problems
-from .forward import ResponseLogps, sequence_logps
+from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import add_lora
 from .reference import ReferencePolicy, ReferenceStore
@@ -42,6 +42,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps - 1))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+NO_GRAD_ROWS = 4
+"""A no-grad forward (evaluation, DPO's reference) takes up to this many micro-batches at once: it keeps
+no activations for a backward, so it needs far less memory than a training forward of the same rows,
+and larger batches run the matrix products faster."""
 
 
 class LLMAgent:
@@ -189,10 +195,14 @@ class LLMAgent:
 
     @torch.no_grad()
     def test(self, env, batch_size: int | None = None) -> dict[str, float]:
-        """Metrics over the whole test split of ``env``, as true means over all its rows/tokens."""
+        """Metrics over the whole test split of ``env``, as true means over all its rows/tokens.
+
+        ``batch_size``: rows (pairs) per forward; by default up to :data:`NO_GRAD_ROWS` micro-batches.
+        """
         self.model.eval()
+        size = batch_size or min(self.batch_size, NO_GRAD_ROWS * self.micro_batch_size)
         sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1]
-                         for batch in env.test_batches(batch_size or self.micro_batch_size))
+                         for batch in env.test_batches(size))
         if not sums:
             raise ValueError("the test split is empty")
         return self._finalize(self._reduce(sums))
@@ -363,23 +373,46 @@ def preference_micro_loss(policy, reference: ReferencePolicy | None, objective: 
     return loss, sums
 
 
+def remembering(policy, known: dict[int, tuple[float, float]]):
+    """``policy`` (as :func:`preference_micro_loss` takes it) that remembers its log-probs in ``known``.
+
+    ``known`` maps a pair's ``example_id`` to its (chosen, rejected) log-probs under this very model.
+    A batch whose pairs are all there is looked up instead of run (no gradient: for scoring only); the
+    log-probs of the batches that run are added to it.
+    """
+    def run(micro, shared):
+        ids = micro["example_ids"].tolist()
+        if ids and all(key in known for key in ids):
+            values = torch.tensor([known[key] for key in ids], dtype=torch.float32, device=micro["labels"].device)
+            return torch.cat([values[:, 0], values[:, 1]]), response_counts(micro["labels"])
+        logps, counts = policy(micro, shared)
+        values = logps.detach().float().cpu()
+        for i, key in enumerate(ids):
+            known.setdefault(key, (float(values[i]), float(values[len(ids) + i])))
+        return logps, counts
+    return run
+
+
 @torch.no_grad()
 def score_preferences(model, batches, reference: ReferencePolicy | None, objective: PreferenceObjective,
-                      packed: bool = True, share_prompts: bool = True) -> dict[str, float]:
+                      packed: bool = True, share_prompts: bool = True,
+                      known: dict[int, tuple[float, float]] | None = None) -> dict[str, float]:
     """Held-out DPO metrics of ``model`` (as it is: adapters active as set) over DPO ``batches``.
 
     A plain function: no optimizer, nothing trainable. ``reference`` supplies the reference
-    log-probs (None for a reference-free loss). Returns the metrics of :class:`DPO`, true means
-    over all pairs of all batches.
+    log-probs (None for a reference-free loss). ``known``: log-probs of this model already computed
+    (see :func:`remembering`), filled with those computed here. Returns the metrics of :class:`DPO`,
+    true means over all pairs of all batches.
     """
     was_training = model.training
     model.eval()
     try:
         shortcut = reference is not None and reference.is_policy(updated=False)
 
-        def policy(batch, shared):
+        def forward(batch, shared):
             return sequence_logps(model, batch, packed=packed, shared_prompts=shared)
 
+        policy = forward if known is None else remembering(forward, known)
         sums = sum_stats(preference_micro_loss(policy, reference, objective, batch, *pair_counts(batch), shortcut,
                                                share_prompts)[1] for batch in batches)
     finally:
@@ -425,6 +458,25 @@ class DPO(LLMAgent):
         self.reference = None if self.objective.reference_free else ReferencePolicy(
             self.unwrapped_model(), self.adapter_name, packed=self.packed, share_prompts=share_prompts,
             cache=shared_reference.cache if shared_reference is not None else None, store=reference_cache)
+        self.held_out_logps: dict[int, tuple[float, float]] = {}
+        self.held_out_step: int | None = None
+
+    def test(self, env, batch_size: int | None = None) -> dict[str, float]:
+        """Held-out metrics (see :meth:`LLMAgent.test`); the policy's (chosen, rejected) log-probs of
+        every held-out pair this process scored stay in ``held_out_logps``, taken at ``held_out_step``."""
+        self.held_out_logps, self.held_out_step = {}, self.steps
+        return super().test(env, batch_size)
+
+    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """:meth:`LLMAgent.learn`; a batch split into micro-batches first gets its pairs' reference
+        log-probs in no-grad forwards of up to :data:`NO_GRAD_ROWS` micro-batches each (larger,
+        fewer matrix products than one forward per micro-batch)."""
+        pairs = batch["example_ids"].shape[0]
+        if (self.reference is not None and self.micro_batch_size < pairs
+                and not self.reference.is_policy(self.steps > 0, training=True)):
+            for chunk in self._split(batch, NO_GRAD_ROWS * self.micro_batch_size):
+                self.reference.logps(chunk)
+        return super().learn(batch)
 
     def _split(self, batch, size):
         pairs = batch["example_ids"].shape[0]
@@ -440,7 +492,8 @@ class DPO(LLMAgent):
 
     def _micro_loss(self, micro, denom, train):
         shortcut = self.reference is not None and self.reference.is_policy(self.steps > 0, training=train)
-        return preference_micro_loss(self._policy_logps, self.reference, self.objective, micro, *denom, shortcut,
+        policy = self._policy_logps if train else remembering(self._policy_logps, self.held_out_logps)
+        return preference_micro_loss(policy, self.reference, self.objective, micro, *denom, shortcut,
                                      self.share_prompts)
 
     def _finalize(self, sums):

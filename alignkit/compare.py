@@ -32,7 +32,7 @@ from .lean_step import BASE, mixable_adapters, plain_lora_config
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
 from .plots import plot_runs
 from .quality import answer_quality
-from .reference import ReferencePolicy
+from .reference import ReferencePolicy, reference_store
 from .report import repetition_score, write_report
 
 _DEFAULTS = DPOConfig()
@@ -202,7 +202,11 @@ class Evaluator:
     """Loads the base model and one held-out split once, then scores configurations on it.
 
     The reference of every configuration is the base model, so its log-probs are computed once
-    and shared by all configurations.
+    and shared by all configurations. Held-out log-probs are also kept on disk, in the store of the
+    base or of a configuration's adapter (``alignkit.reference.reference_store``, the one DPO's
+    reference cache uses): a pair scored before under the same base, adapter weights and layout
+    (by a comparison, by the final eval of a DPO run, or as the reference of a DPO run warm-started
+    from that adapter) is looked up instead of run again.
     """
 
     CACHE_BUDGET = 1 << 30
@@ -214,6 +218,7 @@ class Evaluator:
         self.split = split or Split(_DEFAULTS.dataset, _DEFAULTS.seed, _DEFAULTS.test_size)
         self.tokenizer = load_tokenizer(model_name)
         self.base = load_model(model_name, device=device, dtype=dtype)
+        self.model_name = model_name
         self.test = self.split.load()[1]
         self.reference_cache: dict[int, tuple[float, float]] = {}
         self._gyms: dict[int, PreferenceGym] = {}
@@ -257,13 +262,25 @@ class Evaluator:
             out.append((showcase, [[sample[c][len(prompts) + i] for sample in samples] for i in range(len(held_out))]))
         return out
 
-    def _held_out_metrics(self, model, has_adapter: bool, max_length: int, beta: float) -> dict:
-        reference = ReferencePolicy(model, cache=self.reference_cache)  # the base: adapter disabled
+    def _held_out_metrics(self, model, run_dir: str | None, max_length: int, beta: float) -> dict:
+        # The reference is the base (adapter disabled); an untrained LoRA is the base itself.
+        reference = ReferencePolicy(model, cache=self.reference_cache,
+                                    store=reference_store(model, self.model_name, None, packed=True, share_prompts=True))
+        store = reference_store(model, self.model_name, str(Path(run_dir) / "actor"), packed=True,
+                                share_prompts=True) if run_dir else None
+        known = store.load() if store else self.reference_cache
+        before = set(known)
         held_out = score_preferences(model, self._batches(max_length), reference,
-                                     PreferenceObjective(beta=beta, nll_alpha=1.0))
+                                     PreferenceObjective(beta=beta, nll_alpha=1.0), known=known)
+        try:
+            reference.save()
+            if store:
+                store.save({key: value for key, value in known.items() if key not in before})
+        except OSError as exc:
+            logger.warning("could not cache held-out log-probs: %s", exc.strerror or exc)
         return {
             # The base is its own reference: every reward is 0 and "accuracy" says nothing.
-            "preference_accuracy": held_out["rewards/accuracies"] if has_adapter else None,
+            "preference_accuracy": held_out["rewards/accuracies"] if run_dir else None,
             "reward_chosen": held_out["rewards/chosen"],
             "reward_rejected": held_out["rewards/rejected"],
             "sft_loss": held_out["nll_loss"],  # mean NLL per chosen-response token = SFT loss on chosen
@@ -301,7 +318,7 @@ class Evaluator:
             say(f"evaluating {label}({run_dir or 'untrained LoRA'})")
             model = self._with_adapter(run_dir)
             try:
-                metrics.append(self._held_out_metrics(model, bool(run_dir), max_length, beta))
+                metrics.append(self._held_out_metrics(model, run_dir, max_length, beta))
                 if not together:
                     answers[i] = self._replies(model, prompts, held_out_prompts, decoding)[0]
             finally:

@@ -184,8 +184,12 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
                         bias=getattr(head, "bias", None))  # (M,)
     rows = torch.arange(n_rows, device=device)[:, None].expand_as(selected)[selected]
     sums = torch.zeros(n_rows, dtype=torch.float32, device=device).index_add(0, rows, logps)
-    counts = torch.zeros(n_rows, dtype=torch.long, device=device).index_add(0, rows, torch.ones_like(rows))
-    return sums, counts
+    return sums, response_counts(labels)
+
+
+def response_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) the number of response tokens of each row whose log-prob :func:`sequence_logps` sums."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 class ResponseLogps(torch.nn.Module):

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from alignkit.errors import UserError
-from alignkit.io import atomic_folder
+from alignkit.io import atomic_folder, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -192,13 +193,38 @@ def resolve_dtype(dtype: str | torch.dtype | None = None, device: str = "cpu") -
 def gguf_cache_path(gguf_path: str | os.PathLike) -> Path:
     """Folder under `cache_dir()/models` that holds the safetensors copy of `gguf_path`.
 
-    Keyed by the file's stem plus a hash of its absolute path, size and modification time, so
-    a replaced or reinstalled file gets a fresh conversion without hashing gigabytes.
+    Keyed by the file's stem plus a hash of its content, so a replaced file gets a fresh conversion
+    while the same file installed again elsewhere (a new virtual environment, a fresh clone) reuses
+    the one already made instead of adding another copy of the model to the cache.
     """
     path = Path(gguf_path).resolve()
+    return cache_dir() / "models" / f"{path.stem.lower()}-{_content_digest(path)[:12]}"
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of `path`'s bytes, remembered by path, size and modification time under
+    `cache_dir()/models/digests.json`, so each installed file is read in full once."""
+    index = cache_dir() / "models" / "digests.json"
     stat = path.stat()
-    digest = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{path.stem.lower()}-{digest}"
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path)) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    known = known if isinstance(known, dict) else {}
+    known[str(path)] = {**stamp, "sha256": digest.hexdigest()}
+    # Entries of files that are gone (an old environment) are dropped; a failed write only costs a re-read.
+    known = {name: value for name, value in known.items() if Path(name).exists()}
+    with contextlib.suppress(OSError):
+        atomic_write_json(index, known)
+    return digest.hexdigest()
 
 
 def _is_complete(folder: Path) -> bool:

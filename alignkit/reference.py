@@ -199,7 +199,9 @@ class ReferenceStore:
         return self._read(self._shards())
 
     def save(self, entries: dict[int, tuple[float, float]]) -> None:
-        """Add ``entries`` to the store as one new shard."""
+        """Add ``entries`` to the store as one new shard (nothing when there are none)."""
+        if not entries:
+            return
         self._write(entries)
         shards = self._shards()
         if len(shards) > self.max_shards:

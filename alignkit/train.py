@@ -291,6 +291,28 @@ def _save_checkpoint(s: Setup) -> Path:
                         f"{exc.strerror or exc}; {intact}") from None
 
 
+def _keep_held_out_logps(s: Setup) -> None:
+    """File the final eval's log-probs of the held-out pairs under the finished adapter.
+
+    They go to the on-disk store keyed by the base and the adapter's weights (the one a DPO run
+    warm-started from this adapter uses for its reference), where a comparison scoring this run
+    looks them up instead of running the held-out pairs again. Only when the final eval ran in this
+    process (not one recorded before a resume) and the run caches reference log-probs.
+    """
+    agent = s.agent
+    if not (isinstance(agent, DPO) and s.cfg.reuse_reference and agent.held_out_step == agent.steps):
+        return
+    entries = gather_dicts(agent.held_out_logps, s.accelerator)
+    if not s.main or not entries:
+        return
+    store = reference_store(agent.unwrapped_model(), s.base_model, str(s.run_dir / "actor"), s.cfg.packing,
+                            s.cfg.share_prompts)
+    try:
+        store.save(entries)
+    except OSError as exc:
+        logger.warning("could not cache the held-out log-probs in %s: %s", store.folder, exc.strerror or exc)
+
+
 def train(s: Setup) -> dict:
     """Run the loop of ``s``; returns the final held-out metrics."""
     cfg, gym, agent = s.cfg, s.gym, s.agent
@@ -354,6 +376,7 @@ def train(s: Setup) -> dict:
             except OSError as exc:
                 raise UserError(f"could not write the finished adapter to {s.run_dir / 'actor'}: "
                                 f"{exc.strerror or exc}; checkpoint-{agent.steps}/ holds it") from None
+            _keep_held_out_logps(s)
     finally:
         log.close()
     if cfg.plot and s.main:

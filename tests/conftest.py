@@ -28,6 +28,21 @@ ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory):
+    """A cache of this test session's own ($ALIGNKIT_CACHE), so cached log-probs of earlier sessions
+    never answer for this one's; converted models are the user's cache's, so they convert once."""
+    from alignkit.models import cache_dir
+
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    own = tmp_path_factory.mktemp("alignkit-cache")
+    (own / "models").symlink_to(models, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ALIGNKIT_CACHE", str(own))
+        yield own
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's tokenizer (with its chat template)."""

@@ -220,3 +220,45 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(19, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_factor(5, 0, None, 0.1) == 1.0
     assert lr_factor(0, 0, 1, 0.1) == 1.0
+
+
+def test_micro_batches_get_their_reference_in_larger_no_grad_forwards(tokenizer, rows, make_model, monkeypatch):
+    """With micro-batches of 1 pair, the reference of a 6-pair batch runs as 2 forwards (4 + 2 pairs), held-out
+    scoring as batches of 4: the same step (loss, gradient-updated adapter) as one forward per micro-batch."""
+    import alignkit.agents
+    import alignkit.reference
+
+    gym = PreferenceGym(rows, rows, tokenizer, data_batch_size_per_gpu=len(rows))
+    batch = gym.reset()
+    shapes = []
+    real = alignkit.reference.sequence_logps
+
+    def counted(model, sub, **kwargs):
+        shapes.append(sub["input_ids"].shape[0] // 2)
+        return real(model, sub, **kwargs)
+
+    monkeypatch.setattr(alignkit.reference, "sequence_logps", counted)
+    results = {}
+    for factor in (1, alignkit.agents.NO_GRAD_ROWS):
+        monkeypatch.setattr(alignkit.agents, "NO_GRAD_ROWS", factor)
+        agent = _dpo(tokenizer, make_model(), batch_size=len(rows), micro_batch_size=1, lr=1e-2)
+        agent.learn(batch)                 # step 0: the policy is the reference, no reference forward
+        shapes.clear()
+        agent.learn(batch)                 # the cache holds these pairs: clear it to see the forwards
+        assert shapes == []
+        agent.reference.cache.clear()
+        metrics = agent.learn(batch)
+        results[factor] = (metrics, shapes[:], [p.detach().clone() for p in agent.params])
+        held_out = []
+
+        def scored(micro, denom, train, _real=agent._micro_loss, _seen=held_out):
+            _seen.append(micro["example_ids"].shape[0])
+            return _real(micro, denom, train)
+
+        monkeypatch.setattr(agent, "_micro_loss", scored)
+        agent.test(gym)
+        assert held_out == ([1] * 6 if factor == 1 else [4, 2])
+    assert results[1][1] == [1] * 6 and results[4][1] == [4, 2]
+    assert results[4][0]["loss"] == pytest.approx(results[1][0]["loss"], rel=1e-5)
+    for a, b in zip(results[1][2], results[4][2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.compare import Evaluator, Split, compare
+from alignkit.compare import Evaluator, Split, _unload, compare
 from alignkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,3 +249,46 @@ def test_a_relative_model_folder_is_the_absolute_one_the_runs_record(tmp_path, m
     assert check_same_base({"sft": str(tmp_path / "run")}, "model") == "model"
     with pytest.raises(UserError, match="all runs must share the base model 'other'"):
         check_same_base({"sft": str(tmp_path / "run")}, "other")
+
+
+def _count_forwards(monkeypatch) -> dict[str, int]:
+    """Counts of the policy's and the reference's held-out forwards from here on."""
+    import alignkit.agents
+    import alignkit.reference
+
+    calls = {"policy": 0, "reference": 0}
+    for module, key in ((alignkit.agents, "policy"), (alignkit.reference, "reference")):
+        def counted(*args, _real=module.sequence_logps, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, "sequence_logps", counted)
+    return calls
+
+
+def test_held_out_logps_are_filed_by_adapter_and_not_run_again(runs, tiny_model_dir, rows_file, tmp_path,
+                                                               monkeypatch):
+    split = Split(str(rows_file), 42, 6)
+    calls = _count_forwards(monkeypatch)
+    # The DPO run's final eval filed its policy's log-probs of the held-out pairs under its adapter.
+    evaluator = Evaluator(str(tiny_model_dir), split)
+    with torch.no_grad():
+        scored = evaluator._held_out_metrics(evaluator._with_adapter(runs["dpo"]), runs["dpo"], 64, 0.5)
+    assert calls["policy"] == 0
+    # An empty cache computes everything, to the same numbers (the run's eval batched them otherwise).
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "empty"))
+    fresh = Evaluator(str(tiny_model_dir), split)
+    with torch.no_grad():
+        computed = fresh._held_out_metrics(fresh._with_adapter(runs["dpo"]), runs["dpo"], 64, 0.5)
+    assert calls["policy"] > 0 and calls["reference"] > 0
+    assert computed.keys() == scored.keys()
+    assert all(abs(computed[k] - scored[k]) < 1e-5 for k in computed), (computed, scored)
+    # ... which a second comparison looks up: no forward of either model, the very same numbers.
+    calls.update(policy=0, reference=0)
+    again = Evaluator(str(tiny_model_dir), split)
+    with torch.no_grad():
+        for run_dir in (None, runs["dpo"]):
+            model = again._with_adapter(run_dir)
+            repeated = again._held_out_metrics(model, run_dir, 64, 0.5)
+            again.base = _unload(model)
+    assert calls == {"policy": 0, "reference": 0}
+    assert repeated == computed

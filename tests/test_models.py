@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -104,8 +106,24 @@ def test_gguf_cache_path_changes_when_file_changes(monkeypatch, tmp_path):
     first = gguf_cache_path(gguf)
     assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("some.model-")
     assert gguf_cache_path(gguf) == first
-    gguf.write_bytes(b"longer content")
+    gguf.write_bytes(b"other")          # same size, other bytes
     assert gguf_cache_path(gguf) != first
+    gguf.write_bytes(b"one")
+    assert gguf_cache_path(gguf) == first
+    # The same file installed elsewhere (a new environment) reuses the conversion.
+    elsewhere = tmp_path / "venv2" / "Some.Model.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"one")
+    assert gguf_cache_path(elsewhere) == first
+    # Each file's digest is remembered by its size and modification time; gone files are forgotten.
+    digests = json.loads((tmp_path / "cache" / "models" / "digests.json").read_text())
+    assert set(digests) == {str(gguf.resolve()), str(elsewhere.resolve())}
+    assert digests[str(gguf.resolve())]["sha256"] == hashlib.sha256(b"one").hexdigest()
+    elsewhere.unlink()
+    gguf.write_bytes(b"three")
+    gguf_cache_path(gguf)
+    digests = json.loads((tmp_path / "cache" / "models" / "digests.json").read_text())
+    assert set(digests) == {str(gguf.resolve())}
 
 
 # --- device and dtype -------------------------------------------------------------------------
@@ -244,7 +262,7 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
         models._gguf_folder(str(gguf))
     models_dir = tmp_path / "cache" / "models"
     assert not gguf_cache_path(gguf).exists()
-    assert list(models_dir.iterdir()) == []  # the temp folder is cleaned up too
+    assert [p.name for p in models_dir.iterdir()] == ["digests.json"]  # the temp folder is cleaned up too
 
 
 # --- LoRA -------------------------------------------------------------------------------------

@@ -69,8 +69,13 @@ def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_
     if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
         shards = list((tmp_path / "cache-two" / "reference_logps").glob("*/*.json"))
         assert len({shard.name.split("-")[0] for shard in shards}) == 1   # one writer (shards are <pid>-...)
-        entries = [json.loads(shard.read_text())["entries"] for shard in shards]
-        assert len(set().union(*entries)) == sum(map(len, entries)) == 6 + 3 * 4   # each pair once
+        stores = {}
+        for shard in shards:
+            stores.setdefault(shard.parent, []).append(json.loads(shard.read_text())["entries"])
+        # the reference's store: every pair once; the finished adapter's: the final eval's 6 held-out pairs,
+        # from both processes' shares
+        sizes = sorted((len(set().union(*entries)), sum(map(len, entries))) for entries in stores.values())
+        assert sizes == [(6, 6), (6 + 3 * 4, 6 + 3 * 4)]
         # a crash after checkpoint-2, resumed by 2 processes, ends where 1 uninterrupted process does
         for name in ("actor", "checkpoint-3"):
             shutil.rmtree(two / name)
