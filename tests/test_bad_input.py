@@ -313,7 +313,10 @@ def test_adapter_whose_shapes_do_not_fit_the_base(warm_start, adapter, tiny_mode
     shutil.copy(tiny_model_dir / "tokenizer_config.json", wider)
     config = json.loads((adapter / "adapter_config.json").read_text())
     write(adapter / "adapter_config.json", json.dumps({**config, "base_model_name_or_path": str(wider)}))
-    assert "does not fit this base model" in warm_start(adapter)
+    message = warm_start(adapter)
+    assert "does not fit this base model" in message
+    # the first tensor that does not fit is named, with both shapes, and how many others there are
+    assert "size mismatch for" in message and "torch.Size([16, 64])" in message and "more)" in message, message
 
 
 def test_eval_needs_load_path_and_checks_the_adapter(capsys, adapter):
