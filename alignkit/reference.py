@@ -217,12 +217,32 @@ class ReferenceStore:
         return path
 
 
+def _base_identity(base_model: str) -> str:
+    """What tells one version of ``base_model`` from another: the content digest of a GGUF file (the
+    embedded model's too, so a reinstalled package with other weights gets a fresh cache), the size and
+    modification time of a local folder's config and weight files (sharded ones included)."""
+    from .errors import UserError
+    from .models import gguf_cache_path, resolve_model_source
+
+    try:
+        source = resolve_model_source(base_model)
+    except UserError:   # a name that does not resolve here keys by itself
+        return ""
+    if source.kind in ("embedded", "gguf"):
+        return gguf_cache_path(source.location).name
+    if source.kind == "local":
+        folder = Path(source.location)
+        files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
+        return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return ""
+
+
 def reference_store(model, base_model: str, load_path: str | None, packed: bool, share_prompts: bool,
                     root: Path | None = None) -> ReferenceStore:
     """The on-disk store for the reference a run will use, keyed by everything that decides its numbers.
 
-    The key hashes the base model (and, for a local folder or file, its size and modification
-    time, so a model rewritten in place gets a fresh cache), the warm-start adapter's weights, the
+    The key hashes the base model (and what tells its versions apart, see :func:`_base_identity`, so
+    a model rewritten in place gets a fresh cache), the warm-start adapter's weights, the
     resolved device type and dtype of ``model``'s weights, and the forward's layout (packing and
     shared prompts change the float rounding). Pairs inside are keyed by a hash of their tokens, so
     one store serves every dataset, split and epoch.
@@ -230,10 +250,7 @@ def reference_store(model, base_model: str, load_path: str | None, packed: bool,
     weight = next(model.parameters())
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{base_model}|{weight.device.type}|{weight.dtype}|"
                        f"packed={packed}|shared={packed and share_prompts}".encode())
-    source = Path(base_model)
-    for f in ([source / "model.safetensors", source / "config.json"] if source.is_dir() else [source]):
-        if f.is_file():
-            h.update(f"{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update(_base_identity(base_model).encode())
     if load_path:
         h.update((Path(load_path) / "adapter_model.safetensors").read_bytes())
     return ReferenceStore((root or cache_dir() / "reference_logps") / h.hexdigest()[:24])

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from alignkit.reference import ReferencePolicy, ReferenceStore
+from alignkit.reference import ReferencePolicy, ReferenceStore, _base_identity, reference_store
 
 WRITER = """
 import sys
@@ -59,3 +59,25 @@ def test_policy_saves_only_what_it_computed_and_keeps_the_first_value(tmp_path):
     assert ref.save() == 1 and ref.save() == 0
     assert store.load() == {7: (-3.0, -4.0), 8: (-5.0, -6.0)}
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_the_store_of_a_base_changes_with_its_weights_not_its_place(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for i in (1, 2):
+        (folder / f"model-0000{i}-of-00002.safetensors").write_bytes(b"x" * i)
+    first = reference_store(model, str(folder), None, True, True, root=tmp_path / "stores").folder
+    assert reference_store(model, str(folder), None, True, True, root=tmp_path / "stores").folder == first
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"yyy")     # one shard rewritten
+    assert reference_store(model, str(folder), None, True, True, root=tmp_path / "stores").folder != first
+    # a GGUF file is known by its content: the same bytes elsewhere, the same identity; other bytes, another
+    one, two = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (one, two):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF-1")
+    assert _base_identity(str(one)) == _base_identity(str(two)) != ""
+    two.write_bytes(b"GGUF-2")
+    assert _base_identity(str(one)) != _base_identity(str(two))
+    assert _base_identity("org/not-here") == ""   # a hub id keys by its name alone
