@@ -250,11 +250,13 @@ class Evaluator:
         configs = adapters or [None]
         rows = every * len(configs)
         names = [name for name in configs for _ in every] if adapters else None
+        # each configuration's prompt i samples from the generator it has when answering alone
+        keys = list(range(len(every))) * len(configs)
         samples = []
         for k in range(decoding.samples):
             replies = generate_replies(model, self.tokenizer, rows, decoding.max_new_tokens,
                                        batch_size=max(len(rows), 1), sampling=decoding.sampling(k),
-                                       adapters=names, cache_budget=self.CACHE_BUDGET)
+                                       adapters=names, cache_budget=self.CACHE_BUDGET, keys=keys)
             samples.append([replies[c * len(every):(c + 1) * len(every)] for c in range(len(configs))])
         out = []
         for c in range(len(configs)):
@@ -299,16 +301,16 @@ class Evaluator:
                   decoding: Decoding | None = None, progress=None, labels: list[str] | None = None) -> list[dict]:
         """:meth:`score` for each ``(run_dir, max_length, beta)`` of ``configs``, in their order.
 
-        Greedy answers of several configurations come from one decoding pass: every adapter is
-        loaded on the base at once and each row runs its own (the answers are those each adapter
-        gives alone). Sampled answers, and adapters that cannot share a batch, are generated one
-        configuration at a time. ``progress(message)`` hears of each step, which names configuration
+        Answers of several configurations come from one decoding pass: every adapter is loaded on
+        the base at once and each row runs its own (the answers are those each adapter gives alone;
+        sampled ones too, each prompt drawing from its own seeded generator). Adapters that cannot
+        share a batch answer one configuration at a time. ``progress(message)`` hears of each step, which names configuration
         ``i`` by ``labels[i]`` when given.
         """
         decoding = decoding or Decoding()
         say = progress or (lambda message: None)
         held_out_prompts = self.held_out_prompts(decoding.eval_prompts)
-        together = (decoding.temperature == 0 and len(configs) > 1
+        together = (len(configs) > 1
                     # read before anything is loaded: adapters of other PEFT types cannot even load beside LoRA
                     and all(plain_lora_config(read_adapter_config(Path(run_dir) / "actor"))
                             for run_dir, _, _ in configs if run_dir))
@@ -343,7 +345,7 @@ class Evaluator:
         return add_lora(model if model is not None else self.base, adapter_name=name)
 
     def _replies_together(self, configs, prompts, held_out_prompts, decoding, say) -> dict:
-        """Greedy answers of every configuration, from one model holding all their adapters."""
+        """The answers of every configuration, from one model holding all their adapters."""
         names = [f"config{i}" if run_dir else BASE for i, (run_dir, _, _) in enumerate(configs)]
         model = None
         try:

@@ -101,7 +101,7 @@ class Chat:
                 on_text(piece)
 
         out = decode(self.model, [ids], self.max_new_tokens, self.stop_ids, self.pad_id, self.sampling,
-                     self.generator, on_token=show if on_text else None)[0]
+                     [self.generator] if self.generator is not None else None, on_token=show if on_text else None)[0]
         if on_text:
             rest = stream.finish()
             if rest:

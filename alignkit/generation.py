@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ class Sampling:
         if self.seed is None or self.greedy:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
+
+    def generators(self, keys, device="cpu") -> list[torch.Generator] | None:
+        """One generator per prompt, seeded from ``seed`` and the prompt's key (e.g. its index), so a
+        prompt's samples do not depend on which other prompts share its batch, or in which order.
+        None when nothing is drawn or no ``seed`` is set (torch's global generator then draws)."""
+        if self.seed is None or self.greedy:
+            return None
+        return [torch.Generator(device=device).manual_seed(
+            int.from_bytes(hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[:8], "little") >> 1)
+            for key in keys]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +165,9 @@ def pad_token_id(tokenizer) -> int:
 
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from the last position's ``logits`` (B, V)."""
+                 generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row from the last position's ``logits`` (B, V); each row draws from its own
+    generator of ``generators`` (None: all rows from torch's global one)."""
     scores = logits.float()
     if seen is not None:
         penalty = sampling.repetition_penalty
@@ -170,19 +182,23 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | 
         before = probs.cumsum(-1) - probs          # probability of the more likely tokens
         sorted_scores = sorted_scores.masked_fill(before >= sampling.top_p, -math.inf)  # the first always stays
         scores = torch.full_like(scores, -math.inf).scatter(-1, order, sorted_scores)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = scores.softmax(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
-           sampling: Sampling | None = None, generator: torch.Generator | None = None,
+           sampling: Sampling | None = None, generators: list[torch.Generator] | None = None,
            on_token: Callable[[int, int], None] | None = None, adapters: list[str] | None = None) -> list[list[int]]:
     """The answer token ids to each prompt (a list of token ids), up to ``max_new_tokens`` each.
 
     Prompts are left-padded into one batch. An answer ends at its first token in ``stop_ids``
     (which is not returned); that row then leaves the batch and the loop ends when no row is left.
     ``on_token(row, token)`` is called for each new token of each row as soon as it is chosen
-    (stop tokens included), for streaming. ``generator`` (default: ``sampling.generator()``) draws
-    the samples; greedy decoding draws nothing.
+    (stop tokens included), for streaming. ``generators`` (one per prompt; default:
+    ``sampling.generators`` keyed by the prompts' indices) draw each prompt's samples, so an answer
+    does not depend on the batch it shares; greedy decoding draws nothing.
 
     ``adapters`` (one name per prompt; :data:`BASE` for the base model alone) answers each prompt with
     its own LoRA adapter of the PEFT ``model``, all in one batch (see :func:`mixable_adapters` for the
@@ -197,13 +213,16 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
         raise ValueError(f"{len(adapters)} adapter names for {len(prompts)} prompts")
     if adapters is not None and not hasattr(model, "peft_config"):
         raise ValueError("adapter names need a PEFT model holding those adapters")
-    if generator is None:
-        generator = sampling.generator(device)
+    if generators is None:
+        generators = sampling.generators(range(len(prompts)), device)
+    elif len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     names = list(dict.fromkeys(adapters or ()))   # each adapter once, in order of appearance
     # The batch rows hold the prompts grouped by adapter, so each adapter's rows are one slice.
     group_of = [names.index(a) for a in adapters] if adapters else [0] * len(prompts)
     rows = sorted(range(len(prompts)), key=group_of.__getitem__)
     groups = [group_of[r] for r in rows]
+    drawing = [generators[r] for r in rows] if generators is not None else None   # aligned with the batch rows
     segments = adapter_segments(groups)   # (adapter, first row, end row) of the batch, while rows leave
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -230,7 +249,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
         if sampling.repetition_penalty != 1:
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=device).scatter_(1, ids, mask.bool())
         for step in range(max_new_tokens):
-            tokens = _next_tokens(logits, sampling, seen, generator)
+            tokens = _next_tokens(logits, sampling, seen, drawing)
             chosen = tokens.tolist()
             ended = torch.isin(tokens, stops)
             ended_list = ended.tolist()
@@ -246,6 +265,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
                 cache.batch_select_indices(keep)
                 rows = [r for r, end in zip(rows, ended_list, strict=True) if not end]
                 groups = [g for g, end in zip(groups, ended_list, strict=True) if not end]
+                if drawing is not None:
+                    drawing = [g for g, end in zip(drawing, ended_list, strict=True) if not end]
                 segments = adapter_segments(groups)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None
@@ -356,7 +377,8 @@ def cache_bytes_per_token(model) -> int:
 
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
                  batch_size: int = 8, sampling: Sampling | None = None,
-                 adapters: list[str] | None = None, cache_budget: int | None = None) -> list[list[int]]:
+                 adapters: list[str] | None = None, cache_budget: int | None = None,
+                 keys: list | None = None) -> list[list[int]]:
     """The answer token ids to each token-id prompt (stop token left out), in the order of ``prompts``.
 
     Prompts are sorted by length and decoded ``batch_size`` at a time (left-padded, so similar
@@ -366,8 +388,13 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
     own adapter, prompts of different adapters sharing batches; nothing is merged then.
     ``cache_budget`` (bytes) caps the rows of a batch so that its key/value cache, preallocated for the
     longest prompt and ``max_new_tokens``, stays within it; the batches are then of even sizes.
+    Sampled answers draw from one generator per prompt, seeded from ``sampling.seed`` and the prompt's
+    key of ``keys`` (default: its index): a prompt with the same key gets the same samples whatever
+    the batches (see :meth:`Sampling.generators`).
     """
     sampling = sampling or Sampling()
+    if keys is not None and len(keys) != len(prompts):
+        raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     if cache_budget is not None and prompts:
@@ -376,14 +403,15 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
         batch_size = math.ceil(len(prompts) / math.ceil(len(prompts) / batch_size))   # as few, as even
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[list[int]] = [[] for _ in prompts]
-    generator = sampling.generator(next(model.parameters()).device)
+    generators = sampling.generators(range(len(prompts)) if keys is None else keys, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
         with merged_lora(model) if adapters is None else contextlib.nullcontext():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                out = decode(model, [prompts[i] for i in batch], max_new_tokens, stop_ids, pad_id, sampling, generator,
+                out = decode(model, [prompts[i] for i in batch], max_new_tokens, stop_ids, pad_id, sampling,
+                             [generators[i] for i in batch] if generators is not None else None,
                              adapters=[adapters[i] for i in batch] if adapters is not None else None)
                 for i, ids in zip(batch, out, strict=True):
                     answers[i] = ids
@@ -394,18 +422,19 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
 
 def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int = 200, batch_size: int = 8, *,
                      sampling: Sampling | None = None, adapters: list[str] | None = None,
-                     cache_budget: int | None = None) -> list[Answer]:
+                     cache_budget: int | None = None, keys: list | None = None) -> list[Answer]:
     """Answer each prompt (text: one user turn; or a message list), in the order of ``prompts``.
 
     Prompts are rendered as training renders them (:func:`chat_prompt_ids`) and answered by
     :func:`generate_ids`: sorted by length into batches of ``batch_size`` (fewer rows where
     ``cache_budget`` says so), with merged LoRA weights (or, with ``adapters``, each by its own adapter).
     Greedy unless ``sampling`` says otherwise; greedy answers are those of
-    ``model.generate(do_sample=False)``, sampled ones reproducible when ``sampling.seed`` is set.
+    ``model.generate(do_sample=False)``, sampled ones reproducible when ``sampling.seed`` is set (per
+    prompt and its key of ``keys``, whatever the batches).
     """
     encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     out = generate_ids(model, encoded, max_new_tokens, stop_token_ids(model, tokenizer), pad_token_id(tokenizer),
-                       batch_size, sampling, adapters, cache_budget)
+                       batch_size, sampling, adapters, cache_budget, keys)
     # The ids leave the stop token out: fewer than the limit means the answer stopped by itself.
     return [Answer(answer_text(tokenizer, ids), len(ids) < max_new_tokens) for ids in out]
 

@@ -212,6 +212,24 @@ def test_sampling_is_reproducible_with_a_seed(base, tokenizer):
     assert sample(7, top_p=1e-6) == greedy   # only the most likely token is left to draw
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch(base, tokenizer):
+    """Each prompt draws from its own seeded generator: alone, in one batch, or in batches of 2 (another
+    order, other neighbours), its samples are the same; its key, not its place, picks the generator."""
+    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS[:4]]
+    sampling = Sampling(temperature=1.0, seed=11)
+
+    def sample(ids, **kw):
+        return generate_ids(base, ids, 12, [tokenizer.eos_token_id], 2, sampling=sampling, **kw)
+
+    together = sample(prompts, batch_size=4)
+    assert sample(prompts, batch_size=2) == together
+    assert [sample([p], keys=[i])[0] for i, p in enumerate(prompts)] == together
+    assert sample(prompts[::-1], batch_size=4, keys=[3, 2, 1, 0]) == together[::-1]
+    assert sample(prompts, batch_size=4, keys=[4, 5, 6, 7]) != together   # other keys, other draws
+    with pytest.raises(ValueError, match="2 keys for 4 prompts"):
+        sample(prompts, keys=[0, 1])
+
+
 def test_repetition_penalty_avoids_tokens_already_there(make_model, tokenizer):
     model = make_model()   # freshly initialised: greedy repeats the prompt's last token
     prompt = chat_prompt_ids(tokenizer, "Hi")
