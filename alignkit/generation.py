@@ -71,7 +71,8 @@ class Sampling:
 
     def generators(self, keys, device="cpu") -> list[torch.Generator] | None:
         """One generator per prompt, seeded from ``seed`` and the prompt's key (e.g. its index), so a
-        prompt's samples do not depend on which other prompts share its batch, or in which order.
+        prompt's draws do not depend on which other prompts share its batch, or in which order (its
+        logits may, by float rounding: see :func:`decode`).
         None when nothing is drawn or no ``seed`` is set (torch's global generator then draws)."""
         if self.seed is None or self.greedy:
             return None
@@ -176,16 +177,47 @@ def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | 
         # max(-1) returns argmax's index (the first of equal maxima) about 2.5x faster on the CPU.
         return scores.max(-1).indices
     scores = scores / sampling.temperature
-    if sampling.top_p < 1:
-        sorted_scores, order = scores.sort(-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        before = probs.cumsum(-1) - probs          # probability of the more likely tokens
-        sorted_scores = sorted_scores.masked_fill(before >= sampling.top_p, -math.inf)  # the first always stays
-        scores = torch.full_like(scores, -math.inf).scatter(-1, order, sorted_scores)
-    probs = scores.softmax(-1)
+    # One uniform number per row, from the row's own generator, picks the token by inverse CDF.
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        uniform = torch.rand(scores.shape[0], device=scores.device)
+    else:
+        uniform = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in generators])
+    if sampling.top_p >= 1:
+        return _draw(scores.softmax(-1), uniform)
+    return _draw_nucleus(scores, sampling.top_p, uniform)
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the token whose share of the cumulative ``probs`` (B, K; need not sum to 1) holds
+    ``uniform`` (B,) in [0, 1); ``tokens`` (B, K) names the columns (default: their indices)."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
+    return pick.squeeze(1) if tokens is None else tokens.gather(1, pick).squeeze(1)
+
+
+NUCLEUS_FIRST = 256
+"""The nucleus (top-p) is looked for among this many most likely tokens first; rows whose nucleus is
+larger are sorted in full."""
+
+
+def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Top-p sampling: per row, a draw among the smallest set of most likely tokens whose probability
+    reaches ``top_p`` (the most likely one always stays), without sorting the whole vocabulary where
+    the set lies within the first :data:`NUCLEUS_FIRST` tokens."""
+    k = min(NUCLEUS_FIRST, scores.shape[-1])
+    top, tokens = scores.topk(k, dim=-1)                            # sorted, most likely first
+    probs = (top - scores.logsumexp(-1, keepdim=True)).exp()        # their true probabilities
+    before = probs.cumsum(-1) - probs                               # probability of the more likely tokens
+    wide = (before[:, -1] + probs[:, -1]) < top_p                   # the nucleus reaches past the first k
+    if wide.any():
+        rows = wide.nonzero().squeeze(1)
+        full, order = scores[rows].sort(-1, descending=True)
+        full = full.softmax(-1)
+        drawn = _draw(full.masked_fill(full.cumsum(-1) - full >= top_p, 0.0), uniform[rows], order)
+    out = _draw(probs.masked_fill(before >= top_p, 0.0), uniform, tokens)
+    if wide.any():
+        out[rows] = drawn
+    return out
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
@@ -197,8 +229,10 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     (which is not returned); that row then leaves the batch and the loop ends when no row is left.
     ``on_token(row, token)`` is called for each new token of each row as soon as it is chosen
     (stop tokens included), for streaming. ``generators`` (one per prompt; default:
-    ``sampling.generators`` keyed by the prompts' indices) draw each prompt's samples, so an answer
-    does not depend on the batch it shares; greedy decoding draws nothing.
+    ``sampling.generators`` keyed by the prompts' indices) draw each prompt's samples, so its draws
+    do not depend on the batch it shares; greedy decoding draws nothing. The logits themselves can
+    differ in the last bits with the batch's size (matrix products round by their shapes), which
+    changes an answer only where a draw falls on a boundary between two tokens or two are tied.
 
     ``adapters`` (one name per prompt; :data:`BASE` for the base model alone) answers each prompt with
     its own LoRA adapter of the PEFT ``model``, all in one batch (see :func:`mixable_adapters` for the
@@ -389,8 +423,8 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
     ``cache_budget`` (bytes) caps the rows of a batch so that its key/value cache, preallocated for the
     longest prompt and ``max_new_tokens``, stays within it; the batches are then of even sizes.
     Sampled answers draw from one generator per prompt, seeded from ``sampling.seed`` and the prompt's
-    key of ``keys`` (default: its index): a prompt with the same key gets the same samples whatever
-    the batches (see :meth:`Sampling.generators`).
+    key of ``keys`` (default: its index): a prompt with the same key gets the same draws whatever
+    the batches (see :meth:`Sampling.generators` and, for rounding, :func:`decode`).
     """
     sampling = sampling or Sampling()
     if keys is not None and len(keys) != len(prompts):

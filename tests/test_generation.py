@@ -230,6 +230,30 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(base, tokenizer):
         sample(prompts, keys=[0, 1])
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+def test_draws_follow_the_nucleus_distribution(top_p, monkeypatch):
+    """Empirical token frequencies of many draws equal the top-p renormalised softmax, for rows whose
+    nucleus lies within the first NUCLEUS_FIRST tokens and for rows sorted in full."""
+    import alignkit.generation as generation
+
+    monkeypatch.setattr(generation, "NUCLEUS_FIRST", 3)
+    torch.manual_seed(0)
+    peaked = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])    # nucleus of 0.9: 3 tokens
+    flat = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0, -0.1])       # nucleus wider than 3
+    n = 40000
+    logits = torch.cat([peaked.expand(n, -1), flat.expand(n, -1)])
+    drawn = generation._next_tokens(logits, Sampling(temperature=1.0, top_p=top_p), None, None)
+    for half, row in enumerate((peaked, flat)):
+        probs = row.softmax(-1)
+        ranked, order = probs.sort(descending=True)
+        keep = (ranked.cumsum(-1) - ranked) < top_p
+        expected = torch.zeros_like(probs)
+        expected[order[keep]] = ranked[keep] / ranked[keep].sum()
+        seen = torch.bincount(drawn[half * n:(half + 1) * n], minlength=len(row)).float() / n
+        assert (seen[expected == 0] == 0).all(), (top_p, half, seen)   # nothing outside the nucleus
+        torch.testing.assert_close(seen, expected, atol=0.01, rtol=0)
+
+
 def test_repetition_penalty_avoids_tokens_already_there(make_model, tokenizer):
     model = make_model()   # freshly initialised: greedy repeats the prompt's last token
     prompt = chat_prompt_ids(tokenizer, "Hi")
