@@ -275,17 +275,30 @@ def _check_answer(messages: list, row: int, what: str, beside_prompt: bool = Fal
                    "must end with an assistant turn")
 
 
-def without_prompt(answer: list, prompt: list) -> list:
+def split_answer(answer: list, prompt: list) -> tuple[list, list]:
     """An answer written as the whole conversation (the prompt's messages, then the answer) cut to the answer.
 
     Some datasets (UltraFeedback-style) store ``chosen``/``rejected`` as full conversations beside a
-    ``prompt`` column; an answer that does not start with the prompt's messages (same roles, same text
-    up to surrounding whitespace) is returned as it is.
+    ``prompt`` column, some with a system message before the prompt's turns. Returns ``(opening,
+    answer)``: the system messages the conversation opens with before the prompt's messages (when
+    the prompt has none of its own), and what follows the prompt. An answer that does not contain
+    the prompt's messages there (same roles, same text up to surrounding whitespace) is returned as
+    it is, with no opening.
     """
+    lead = 0
+    if prompt[0]["role"] != "system":
+        while lead < len(answer) and answer[lead]["role"] == "system":
+            lead += 1
     n = len(prompt)
-    same = len(answer) > n and all(a["role"] == p["role"] and a["content"].strip() == p["content"].strip()
-                                   for a, p in zip(answer[:n], prompt, strict=False))
-    return answer[n:] if same else answer
+    same = len(answer) > lead + n and all(
+        a["role"] == p["role"] and a["content"].strip() == p["content"].strip()
+        for a, p in zip(answer[lead:lead + n], prompt, strict=False))
+    return (answer[:lead], answer[lead + n:]) if same else ([], answer)
+
+
+def without_prompt(answer: list, prompt: list) -> list:
+    """The answer part of an answer written as the whole conversation (see :func:`split_answer`)."""
+    return split_answer(answer, prompt)[1]
 
 
 def split_shared_prefix(chosen: list, rejected: list, row: int) -> tuple[list, list, list]:
@@ -352,18 +365,24 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             return {"prompt": prompt, "completion": completion}
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
-        completion = without_prompt(messages_of(record.get(column), row, column, lone_role="assistant"), prompt)
+        opening, completion = split_answer(messages_of(record.get(column), row, column, lone_role="assistant"),
+                                           prompt)
         _check_answer(completion, row, column, beside_prompt=True)
-        return {"prompt": prompt, "completion": completion}
+        return {"prompt": opening + prompt, "completion": completion}
     chosen = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
     rejected = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
     if "prompt" in record:
         prompt = messages_of(record["prompt"], row, "prompt", lone_role="user")
-        chosen, rejected = without_prompt(chosen, prompt), without_prompt(rejected, prompt)
+        (opening, chosen), (other, rejected) = split_answer(chosen, prompt), split_answer(rejected, prompt)
     else:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected, row)
+        opening = other = []
     _check_answer(chosen, row, "chosen", beside_prompt="prompt" in record)
     _check_answer(rejected, row, "rejected", beside_prompt="prompt" in record)
+    if opening != other:
+        _fail(row, "chosen and rejected open with different system messages before the prompt; one "
+                   "conversation has one context")
+    prompt = opening + prompt   # a system message both conversations open with is part of the prompt
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 

@@ -475,6 +475,30 @@ def test_answers_written_as_whole_conversations_beside_a_prompt_are_cut_to_the_a
         make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
 
 
+def test_whole_conversations_opening_with_a_system_message_give_it_to_the_prompt(tmp_path):
+    """chosen/rejected written as [system, user, assistant] beside a text prompt: the system message both
+    open with becomes part of the prompt, the answer is the assistant turn (preference and SFT)."""
+    sys_turn = {"role": "system", "content": "Be kind."}
+    rows = [{"prompt": f"Question {i}?", "chosen": [sys_turn, user(f"Question {i}?"), bot(f"Good {i}.")],
+             "rejected": [sys_turn, user(f"Question {i}?"), bot(f"Bad {i}.")]} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+    for row in list(train) + list(test):
+        i = row["prompt"][1]["content"].split()[1][:-1]
+        assert row == {"prompt": [sys_turn, user(f"Question {i}?")], "chosen": [bot(f"Good {i}.")],
+                       "rejected": [bot(f"Bad {i}.")]}
+    train, _ = make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1, task="sft")
+    assert all(r["prompt"][0] == sys_turn and len(r["completion"]) == 1 for r in train)
+    # Different system messages in chosen and rejected: which one the prompt had is unknown.
+    rows[0]["rejected"][0] = {"role": "system", "content": "Be terse."}
+    with pytest.raises(UserError, match="row 1: chosen and rejected open with different system messages"):
+        make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+    # A system message not followed by the prompt's turn is not cut.
+    rows[0]["rejected"][0] = sys_turn
+    rows[0]["chosen"][1] = user("Another question?")
+    with pytest.raises(UserError, match="row 1: chosen starts with a system turn"):
+        make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+
+
 # -- Anthropic HH transcripts ----------------------------------------------------------------------
 
 
