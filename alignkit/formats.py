@@ -264,12 +264,15 @@ def opens_conversation(messages: list, i: int) -> bool:
     return all(m["role"] == "system" for m in messages[:i])
 
 
-def _check_answer(messages: list, row: int, what: str, beside_prompt: bool = False) -> None:
-    """Preference answers continue the prompt: they start and end with an assistant turn."""
+def _check_answer(messages: list, row: int, what: str, beside_prompt: bool = False, cut: bool = False) -> None:
+    """Preference answers continue the prompt: they start and end with an assistant turn. ``beside_prompt``:
+    the row has a prompt column; ``cut``: ``messages`` is what follows that prompt in a whole conversation."""
     if messages[0]["role"] != "assistant":
         hint = (" (an answer written as the whole conversation must begin with the prompt column's messages, "
-                "the same text)" if beside_prompt else "")
-        _fail(row, f"{what} starts with a {messages[0]['role']} turn; an answer starts with an assistant turn{hint}")
+                "the same text)" if beside_prompt and not cut else "")
+        after = " (after the prompt's messages it repeats)" if cut else ""
+        _fail(row, f"{what} starts with a {messages[0]['role']} turn{after}; an answer starts with an assistant "
+                   f"turn{hint}")
     if messages[-1]["role"] != "assistant":
         _fail(row, f"the {what} conversation ends with a {messages[-1]['role']} turn; preference answers "
                    "must end with an assistant turn")
@@ -365,20 +368,20 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             return {"prompt": prompt, "completion": completion}
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
-        opening, completion = split_answer(messages_of(record.get(column), row, column, lone_role="assistant"),
-                                           prompt)
-        _check_answer(completion, row, column, beside_prompt=True)
+        written = messages_of(record.get(column), row, column, lone_role="assistant")
+        opening, completion = split_answer(written, prompt)
+        _check_answer(completion, row, column, beside_prompt=True, cut=len(completion) < len(written))
         return {"prompt": opening + prompt, "completion": completion}
-    chosen = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
-    rejected = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
+    chosen = written_c = messages_of(record.get("chosen"), row, "chosen", lone_role="assistant")
+    rejected = written_r = messages_of(record.get("rejected"), row, "rejected", lone_role="assistant")
     if "prompt" in record:
         prompt = messages_of(record["prompt"], row, "prompt", lone_role="user")
         (opening, chosen), (other, rejected) = split_answer(chosen, prompt), split_answer(rejected, prompt)
     else:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected, row)
         opening = other = []
-    _check_answer(chosen, row, "chosen", beside_prompt="prompt" in record)
-    _check_answer(rejected, row, "rejected", beside_prompt="prompt" in record)
+    _check_answer(chosen, row, "chosen", "prompt" in record, cut=len(chosen) < len(written_c))
+    _check_answer(rejected, row, "rejected", "prompt" in record, cut=len(rejected) < len(written_r))
     if opening != other:
         _fail(row, "chosen and rejected open with different system messages before the prompt; one "
                    "conversation has one context")

@@ -441,7 +441,9 @@ class PreferenceGym(_Gym):
         if chosen is None or rejected is None:
             stats.dropped_prompt_too_long += 1
             return None
-        return PreferencePair(chosen, rejected, _example_id(chosen.input_ids, rejected.input_ids))
+        # the labels too: the same tokens with another answer boundary are another example
+        return PreferencePair(chosen, rejected, _example_id(chosen.input_ids, rejected.input_ids, chosen.labels,
+                                                            rejected.labels))
 
     def _collate(self, pairs):
         batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)

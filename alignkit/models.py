@@ -201,18 +201,25 @@ def gguf_cache_path(gguf_path: str | os.PathLike) -> Path:
     return cache_dir() / "models" / f"{path.stem.lower()}-{_content_digest(path)[:12]}"
 
 
+def file_stamp(path: Path) -> str:
+    """Size, modification time, change time and inode of ``path``: a file rewritten or replaced gets
+    another stamp, also when a copy kept its size and modification time (``cp -p``, ``touch -r``)."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+
+
 def _content_digest(path: Path) -> str:
-    """SHA-256 of `path`'s bytes, remembered by path, size and modification time under
+    """SHA-256 of `path`'s bytes, remembered by path and :func:`file_stamp` under
     `cache_dir()/models/digests.json`, so each installed file is read in full once."""
     index = cache_dir() / "models" / "digests.json"
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = {"stamp": file_stamp(path)}
     try:
         known = json.loads(index.read_text())
     except (OSError, ValueError):
         known = {}
     entry = known.get(str(path)) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+    if (isinstance(entry, dict) and entry.get("stamp") == stamp["stamp"]
+            and re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
         return entry["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:

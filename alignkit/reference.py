@@ -33,7 +33,7 @@ from .models import cache_dir
 logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"
-FORMAT_VERSION = 2  # bump when the numbers a cached entry holds change meaning
+FORMAT_VERSION = 3  # bump when the numbers a cached entry holds, or the keys of pairs, change meaning
 
 
 def _adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -219,10 +219,11 @@ class ReferenceStore:
 
 def _base_identity(base_model: str) -> str:
     """What tells one version of ``base_model`` from another: the content digest of a GGUF file (the
-    embedded model's too, so a reinstalled package with other weights gets a fresh cache), the size and
-    modification time of a local folder's config and weight files (sharded ones included)."""
+    embedded model's too, so a reinstalled package with other weights gets a fresh cache), the
+    :func:`~alignkit.models.file_stamp` of a local folder's config and weight files (sharded ones included):
+    a file rewritten in place changes its stamp even when its size and modification time are kept."""
     from .errors import UserError
-    from .models import gguf_cache_path, resolve_model_source
+    from .models import file_stamp, gguf_cache_path, resolve_model_source
 
     try:
         source = resolve_model_source(base_model)
@@ -233,7 +234,7 @@ def _base_identity(base_model: str) -> str:
     if source.kind == "local":
         folder = Path(source.location)
         files = sorted([folder / "config.json", *folder.glob("*.safetensors")])
-        return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+        return "|".join(f"{f.name}:{file_stamp(f)}" for f in files if f.is_file())
     return ""
 
 
@@ -251,6 +252,7 @@ def reference_store(model, base_model: str, load_path: str | None, packed: bool,
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{base_model}|{weight.device.type}|{weight.dtype}|"
                        f"packed={packed}|shared={packed and share_prompts}".encode())
     h.update(_base_identity(base_model).encode())
-    if load_path:
-        h.update((Path(load_path) / "adapter_model.safetensors").read_bytes())
+    if load_path:   # its weights and its config (alpha, rank, rsLoRA scale the same weights differently)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            h.update((Path(load_path) / name).read_bytes())
     return ReferenceStore((root or cache_dir() / "reference_logps") / h.hexdigest()[:24])

@@ -492,6 +492,11 @@ def test_whole_conversations_opening_with_a_system_message_give_it_to_the_prompt
     rows[0]["rejected"][0] = {"role": "system", "content": "Be terse."}
     with pytest.raises(UserError, match="row 1: chosen and rejected open with different system messages"):
         make_dataset(write_jsonl(tmp_path / "uf.jsonl", rows), test_size=1)
+    # A conversation that holds the prompt but goes on with something else than an answer names that.
+    late = dict(rows[1], chosen=[sys_turn, user("Question 1?"), {"role": "system", "content": "late"}])
+    with pytest.raises(UserError, match=r"row 1: chosen starts with a system turn \(after the prompt's messages "
+                                        r"it repeats\); an answer starts with an assistant turn$"):
+        make_dataset(write_jsonl(tmp_path / "late.jsonl", [late] + rows[1:]), test_size=1)
     # A system message not followed by the prompt's turn is not cut.
     rows[0]["rejected"][0] = sys_turn
     rows[0]["chosen"][1] = user("Another question?")

@@ -92,3 +92,20 @@ def test_bad_batch_size_is_a_user_error(tokenizer, rows):
 
     with pytest.raises(UserError):
         SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=0)
+
+
+def test_a_pair_id_tells_apart_the_same_tokens_scored_from_another_turn(tokenizer):
+    """Two datasets holding the same conversations, one with the answer from the first assistant turn, one
+    from the last: the same tokens, other labels, so other ids (cached log-probs of one never serve the other)."""
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    early = {"prompt": [msg("user", "Hi?")],
+             "chosen": [msg("assistant", "Hello."), msg("user", "And?"), msg("assistant", "Good.")],
+             "rejected": [msg("assistant", "Hello."), msg("user", "And?"), msg("assistant", "Bad.")]}
+    late = {"prompt": [msg("user", "Hi?"), msg("assistant", "Hello."), msg("user", "And?")],
+            "chosen": [msg("assistant", "Good.")], "rejected": [msg("assistant", "Bad.")]}
+    batches = [PreferenceGym([row], [row], tokenizer, data_batch_size_per_gpu=1).reset() for row in (early, late)]
+    assert torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    assert not torch.equal(batches[0]["labels"], batches[1]["labels"])
+    assert batches[0]["example_ids"].item() != batches[1]["example_ids"].item()

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,6 +120,18 @@ def test_gguf_cache_path_changes_when_file_changes(monkeypatch, tmp_path):
     digests = json.loads((tmp_path / "cache" / "models" / "digests.json").read_text())
     assert set(digests) == {str(gguf.resolve()), str(elsewhere.resolve())}
     assert digests[str(gguf.resolve())]["sha256"] == hashlib.sha256(b"one").hexdigest()
+    # A file rewritten with its size and modification time kept (cp -p, touch -r) is read again.
+    kept = gguf.stat()
+    gguf.write_bytes(b"two")
+    os.utime(gguf, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert gguf.stat().st_size == kept.st_size and gguf.stat().st_mtime_ns == kept.st_mtime_ns
+    assert gguf_cache_path(gguf) != first
+    # A remembered digest that is not one is not trusted.
+    index = tmp_path / "cache" / "models" / "digests.json"
+    entries = json.loads(index.read_text())
+    entries[str(gguf.resolve())]["sha256"] = "deadbeef"
+    index.write_text(json.dumps(entries))
+    assert gguf_cache_path(gguf).name == f"some.model-{hashlib.sha256(b'two').hexdigest()[:12]}"
     elsewhere.unlink()
     gguf.write_bytes(b"three")
     gguf_cache_path(gguf)

@@ -81,3 +81,15 @@ def test_the_store_of_a_base_changes_with_its_weights_not_its_place(tmp_path):
     two.write_bytes(b"GGUF-2")
     assert _base_identity(str(one)) != _base_identity(str(two))
     assert _base_identity("org/not-here") == ""   # a hub id keys by its name alone
+
+
+def test_the_store_of_an_adapter_changes_with_its_config_too(tmp_path):
+    """The same LoRA weights scaled otherwise (another lora_alpha) compute other log-probs: another store."""
+    model = torch.nn.Linear(2, 2)
+    adapter = tmp_path / "actor"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    first = reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128}))
+    assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder != first
