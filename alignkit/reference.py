@@ -238,6 +238,22 @@ def _base_identity(base_model: str) -> str:
     return ""
 
 
+def _canonical_config(path: Path) -> str:
+    """An adapter config as text that is the same for the same settings: keys sorted, and lists of names
+    sorted (PEFT writes ``target_modules``, a set, in an order that changes from process to process)."""
+    def canonical(value):
+        if isinstance(value, dict):
+            return {k: canonical(v) for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return [canonical(v) for v in value] if isinstance(value, list) else value
+
+    try:
+        return json.dumps(canonical(json.loads(path.read_text())), sort_keys=True)
+    except (OSError, ValueError):
+        return path.read_bytes().hex() if path.is_file() else ""
+
+
 def reference_store(model, base_model: str, load_path: str | None, packed: bool, share_prompts: bool,
                     root: Path | None = None) -> ReferenceStore:
     """The on-disk store for the reference a run will use, keyed by everything that decides its numbers.
@@ -253,6 +269,6 @@ def reference_store(model, base_model: str, load_path: str | None, packed: bool,
                        f"packed={packed}|shared={packed and share_prompts}".encode())
     h.update(_base_identity(base_model).encode())
     if load_path:   # its weights and its config (alpha, rank, rsLoRA scale the same weights differently)
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            h.update((Path(load_path) / name).read_bytes())
+        h.update((Path(load_path) / "adapter_model.safetensors").read_bytes())
+        h.update(_canonical_config(Path(load_path) / "adapter_config.json").encode())
     return ReferenceStore((root or cache_dir() / "reference_logps") / h.hexdigest()[:24])

@@ -91,5 +91,10 @@ def test_the_store_of_an_adapter_changes_with_its_config_too(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     first = reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128}))
-    assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder != first
+    # the same settings written in another order (PEFT writes target_modules, a set, in any order): the same store
+    (adapter / "adapter_config.json").write_text(json.dumps({"target_modules": ["q", "v"], "r": 8, "lora_alpha": 16}))
+    same = reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder
+    (adapter / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16, "r": 8, "target_modules": ["v", "q"]}))
+    assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder == same
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128, "target_modules": ["v", "q"]}))
+    assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder not in (first, same)
