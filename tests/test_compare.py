@@ -108,11 +108,15 @@ def _loud_copy(run_dir, to, seed: int) -> str:
     return str(to)
 
 
-def test_configurations_answering_in_one_batch_answer_as_each_alone(runs, tiny_model_dir, rows_file, tmp_path):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_configurations_answering_in_one_batch_answer_as_each_alone(sampled, runs, tiny_model_dir, rows_file,
+                                                                     tmp_path):
+    """Greedy and sampled (each prompt drawing from its own seeded generator): the same answers either way."""
     from alignkit.compare import Decoding
 
     evaluator = Evaluator(str(tiny_model_dir), Split(str(rows_file), 42, 6))
-    decoding = Decoding(max_new_tokens=8, eval_prompts=4)
+    decoding = Decoding(max_new_tokens=8, eval_prompts=4,
+                        **({"temperature": 1.0, "samples": 2, "seed": 5} if sampled else {}))
     # one training step barely moves the tiny model: adapters with large random B matrices answer visibly apart
     loud = [_loud_copy(runs[key], tmp_path / key, seed) for seed, key in enumerate(("sft", "dpo"))]
     configs = [(None, 64, 0.1), (loud[0], 64, 0.1), (loud[1], 64, 0.5)]
@@ -122,26 +126,12 @@ def test_configurations_answering_in_one_batch_answer_as_each_alone(runs, tiny_m
     together = evaluator.score_all(configs, ["Hi?", "Why?"], decoding, progress=said.append)
     assert said[-1] == "answering 6 prompts x 3 configurations in shared batches (18 rows)"
     assert together == alone
-    texts = [[a[0].text for a in config["held_out_answers"]] for config in alone]
-    assert texts[0] != texts[1] != texts[2] != texts[0], texts   # three configurations answering differently
+    texts = [[[a.text for a in answers] for answers in config["held_out_answers"]] for config in alone]
+    first = [[answers[0] for answers in config] for config in texts]
+    assert first[0] != first[1] != first[2] != first[0], texts   # three configurations answering differently
+    if sampled:
+        assert all(one != two for config in texts for one, two in config), texts   # 2 draws differ
     assert not any(n for n, _ in evaluator.base.named_parameters() if "lora_" in n)   # unloaded afterwards
-
-
-def test_sampled_configurations_in_one_batch_sample_as_each_alone(runs, tiny_model_dir, rows_file, tmp_path):
-    from alignkit.compare import Decoding
-
-    evaluator = Evaluator(str(tiny_model_dir), Split(str(rows_file), 42, 6))
-    decoding = Decoding(max_new_tokens=8, eval_prompts=4, temperature=1.0, samples=2, seed=5)
-    loud = [_loud_copy(runs[key], tmp_path / key, seed) for seed, key in enumerate(("sft", "dpo"))]
-    configs = [(None, 64, 0.1), (loud[0], 64, 0.1), (loud[1], 64, 0.5)]
-    alone = [evaluator.score(run_dir, ["Hi?", "Why?"], decoding, max_length=length, beta=beta)
-             for run_dir, length, beta in configs]
-    said = []
-    together = evaluator.score_all(configs, ["Hi?", "Why?"], decoding, progress=said.append)
-    assert said[-1] == "answering 6 prompts x 3 configurations in shared batches (18 rows)"
-    assert together == alone
-    samples = [[[a.text for a in answers] for answers in config["held_out_answers"]] for config in alone]
-    assert all(first != second for config in samples for first, second in config), samples   # 2 draws differ
 
 
 def test_timing_summary_names_each_stage_and_the_total():
