@@ -23,7 +23,7 @@ from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import add_lora
-from .reference import ReferencePolicy, ReferenceStore
+from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
 
 # The option dataclasses are the one source of defaults; the keyword API below reads them.
 _SFT, _DPO = SFTConfig(), DPOConfig()
@@ -383,12 +383,9 @@ def remembering(policy, known: dict[int, tuple[float, float]]):
     def run(micro, shared):
         ids = micro["example_ids"].tolist()
         if ids and all(key in known for key in ids):
-            values = torch.tensor([known[key] for key in ids], dtype=torch.float32, device=micro["labels"].device)
-            return torch.cat([values[:, 0], values[:, 1]]), response_counts(micro["labels"])
+            return torch.cat(cached_pairs(known, ids, micro["labels"].device)), response_counts(micro["labels"])
         logps, counts = policy(micro, shared)
-        values = logps.detach().float().cpu()
-        for i, key in enumerate(ids):
-            known.setdefault(key, (float(values[i]), float(values[len(ids) + i])))
+        remember_pairs(known, ids, logps)
         return logps, counts
     return run
 

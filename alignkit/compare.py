@@ -219,6 +219,8 @@ class Evaluator:
         self.tokenizer = load_tokenizer(model_name)
         self.base = load_model(model_name, device=device, dtype=dtype)
         self.model_name = model_name
+        # where the base's own held-out log-probs are kept: the reference of every configuration
+        self.base_store = reference_store(self.base, model_name, None, packed=True, share_prompts=True)
         self.test = self.split.load()[1]
         self.reference_cache: dict[int, tuple[float, float]] = {}
         self._gyms: dict[int, PreferenceGym] = {}
@@ -266,8 +268,7 @@ class Evaluator:
 
     def _held_out_metrics(self, model, run_dir: str | None, max_length: int, beta: float) -> dict:
         # The reference is the base (adapter disabled); an untrained LoRA is the base itself.
-        reference = ReferencePolicy(model, cache=self.reference_cache,
-                                    store=reference_store(model, self.model_name, None, packed=True, share_prompts=True))
+        reference = ReferencePolicy(model, cache=self.reference_cache, store=self.base_store)
         store = reference_store(model, self.model_name, str(Path(run_dir) / "actor"), packed=True,
                                 share_prompts=True) if run_dir else None
         known = store.load() if store else self.reference_cache

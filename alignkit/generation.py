@@ -208,15 +208,12 @@ def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> 
     top, tokens = scores.topk(k, dim=-1)                            # sorted, most likely first
     probs = (top - scores.logsumexp(-1, keepdim=True)).exp()        # their true probabilities
     before = probs.cumsum(-1) - probs                               # probability of the more likely tokens
-    wide = (before[:, -1] + probs[:, -1]) < top_p                   # the nucleus reaches past the first k
-    if wide.any():
-        rows = wide.nonzero().squeeze(1)
-        full, order = scores[rows].sort(-1, descending=True)
-        full = full.softmax(-1)
-        drawn = _draw(full.masked_fill(full.cumsum(-1) - full >= top_p, 0.0), uniform[rows], order)
     out = _draw(probs.masked_fill(before >= top_p, 0.0), uniform, tokens)
-    if wide.any():
-        out[rows] = drawn
+    wide = ((before[:, -1] + probs[:, -1]) < top_p).nonzero().squeeze(1)   # nucleus reaching past the first k
+    if len(wide):
+        full, order = scores[wide].sort(-1, descending=True)
+        full = full.softmax(-1)
+        out[wide] = _draw(full.masked_fill(full.cumsum(-1) - full >= top_p, 0.0), uniform[wide], order)
     return out
 
 

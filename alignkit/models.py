@@ -212,13 +212,13 @@ def _content_digest(path: Path) -> str:
     """SHA-256 of `path`'s bytes, remembered by path and :func:`file_stamp` under
     `cache_dir()/models/digests.json`, so each installed file is read in full once."""
     index = cache_dir() / "models" / "digests.json"
-    stamp = {"stamp": file_stamp(path)}
+    stamp = file_stamp(path)
     try:
         known = json.loads(index.read_text())
     except (OSError, ValueError):
         known = {}
     entry = known.get(str(path)) if isinstance(known, dict) else None
-    if (isinstance(entry, dict) and entry.get("stamp") == stamp["stamp"]
+    if (isinstance(entry, dict) and entry.get("stamp") == stamp
             and re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
         return entry["sha256"]
     digest = hashlib.sha256()
@@ -226,7 +226,7 @@ def _content_digest(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     known = known if isinstance(known, dict) else {}
-    known[str(path)] = {**stamp, "sha256": digest.hexdigest()}
+    known[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
     # Entries of files that are gone (an old environment) are dropped; a failed write only costs a re-read.
     known = {name: value for name, value in known.items() if Path(name).exists()}
     with contextlib.suppress(OSError):

@@ -42,6 +42,21 @@ def _adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
     return {n.replace(tag, "."): p for n, p in model.named_parameters() if tag in n}
 
 
+def remember_pairs(cache: dict[int, tuple[float, float]], example_ids: list[int], logps: torch.Tensor) -> None:
+    """Add the (chosen, rejected) log-probs of ``logps`` (2P,: chosen rows first) to ``cache`` under the
+    pairs' ``example_ids``; an entry already there wins (a pair keeps one number)."""
+    pairs = len(example_ids)
+    values = logps.detach().float().cpu()
+    for i, key in enumerate(example_ids):
+        cache.setdefault(key, (float(values[i]), float(values[pairs + i])))
+
+
+def cached_pairs(cache: dict[int, tuple[float, float]], example_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached (chosen, rejected) log-probs of these pairs, each (P,) float32 on ``device``."""
+    values = torch.tensor([cache[k] for k in example_ids], dtype=torch.float32, device=device)
+    return values[:, 0], values[:, 1]
+
+
 class ReferencePolicy:
     """Reference log-probs for DPO batches, from the cache, the policy's forward at step 0, or a forward.
 
@@ -109,11 +124,8 @@ class ReferencePolicy:
         Returns the reference log-probs (chosen, rejected), each (P,): an entry already cached (from
         an earlier run) wins, so a pair's reference is the same number every time it is seen.
         """
-        pairs = len(example_ids)
-        values = logps.detach().float().cpu()
-        for i, key in enumerate(example_ids):
-            self.cache.setdefault(key, (float(values[i]), float(values[pairs + i])))
-        return self._lookup(example_ids, logps.device)
+        remember_pairs(self.cache, example_ids, logps)
+        return cached_pairs(self.cache, example_ids, logps.device)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +150,7 @@ class ReferencePolicy:
             values = logps.float().cpu()
             for j, i in enumerate(missing):
                 self.cache[ids[i]] = (float(values[j]), float(values[n + j]))
-        return self._lookup(ids, device)
-
-    def _lookup(self, example_ids: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = torch.tensor([self.cache[k] for k in example_ids], dtype=torch.float32, device=device)
-        return ref[:, 0], ref[:, 1]
+        return cached_pairs(self.cache, ids, device)
 
     def state_dict(self) -> dict[str, list[float]]:
         """The cached entries as JSON-able data (for a checkpoint: a resumed run then uses the very same
