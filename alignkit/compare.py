@@ -25,7 +25,7 @@ from .agents import PreferenceObjective, score_preferences
 from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
 from .errors import UserError
-from .formats import ColumnMap
+from .formats import ColumnMap, EvalColumnMap
 from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
 from .lean_step import BASE, mixable_adapters, plain_lora_config
@@ -104,14 +104,18 @@ class Split:
     format: str = "auto"
     column_map: ColumnMap = ColumnMap()
     eval_dataset: str | None = None   # held-out rows from this dataset instead of a test_size share
+    eval_format: str | None = None    # its shape and columns, where they differ from the training data's
+    eval_column_map: ColumnMap | None = None
 
     def load(self):
         """``(train, test)`` preference rows of this split (see ``alignkit.data.make_dataset``)."""
         return make_dataset(self.dataset, test_size=as_test_split(self.test_size), seed=self.seed,
-                            format=self.format, column_map=self.column_map, eval_dataset=self.eval_dataset)
+                            format=self.format, column_map=self.column_map, eval_dataset=self.eval_dataset,
+                            eval_format=self.eval_format, eval_column_map=self.eval_column_map)
 
     def _key(self) -> tuple:
-        held_out = (_dataset_id(self.eval_dataset),) if self.eval_dataset else (float(self.test_size),)
+        held_out = ((_dataset_id(self.eval_dataset), self.eval_format, self.eval_column_map) if self.eval_dataset
+                    else (float(self.test_size),))
         return (_dataset_id(self.dataset), self.seed, self.format, self.column_map, *held_out)
 
     def same_as(self, other: Split) -> bool:
@@ -146,8 +150,10 @@ def read_run_record(run_dir) -> RunRecord:
         config = json.loads(path.read_text())["config"]
         columns = ColumnMap(prompt=config.get("prompt_column"), chosen=config.get("chosen_column"),
                             rejected=config.get("rejected_column"), system=config.get("system_column"))
+        eval_columns = config.get("eval_columns")
         split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]),
-                      config.get("format", "auto"), columns, config.get("eval_dataset"))
+                      config.get("format", "auto"), columns, config.get("eval_dataset"), config.get("eval_format"),
+                      None if eval_columns is None else EvalColumnMap.parse(eval_columns)[0])
         return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))
     except FileNotFoundError:
         raise UserError(f"{run_dir} has no run.json: cannot tell which split it was trained against") from None
@@ -184,11 +190,16 @@ def choose_split(records: dict[str, RunRecord], dataset: str | None = None, seed
         values = {getattr(r.split, field) for r in own}
         return values.pop() if len(values) == 1 else default
 
+    held_out_from = eval_dataset if eval_dataset is not None else (common("eval_dataset", None) if test_size is None
+                                                                   else None)
+    # The runs' description of their eval dataset's shape and columns holds for that same dataset only.
+    same_eval = held_out_from is not None and {r.split.eval_dataset for r in own} == {held_out_from}
     split = Split(dataset if dataset is not None else common("dataset", _DEFAULTS.dataset),
                   seed if seed is not None else common("seed", _DEFAULTS.seed),
                   test_size if test_size is not None else common("test_size", _DEFAULTS.test_size),
-                  eval_dataset=eval_dataset if eval_dataset is not None else
-                  (common("eval_dataset", None) if test_size is None else None))
+                  eval_dataset=held_out_from,
+                  eval_format=common("eval_format", None) if same_eval else None,
+                  eval_column_map=common("eval_column_map", None) if same_eval else None)
     held_out = row_keys(split.load()[1])
     for name, record in records.items():
         shared = len(held_out & row_keys(record.split.load()[0]))
@@ -454,7 +465,9 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
     records = {key: read_run_record(d) for key, d in runs.items() if d}
     split = choose_split(records, dataset, seed, test_size, eval_dataset)
     evaluator = Evaluator(base_model, split)
-    scored_on = {**asdict(split), "column_map": split.column_map.given(), "pairs": len(evaluator.test)}
+    scored_on = {**asdict(split), "column_map": split.column_map.given(),
+                 "eval_column_map": split.eval_column_map.given() if split.eval_column_map else None,
+                 "pairs": len(evaluator.test)}
     lengths = {r.max_length for r in records.values()}
     base_length = lengths.pop() if len(lengths) == 1 else _DEFAULTS.max_length  # for the untrained base
     settings = [(run_dir, records[key].max_length if key in records else base_length,

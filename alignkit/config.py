@@ -20,7 +20,7 @@ import yaml
 
 from .data import BUNDLED_DATASET, BUNDLED_DATASETS
 from .errors import UserError
-from .formats import FORMATS, ColumnMap
+from .formats import FORMATS, ColumnMap, EvalColumnMap
 from .losses import PREFERENCE_LOSSES
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
@@ -67,6 +67,13 @@ class SFTConfig:
     messages_column: str | None = opt(None, "SFT: column holding whole conversations [default: messages]")
     system_column: str | None = opt(None, "column holding a system message for each row's prompt [default: "
                                           "system]")
+    eval_format: str | None = opt(None, "the --eval-dataset's shape, where it differs from the training data's "
+                                        "[default: --format]")
+    eval_columns: list[str] | None = opt(None, "the --eval-dataset's columns, where they are named differently from "
+                                               "the training data's: PART=COLUMN items, PART one of prompt, response, "
+                                               "chosen, rejected, messages, system (e.g. prompt=question "
+                                               "chosen=good; none: the usual names) [default: the --*-column options]",
+                                         metavar="PART=COLUMN", nargs="*")
     chat_template: str | None = opt(None, "Jinja chat-template file replacing (or supplying) the tokenizer's; "
                                           "saved with the adapter")
     # -- optimisation ---------------------------------------------------------------------------
@@ -160,6 +167,15 @@ class SFTConfig:
         need(self.algo == "sft" or not self.response_column and not self.messages_column,
              "--response-column and --messages-column are for SFT data; DPO reads --prompt-column, "
              "--chosen-column and --rejected-column")
+        need(self.eval_format is None or self.eval_format in FORMATS,
+             f"--eval-format must be one of {', '.join(FORMATS)} (got {self.eval_format!r})")
+        for name in ("eval_format", "eval_columns"):
+            need(getattr(self, name) is None or self.eval_dataset, f"--{flag(name)} describes --eval-dataset: "
+                                                                   "give that dataset too")
+        eval_columns, eval_problems = EvalColumnMap.parse(self.eval_columns or ())
+        problems += eval_problems
+        need(self.algo == "sft" or not eval_columns.response and not eval_columns.messages,
+             "--eval-columns response= and messages= are for SFT data; DPO reads prompt, chosen and rejected")
         need(not self.eval or self.load_path, "--eval needs --load-path (the adapter to chat with)")
         need(not self.eval or self.pop_size == 1, "--eval chats with one adapter: drop --pop-size")
         problems += sampling_problems(self.temperature, self.top_p, self.repetition_penalty)
@@ -189,6 +205,10 @@ class SFTConfig:
         """The dataset columns named on the command line (see :mod:`alignkit.formats`)."""
         return ColumnMap(prompt=self.prompt_column, response=self.response_column, chosen=self.chosen_column,
                          rejected=self.rejected_column, messages=self.messages_column, system=self.system_column)
+
+    def eval_column_map(self) -> ColumnMap | None:
+        """The --eval-dataset's columns named by --eval-columns (None: the --*-column options apply to it)."""
+        return None if self.eval_columns is None else EvalColumnMap.parse(self.eval_columns)[0]
 
     def to_dict(self) -> dict:
         """The options as a plain dict (what ``run.json`` records)."""
@@ -320,8 +340,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f"--{flag(f.name)}", nargs=2, type=float, metavar=("MIN", "MAX"),
                                 help=f"{help_text} [default: {' '.join(map(str, default))}]", **kwargs)
         elif tp is list:
-            parser.add_argument(f"--{flag(f.name)}", nargs="+", metavar="NAME",
-                                help=f"{help_text} [default: {' '.join(default)}]", **kwargs)
+            shown = "" if default is None or "[default" in help_text else f" [default: {' '.join(default)}]"
+            parser.add_argument(f"--{flag(f.name)}", nargs=f.metadata.get("nargs", "+"),
+                                metavar=f.metadata.get("metavar", "NAME"),
+                                help=help_text + shown, **kwargs)
         else:
             shown = "" if default is None or "[default" in help_text else f" [default: {default}]"
             parser.add_argument(f"--{flag(f.name)}", type=tp, help=help_text + shown, **kwargs)
@@ -458,7 +480,9 @@ def build_config(algo: str, flags: dict | None = None, **overrides):
     if values.get("eval_dataset") and "test_size" not in values:
         merged.pop("test_size", None)
     if "test_size" in values and "eval_dataset" not in values:
-        merged.pop("eval_dataset", None)
+        for name in ("eval_dataset", "eval_format", "eval_columns"):   # the file's description of that dataset too
+            if name not in values:
+                merged.pop(name, None)
     merged.update(values)
     merged = absolute_paths(merged)
     if merged.get("eval_dataset") and "test_size" in merged:

@@ -69,6 +69,8 @@ def make_dataset(
     format: str = "auto",
     column_map: ColumnMap | None = None,
     eval_dataset: str | os.PathLike | None = None,
+    eval_format: str | None = None,
+    eval_column_map: ColumnMap | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
 
@@ -86,6 +88,8 @@ def make_dataset(
         eval_dataset: a second dataset (any source above, read the same way) whose rows are the
             test split; every usable row of `name_or_path` is then training data and `test_size`
             is not used. Rows found in both are counted in a warning.
+        eval_format, eval_column_map: the `eval_dataset`'s shape and columns where they differ from
+            the training data's (`None`: `format` and `column_map` apply to both).
 
     Files must be UTF-8 text (a byte-order mark is accepted); any other bytes make the whole file
     an error naming the line, since a wrong encoding garbles every row, not just one. In `.jsonl`
@@ -109,7 +113,9 @@ def make_dataset(
     order = np.random.default_rng(seed).permutation(len(rows))
     if eval_dataset is not None:
         with named(eval_dataset):
-            held_out, eval_label = usable_rows(eval_dataset, columns, task=task, format=format, column_map=column_map)
+            held_out, eval_label = usable_rows(
+                eval_dataset, columns, task=task, format=eval_format or format,
+                column_map=eval_column_map if eval_column_map is not None else column_map)
         train_rows = [rows[i] for i in order]
         keys = {row_key(r) for r in train_rows}
         shared = sum(row_key(r) in keys for r in held_out)
@@ -153,7 +159,7 @@ def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None
         label, records, found = _load_rows(name_or_path, KNOWN_COLUMNS + tuple(column_map.given().values()))
         records, found = apply_column_map(records, found, column_map, task, label)
         shape = detect_shape(records, format)
-        check_columns(shape, task, records, found, label)
+        check_columns(shape, task, records, found, label, column_map)
         unread = unread_columns(found, shape)
         if unread:
             logger.warning("dataset '%s': column(s) %s are not read (their text is not trained on)", label,

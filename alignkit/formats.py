@@ -81,6 +81,37 @@ class ColumnMap:
         """The parts the user named, as ``{part: column}``."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
+    def option(self, part: str) -> str:
+        """How the user named ``part`` (for messages): the ``--<part>-column`` flag."""
+        return f"--{part}-column"
+
+
+COLUMN_PARTS = tuple(f.name for f in fields(ColumnMap))
+
+
+@dataclass(frozen=True)
+class EvalColumnMap(ColumnMap):
+    """The columns of an ``--eval-dataset`` named by ``--eval-columns PART=COLUMN ...``."""
+
+    def option(self, part: str) -> str:
+        return f"--eval-columns {part}="
+
+    @classmethod
+    def parse(cls, items) -> tuple[EvalColumnMap, list[str]]:
+        """The map that ``PART=COLUMN`` items describe, and what is wrong with them (empty when nothing)."""
+        given, problems = {}, []
+        for item in items:
+            part, sep, column = str(item).partition("=")
+            part, column = part.strip(), column.strip()
+            if not sep or not column or part not in COLUMN_PARTS:
+                problems.append(f"--eval-columns takes PART=COLUMN with PART one of {', '.join(COLUMN_PARTS)} "
+                                f"(got {item!r})")
+            elif part in given:
+                problems.append(f"--eval-columns names the {part} column twice")
+            else:
+                given[part] = column
+        return cls(**given), problems
+
 
 SAME_ANSWERS = "the same chosen and rejected answer"   # why a pair that teaches nothing is dropped
 
@@ -106,15 +137,16 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     """
     given = column_map.given()
     if task == "preference" and "response" in given:
-        raise UserError("--response-column is for SFT data; DPO reads --chosen-column and --rejected-column")
+        raise UserError(f"{column_map.option('response')} is for SFT data; DPO reads the prompt, chosen and "
+                        "rejected columns")
     parts_of: dict[str, list[str]] = {}
     for part, col in given.items():
-        parts_of.setdefault(col, []).append(f"--{part}-column")
+        parts_of.setdefault(col, []).append(column_map.option(part))
     twice = {col: parts for col, parts in parts_of.items() if len(parts) > 1}
     if twice:
         col, parts = next(iter(twice.items()))
         raise UserError(f"{' and '.join(parts)} both name the column '{col}'; a column plays one part")
-    missing = [f"'{col}' (--{part}-column)" for part, col in given.items() if col not in found]
+    missing = [f"'{col}' ({column_map.option(part)})" for part, col in given.items() if col not in found]
     if missing:
         raise UserError(f"dataset '{label}' has no column {', '.join(missing)}; "
                         f"its columns are: {', '.join(found) or 'none'}")
@@ -474,18 +506,20 @@ def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]
     return [["prompt", "chosen", "rejected"]]
 
 
-def check_columns(shape: str, task: str, records: list[dict], found: list[str], label: str) -> None:
-    """One line naming what is missing (and what the file has) when no accepted column set is there."""
+def check_columns(shape: str, task: str, records: list[dict], found: list[str], label: str,
+                  column_map: ColumnMap | None = None) -> None:
+    """One line naming what is missing (and what the file has) when no accepted column set is there;
+    ``column_map`` says how the user names columns for this dataset (the hint names those options)."""
     options = needed_columns(shape, task, records)
     if any(all(c in found for c in option) for option in options):
         return
     best = min(options, key=lambda o: sum(c not in found for c in o))
     missing = [c for c in best if c not in found]
     raise UserError(f"dataset '{label}' lacks column(s) {', '.join(missing)}; it has: "
-                    f"{', '.join(found) or 'none'}{_columns_hint(task, shape, found)}")
+                    f"{', '.join(found) or 'none'}{_columns_hint(task, shape, found, column_map or ColumnMap())}")
 
 
-def _columns_hint(task: str, shape: str, found: list[str]) -> str:
+def _columns_hint(task: str, shape: str, found: list[str], column_map: ColumnMap) -> str:
     """What the user most likely has to do when the needed columns are missing."""
     if len(found) == 1 and any(sep in found[0] for sep in ";\t|"):
         return (" (one column whose name holds separators: is the file not comma-separated? CSV files "
@@ -496,8 +530,9 @@ def _columns_hint(task: str, shape: str, found: list[str]) -> str:
     if task == "preference" and "rejected" not in found and shape != "sharegpt" and \
             any(c in found for c in ("completion", "messages", "output", "chosen")):
         return " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
-    flags = ("--prompt-column, --chosen-column and --rejected-column" if task == "preference" else
-             "--prompt-column and --response-column, or --messages-column")
+    name = column_map.option
+    flags = (f"{name('prompt')}, {name('chosen')} and {name('rejected')}" if task == "preference" else
+             f"{name('prompt')} and {name('response')}, or {name('messages')}")
     return f" (if yours are named differently, name them with {flags})"
 
 

@@ -106,7 +106,8 @@ def run_chat_template(cfg: SFTConfig) -> str | None:
 def load_run_data(cfg: SFTConfig):
     """``(train, test)`` rows of the run's dataset, in the shape its algorithm reads."""
     return make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed, task=cfg.task, format=cfg.format,
-                        column_map=cfg.column_map(), eval_dataset=cfg.eval_dataset)
+                        column_map=cfg.column_map(), eval_dataset=cfg.eval_dataset, eval_format=cfg.eval_format,
+                        eval_column_map=cfg.eval_column_map())
 
 
 @dataclass

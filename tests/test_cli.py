@@ -299,6 +299,31 @@ def test_eval_with_resume_and_a_prompts_folder_are_refused_in_one_line(tmp_path,
                                                "prompt per line")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--eval-columns", "prompt=q"], "--eval-columns describes --eval-dataset: give that dataset too"),
+    (["sft", "--eval-format", "alpaca"], "--eval-format describes --eval-dataset: give that dataset too"),
+    (["sft", "--eval-dataset", "x.jsonl", "--eval-format", "csv"], "--eval-format must be one of auto, standard"),
+    (["dpo", "--eval-dataset", "x.jsonl", "--eval-columns", "response=a"],
+     "--eval-columns response= and messages= are for SFT data"),
+    (["dpo", "--eval-dataset", "x.jsonl", "--eval-columns", "question"], "(got 'question')"),
+])
+def test_eval_dataset_shape_options_are_checked(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid options: ") and message in err and err.count("\n") == 1
+
+
+def test_a_config_file_eval_dataset_dropped_by_a_test_size_flag_takes_its_shape_options_along(tmp_path):
+    from alignkit.config import build_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("eval_dataset: held.jsonl\neval_format: alpaca\neval_columns: [prompt=q]\n")
+    cfg = build_config("sft", {"config": str(config), "test_size": 0.2})
+    assert (cfg.eval_dataset, cfg.eval_format, cfg.eval_columns, cfg.test_size) == (None, None, None, 0.2)
+    cfg = build_config("sft", {"config": str(config)})
+    assert (cfg.eval_format, cfg.eval_column_map().given()) == ("alpaca", {"prompt": "q"})
+
+
 def test_an_eval_dataset_run_records_it_and_test_size_with_it_is_refused(tiny_model_dir, rows_file, tmp_path, capsys):
     assert main(["sft", "--eval-dataset", str(rows_file), "--test-size", "0.2"]) == 2
     assert capsys.readouterr().err.strip() == ("error: invalid options: --test-size cuts the held-out rows from "

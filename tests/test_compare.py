@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.compare import Evaluator, Split, _unload, compare
+from alignkit.compare import Evaluator, Split, _unload, compare, read_run_record
 from alignkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_runs_on_one_split_are_scored_on_it_and_results_say_which(runs, tiny_mod
     results = json.loads((report.parent / "results.json").read_text())
     splits = [c["split"] for c in results["configs"]]
     assert splits == [{"dataset": str(rows_file), "seed": 42, "test_size": 6.0, "format": "auto", "column_map": {},
-                       "eval_dataset": None, "pairs": 6}] * 3
+                       "eval_dataset": None, "eval_format": None, "eval_column_map": None, "pairs": 6}] * 3
 
 
 def test_runs_trained_against_other_splits_are_refused(runs, tiny_model_dir, tmp_path):
@@ -67,7 +67,7 @@ def test_an_explicit_split_must_not_overlap_any_training_split(runs, rows_file, 
     results = json.loads((report.parent / "results.json").read_text())
     assert {json.dumps(c["split"]) for c in results["configs"]} == {
         json.dumps({"dataset": str(fresh), "seed": 42, "test_size": 4, "format": "auto", "column_map": {}, "eval_dataset": None,
-                    "pairs": 4})}
+                    "eval_format": None, "eval_column_map": None, "pairs": 4})}
 
 
 def test_scoring_builds_no_optimizer_and_trains_nothing(runs, tiny_model_dir, rows_file, monkeypatch):
@@ -299,3 +299,23 @@ def test_held_out_logps_are_filed_by_adapter_and_not_run_again(runs, tiny_model_
             again.base = _unload(model)
     assert calls == {"policy": 0, "reference": 0}
     assert repeated == computed
+
+
+def test_an_eval_dataset_with_its_own_column_names_is_scored_as_the_run_read_it(tiny_model_dir, rows_file, tmp_path):
+    # Training rows use the usual names; the held-out file names its columns differently (--eval-columns).
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"q": f"Held-out question {i}?", "yes": "Sure!", "no": "Negative."}) + "\n"
+                            for i in range(5)))
+    flags = ["--model", str(tiny_model_dir), "--dataset", str(rows_file), "--eval-dataset", str(held),
+             "--eval-columns", "prompt=q", "chosen=yes", "rejected=no", "--save-path", str(tmp_path / "dpo"),
+             "--no-timestamp", "--max-steps", "1", "--batch-size", "4", "--max-length", "64", "--no-plot",
+             "--eval-interval", "0"]
+    assert main(["dpo", *flags]) == 0
+    record = read_run_record(tmp_path / "dpo")
+    assert record.split.eval_column_map.given() == {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    assert list(record.split.load()[1]["prompt"]) == [f"Held-out question {i}?" for i in range(5)]
+    report = compare({"base": None, "dpo": str(tmp_path / "dpo")}, tmp_path / "report", prompts=["Hi?"],
+                     max_new_tokens=2, progress=lambda _: None)
+    results = json.loads((report.parent / "results.json").read_text())
+    assert [(c["split"]["eval_column_map"], c["split"]["pairs"]) for c in results["configs"]] == [
+        ({"prompt": "q", "chosen": "yes", "rejected": "no"}, 5)] * 2

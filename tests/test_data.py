@@ -332,3 +332,44 @@ def test_an_eval_dataset_is_the_held_out_split_and_all_of_the_dataset_trains(tmp
     assert f"dataset '{held}': 2 of its 4 rows are also in the training data" in caplog.text
     with pytest.raises(UserError, match="missing.jsonl' does not exist"):
         make_dataset(data, eval_dataset=tmp_path / "missing.jsonl")
+
+
+def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_data(tmp_path):
+    from alignkit.formats import ColumnMap, EvalColumnMap
+
+    train_rows = [{"question": f"q{i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(6)]
+    data = _write_jsonl(tmp_path / "train.jsonl", train_rows)
+    held = _write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
+                                                  for i in range(3)])
+    named = ColumnMap(prompt="question", chosen="good", rejected="bad")
+    # Without an eval map the training data's names apply to both files: the held-out file lacks them.
+    with pytest.raises(UserError, match=r"held.jsonl' has no column 'question' \(--prompt-column\)"):
+        make_dataset(data, column_map=named, eval_dataset=held)
+    train, test = make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap())
+    assert sorted(train["prompt"]) == [f"q{i}" for i in range(6)]
+    assert list(zip(test["prompt"], test["chosen"], test["rejected"])) == [(f"p{i}", f"c{i}", f"r{i}") for i in range(3)]
+    # A wrong name in the eval map is reported as that option, not as the training data's flag.
+    with pytest.raises(UserError, match=r"no column 'ask' \(--eval-columns prompt=\)"):
+        make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap(prompt="ask"))
+    # Its own shape: ShareGPT conversations as the held-out prompts while training reads text columns.
+    sharegpt = _write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": f"s{i}"}], "chosen": {"from": "gpt", "value": "a"},
+         "rejected": {"from": "gpt", "value": "b"}} for i in range(2)])
+    _, test = make_dataset(data, column_map=named, format="standard", eval_dataset=sharegpt, eval_format="sharegpt",
+                           eval_column_map=EvalColumnMap())
+    assert [row[-1]["content"] for row in test["prompt"]] == ["s0", "s1"]
+
+
+@pytest.mark.parametrize("items, problem", [
+    (["prompt"], "--eval-columns takes PART=COLUMN with PART one of prompt, response, chosen, rejected, messages, "
+                 "system (got 'prompt')"),
+    (["answer=x"], "(got 'answer=x')"),
+    (["prompt="], "(got 'prompt=')"),
+    (["prompt=a", "prompt=b"], "--eval-columns names the prompt column twice"),
+])
+def test_eval_column_items_that_are_not_part_equals_column_are_named(items, problem):
+    from alignkit.formats import EvalColumnMap
+
+    parsed, problems = EvalColumnMap.parse(items)
+    assert len(problems) == 1 and problem in problems[0]
+    assert EvalColumnMap.parse(["prompt = q", "system=sys"]) == (EvalColumnMap(prompt="q", system="sys"), [])
