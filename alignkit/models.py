@@ -30,6 +30,11 @@ import torch
 from alignkit.errors import UserError
 from alignkit.io import atomic_folder, atomic_write_json
 
+try:
+    import fcntl  # POSIX file locks for the digest memo; elsewhere concurrent writers may drop an entry
+except ImportError:   # pragma: no cover (Windows)
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -225,13 +230,27 @@ def _content_digest(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
-    known = known if isinstance(known, dict) else {}
-    known[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    # Entries of files that are gone (an old environment) are dropped; a failed write only costs a re-read.
-    known = {name: value for name, value in known.items() if Path(name).exists()}
+    # A failed write only costs a re-read next time.
     with contextlib.suppress(OSError):
-        atomic_write_json(index, known)
+        _remember_digest(index, str(path), {"stamp": stamp, "sha256": digest.hexdigest()})
     return digest.hexdigest()
+
+
+def _remember_digest(index: Path, name: str, entry: dict) -> None:
+    """Add ``entry`` for ``name`` to the digest memo ``index``, read again under a lock just before it is
+    written, so processes hashing other files at the same time keep each other's entries. Entries of
+    files that are gone (an old environment) are dropped."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with open(index.with_name(index.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known = {k: v for k, v in (known.items() if isinstance(known, dict) else ()) if Path(k).exists()}
+        known[name] = entry
+        atomic_write_json(index, known)
 
 
 def _is_complete(folder: Path) -> bool:

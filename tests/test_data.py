@@ -347,7 +347,7 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
         make_dataset(data, column_map=named, eval_dataset=held)
     train, test = make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap())
     assert sorted(train["prompt"]) == [f"q{i}" for i in range(6)]
-    assert list(zip(test["prompt"], test["chosen"], test["rejected"])) == [(f"p{i}", f"c{i}", f"r{i}") for i in range(3)]
+    assert list(zip(test["prompt"], test["chosen"], test["rejected"], strict=True)) == [(f"p{i}", f"c{i}", f"r{i}") for i in range(3)]
     # A wrong name in the eval map is reported as that option, not as the training data's flag.
     with pytest.raises(UserError, match=r"no column 'ask' \(--eval-columns prompt=\)"):
         make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap(prompt="ask"))

@@ -7,6 +7,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,6 +139,30 @@ def test_gguf_cache_path_changes_when_file_changes(monkeypatch, tmp_path):
     gguf_cache_path(gguf)
     digests = json.loads((tmp_path / "cache" / "models" / "digests.json").read_text())
     assert set(digests) == {str(gguf.resolve())}
+
+
+def test_a_digest_written_by_another_process_while_hashing_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    ours, theirs = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    ours.write_bytes(b"ours")
+    theirs.write_bytes(b"theirs")
+    gguf_cache_path(ours)
+    real_sha256 = hashlib.sha256
+
+    def sha256_while_another_writes():   # another process records its file while this one reads its own
+        (tmp_path / "other.py").write_text(
+            "import sys; sys.path[:0] = [%r]\nfrom alignkit.models import gguf_cache_path\n"
+            "gguf_cache_path(%r)\n" % (str(Path(models.__file__).parents[1]), str(theirs)))
+        subprocess.run([sys.executable, str(tmp_path / "other.py")], check=True, env=os.environ.copy())
+        return real_sha256()
+
+    ours.write_bytes(b"new!")   # forces a re-hash of ours
+    monkeypatch.setattr(models.hashlib, "sha256", sha256_while_another_writes)
+    gguf_cache_path(ours)
+    digests = json.loads((tmp_path / "cache" / "models" / "digests.json").read_text())
+    assert set(digests) == {str(ours.resolve()), str(theirs.resolve())}
+    assert digests[str(theirs.resolve())]["sha256"] == real_sha256(b"theirs").hexdigest()
+    assert digests[str(ours.resolve())]["sha256"] == real_sha256(b"new!").hexdigest()
 
 
 # --- device and dtype -------------------------------------------------------------------------
@@ -275,7 +301,7 @@ def test_interrupted_conversion_leaves_no_cache(monkeypatch, tmp_path):
         models._gguf_folder(str(gguf))
     models_dir = tmp_path / "cache" / "models"
     assert not gguf_cache_path(gguf).exists()
-    assert [p.name for p in models_dir.iterdir()] == ["digests.json"]  # the temp folder is cleaned up too
+    assert sorted(p.name for p in models_dir.iterdir()) == ["digests.json", "digests.json.lock"]   # no temp folder left
 
 
 # --- LoRA -------------------------------------------------------------------------------------
