@@ -14,6 +14,10 @@ Accepted shapes (the names ``--format`` takes):
   leading messages become the prompt (implicit prompt).
 - ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
+
+In every column a turn may be written either way, ``{role, content}`` or ``{from, value}``; roles and
+speakers are read case-insensitively and ``developer`` is a system message. Conversations with tool
+calls or tool results are dropped (counted): tool use is not supported.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
 - ``hh``: Anthropic HH-RLHF transcripts, text in which turns start with ``Human:`` or ``Assistant:``
   after a blank line. ``chosen``/``rejected`` are whole transcripts (their shared turns become the
@@ -222,23 +226,34 @@ def detect_shape(records: list[dict], fmt: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+TOOL_TURN = "a tool call or tool result (tool use is not supported)"   # why such a conversation is dropped
+
+
 def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[str, str]:
-    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
-    if not sharegpt and isinstance(value, dict) and "from" in value and "value" in value:
-        _fail(row, f"{what} is a ShareGPT turn ({{from, value}}); ShareGPT files are read as they are, from "
-                   "a 'conversations' column (or with --format sharegpt), without --messages-column")
+    """One checked message ``{"role", "content"}``. A turn may be written either way, ``{role, content}``
+    or ShareGPT's ``{from, value}`` (``sharegpt`` only says which the error for neither names); roles and
+    speakers are read case-insensitively, ``developer`` is the system message. A conversation with a tool
+    call or tool result is dropped (counted): its turns cannot be trained on as text."""
+    if isinstance(value, dict) and "from" in value and "value" in value and "role" not in value:
+        role_key, text_key, speakers = "from", "value", SHAREGPT_ROLES
+    else:
+        role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+        if isinstance(value, dict) and "role" in value:
+            role_key, text_key = "role", "content"
+        speakers = {**{r: r for r in ROLES}, "developer": "system"}
+    if isinstance(value, dict) and (value.get("tool_calls") or value.get("function_call")
+                                    or str(value.get(role_key, "")).lower() in ("tool", "function", "ipython")):
+        raise Dropped(TOOL_TURN)
     if not isinstance(value, dict) or role_key not in value or text_key not in value:
         _fail(row, f"{what} holds {_kind(value)} where a {{{role_key}, {text_key}}} object is needed")
     role, content = value[role_key], value[text_key]
-    if sharegpt:
-        if role not in SHAREGPT_ROLES:
-            _fail(row, f"{what} has the unknown speaker {role!r} (accepted: {', '.join(SHAREGPT_ROLES)})")
-        role = SHAREGPT_ROLES[role]
-    elif role not in ROLES:
-        _fail(row, f"{what} has the unknown role {role!r} (accepted: {', '.join(ROLES)})")
+    if not isinstance(role, str) or role.lower() not in speakers:
+        kind = "speaker" if speakers is SHAREGPT_ROLES else "role"
+        _fail(row, f"{what} has the unknown {kind} {role!r} (accepted: {', '.join(speakers)})")
+    role = speakers[role.lower()]
     if content is None:
         raise Dropped("a missing message")
-    if isinstance(content, list) and not sharegpt:
+    if isinstance(content, list):
         content = _text_of_parts(content, row, what)
     if not isinstance(content, str):
         _fail(row, f"{what} has a {text_key} that is {_kind(content)}, not text")

@@ -261,8 +261,9 @@ def test_bundled_chat_set():
 BAD = {
     "mixed shapes": ([{"prompt": "q", "completion": "a"}, {"messages": [user("q"), bot("a")]}], "sft",
                      "row 2 is written as conversational data but row 1 as standard; a dataset holds one shape"),
-    "unknown role": ([{"messages": [user("q"), {"role": "tool", "content": "x"}, bot("a")]}], "sft",
-                     "row 1: messages message 2 has the unknown role 'tool' (accepted: system, user, assistant)"),
+    "unknown role": ([{"messages": [user("q"), {"role": "narrator", "content": "x"}, bot("a")]}], "sft",
+                     "row 1: messages message 2 has the unknown role 'narrator' (accepted: system, user, assistant, "
+                     "developer)"),
     "empty conversation": ([{"messages": [user("q"), bot("a")]}, {"messages": []}], "sft",
                            "row 2: messages is an empty conversation"),
     "no assistant turn": ([{"messages": [SYSTEM, user("q")]}], "sft",
@@ -572,13 +573,37 @@ def test_columns_the_shape_does_not_read_are_named_and_mapping_hints(tmp_path):
 
     assert unread_columns(["prompt", "input", "chosen", "rejected", "system"], "standard") == ["input"]
     assert unread_columns(["instruction", "input", "output"], "alpaca") == []
-    sharegpt_as_messages = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}] * 2
-    with pytest.raises(UserError, match="is a ShareGPT turn .* without --messages-column"):
-        make_dataset(write_jsonl(tmp_path / "sg.jsonl", sharegpt_as_messages), task="sft",
-                     column_map=ColumnMap(messages="conversations"))
     (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}]"\n')
     with pytest.raises(UserError, match="CSV cells are always text: keep message lists in a .jsonl"):
         make_dataset(tmp_path / "m.csv", task="sft")
+
+
+def test_turns_are_read_in_either_style_and_tool_use_is_dropped_with_a_count(tmp_path, caplog):
+    import logging
+
+    # ShareGPT {from, value} turns in a 'messages' column (or named by --messages-column), {role, content}
+    # turns in a 'conversations' column, speakers in capitals, and 'developer' for the system message.
+    sharegpt_turns = [{"from": "Human", "value": "Hi"}, {"from": "GPT", "value": "Hey"}]
+    role_turns = [{"role": "developer", "content": "Be kind."}, {"role": "USER", "content": "Hi"},
+                  {"role": "assistant", "content": "Hey"}]
+    for name, rows, mapping in (
+            ("sg_messages.jsonl", [{"messages": sharegpt_turns}], None),
+            ("sg_named.jsonl", [{"dialog": sharegpt_turns}], ColumnMap(messages="dialog")),
+            ("roles_conversations.jsonl", [{"conversations": role_turns}], None)):
+        rows = [json.loads(json.dumps(rows[0]).replace("Hi", f"Hi {i}")) for i in range(2)]
+        train, test = make_dataset(write_jsonl(tmp_path / name, rows), test_size=1, task="sft", column_map=mapping)
+        row = (list(train) + list(test))[0]
+        roles = [m["role"] for m in (row.get("messages") or row["prompt"] + row["completion"])]
+        assert roles in (["user", "assistant"], ["system", "user", "assistant"]), (name, row)
+    # A conversation with a tool call or a tool result is dropped, named once in the count.
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add"}}]}
+    rows = [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(3)]
+    rows += [{"messages": [user("sum?"), call, {"role": "tool", "content": "42"}, bot("42")]},
+             {"messages": [user("now?"), {"role": "tool", "content": "noon"}, bot("noon")]}]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(write_jsonl(tmp_path / "tools.jsonl", rows), test_size=1, task="sft")
+    assert len(train) + len(test) == 3
+    assert "dropped 2 of 5 rows (2 with a tool call or tool result (tool use is not supported))" in caplog.text
 
 
 def test_content_written_as_text_parts_is_joined_and_other_parts_are_refused(tmp_path):
