@@ -63,7 +63,9 @@ class EncodeStats:
 
     rows: int = 0
     dropped_prompt_too_long: int = 0
+    responses: int = 0              # responses fitted to the length (two per preference pair)
     truncated_responses: int = 0
+    dropped_same_tokens: int = 0    # preference pairs whose answers are the same tokens once fitted
     boundary_merges: int = field(default=0)
 
 
@@ -239,14 +241,17 @@ class _Gym:
         self.pad_token_id = tokenizer.pad_token_id
         self.train_examples = self._encode_split(train_dataset, "train")
         if not self.train_examples:
-            rows = self.encode_stats["train"].rows
-            raise UserError(f"no training rows left after tokenization: all {rows} train rows have a prompt "
-                            f"longer than --max-length ({max_context_length} tokens); raise --max-length or "
-                            "shorten the prompts")
+            stats = self.encode_stats["train"]
+            why = [f"{stats.dropped_prompt_too_long} have a prompt longer than --max-length ({max_context_length} "
+                   "tokens)"] if stats.dropped_prompt_too_long else []
+            why += [f"{stats.dropped_same_tokens} have the same chosen and rejected tokens once cut to "
+                    "--max-length"] if stats.dropped_same_tokens else []
+            raise UserError(f"no training rows left after tokenization: of {stats.rows} train rows, "
+                            f"{' and '.join(why)}; raise --max-length or shorten the prompts")
         self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
         if test_dataset is not None and self.encode_stats["test"].rows and not self.test_examples:
-            logger.warning("test split: no row is left after tokenization, so this run is not evaluated; raise "
-                           "--max-length or --test-size")
+            logger.warning("test split: no row is left after tokenization (see above), so this run is not "
+                           "evaluated; raise --max-length")
         self.epoch = 0
         self._order: list[int] = []
         self._cursor = 0
@@ -268,12 +273,18 @@ class _Gym:
             if ex is not None:
                 examples.append(ex)
         if stats.dropped_prompt_too_long:
-            logger.warning("%s split: dropped %d of %d rows whose prompt alone exceeds max_context_length=%d",
+            logger.warning("%s split: dropped %d of %d rows whose prompt alone exceeds --max-length (%d tokens)",
                            split, stats.dropped_prompt_too_long, stats.rows, self.max_context_length)
         if stats.truncated_responses:
             # A cut response loses its end-of-turn token: the model is not taught to stop on it.
-            logger.warning("%s split: cut %d of %d responses to fit max_context_length=%d (they lose their "
-                           "end-of-turn token)", split, stats.truncated_responses, stats.rows, self.max_context_length)
+            logger.warning("%s split: cut %d of %d responses to fit --max-length (%d tokens); they lose their "
+                           "end-of-turn token", split, stats.truncated_responses, stats.responses,
+                           self.max_context_length)
+        if stats.dropped_same_tokens:
+            # Identical answers give the preference loss no gradient and every pair-level metric a tie.
+            logger.warning("%s split: dropped %d of %d pairs whose chosen and rejected answers are the same tokens "
+                           "once cut to --max-length (%d tokens)", split, stats.dropped_same_tokens, stats.rows,
+                           self.max_context_length)
         if stats.boundary_merges:
             logger.info("%s split: %d rows would merge tokens across the prompt/response boundary; "
                         "prompt and response were tokenized separately", split, stats.boundary_merges)
@@ -282,8 +293,9 @@ class _Gym:
 
     def _fit(self, enc: Encoded, stats: EncodeStats) -> Encoded | None:
         fitted = fit_to_length(enc, self.max_context_length)
-        if fitted is not None and len(fitted.response_ids) < len(enc.response_ids):
-            stats.truncated_responses += 1
+        if fitted is not None:
+            stats.responses += 1
+            stats.truncated_responses += len(fitted.response_ids) < len(enc.response_ids)
         return fitted
 
     @property
@@ -440,6 +452,9 @@ class PreferenceGym(_Gym):
         chosen, rejected = self._fit(chosen, stats), self._fit(rejected, stats)
         if chosen is None or rejected is None:
             stats.dropped_prompt_too_long += 1
+            return None
+        if chosen.input_ids == rejected.input_ids and chosen.labels == rejected.labels:
+            stats.dropped_same_tokens += 1
             return None
         # the labels too: the same tokens with another answer boundary are another example
         return PreferencePair(chosen, rejected, _example_id(chosen.input_ids, rejected.input_ids, chosen.labels,

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from alignkit.errors import UserError
 from alignkit.gyms import IGNORE_INDEX, PreferenceGym, SFTGym, encode_pair
 
 
@@ -50,7 +51,29 @@ def test_truncation_keeps_prompt_and_drops_long_prompts(tokenizer, rows, caplog)
     for ex in gym.train_examples:
         assert len(ex.input_ids) <= 50 and len(ex.response_ids) >= 1
     cut = gym.encode_stats["train"].truncated_responses
-    assert cut > 0 and f"train split: cut {cut} of 7 responses to fit max_context_length=50" in caplog.text
+    assert cut > 0 and f"train split: cut {cut} of 6 responses to fit --max-length (50 tokens)" in caplog.text
+    # A preference pair has two responses, each counted.
+    caplog.clear()
+    long_answers = [{"prompt": f"q{i}", "chosen": "yes " * 80 + "A", "rejected": "no " * 80 + "B"} for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        PreferenceGym(long_answers, None, tokenizer, max_context_length=50)
+    assert "train split: cut 6 of 6 responses to fit --max-length (50 tokens)" in caplog.text
+
+
+def test_pairs_whose_answers_are_the_same_tokens_once_cut_are_dropped_and_counted(tokenizer, rows, caplog):
+    # The answers differ only past the length limit: cut, both are the same tokens and teach nothing.
+    same_once_cut = [{"prompt": f"q{i}", "chosen": "word " * 80 + "Pasta!", "rejected": "word " * 80 + "Salad."}
+                     for i in range(2)]
+    with caplog.at_level(logging.WARNING):
+        gym = PreferenceGym(rows + same_once_cut, None, tokenizer, max_context_length=50)
+    assert len(gym.train_examples) == len(rows)
+    assert all(p.chosen.input_ids != p.rejected.input_ids for p in gym.train_examples)
+    assert "dropped 2 of 8 pairs whose chosen and rejected answers are the same tokens once cut" in caplog.text
+    with pytest.raises(UserError, match=r"^no training rows left after tokenization: of 2 train rows, 2 have the "
+                                        r"same chosen and rejected tokens once cut to --max-length; raise"):
+        PreferenceGym(same_once_cut, None, tokenizer, max_context_length=50)
+    # With room for the whole answers they differ and are kept.
+    assert len(PreferenceGym(same_once_cut, None, tokenizer, max_context_length=256).train_examples) == 2
 
 
 def test_a_test_split_emptied_by_tokenization_is_said_plainly(tokenizer, rows, caplog):
