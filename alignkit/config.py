@@ -73,7 +73,7 @@ class SFTConfig:
                                                "the training data's: PART=COLUMN items, PART one of prompt, response, "
                                                "chosen, rejected, messages, system (e.g. prompt=question "
                                                "chosen=good; none: the usual names) [default: the --*-column options]",
-                                         metavar="PART=COLUMN", nargs="*")
+                                         metavar="PART=COLUMN", nargs="*", mapping=True)
     chat_template: str | None = opt(None, "Jinja chat-template file replacing (or supplying) the tokenizer's; "
                                           "saved with the adapter")
     # -- optimisation ---------------------------------------------------------------------------
@@ -353,6 +353,10 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
                list: "a list of names"}
 
 
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _coerce(cls, key: str, value, source: str):
     """``value`` from a YAML file as the type of option ``key``, or a UserError naming both.
 
@@ -383,13 +387,17 @@ def _coerce(cls, key: str, value, source: str):
         if ok:
             return [float(v) for v in value]
     elif tp is list:
+        if isinstance(value, dict) and _field(cls, key).metadata.get("mapping"):   # {part: column} in YAML
+            value = [f"{part}={column}" for part, column in value.items()]
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     else:
         ok = isinstance(value, tp)
     if ok:
         return value
     shown = "nothing" if value is None else repr(value)
-    raise UserError(f"{source}: {key} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {shown}")
+    words = ("a list of PART=COLUMN items or a mapping of parts to columns" if _field(cls, key).metadata.get("mapping")
+             else _TYPE_WORDS.get(tp, tp.__name__))
+    raise UserError(f"{source}: {key} must be {words}, got {shown}")
 
 
 def _read_yaml(path) -> object:

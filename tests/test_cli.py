@@ -322,6 +322,8 @@ def test_a_config_file_eval_dataset_dropped_by_a_test_size_flag_takes_its_shape_
     assert (cfg.eval_dataset, cfg.eval_format, cfg.eval_columns, cfg.test_size) == (None, None, None, 0.2)
     cfg = build_config("sft", {"config": str(config)})
     assert (cfg.eval_format, cfg.eval_column_map().given()) == ("alpaca", {"prompt": "q"})
+    config.write_text("eval_dataset: held.jsonl\neval_columns: {prompt: q, chosen: good}\n")   # a YAML mapping
+    assert build_config("dpo", {"config": str(config)}).eval_column_map().given() == {"prompt": "q", "chosen": "good"}
 
 
 def test_an_eval_dataset_run_records_it_and_test_size_with_it_is_refused(tiny_model_dir, rows_file, tmp_path, capsys):
