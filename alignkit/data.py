@@ -28,6 +28,7 @@ from alignkit.errors import UserError
 from alignkit.formats import (
     KNOWN_COLUMNS,
     ColumnMap,
+    EvalColumnMap,
     apply_column_map,
     check_columns,
     detect_shape,
@@ -112,10 +113,11 @@ def make_dataset(
         rows, label = usable_rows(name_or_path, columns, task=task, format=format, column_map=column_map)
     order = np.random.default_rng(seed).permutation(len(rows))
     if eval_dataset is not None:
-        with named(eval_dataset):
+        apart = eval_column_map is not None or eval_format is not None   # described apart from the training data
+        with named(eval_dataset), (contextlib.nullcontext() if apart else _suggesting_eval_options()):
             held_out, eval_label = usable_rows(
                 eval_dataset, columns, task=task, format=eval_format or format,
-                column_map=eval_column_map if eval_column_map is not None else column_map)
+                column_map=eval_column_map if eval_column_map is not None else column_map, hint_map=EvalColumnMap())
         train_rows = [rows[i] for i in order]
         keys = {row_key(r) for r in train_rows}
         shared = sum(row_key(r) in keys for r in held_out)
@@ -130,6 +132,20 @@ def make_dataset(
 
 
 @contextlib.contextmanager
+def _suggesting_eval_options():
+    """An eval dataset read with the training data's column options and format: an error about its
+    columns or shape says how to describe it apart."""
+    try:
+        yield
+    except UserError as err:
+        text = str(err)
+        if ("(--" in text and "-column)" in text) or " data, not " in text or " is written as " in text:
+            raise UserError(f"{text}; --eval-columns PART=COLUMN and --eval-format describe the --eval-dataset "
+                            "apart from the training data") from None
+        raise
+
+
+@contextlib.contextmanager
 def _naming_the_file(name):
     """Row errors raised inside name the dataset they are about (with two datasets, either could be meant)."""
     try:
@@ -141,10 +157,12 @@ def _naming_the_file(name):
 
 
 def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None = None, *, task: str = "preference",
-                format: str = "auto", column_map: ColumnMap | None = None) -> tuple[list[dict], str]:
+                format: str = "auto", column_map: ColumnMap | None = None,
+                hint_map: ColumnMap | None = None) -> tuple[list[dict], str]:
     """Every usable row of one dataset (converted, bad rows and duplicates dropped with a warning) and its label.
 
-    Arguments as for :func:`make_dataset`; raises `UserError` when no row is usable.
+    Arguments as for :func:`make_dataset`; ``hint_map`` says which options a missing-columns error suggests
+    (default: ``column_map``'s). Raises `UserError` when no row is usable.
     """
     if columns is not None:
         label, records, found = _load_rows(name_or_path, columns)
@@ -159,7 +177,7 @@ def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None
         label, records, found = _load_rows(name_or_path, KNOWN_COLUMNS + tuple(column_map.given().values()))
         records, found = apply_column_map(records, found, column_map, task, label)
         shape = detect_shape(records, format)
-        check_columns(shape, task, records, found, label, column_map)
+        check_columns(shape, task, records, found, label, hint_map or column_map)
         unread = unread_columns(found, shape)
         if unread:
             logger.warning("dataset '%s': column(s) %s are not read (their text is not trained on)", label,

@@ -89,6 +89,11 @@ class ColumnMap:
         """How the user named ``part`` (for messages): the ``--<part>-column`` flag."""
         return f"--{part}-column"
 
+    def naming(self, parts) -> str:
+        """How the user names the columns of ``parts`` (for hints): ``--a-column, --b-column and --c-column``."""
+        options = [self.option(part) for part in parts]
+        return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} and {options[-1]}"
+
 
 COLUMN_PARTS = tuple(f.name for f in fields(ColumnMap))
 
@@ -99,6 +104,9 @@ class EvalColumnMap(ColumnMap):
 
     def option(self, part: str) -> str:
         return f"--eval-columns {part}="
+
+    def naming(self, parts) -> str:
+        return "--eval-columns " + " ".join(f"{part}=..." for part in parts)
 
     @classmethod
     def parse(cls, items) -> tuple[EvalColumnMap, list[str]]:
@@ -545,9 +553,8 @@ def _columns_hint(task: str, shape: str, found: list[str], column_map: ColumnMap
     if task == "preference" and "rejected" not in found and shape != "sharegpt" and \
             any(c in found for c in ("completion", "messages", "output", "chosen")):
         return " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
-    name = column_map.option
-    flags = (f"{name('prompt')}, {name('chosen')} and {name('rejected')}" if task == "preference" else
-             f"{name('prompt')} and {name('response')}, or {name('messages')}")
+    flags = (column_map.naming(("prompt", "chosen", "rejected")) if task == "preference" else
+             f"{column_map.naming(('prompt', 'response'))}, or {column_map.naming(('messages',))}")
     return f" (if yours are named differently, name them with {flags})"
 
 

@@ -348,6 +348,13 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
     train, test = make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap())
     assert sorted(train["prompt"]) == [f"q{i}" for i in range(6)]
     assert list(zip(test["prompt"], test["chosen"], test["rejected"], strict=True)) == [(f"p{i}", f"c{i}", f"r{i}") for i in range(3)]
+    # Read with the training data's names, the eval file's error says how to describe it apart.
+    with pytest.raises(UserError, match=r"; --eval-columns PART=COLUMN and --eval-format describe the --eval-dataset"):
+        make_dataset(data, column_map=named, eval_dataset=held)
+    odd = _write_jsonl(tmp_path / "odd.jsonl", [{"q": "p", "yes": "c", "no": "r"}] * 2)
+    with pytest.raises(UserError, match=r"it has: q, yes, no \(if yours are named differently, name them with "
+                                        r"--eval-columns prompt=\.\.\. chosen=\.\.\. rejected=\.\.\.\)"):
+        make_dataset(held, eval_dataset=odd)
     # A wrong name in the eval map is reported as that option, not as the training data's flag.
     with pytest.raises(UserError, match=r"no column 'ask' \(--eval-columns prompt=\)"):
         make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap(prompt="ask"))
