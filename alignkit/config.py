@@ -50,7 +50,7 @@ class SFTConfig:
     trust_remote_code: bool = opt(False, "allow a hub or local model to run its own Python code (off: only "
                                          "architectures transformers ships are loaded)")
     # -- data ---------------------------------------------------------------------------------
-    dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.parquet file, or a hub id "
+    dataset: str = opt(BUNDLED_DATASET, "bundled set name, a .jsonl/.json/.csv/.tsv/.parquet file, or a hub id "
                                          "(org/name: its train split; org/name:SPLIT for another)")
     test_size: float = opt(0.1, "held-out share (0 < x < 1) or row count (>= 1) of the dataset")
     eval_dataset: str | None = opt(None, "held-out rows from this dataset (a file or hub id, e.g. org/name:test) "

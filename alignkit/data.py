@@ -43,7 +43,7 @@ BUNDLED_DATASET = "human-like-sample"
 """Command-line name of the preference set shipped with alignkit (prompt/chosen/rejected)."""
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 # org/name, optionally :split (the hub's split names: letters, digits, _ . -)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?$")
@@ -235,17 +235,18 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         records = _read_json_lines(path, _read_text(path))
     elif suffix == ".json":
         records = _read_json(path)
-    elif suffix in (".csv", ".parquet"):
+    elif suffix in (".csv", ".tsv", ".parquet"):
         import pandas as pd
 
         try:
-            if suffix == ".csv":
+            if suffix in (".csv", ".tsv"):
                 # Decoded here so a wrong encoding gets the same message (with the line) as JSON;
                 # dtype=str keeps CSV text as written ("007" stays "007", "None" and "NA" stay text);
                 # only empty cells become NaN. Windows line ends become "\n", inside quoted cells too
                 # (else every line break of a multi-line answer would carry a "\r" token).
                 text = _read_text(path).replace("\r\n", "\n")
-                frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+                separator = "\t" if suffix == ".tsv" else ","
+                frame = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[""])
                 frame = frame.astype(object).where(frame.notna(), None)
                 records = frame.to_dict("records")
             else:
@@ -256,7 +257,12 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         except pd.errors.EmptyDataError:
             raise UserError(f"dataset file '{path}' is empty") from None
         except (ValueError, OSError, pd.errors.ParserError) as err:
-            raise UserError(f"could not read '{path}': {' '.join(str(err).split())}") from err
+            header = text.split("\n", 1)[0] if suffix == ".csv" else ""
+            other = next((name for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars"))
+                          if sep in header and "," not in header), None)
+            hint = (f" (its first line is separated by {other}, not commas: save it as comma-separated"
+                    f"{', or as a .tsv file' if other == 'tabs' else ''})") if other else ""
+            raise UserError(f"could not read '{path}': {' '.join(str(err).split())}{hint}") from err
     else:
         raise UserError(f"unknown dataset file type '{path.suffix}' for '{path}'; accepted: {', '.join(FILE_FORMATS)}")
     if not records:

@@ -132,7 +132,7 @@ def test_missing_file_unknown_type_and_bad_name(tmp_path):
         make_dataset(tmp_path / "nope.jsonl")
     odd = tmp_path / "data.txt"
     odd.write_text("hello")
-    with pytest.raises(UserError, match=r"\.jsonl, \.json, \.csv, \.parquet"):
+    with pytest.raises(UserError, match=r"\.jsonl, \.json, \.csv, \.tsv, \.parquet"):
         make_dataset(odd)
     with pytest.raises(UserError, match=r"not a bundled set \(human-like-sample"):
         make_dataset("not-a-dataset-name")
@@ -180,6 +180,22 @@ def test_csv_empty_cells_are_dropped(tmp_path, caplog):
         train, test = make_dataset(path, test_size=1)
     assert len(train) + len(test) == 2
     assert "1 with a missing value" in caplog.text
+
+
+def test_tab_separated_files_read_as_tsv_and_other_separators_in_a_csv_are_named(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("prompt\tchosen\trejected\nhi, you\they!\tGreetings.\nyo\tsup!\tSalutations.\n")
+    train, test = make_dataset(tsv, test_size=1)
+    assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["hi, you", "yo"]
+    semicolons = tmp_path / "semi.csv"   # a comma inside one answer makes pandas see two fields there
+    semicolons.write_text("prompt;chosen;rejected\nhi;hey!;Greetings.\nyo;sup, friend!;Salutations.\n")
+    with pytest.raises(UserError, match=r"could not read .*semi.csv': .* \(its first line is separated by semicolons, "
+                                        r"not commas: save it as comma-separated\)$"):
+        make_dataset(semicolons, test_size=1)
+    tabs = tmp_path / "tabs.csv"
+    tabs.write_text("prompt\tchosen\trejected\nhi\they!\tGreetings.\nyo\tsup, friend!\tSalutations.\n")
+    with pytest.raises(UserError, match=r"separated by tabs, not commas: save it as comma-separated, or as a .tsv file"):
+        make_dataset(tabs, test_size=1)
 
 
 def test_csv_text_that_reads_like_a_missing_value_is_kept(tmp_path, caplog):
