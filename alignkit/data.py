@@ -131,6 +131,17 @@ def make_dataset(
     return Dataset.from_list(train_rows), Dataset.from_list(test_rows)
 
 
+def _refuse_labelled_completions(records: list[dict], found: list[str], task: str, label: str) -> None:
+    """KTO-style rows (a completion per prompt, a true/false ``label`` on whether it is wanted) cannot train SFT
+    as they are: every completion would be learned, the unwanted ones too."""
+    if task == "sft" and "label" in found and records and all(isinstance(r.get("label"), bool) for r in records):
+        unwanted = sum(r["label"] is False for r in records)
+        if unwanted:
+            raise UserError(f"dataset '{label}' marks {unwanted} of its {len(records)} completions unwanted (label "
+                            "false, as KTO data does); SFT learns every completion it is given: keep the rows "
+                            "labelled true and drop the label column")
+
+
 @contextlib.contextmanager
 def _suggesting_eval_options():
     """An eval dataset read with the training data's column options and format: an error about its
@@ -176,6 +187,7 @@ def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None
         column_map = column_map or ColumnMap()
         label, records, found = _load_rows(name_or_path, KNOWN_COLUMNS + tuple(column_map.given().values()))
         records, found = apply_column_map(records, found, column_map, task, label)
+        _refuse_labelled_completions(records, found, task, label)
         shape = detect_shape(records, format)
         check_columns(shape, task, records, found, label, hint_map or column_map)
         unread = unread_columns(found, shape)
@@ -329,6 +341,16 @@ def _read_json(path: Path) -> list[Any]:
         return _read_json_lines(path, text)  # many ".json" files on the hub are JSON lines
     except RecursionError:
         raise UserError(f"'{path}' is nested too deeply") from None
+    if isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) \
+            and set(data) <= {"columns", "index", "data"} and all(isinstance(r, list) for r in data["data"]):
+        # pandas' to_json(orient="split"): column names beside row lists
+        if any(len(r) != len(data["columns"]) for r in data["data"]):
+            raise UserError(f"'{path}' has rows whose length differs from its {len(data['columns'])} columns")
+        return [dict(zip(data["columns"], r, strict=True)) for r in data["data"]]
+    if isinstance(data, dict) and len(data) == 1:
+        (key, rows), = data.items()
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and not {"role", "from"} & set(r) for r in rows):
+            return rows   # the rows under one key, e.g. {"data": [...]}
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:

@@ -456,7 +456,9 @@ def _sharegpt(record: dict, task: str, row: int) -> dict:
 def _alpaca(record: dict, task: str, row: int) -> dict:
     prompt = _text(record.get("instruction"))
     extra = record.get("input")
-    if isinstance(extra, str) and extra.strip():
+    if extra is not None and not isinstance(extra, str):
+        raise Dropped("a non-string value")   # a number or list as the input: not silently left out
+    if extra is not None and extra.strip():
         prompt = f"{prompt}\n\n{extra}"
     if task == "sft":   # "completion" when --response-column named the answer column
         return {"prompt": prompt, "completion": _text(record.get("completion", record.get("output")))}
@@ -598,6 +600,10 @@ def normalize(records: list[dict], shape: str, task: str, system_column: str = "
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     convert = CONVERTERS[shape]
+    if task == "sft" and shape in ("standard", "conversational") and any("completion" in r for r in records):
+        # One answer column for the whole file: a row without a completion is dropped (counted), never
+        # trained on its "chosen" while the others learn their completions.
+        records = [r if "completion" in r else {**r, "completion": None} for r in records]
     has_system = any("system" in record for record in records)
     kept, dropped = [], {}
     for number, record in enumerate(records, start=1):

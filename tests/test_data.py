@@ -396,3 +396,44 @@ def test_eval_column_items_that_are_not_part_equals_column_are_named(items, prob
     parsed, problems = EvalColumnMap.parse(items)
     assert len(problems) == 1 and problem in problems[0]
     assert EvalColumnMap.parse(["prompt = q", "system=sys"]) == (EvalColumnMap(prompt="q", system="sys"), [])
+
+
+def test_json_rows_under_one_key_and_pandas_split_json_are_read(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(3)]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": rows}))
+    split = tmp_path / "split.json"   # pandas.DataFrame.to_json(orient="split")
+    split.write_text(json.dumps({"columns": ["prompt", "chosen", "rejected"], "index": [0, 1, 2],
+                                 "data": [[r["prompt"], r["chosen"], r["rejected"]] for r in rows]}))
+    for path in (wrapped, split):
+        train, test = make_dataset(path, test_size=1)
+        assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["q0", "q1", "q2"], path
+    split.write_text(json.dumps({"columns": ["prompt", "chosen", "rejected"], "data": [["q", "a"]]}))
+    with pytest.raises(UserError, match="has rows whose length differs from its 3 columns"):
+        make_dataset(split, test_size=1)
+
+
+def test_kto_style_rows_do_not_train_sft_on_their_unwanted_completions(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)]
+    with pytest.raises(UserError, match=r"marks 2 of its 4 completions unwanted \(label false, as KTO data does\); "
+                                        r"SFT learns every completion it is given: keep the rows labelled true"):
+        make_dataset(_write_jsonl(tmp_path / "kto.jsonl", rows), task="sft", test_size=1)
+    wanted = [r for r in rows if r["label"]]
+    train, test = make_dataset(_write_jsonl(tmp_path / "wanted.jsonl", wanted), task="sft", test_size=1)
+    assert len(train) + len(test) == 2
+
+
+def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_dropped(tmp_path, caplog):
+    mixed = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "chosen": "c2", "rejected": "r2"},
+             {"prompt": "q3", "completion": "a3"}]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(_write_jsonl(tmp_path / "mixed.jsonl", mixed), task="sft", test_size=1)
+    assert sorted(list(train["completion"]) + list(test["completion"])) == ["a1", "a3"]   # never "c2"
+    assert "dropped 1 of 3 rows (1 with a missing value)" in caplog.text
+    caplog.clear()
+    alpaca = [{"instruction": "Double this number.", "input": 3, "output": "6"},
+              {"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add.", "input": "1 2", "output": "3"}]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        train, test = make_dataset(_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
+    assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi."]
+    assert "1 with a non-string value" in caplog.text
