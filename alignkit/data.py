@@ -422,9 +422,16 @@ def _drop_bad_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> tupl
     return kept, dict(reasons)
 
 
+_TEXT_ROLE = {"prompt": "user", "chosen": "assistant", "rejected": "assistant", "completion": "assistant"}
+
+
 def row_key(row: dict) -> str:
-    """A row as a comparable key: equal for rows with the same values."""
-    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+    """A converted row as a comparable key: equal for rows that train the same, also when one file wrote
+    them as text and another as messages (a text prompt is one user message, a text answer one assistant
+    message, which is how they are rendered), so an eval set in another shape still finds its training rows."""
+    canonical = {k: [{"role": _TEXT_ROLE[k], "content": v}] if isinstance(v, str) and k in _TEXT_ROLE else v
+                 for k, v in row.items()}
+    return json.dumps(canonical, sort_keys=True, ensure_ascii=False)
 
 
 def _drop_duplicates(rows: list[dict], label: str) -> list[dict]:

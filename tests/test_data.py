@@ -437,3 +437,18 @@ def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_drop
         train, test = make_dataset(_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
     assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi."]
     assert "1 with a non-string value" in caplog.text
+
+
+def test_training_rows_written_in_another_shape_are_found_in_an_eval_dataset(tmp_path, caplog):
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(4)]
+    as_messages = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows[:3]]
+    as_hh = [{"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
+              "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"} for r in rows[1:]]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    for name, held in (("messages.jsonl", as_messages), ("hh.jsonl", as_hh)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+            make_dataset(data, eval_dataset=_write_jsonl(tmp_path / name, held))
+        assert "3 of its 3 rows are also in the training data" in caplog.text, name
