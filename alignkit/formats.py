@@ -419,7 +419,10 @@ def _conversational(record: dict, task: str, row: int) -> dict:
                 messages.pop()
             return {"messages": messages}
         if "prompt" not in record:   # implicit-prompt preference rows: learn the chosen conversation's answer
-            prompt, completion, _ = _conversational(record, "preference", row).values()
+            # Turns after a conversation's last answer teach nothing (as for "messages"): left out.
+            trimmed = {c: _until_last_answer(messages_of(record.get(c), row, c, lone_role="assistant"))
+                       for c in ("chosen", "rejected")}
+            prompt, completion, _ = _conversational({**record, **trimmed}, "preference", row).values()
             return {"prompt": prompt, "completion": completion}
         column = _sft_response_column(record)
         prompt = messages_of(record.get("prompt"), row, "prompt", lone_role="user")
@@ -442,6 +445,12 @@ def _conversational(record: dict, task: str, row: int) -> dict:
                    "conversation has one context")
     prompt = opening + prompt   # a system message both conversations open with is part of the prompt
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _until_last_answer(messages: list) -> list:
+    """``messages`` up to and including their last assistant turn (all of them when there is none)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages) - 1)
+    return messages[:last + 1]
 
 
 def _sharegpt(record: dict, task: str, row: int) -> dict:

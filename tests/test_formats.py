@@ -618,3 +618,15 @@ def test_content_written_as_text_parts_is_joined_and_other_parts_are_refused(tmp
     rows[1]["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "x.png"}})
     with pytest.raises(UserError, match="row 2: messages message 1 has a 'image_url' content part; only text parts"):
         make_dataset(write_jsonl(tmp_path / "image.jsonl", rows), test_size=1, task="sft")
+
+
+def test_sft_on_whole_conversation_pairs_leaves_out_turns_after_the_last_answer(tmp_path):
+    # HH transcripts (and implicit-prompt conversations) ending in a user turn train SFT on the answer before it.
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}\n\nHuman: thanks",
+             "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}\n\nHuman: thanks"} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hh.jsonl", rows), task="sft", test_size=1)
+    pairs = sorted((r["prompt"][-1]["content"], r["completion"][-1]["content"]) for r in list(train) + list(test))
+    assert pairs == [("q0", "good 0"), ("q1", "good 1"), ("q2", "good 2")]
+    # DPO still refuses such answers: a preference pair's answers are what ends the conversation.
+    with pytest.raises(UserError, match="no usable rows"):
+        make_dataset(write_jsonl(tmp_path / "hh.jsonl", rows), task="preference", test_size=1)
