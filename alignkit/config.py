@@ -104,7 +104,7 @@ class SFTConfig:
     keep_checkpoints: int = opt(2, "how many of the newest checkpoint-<step>/ folders to keep")
     resume: str | None = opt(None, "continue the run in this folder from its newest complete checkpoint, with "
                                    "its recorded options (--max-steps / --epochs may extend it)")
-    overwrite: bool = opt(False, "allow --no-timestamp into a folder that already holds files (they are replaced)")
+    overwrite: bool = opt(False, "allow --no-timestamp into a folder that already holds a run (its files are replaced)")
     report_to: str = opt("none", "extra loggers: none, tensorboard or wandb (offline)")
     plot: bool = opt(True, "write training-curve PNGs into the run folder at the end")
     config: str | None = opt(None, "YAML file of options (keys are these option names); flags override it")

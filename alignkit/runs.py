@@ -50,8 +50,11 @@ def check_save_path(cfg: SFTConfig) -> None:
         raise UserError(f"--save-path {base} cannot be written: {problem}")
     if not cfg.no_timestamp or not base.is_dir() or not any(base.iterdir()):
         return
+    if not (base / RUN_RECORD).is_file():   # someone's own files: never deleted, not even with --overwrite
+        raise UserError(f"--save-path {base} already holds files that are not an alignkit run (no {RUN_RECORD}); "
+                        "choose another folder or an empty one")
     if not cfg.overwrite:
-        raise UserError(f"--save-path {base} already holds files; pass --resume {base} to continue that run, "
+        raise UserError(f"--save-path {base} already holds a run; pass --resume {base} to continue it, "
                         "--overwrite to replace it, or choose another folder")
     if cfg.load_path and base.resolve() in [Path(cfg.load_path).resolve(), *Path(cfg.load_path).resolve().parents]:
         raise UserError(f"--overwrite would delete the adapter --load-path {cfg.load_path} starts from; "

@@ -146,8 +146,8 @@ def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main(["sft", *flags]) == 2
-    assert _errors(capsys) == [f"error: --save-path {run} already holds files; pass --resume {run} "
-                               "to continue that run, --overwrite to replace it, or choose another folder"]
+    assert _errors(capsys) == [f"error: --save-path {run} already holds a run; pass --resume {run} "
+                               "to continue it, --overwrite to replace it, or choose another folder"]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # nor the folder a warm start reads its adapter from, even with --overwrite
     warm = ["dpo", *flags, "--load-path", str(run / "actor"), "--overwrite"]
@@ -156,6 +156,17 @@ def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path
     assert main(warm) == 2
     assert "--overwrite would delete the adapter --load-path" in capsys.readouterr().err
     assert main(["sft", *flags, "--overwrite"]) == 0
+    # --overwrite replaces runs only: a folder of someone's own files is never emptied
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("important")
+    (mine / "sub" / "data.csv").write_text("a,b")
+    theirs = _flags(tiny_model_dir, rows_file, mine, "--max-steps", "1")
+    for extra in ([], ["--overwrite"]):
+        assert main(["sft", *theirs, *extra]) == 2
+        assert _errors(capsys) == [f"error: --save-path {mine} already holds files that are not an alignkit run (no "
+                                   "run.json); choose another folder or an empty one"]
+    assert (mine / "notes.txt").read_text() == "important" and (mine / "sub" / "data.csv").is_file()
     # extending a finished run: only --max-steps / --epochs may change
     assert main(["sft", "--resume", str(run), "--lr", "0.5"]) == 2
     assert "would change its result: --lr 0.5 (recorded: 0.01)" in capsys.readouterr().err
