@@ -276,6 +276,15 @@ def run_population(cfg) -> Path:
     population = build_population(s)
     run_dir = s.run_dir = claim_run_dir(cfg)
     if cfg.resume and (run_dir / "training_state.json").exists():
+        try:
+            state = json.loads((run_dir / "training_state.json").read_text())
+            done = state.get("step", state.get("steps"))
+        except (OSError, ValueError, AttributeError):
+            done = None
+        if isinstance(done, int) and s.total_steps != done:
+            raise UserError(f"{run_dir} is a finished population run of {done} steps, and a finished population is "
+                            f"not extended or shortened; start a new run (--load-path {run_dir / 'actor'} warm-starts "
+                            "from its best member)")
         print(f"{run_dir} has already finished its population run")
         return run_dir
     if cfg.resume:

@@ -322,6 +322,9 @@ def train(s: Setup) -> dict:
     if cfg.resume:
         check_same_data(s)
     start = _resume_state(s) if cfg.resume else 0
+    if start > s.total_steps:
+        raise UserError(f"{s.run_dir} has already reached step {start}, past the {s.total_steps} steps now asked for; "
+                        "give more steps (--max-steps / --epochs) to extend it, or none to keep its recorded length")
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
               "or --epochs to extend it")

@@ -182,3 +182,11 @@ def test_a_population_resumes_from_its_last_generation(tiny_model_dir, rows_file
     a = load_file(str(runs["whole"] / "actor" / "adapter_model.safetensors"))
     b = load_file(str(cut / "actor" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # A finished population is not extended (it exits 2 and says what to do instead); as it is, nothing to do.
+    capsys.readouterr()
+    assert main(["dpo", "--resume", str(cut), "--max-steps", "8"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {cut} is a finished population run of 6 steps, and a finished population is not extended or "
+        f"shortened; start a new run (--load-path {cut / 'actor'} warm-starts from its best member)")
+    assert main(["dpo", "--resume", str(cut)]) == 0
+    assert "has already finished its population run" in capsys.readouterr().out

@@ -167,6 +167,15 @@ def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path
         assert _errors(capsys) == [f"error: --save-path {mine} already holds files that are not an alignkit run (no "
                                    "run.json); choose another folder or an empty one"]
     assert (mine / "notes.txt").read_text() == "important" and (mine / "sub" / "data.csv").is_file()
+    # a length below the step the run has reached is refused, not taken as a mixed-up end
+    capsys.readouterr()
+    extended = _flags(tiny_model_dir, rows_file, tmp_path / "three", "--max-steps", "3", "--save-interval", "1")
+    assert main(["sft", *extended]) == 0
+    capsys.readouterr()
+    assert main(["sft", "--resume", str(tmp_path / "three"), "--max-steps", "2"]) == 2
+    assert _errors(capsys) == [f"error: {tmp_path / 'three'} has already reached step 3, past the 2 steps now asked "
+                               "for; give more steps (--max-steps / --epochs) to extend it, or none to keep its "
+                               "recorded length"]
     # extending a finished run: only --max-steps / --epochs may change
     assert main(["sft", "--resume", str(run), "--lr", "0.5"]) == 2
     assert "would change its result: --lr 0.5 (recorded: 0.01)" in capsys.readouterr().err
