@@ -448,6 +448,9 @@ def load_yaml(path, cls) -> dict:
         if name in options:  # "batch-size" and "batch_size" both given: neither silently wins
             raise UserError(f"{path}: option {name} is set twice")
         options[name] = value
+    for name in ("resume", "config"):   # what a command line starts from, never an option of the run
+        if name in options:
+            raise UserError(f"{path}: {name} is not set in a config file; give --{name} on the command line")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:

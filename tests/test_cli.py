@@ -313,6 +313,15 @@ def test_eval_dataset_shape_options_are_checked(argv, message, capsys):
     assert err.startswith("error: invalid options: ") and message in err and err.count("\n") == 1
 
 
+def test_resume_and_config_are_command_line_options_only(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    for key in ("resume", "config"):
+        config.write_text(f"{key}: somewhere\n")
+        assert main(["sft", "--config", str(config)]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {config}: {key} is not set in a config file; give "
+                                                   f"--{key} on the command line")
+
+
 def test_a_config_file_eval_dataset_dropped_by_a_test_size_flag_takes_its_shape_options_along(tmp_path):
     from alignkit.config import build_config
 
