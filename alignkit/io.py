@@ -30,6 +30,12 @@ def unwritable(path: str | os.PathLike) -> str | None:
     folder = anchor if anchor.is_dir() else anchor.parent
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"no write permission on {folder}"
+    try:   # permissions are not the whole story (a read-only mount, /proc): try it
+        fd, probe = tempfile.mkstemp(prefix=".alignkit-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{folder}: {err.strerror or err}"
     return None
 
 

@@ -450,3 +450,18 @@ def test_plot_and_export_refuse_outputs_that_cannot_be_written(tiny_model_dir, r
     (empty / "metrics.jsonl").write_text("")
     assert refused(capsys, "plot", empty) == f"error: no figure written: {empty} hold(s) no finite metrics to plot"
     assert refused(capsys, "plot", tmp_path / "nothere") == f"error: {tmp_path / 'nothere'}: no such run folder"
+
+
+def test_an_output_folder_that_refuses_files_is_found_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    from alignkit.io import unwritable
+
+    assert unwritable(tmp_path / "new" / "out") is None
+    assert list(tmp_path.iterdir()) == []   # the probe leaves nothing behind
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)   # writable by permissions, refused by the mount
+    assert unwritable(tmp_path / "out") == f"{tmp_path}: Read-only file system"
