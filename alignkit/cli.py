@@ -64,14 +64,15 @@ def train_or_chat(algo: str, flags: dict) -> int:
         if launched_processes() > 1:
             raise UserError("--eval is an interactive chat for one process; run it without accelerate launch")
         from .generation import Sampling
-        from .train import resolve_base_model
+        from .train import resolve_base_model, run_chat_template
 
         if cfg.threads:
             import torch
 
             torch.set_num_threads(cfg.threads)
+        template = run_chat_template(cfg)   # --chat-template's (checked), else the adapter's
         model, tokenizer = load_for_generation(resolve_base_model(cfg), cfg.load_path, cfg.device, cfg.dtype,
-                                               trust_remote_code=cfg.trust_remote_code)
+                                               trust_remote_code=cfg.trust_remote_code, chat_template=template)
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.repetition_penalty, seed=cfg.seed)
         return interactive(model, tokenizer, max_new_tokens=cfg.max_new_tokens, sampling=sampling)
     if cfg.pop_size > 1:

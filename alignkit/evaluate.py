@@ -32,9 +32,11 @@ HELP = ("commands: /reset forgets the conversation, /system TEXT sets the system
         "removes it), /help shows this, quit or exit (or Ctrl-D) leaves")
 
 
-def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False):
-    """Base model (with the adapter at ``load_path`` when given) and its tokenizer, ready to generate."""
-    template = adapter_chat_template(load_path) if load_path else None
+def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False,
+                        chat_template: str | None = None):
+    """Base model (with the adapter at ``load_path`` when given) and its tokenizer, ready to generate; the
+    tokenizer renders with ``chat_template`` when given, else with the one saved beside the adapter."""
+    template = chat_template or (adapter_chat_template(load_path) if load_path else None)
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code, chat_template=template)
     model = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     if load_path:

@@ -358,6 +358,13 @@ def test_chat_template_file(tmp_path, tiny_model_dir, plain_tokenizer, capsys):
     assert main(["sft", *SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--save-path",
                  str(tmp_path / "x"), "--no-timestamp", "--chat-template", str(broken)]) == 2
     assert "is not a working Jinja template" in capsys.readouterr().err
+    # The chat reads --chat-template too: a broken one is refused there as well, another one replaces the adapter's.
+    assert main(["sft", "--eval", "--model", str(tiny_model_dir), "--load-path", str(out / "actor"),
+                 "--chat-template", str(broken)]) == 2
+    assert "is not a working Jinja template" in capsys.readouterr().err
+    other = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    _, tokenizer = load_for_generation(str(tiny_model_dir), out / "actor", chat_template=other)
+    assert tokenizer.chat_template == other
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
