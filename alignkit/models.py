@@ -478,6 +478,10 @@ def load_model(
     # of other shapes than config.json describes are a RuntimeError
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise _hub_failure(source, "model", err) from err
+    if source.kind in ("embedded", "gguf"):
+        # Named as the user named it, not by its converted copy in this machine's cache: an adapter trained on
+        # it records this name as its base (PEFT reads it), so the adapter loads on any machine.
+        model.config._name_or_path = model.name_or_path = str(name_or_path)
     model.to(device)
     model.eval()
     return model

@@ -1,5 +1,7 @@
 """Short runs on the embedded SmolLM2-135M-Instruct: learning really happens (seconds to a minute each)."""
 
+import json
+
 import pytest
 from peft import LoraConfig
 
@@ -19,7 +21,7 @@ def _lora():
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-def test_sft_loss_on_a_fixed_batch_falls(tokenizer, splits):
+def test_sft_loss_on_a_fixed_batch_falls(tokenizer, splits, tmp_path):
     train, _ = splits
     gym = SFTGym(train.select(range(4)), None, tokenizer, data_batch_size_per_gpu=4, max_context_length=80)
     agent = SFT(load_model(device="cpu"), tokenizer.pad_token_id, tokenizer.pad_token, batch_size=4, lr=2e-3,
@@ -27,6 +29,10 @@ def test_sft_loss_on_a_fixed_batch_falls(tokenizer, splits):
     batch = gym.reset()
     losses = [agent.learn(batch)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0] - 0.1, losses
+    # Saved through the library API, the adapter names its base as the user did, not by this machine's cache copy.
+    agent.save_checkpoint(tmp_path / "api")
+    config = json.loads((tmp_path / "api" / "actor" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
 
 
 def _train_dpo(tokenizer, splits, nll_alpha, store):
