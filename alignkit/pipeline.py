@@ -14,10 +14,10 @@ from pathlib import Path
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
 from .compare import LABELS, Decoding, compare, read_prompts, row_keys
-from .config import EVAL_DATASET_OR_TEST_SIZE, build_config
+from .config import EVAL_DATASET_OR_TEST_SIZE, RESUME_MAY_CHANGE, absolute_paths, build_config, flag
 from .data import BUNDLED_DATASET
 from .errors import UserError
-from .runs import resumed_config
+from .runs import read_run_info, resumed_config
 from .runtime import release_freed_memory
 
 SFT_LR, SFT_STEPS = 1e-3, 40
@@ -38,6 +38,19 @@ RECIPES = {
 }
 PIPELINE_CONFIGS = ("base", "sft", "sft_dpo_nll")
 ALL_CONFIGS = tuple(LABELS)
+
+
+def _check_same_recipe(folder: Path, wanted) -> None:
+    """Refuse to keep (``--reuse``) the run in ``folder`` when it was trained with other options than ``wanted``
+    (a config): its numbers would be reported as this pipeline's."""
+    recorded = read_run_info(folder)["config"]
+    # what may differ: how a run writes and how fast, never its length (unlike a resume's --max-steps)
+    free = (RESUME_MAY_CHANGE - {"max_steps", "epochs"}) | {"save_path", "no_timestamp", "overwrite", "resume", "config"}
+    differ = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in absolute_paths(wanted.to_dict()).items()
+              if k not in free and k in recorded and absolute_paths({k: recorded[k]})[k] != v]
+    if differ:
+        raise UserError(f"--reuse would keep {folder}, trained with other options than asked for now: "
+                        f"{', '.join(differ)}; pass --overwrite to train it again, or ask for what it was trained with")
 
 
 def train_configurations(names, out_dir, max_steps: int | None = None, model: str | None = None,
@@ -76,16 +89,19 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
         if held and not (reuse or overwrite):
             raise UserError(f"{folder} already holds a run; pass --reuse to keep finished configurations (and "
                             "resume interrupted ones) or --overwrite to train them again")
+        extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
+        steps = {} if max_steps is None else {"max_steps": max_steps}
+        wanted = {"save_path": str(folder), "no_timestamp": True, "model": model, **split, **options, **steps, **extra}
+        kept = reuse and ((folder / checkpoints.STATE_FILE).exists() or checkpoints.numbered(folder))
+        if kept:
+            _check_same_recipe(folder, build_config(algo, {**wanted, "overwrite": True}))
         if reuse and (folder / checkpoints.STATE_FILE).exists():
             runs[name] = str(folder)
             return runs[name]
-        if reuse and checkpoints.numbered(folder):
+        if kept:
             cfg = resumed_config(algo, {"resume": str(folder)})
         else:
-            extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
-            steps = {} if max_steps is None else {"max_steps": max_steps}
-            cfg = build_config(algo, {"save_path": str(folder), "no_timestamp": True, "model": model,
-                                      "overwrite": held, **split, **options, **steps, **extra})
+            cfg = build_config(algo, {**wanted, "overwrite": held})
         started = time.time()
         print(f"== training {LABELS[name]} -> {folder}")
         run(cfg)

@@ -214,7 +214,7 @@ def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, r
     assert {(c["split"]["eval_dataset"], c["split"]["pairs"]) for c in results["configs"]} == {(str(held), 6)}
 
 
-def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path):
+def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path, capsys):
     out = tmp_path / "pipe"
     argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(rows_file), "--max-steps", "2",
             "--max-new-tokens", "4", "--out", str(out)]
@@ -242,6 +242,14 @@ def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_pa
     assert (cut / "actor" / "adapter_model.safetensors").is_file() and (cut / "training_state.json").is_file()
     evals = [r["step"] for r in _read_metrics(cut) if r["split"] == "eval"]
     assert evals == sorted(set(evals))   # the final evaluation is not logged twice
+    # runs trained with another recipe are not kept as this one's
+    capsys.readouterr()
+    longer = [*argv, "--reuse", "--max-steps", "3"]
+    assert main(longer) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --reuse would keep {out / 'runs' / 'sft'}, trained with other options than asked for now: "
+        "--max-steps 3 (recorded: 2); pass --overwrite to train it again, or ask for what it was trained with")
+    assert adapter.stat().st_mtime_ns == before
 
     # evaluate_models.py reuses given runs and trains only what is missing
     script = ROOT / "benchmarking" / "evaluate_models.py"
