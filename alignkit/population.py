@@ -322,6 +322,19 @@ def run_population(cfg) -> Path:
         held_out = population.test(s.gym)
         leader = population.record(s.total_steps, held_out)
         log.log(s.total_steps, s.gym.progress, "eval", {"member": leader, **held_out[leader]})
+    except KeyboardInterrupt:
+        # A population is saved once per generation: say what is kept and how to go on from it.
+        from . import checkpoints
+        from .errors import RunInterrupted
+
+        saved = checkpoints.numbered(run_dir)
+        if saved:
+            message = (f"interrupted: the population was last saved at its generation in {saved[-1]}; "
+                       f"continue with: alignkit {cfg.algo} --resume {run_dir}")
+        else:
+            message = (f"interrupted before the first generation (step {cfg.evo_steps}) was saved: nothing to resume; "
+                       "start the run again")
+        raise RunInterrupted(message, 130) from None
     finally:
         log.close()
     best = population.activate(leader)

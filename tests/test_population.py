@@ -190,3 +190,29 @@ def test_a_population_resumes_from_its_last_generation(tiny_model_dir, rows_file
         f"shortened; start a new run (--load-path {cut / 'actor'} warm-starts from its best member)")
     assert main(["dpo", "--resume", str(cut)]) == 0
     assert "has already finished its population run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop_at, said", [(2, "interrupted before the first generation (step 3) was saved: nothing to "
+                                              "resume; start the run again"),
+                                           (5, "interrupted: the population was last saved at its generation in ")])
+def test_ctrl_c_in_a_population_says_what_was_saved(tiny_model_dir, rows_file, tmp_path, monkeypatch, capsys, stop_at,
+                                                    said):
+    from alignkit import population as pop
+
+    calls = {"n": 0}
+    learn = pop.Population.learn
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return learn(self, batch)
+
+    monkeypatch.setattr(pop.Population, "learn", interrupted)
+    run = tmp_path / "pop"
+    flags = _flags(tiny_model_dir, rows_file, run, "--pop-size", "2", "--evo-steps", "3", "--max-steps", "6")
+    assert main(["sft", *flags]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(said), err
+    if stop_at > 3:
+        assert err.endswith(f"checkpoint-3; continue with: alignkit sft --resume {run}")
