@@ -348,7 +348,7 @@ def _read_json(path: Path) -> list[Any]:
             raise UserError(f"'{path}' has rows whose length differs from its {len(data['columns'])} columns")
         return [dict(zip(data["columns"], r, strict=True)) for r in data["data"]]
     if isinstance(data, dict) and len(data) == 1:
-        (key, rows), = data.items()
+        (_, rows), = data.items()
         if isinstance(rows, list) and rows and all(isinstance(r, dict) and not {"role", "from"} & set(r) for r in rows):
             return rows   # the rows under one key, e.g. {"data": [...]}
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):

@@ -290,7 +290,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 
     SFT runs get ``sft_training_loss.png``; DPO runs ``dpo_training_loss.png`` and
     ``dpo_reward_margins.png`` (``dpo_plus_nll_*`` when ``nll_alpha > 0``); any run with
-    held-out lines also gets ``eval_metrics.png``. A figure whose metrics have no finite
+    held-out lines also gets ``eval_metrics.png``, a population run ``population.png``. A figure whose metrics have no finite
     point is skipped with a logged warning.
 
     Args:
@@ -310,6 +310,13 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if info["algo"] == "dpo":
         written.append(_plot_reward_margins(records, info, out, smoothing))
     written.append(_plot_eval(records, info, out))
+    record = run_dir / "population.json"   # a population run: each member's fitness and learning rate too
+    if record.is_file():
+        try:
+            history = json.loads(record.read_text())["generations"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{record} is not a readable population record ({exc})") from None
+        written.append(plot_population(history, out / "population.png"))
     return [p for p in written if p is not None]
 
 

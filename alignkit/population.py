@@ -343,10 +343,9 @@ def run_population(cfg) -> Path:
     atomic_write_json(run_dir / "population.json", {"best": leader, "generations": population.history})
     best.save_checkpoint(run_dir, s.base_model, extra_state={"gym": s.gym.state_dict(), "member": leader})
     if cfg.plot:
-        from .plots import plot_population, plot_run
+        from .plots import plot_run
 
-        plot_population(population.history, run_dir / "population.png")
-        plot_run(run_dir)
+        plot_run(run_dir)   # population.png too
     print(f"best member {leader}: " + ", ".join(f"{k} {v:.3g}" for k, v in population.members[leader].hyper.items()))
     print(f"adapter saved to {run_dir / 'actor'}")
     return run_dir

@@ -131,6 +131,10 @@ def test_a_dpo_population_run_writes_its_history_and_a_loadable_best_adapter(tin
     assert hyper(a) == hyper(b) and a["best"] == b["best"]
     assert a["generations"][0]["members"][1]["mutation"]   # member 1 starts mutated
     assert (tmp_path / "a" / "population.png").is_file() and (tmp_path / "a" / "actor" / "adapter_config.json").is_file()
+    # run b was trained without figures: `alignkit plot` draws them afterwards, population.png included
+    assert not (tmp_path / "b" / "population.png").exists()
+    assert main(["plot", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "population.png").stat().st_size > 1000
     # the best member is a normal adapter: a warm start and a chat load it
     warm = _flags(tiny_model_dir, rows_file, tmp_path / "warm", "--load-path", str(tmp_path / "a" / "actor"),
                   "--max-steps", "1")
