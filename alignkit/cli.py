@@ -88,8 +88,11 @@ def train_or_chat(algo: str, flags: dict) -> int:
 
 def _dispatch(argv) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from .processes import is_main_process
+
+    # Under a multi-process launch every process reads the same data: one speaks for all, the others only err.
+    level = (logging.INFO if args.verbose else logging.WARNING) if is_main_process() else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "handler")}
     if args.command in CONFIGS:
         return train_or_chat(args.command, flags)

@@ -32,7 +32,8 @@ def guarded(fn, *args) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
-        print(str(exc), file=sys.stderr)
+        if is_main_process():
+            print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -44,7 +44,7 @@ from .errors import RunInterrupted, UserError
 from .gyms import PreferenceGym, SFTGym
 from .io import atomic_write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, read_chat_template
-from .processes import broadcast_from_main, gather_dicts, make_accelerator
+from .processes import broadcast_from_main, gather_dicts, is_main_process, make_accelerator
 from .reference import REFERENCE_ADAPTER, reference_store
 from .runs import MetricsLog, check_save_path, claim_run_dir
 from .runtime import reuse_freed_memory
@@ -231,7 +231,8 @@ class _StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)", flush=True)
+        if is_main_process():   # under a multi-process launch every process gets the signal: say it once
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)", flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -366,9 +367,10 @@ def train(s: Setup) -> dict:
                     if step < s.total_steps and (stop.signum or cfg.save_interval and step % cfg.save_interval == 0):
                         saved = _save_checkpoint(s)
                     if stop.signum and step < s.total_steps:
+                        how = (f"alignkit {cfg.algo} --resume {s.run_dir}" if s.accelerator is None else
+                               f"the same accelerate launch command with {cfg.algo} --resume {s.run_dir}")
                         raise RunInterrupted(f"stopped at step {step} of {s.total_steps}; checkpoint written to {saved}; "
-                                             f"resume with: alignkit {cfg.algo} --resume {s.run_dir}",
-                                             128 + stop.signum)
+                                             f"resume with: {how}", 128 + stop.signum)
                     if step < s.total_steps:
                         batch = gym.step()
             # (a run stopped between its last checkpoint and its finished adapter has its final eval)
