@@ -114,10 +114,12 @@ def make_dataset(
     order = np.random.default_rng(seed).permutation(len(rows))
     if eval_dataset is not None:
         apart = eval_column_map is not None or eval_format is not None   # described apart from the training data
-        with named(eval_dataset), (contextlib.nullcontext() if apart else _suggesting_eval_options()):
+        with named(eval_dataset):
             held_out, eval_label = usable_rows(
                 eval_dataset, columns, task=task, format=eval_format or format,
-                column_map=eval_column_map if eval_column_map is not None else column_map, hint_map=EvalColumnMap())
+                column_map=eval_column_map if eval_column_map is not None else column_map, hint_map=EvalColumnMap(),
+                shape_hint="" if apart else ("; --eval-columns PART=COLUMN and --eval-format describe the "
+                                             "--eval-dataset apart from the training data"))
         train_rows = [rows[i] for i in order]
         keys = {row_key(r) for r in train_rows}
         shared = sum(row_key(r) in keys for r in held_out)
@@ -143,16 +145,13 @@ def _refuse_labelled_completions(records: list[dict], found: list[str], task: st
 
 
 @contextlib.contextmanager
-def _suggesting_eval_options():
-    """An eval dataset read with the training data's column options and format: an error about its
-    columns or shape says how to describe it apart."""
+def _ending_with(hint: str):
+    """A UserError raised inside ends with ``hint`` (nothing changes when it is empty)."""
     try:
         yield
     except UserError as err:
-        text = str(err)
-        if ("(--" in text and "-column)" in text) or " data, not " in text or " is written as " in text:
-            raise UserError(f"{text}; --eval-columns PART=COLUMN and --eval-format describe the --eval-dataset "
-                            "apart from the training data") from None
+        if hint:
+            raise UserError(f"{err}{hint}") from None
         raise
 
 
@@ -169,11 +168,12 @@ def _naming_the_file(name):
 
 def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None = None, *, task: str = "preference",
                 format: str = "auto", column_map: ColumnMap | None = None,
-                hint_map: ColumnMap | None = None) -> tuple[list[dict], str]:
+                hint_map: ColumnMap | None = None, shape_hint: str = "") -> tuple[list[dict], str]:
     """Every usable row of one dataset (converted, bad rows and duplicates dropped with a warning) and its label.
 
     Arguments as for :func:`make_dataset`; ``hint_map`` says which options a missing-columns error suggests
-    (default: ``column_map``'s). Raises `UserError` when no row is usable.
+    (default: ``column_map``'s); ``shape_hint`` ends an error about a named column or the rows' shape.
+    Raises `UserError` when no row is usable.
     """
     if columns is not None:
         label, records, found = _load_rows(name_or_path, columns)
@@ -186,9 +186,11 @@ def usable_rows(name_or_path: str | os.PathLike, columns: tuple[str, ...] | None
     else:
         column_map = column_map or ColumnMap()
         label, records, found = _load_rows(name_or_path, KNOWN_COLUMNS + tuple(column_map.given().values()))
-        records, found = apply_column_map(records, found, column_map, task, label)
+        with _ending_with(shape_hint):
+            records, found = apply_column_map(records, found, column_map, task, label)
         _refuse_labelled_completions(records, found, task, label)
-        shape = detect_shape(records, format)
+        with _ending_with(shape_hint):
+            shape = detect_shape(records, format)
         check_columns(shape, task, records, found, label, hint_map or column_map)
         unread = unread_columns(found, shape)
         if unread:
