@@ -380,7 +380,7 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
          "rejected": {"from": "gpt", "value": "b"}} for i in range(2)])
     with pytest.raises(UserError, match=r"sharegpt.jsonl', row 1 is written as sharegpt data, not standard \(.*\); "
                                         r"--eval-columns PART=COLUMN and --eval-format describe"):
-        make_dataset(data, column_map=named, format="standard", eval_dataset=sharegpt)
+        make_dataset(held, format="standard", eval_dataset=sharegpt)
     _, test = make_dataset(data, column_map=named, format="standard", eval_dataset=sharegpt, eval_format="sharegpt",
                            eval_column_map=EvalColumnMap())
     assert [row[-1]["content"] for row in test["prompt"]] == ["s0", "s1"]
