@@ -23,6 +23,7 @@ from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import add_lora
+from .processes import is_sharded, most_over_processes
 from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
 
 # The option dataclasses are the one source of defaults; the keyword API below reads them.
@@ -95,17 +96,22 @@ class LLMAgent:
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        self.params = [p for n, p in self.model.named_parameters()
-                       if p.requires_grad and f".{adapter_name}." in n]
+        self.params = self._trained_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup_steps, self.total_steps, self.min_lr_ratio))
         # The policy's forward; under accelerate it runs through the DDP wrapper, which averages the
         # gradients across processes. ``self.model`` stays the plain PeftModel (same parameters).
         self.policy = ResponseLogps(self.model, packed=packed)
+        self.sharded = is_sharded(accelerator)
         if accelerator is not None:
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
+            # FSDP2 replaces each parameter by its shard (the optimizer is moved over by accelerate)
+            self.params = self._trained_parameters()
         self.steps = 0
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and f".{self.adapter_name}." in n]
 
     # -- what subclasses define -------------------------------------------------------------------
     def _split(self, batch, size):  # pragma: no cover - abstract
@@ -201,11 +207,24 @@ class LLMAgent:
         """
         self.model.eval()
         size = batch_size or min(self.batch_size, NO_GRAD_ROWS * self.micro_batch_size)
-        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1]
-                         for batch in env.test_batches(size))
+        batches = env.test_batches(size)
+        if self.sharded:   # every forward is a collective: each process runs as many as the busiest one
+            batches = list(batches)
+            idle = most_over_processes(len(batches), self.accelerator) - len(batches)
+            if idle and not batches:
+                raise ValueError("a process has no held-out rows: the test split has fewer rows than processes")
+            batches += [None] * idle
+        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1] if batch is not None
+                         else self._join_forward(last) for batch, last in _with_last(batches))
         if not sums:
             raise ValueError("the test split is empty")
         return self._finalize(self._reduce(sums))
+
+    def _join_forward(self, batch) -> dict:
+        """Run the held-out forwards of ``batch`` again only to take part in the other processes' (their
+        results are dropped): a sharded process whose share of the test split is done."""
+        self._micro_loss(batch, self._denominators(batch), train=False)
+        return {}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def unwrapped_model(self) -> PeftModel:
@@ -214,13 +233,22 @@ class LLMAgent:
 
     def save_checkpoint(self, path, base_model_name: str | None = None, extra_state: dict | None = None):
         """Write ``path/actor/`` (a standard PEFT adapter folder) and the training state beside it."""
+        gathered = checkpoints.gather(self) if self.sharded else None   # every process takes part
         if self.accelerator is not None and not self.accelerator.is_main_process:
             return
-        checkpoints.save(self, path, base_model_name=base_model_name, extra_state=extra_state)
+        checkpoints.save(self, path, base_model_name=base_model_name, extra_state=extra_state, gathered=gathered)
 
     def load_checkpoint(self, path) -> dict:
         """Restore adapter weights, optimizer, schedule and step from :meth:`save_checkpoint`'s folder."""
         return checkpoints.load(self, path)
+
+
+def _with_last(batches):
+    """``(batch, the last real batch before it)`` for each of ``batches`` (None entries stand for one more)."""
+    last = None
+    for batch in batches:
+        last = batch if batch is not None else last
+        yield batch, last
 
 
 def add_stats(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -454,7 +482,8 @@ class DPO(LLMAgent):
                          update_epochs=update_epochs, lora_config=lora_config, accelerator=accelerator, **kwargs)
         self.reference = None if self.objective.reference_free else ReferencePolicy(
             self.unwrapped_model(), self.adapter_name, packed=self.packed, share_prompts=share_prompts,
-            cache=shared_reference.cache if shared_reference is not None else None, store=reference_cache)
+            cache=shared_reference.cache if shared_reference is not None else None, store=reference_cache,
+            accelerator=self.accelerator, forward=self.policy if self.sharded else None)
         self.held_out_logps: dict[int, tuple[float, float]] = {}
         self.held_out_step: int | None = None
 
@@ -487,11 +516,16 @@ class DPO(LLMAgent):
     def _denominators(self, batch):
         return pair_counts(batch)
 
-    def _micro_loss(self, micro, denom, train):
+    def _micro_loss(self, micro, denom, train, remember=True):
         shortcut = self.reference is not None and self.reference.is_policy(self.steps > 0, training=train)
-        policy = self._policy_logps if train else remembering(self._policy_logps, self.held_out_logps)
+        policy = self._policy_logps if train or not remember else remembering(self._policy_logps, self.held_out_logps)
         return preference_micro_loss(policy, self.reference, self.objective, micro, *denom, shortcut,
                                      self.share_prompts)
+
+    def _join_forward(self, batch) -> dict:
+        # not through ``held_out_logps``: its pairs are known, and the forward must run all the same
+        self._micro_loss(batch, self._denominators(batch), train=False, remember=False)
+        return {}
 
     def _finalize(self, sums):
         return self.objective.metrics(sums)

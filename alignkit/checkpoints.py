@@ -28,19 +28,20 @@ from safetensors.torch import load_file, save_file
 from .adapters import CHAT_TEMPLATE_FILE
 from .errors import UserError
 from .io import atomic_folder, atomic_write, atomic_write_json
+from .processes import full_tensor, local_tensor, shard_like
 
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
+    """Split an optimizer state dict into flat tensors (sharded ones gathered whole) and a JSON-able remainder."""
     state = optimizer.state_dict()
     tensors, meta = {}, {}
-    for idx, entry in state["state"].items():
-        for name, value in entry.items():
+    for idx, entry in sorted(state["state"].items()):
+        for name, value in sorted(entry.items()):
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{idx}.{name}"] = full_tensor(value).detach().cpu().contiguous()
             else:
                 meta[f"{idx}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": meta}
@@ -56,18 +57,40 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) 
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    inner = getattr(optimizer, "optimizer", optimizer)   # accelerate wraps it
+    for group in inner.param_groups:
+        for param in group["params"]:
+            entry = inner.state.get(param, {})
+            for name, value in entry.items():   # moments of a sharded parameter: sharded as it is
+                if torch.is_tensor(value) and local_tensor(param) is not param and value.shape == param.shape:
+                    entry[name] = shard_like(param, value)
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
-def _write_adapter(agent, folder: Path, base_model_name: str | None) -> None:
+def _adapter_parameters(agent) -> dict[str, torch.nn.Parameter]:
+    """The trained adapter's parameters by their names in the model."""
+    tag = f".{agent.adapter_name}."
+    return {n: p for n, p in agent.unwrapped_model().named_parameters() if tag in n}
+
+
+def gather(agent) -> dict:
+    """What a checkpoint of a sharded (FSDP) ``agent`` holds, gathered whole: the adapter's weights and the
+    optimizer's tensors. A collective: every process calls it, then the main one passes it to
+    :func:`save` / :func:`save_numbered` as ``gathered``."""
+    weights = {n: full_tensor(p).detach().cpu() for n, p in _adapter_parameters(agent).items()}
+    return {"weights": weights, "optimizer": _optimizer_tensors(agent.optimizer)}
+
+
+def _write_adapter(agent, folder: Path, base_model_name: str | None, weights: dict | None = None) -> None:
     model = agent.unwrapped_model()
     config = model.peft_config[agent.adapter_name]
     if base_model_name:
         config.base_model_name_or_path = base_model_name
-    model.save_pretrained(folder, selected_adapters=[agent.adapter_name], save_embedding_layers=False)
+    model.save_pretrained(folder, selected_adapters=[agent.adapter_name], save_embedding_layers=False,
+                          **({"state_dict": weights} if weights is not None else {}))
     if agent.adapter_name != "default":  # PEFT writes non-default adapters into a subfolder
         sub = folder / agent.adapter_name
         for f in sub.iterdir():
@@ -77,9 +100,10 @@ def _write_adapter(agent, folder: Path, base_model_name: str | None) -> None:
         (folder / CHAT_TEMPLATE_FILE).write_text(agent.chat_template, encoding="utf-8")
 
 
-def _state(agent, extra_state: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer's and RNGs' tensors, and the JSON part of the training state."""
-    tensors, opt_meta = _optimizer_tensors(agent.optimizer)
+    tensors, opt_meta = gathered["optimizer"] if gathered else _optimizer_tensors(agent.optimizer)
+    tensors = dict(tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
@@ -89,32 +113,36 @@ def _state(agent, extra_state: dict | None) -> tuple[dict[str, torch.Tensor], di
     return tensors, state
 
 
-def save(agent, path, base_model_name: str | None = None, extra_state: dict | None = None) -> Path:
+def save(agent, path, base_model_name: str | None = None, extra_state: dict | None = None,
+         gathered: dict | None = None) -> Path:
     """Write ``agent``'s adapter and training state into folder ``path`` (replacing an older one there).
 
-    Other files in ``path`` (metrics, figures) are left alone.
+    Other files in ``path`` (metrics, figures) are left alone. ``gathered``: :func:`gather`'s result,
+    for a sharded agent.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, state = _state(agent, extra_state)
+    tensors, state = _state(agent, extra_state, gathered)
     # Without the state file the folder is not a checkpoint; it comes back last, when all is written.
     (path / STATE_FILE).unlink(missing_ok=True)
     with atomic_folder(path / "actor", replace=True) as tmp:
-        _write_adapter(agent, tmp, base_model_name)
+        _write_adapter(agent, tmp, base_model_name, gathered and gathered["weights"])
     atomic_write(path / OPTIMIZER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_json(path / STATE_FILE, state)
     return path
 
 
 def save_numbered(agent, run_dir, base_model_name: str | None = None, extra_state: dict | None = None,
-                  keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoint-<step>/`` whole (it appears complete or not at all); keep the newest ``keep``."""
+                  keep: int = 2, gathered: dict | None = None) -> Path:
+    """Write ``run_dir/checkpoint-<step>/`` whole (it appears complete or not at all); keep the newest ``keep``.
+
+    ``gathered``: :func:`gather`'s result, for a sharded agent."""
     run_dir = Path(run_dir)
     target = run_dir / f"{CHECKPOINT_PREFIX}{agent.steps}"
-    tensors, state = _state(agent, extra_state)
+    tensors, state = _state(agent, extra_state, gathered)
     with atomic_folder(target, replace=True) as tmp:
         (tmp / "actor").mkdir()
-        _write_adapter(agent, tmp / "actor", base_model_name)
+        _write_adapter(agent, tmp / "actor", base_model_name, gathered and gathered["weights"])
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
     prune(run_dir, keep)
@@ -157,6 +185,18 @@ def read_state(path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
+def _load_sharded(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Put a saved adapter's whole weights into the shards of a sharded agent's parameters (a collective)."""
+    tag = f".{agent.adapter_name}."
+    params = {n.replace(tag, "."): p for n, p in _adapter_parameters(agent).items()}
+    if params.keys() != weights.keys():
+        raise UserError(f"{path / 'actor'} does not hold the weights of this run's adapter "
+                        f"({len(weights)} tensors saved, {len(params)} in the adapter)")
+    with torch.no_grad():
+        for name, param in sorted(params.items()):
+            local_tensor(param).copy_(local_tensor(shard_like(param, weights[name])))
+
+
 def load(agent, path) -> dict:
     """Restore adapter weights, optimizer, scheduler, step and RNG states; returns the extra state."""
     from peft import set_peft_model_state_dict
@@ -165,7 +205,10 @@ def load(agent, path) -> dict:
     if not (path / STATE_FILE).exists():
         raise UserError(f"no checkpoint at {path} (missing {STATE_FILE})")
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(agent.unwrapped_model(), weights, adapter_name=agent.adapter_name)
+    if getattr(agent, "sharded", False):
+        _load_sharded(agent, weights, path)
+    else:
+        set_peft_model_state_dict(agent.unwrapped_model(), weights, adapter_name=agent.adapter_name)
     state = read_state(path)
     tensors = load_file(str(path / OPTIMIZER_FILE))
     torch.set_rng_state(tensors.pop("rng.torch"))

@@ -197,11 +197,18 @@ class ResponseLogps(torch.nn.Module):
 
     A data-parallel wrapper (accelerate's DDP) synchronises gradients only for forwards run through
     it, so the training step calls the policy through this module once accelerate has prepared it.
+    Under FSDP2 this module is the root that gathers the weights no decoder layer owns (embeddings,
+    LM head) for the forward: every forward of a sharded model goes through it.
     """
 
     def __init__(self, model, packed: bool = True):
         super().__init__()
         self.model, self.packed = model, packed
+
+    @property
+    def _no_split_modules(self):
+        """The model's own layer classes (what accelerate's FSDP wraps one by one)."""
+        return getattr(self.model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, shared_prompts: int = 0):
         """``(logps, n_tokens)``, each (B,), as :func:`sequence_logps` returns them."""

@@ -29,6 +29,7 @@ import torch
 from .forward import sequence_logps
 from .io import atomic_write_json
 from .models import cache_dir
+from .processes import any_process, is_sharded, local_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,20 @@ class ReferencePolicy:
         cache: a dict ``example_id -> (chosen logp, rejected logp)`` to start from and fill (pass one
             dict to several policies that share a reference, e.g. the configurations of a comparison).
         store: an on-disk cache to load from now and to :meth:`save` to.
+        accelerator: the run's ``accelerate.Accelerator`` (None in one process). When its processes shard
+            the weights (FSDP), a forward one process needs runs in all of them, and decisions about
+            the weights are agreed between them.
+        forward: the module the reference forward runs through (``input_ids, attention_mask, labels,
+            shared_prompts`` -> ``(logps, counts)``); needed under FSDP, where it is the sharded root
+            that gathers the weights. By default :func:`~alignkit.forward.sequence_logps` of ``model``.
     """
 
     def __init__(self, model, policy_adapter: str = "default", packed: bool = True, share_prompts: bool = True,
-                 cache: dict[int, tuple[float, float]] | None = None, store: ReferenceStore | None = None):
+                 cache: dict[int, tuple[float, float]] | None = None, store: ReferenceStore | None = None,
+                 accelerator=None, forward=None):
         self.model, self.policy_adapter = model, policy_adapter
+        self.accelerator, self.forward = accelerator, forward
+        self.lockstep = is_sharded(accelerator)
         self.packed, self.share_prompts = packed, share_prompts
         self.cache = cache if cache is not None else {}
         self.store = store
@@ -112,11 +122,14 @@ class ReferencePolicy:
             return False
         if training and self.model.training and self.model.peft_config[self.policy_adapter].lora_dropout > 0:
             return False
-        mine = _adapter_weights(self.model, self.policy_adapter)
+        # sharded weights: each process looks at its shard (both adapters are cut alike), then they agree
+        mine = {n: local_tensor(p) for n, p in _adapter_weights(self.model, self.policy_adapter).items()}
         if REFERENCE_ADAPTER in self.model.peft_config:
-            ref = _adapter_weights(self.model, REFERENCE_ADAPTER)
-            return ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
-        return all(not p.any() for n, p in mine.items() if "lora_B" in n)
+            ref = {n: local_tensor(p) for n, p in _adapter_weights(self.model, REFERENCE_ADAPTER).items()}
+            same = ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
+        else:
+            same = all(not p.any() for n, p in mine.items() if "lora_B" in n)
+        return not any_process(not same, self.accelerator) if self.lockstep else same
 
     def remember(self, example_ids: list[int], logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the policy's ``logps`` (2P,) as the reference's for these pairs (the step-0 shortcut).
@@ -137,15 +150,22 @@ class ReferencePolicy:
         ids = batch["example_ids"].tolist()
         missing = [i for i, key in enumerate(ids) if key not in self.cache]
         device = next(p for p in self.model.parameters()).device
-        if missing:
-            pairs, n = len(ids), len(missing)
-            rows = missing + [pairs + i for i in missing]
+        # sharded processes run every forward together: one whose pairs are all cached joins the others'
+        run = any_process(bool(missing), self.accelerator) if self.lockstep else bool(missing)
+        if run:
+            pairs = len(ids)
+            chosen = missing or list(range(pairs))
+            n = len(chosen)
+            rows = chosen + [pairs + i for i in chosen]
             sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
+            shared = n if self.packed and self.share_prompts else 0
             was_training = self.model.training
             self.model.eval()
             with self.active():
-                logps, _ = sequence_logps(self.model, sub, packed=self.packed,
-                                          shared_prompts=n if self.packed and self.share_prompts else 0)
+                if self.forward is not None:
+                    logps, _ = self.forward(sub["input_ids"], sub["attention_mask"], sub["labels"], shared_prompts=shared)
+                else:
+                    logps, _ = sequence_logps(self.model, sub, packed=self.packed, shared_prompts=shared)
             self.model.train(was_training)
             values = logps.float().cpu()
             for j, i in enumerate(missing):

@@ -282,10 +282,12 @@ def _save_checkpoint(s: Setup) -> Path:
         extra["reference"] = agent.reference.state_dict()
         if s.main:
             agent.reference.save()
+    gathered = checkpoints.gather(agent) if agent.sharded else None   # every process takes part
     if not s.main:
         return s.run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{agent.steps}"
     try:
-        return checkpoints.save_numbered(agent, s.run_dir, s.base_model, extra, keep=s.cfg.keep_checkpoints)
+        return checkpoints.save_numbered(agent, s.run_dir, s.base_model, extra, keep=s.cfg.keep_checkpoints,
+                                         gathered=gathered)
     except OSError as exc:
         kept = checkpoints.numbered(s.run_dir)
         intact = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"

@@ -1,7 +1,9 @@
-"""Data parallelism through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1."""
+"""Several processes through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1,
+data-parallel (DDP) and sharded (FSDP2)."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,22 +34,50 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# accelerate builds FSDP for GPU processes only (CPU ones come back as plain DDP). This entry point lets
+# its FSDP2 path (fully_shard of each decoder layer and the root, sharded optimizer) run on the CPU
+# processes the launcher starts, so alignkit's step is checked under it on a machine without GPUs.
+FSDP_ON_CPU = """
+import os, sys
+import accelerate.state as state
+from accelerate.utils import DistributedType
+init = state.AcceleratorState.__init__
+def fsdp_on_cpu(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = kwargs["fsdp_plugin"]
+state.AcceleratorState.__init__ = fsdp_on_cpu
+import alignkit.train as train
+from alignkit.processes import is_sharded
+make = train.make_accelerator
+def make_and_tell(device):
+    accelerator = make(device)
+    if accelerator.is_main_process:
+        print("sharded:", is_sharded(accelerator), flush=True)
+    return accelerator
+train.make_accelerator = make_and_tell
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(script_args, timeout=240, env=None):
-    # the shipped config, as a user runs it (a free port so tests never collide)
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"),
-           "--main_process_port", str(_free_port()), *script_args]
+def _launch(script_args, timeout=240, env=None, config="ddp_cpu.yaml"):
+    # a shipped config, as a user runs it, on 2 processes (a free port so tests never collide)
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), *script_args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _flags(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--dataset", str(data), "--save-path", str(out), "--no-timestamp",
-            "--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--test-size", "6", "--lr", "1e-2",
+            "--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--test-size", "9", "--lr", "1e-2",
             "--eval-interval", "2", "--no-plot", "--device", "cpu", *extra]
 
 
@@ -56,14 +86,21 @@ def _records(run):
 
 
 @pytest.mark.parametrize("algo", ["sft", "dpo"])
-def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_train_the_same_adapter_as_one(algo, sharded, tiny_model_dir, rows_file, tmp_path, monkeypatch):
+    # 9 held-out rows: shares of 5 and 4, so one process evaluates a batch more than the other
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([algo, *_flags(tiny_model_dir, rows_file, one)]) == 0
     env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
-    proc = _launch([str(DEMO), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
-                                             "--keep-checkpoints", "3")], env=env)
+    script, config = DEMO, "ddp_cpu.yaml"
+    if sharded:
+        script, config = tmp_path / "fsdp_on_cpu.py", "fsdp_gpu.yaml"
+        script.write_text(FSDP_ON_CPU)
+    proc = _launch([str(script), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
+                                               "--keep-checkpoints", "3")], env=env, config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("sharded: True" in proc.stdout) == sharded
     assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
     _assert_same(one, two)
     if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
@@ -72,15 +109,15 @@ def test_two_processes_train_the_same_adapter_as_one(algo, tiny_model_dir, rows_
         stores = {}
         for shard in shards:
             stores.setdefault(shard.parent, []).append(json.loads(shard.read_text())["entries"])
-        # the reference's store: every pair once; the finished adapter's: the final eval's 6 held-out pairs,
+        # the reference's store: every pair once; the finished adapter's: the final eval's 9 held-out pairs,
         # from both processes' shares
         sizes = sorted((len(set().union(*entries)), sum(map(len, entries))) for entries in stores.values())
-        assert sizes == [(6, 6), (6 + 3 * 4, 6 + 3 * 4)]
+        assert sizes == [(9, 9), (9 + 3 * 4, 9 + 3 * 4)]
         # a crash after checkpoint-2, resumed by 2 processes, ends where 1 uninterrupted process does
         for name in ("actor", "checkpoint-3"):
             shutil.rmtree(two / name)
         (two / "training_state.json").unlink()
-        proc = _launch([str(DEMO), algo, "--resume", str(two)], env=env)
+        proc = _launch([str(script), algo, "--resume", str(two)], env=env, config=config)
         assert proc.returncode == 0 and "resuming at step 2 of 3" in proc.stdout, proc.stderr[-3000:]
         _assert_same(one, two)
 
@@ -117,25 +154,47 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     assert not (tmp_path / "fail" / "actor").exists()
 
 
-@pytest.mark.parametrize("flag, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "this launch asks for DeepSpeed; alignkit trains with DDP or FSDP2"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "this launch asks for Megatron-LM; alignkit trains with DDP or FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "this launch asks for FSDP version 1; alignkit shards "
+                                                            "with FSDP2: set fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "this launch asks for FSDP version 1"),   # accelerate's default version
+])
 @pytest.mark.parametrize("device", ["cpu", "auto"])
-def test_an_fsdp_or_deepspeed_launch_is_refused_not_trained_as_ddp(flag, name, device, monkeypatch):
-    # what accelerate's launcher sets for such a config; with --device cpu, accelerate itself would
-    # quietly build plain CPU processes (DDP) instead
+def test_launches_alignkit_does_not_train_are_refused_before_any_process_group(env, message, device, monkeypatch):
+    # what accelerate's launcher sets for such a config; refused before the processes connect, and never
+    # trained as DDP instead
     from alignkit.errors import UserError
     from alignkit.processes import make_accelerator
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(flag, "true")
-    with pytest.raises(UserError, match=f"^this launch asks for {name}; alignkit trains with data parallelism"):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         make_accelerator(device)
 
 
-def test_shipped_accelerate_configs_are_data_parallel_configs():
+def test_an_fsdp_launch_of_cpu_processes_is_refused_not_trained_as_ddp(tiny_model_dir, rows_file, tmp_path):
+    # accelerate itself would quietly build plain CPU (DDP) processes from an FSDP config with --device cpu
+    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "out")], config="fsdp_gpu.yaml")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        "error: this launch asks for FSDP, which accelerate runs on GPUs only, with --device cpu; for CPU processes "
+        "use configs/accelerate/ddp_cpu.yaml"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_accelerate_configs_are_ddp_or_fsdp2_configs():
     from accelerate.commands.config.config_args import ClusterConfig
 
     paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-    assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml"]
+    assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml", "fsdp_gpu.yaml"]
     for path in paths:
         config = ClusterConfig.from_yaml_file(str(path))
-        assert config.distributed_type.value == "MULTI_GPU" and config.num_processes >= 2
+        assert config.num_processes >= 2
+        if path.name.startswith("fsdp"):
+            assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+            assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        else:
+            assert config.distributed_type.value == "MULTI_GPU"
