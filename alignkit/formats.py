@@ -20,7 +20,7 @@ speakers are read case-insensitively and ``developer`` is a system message. Conv
 calls or tool results are dropped (counted): tool use is not supported.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
 - ``hh``: Anthropic HH-RLHF transcripts, text in which turns start with ``Human:`` or ``Assistant:``
-  after a blank line. ``chosen``/``rejected`` are whole transcripts (their shared turns become the
+  after a blank line (or after a line break, in a transcript with no blank line before an answer). ``chosen``/``rejected`` are whole transcripts (their shared turns become the
   prompt; SFT with ``chosen`` alone learns every assistant turn), or ``prompt`` is a transcript
   ending with an empty ``Assistant:`` turn and the answers are its text. The turns become messages,
   so the model's chat template renders them.
@@ -176,20 +176,27 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     return out, names
 
 
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")   # an HH transcript's turn marker
+# An HH transcript's turn marker: after a blank line as HH-RLHF writes them, or, in a transcript that
+# has no blank line before any answer, after a line break (as some of its copies write them).
+_TURN = {"\n\n": re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?"), "\n": re.compile(r"(?:^|\n)(Human|Assistant):[ \t]?")}
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _turn_break(value: str) -> str | None:
+    """What comes before a turn marker in transcript ``value``: a blank line, a line break, or None (no answer)."""
+    return next((brk for brk in ("\n\n", "\n") if f"{brk}Assistant:" in value), None)
 
 
 def is_transcript(value: Any) -> bool:
     """Whether ``value`` is HH-RLHF transcript text: it opens with a ``Human:`` turn and has an answer marker."""
-    return isinstance(value, str) and value.lstrip().startswith("Human:") and "\n\nAssistant:" in value
+    return isinstance(value, str) and value.lstrip().startswith("Human:") and _turn_break(value) is not None
 
 
 def _is_hh_row(row: dict) -> bool:
     """An HH row: a prompt transcript that ends waiting for the answer, or (no prompt) a chosen transcript."""
     if "prompt" in row:
         prompt = row["prompt"]
-        return is_transcript(prompt) and prompt.rstrip().endswith("\n\nAssistant:")
+        return is_transcript(prompt) and prompt.rstrip().endswith("\nAssistant:")
     return is_transcript(row.get("chosen"))
 
 
@@ -485,7 +492,7 @@ def transcript_messages(value: Any, row: int, what: str) -> list[dict[str, str]]
     text = _text(value)
     if not is_transcript(text):
         _fail(row, f"{what} is not a transcript of 'Human:' and 'Assistant:' turns")
-    parts = _TURN.split(text.strip("\n").lstrip())
+    parts = _TURN[_turn_break(text)].split(text.strip("\n").lstrip())
     messages = [{"role": _HH_ROLES[marker], "content": content.strip()}
                 for marker, content in zip(parts[1::2], parts[2::2], strict=True)]
     if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:

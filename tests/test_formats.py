@@ -546,6 +546,30 @@ def test_hh_transcripts_become_messages_with_the_shared_turns_as_prompt(tmp_path
     assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
+def test_hh_transcripts_with_line_breaks_between_turns(tmp_path):
+    # some copies of HH-RLHF put one line break, not a blank line, before each turn
+    def lines(*turns):
+        return "".join(f"\n{role}: {text}" for role, text in turns)
+
+    head = [("Human", "Plans?\nSay more."), ("Assistant", "Hiking! You?"), ("Human", "Same. Tips?")]
+    rows = [{"chosen": lines(*head, ("Assistant", f"Water {i}.")), "rejected": lines(*head, ("Assistant", f"No {i}."))}
+            for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hh1.jsonl", rows), test_size=1)
+    by = _by_answer(train) | _by_answer(test)
+    assert by["Water 0."] == {"prompt": [user("Plans?\nSay more."), bot("Hiking! You?"), user("Same. Tips?")],
+                              "chosen": [bot("Water 0.")], "rejected": [bot("No 0.")]}
+    prompts = [{"prompt": lines(("Human", f"Q{i}?"), ("Assistant", "")), "chosen": f"Good {i}.", "rejected": f"Bad {i}."}
+               for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hh1p.jsonl", prompts), test_size=1)
+    assert sorted(r["prompt"][0]["content"] for r in list(train) + list(test)) == ["Q0?", "Q1?"]
+    # a transcript with blank lines before its turns keeps line breaks inside a turn as text
+    blank = [{"chosen": _hh(("Human", f"Q{i}\nAssistant: quoted"), ("Assistant", "A")),
+              "rejected": _hh(("Human", f"Q{i}\nAssistant: quoted"), ("Assistant", "B"))} for i in range(2)]
+    train, test = make_dataset(write_jsonl(tmp_path / "hh2.jsonl", blank), test_size=1)
+    assert sorted(r["prompt"][0]["content"] for r in list(train) + list(test)) == [
+        "Q0\nAssistant: quoted", "Q1\nAssistant: quoted"]
+
+
 def test_hh_prompt_transcripts_with_text_answers(tmp_path):
     rows = [{"prompt": _hh(("Human", f"Q{i}?"), ("Assistant", "")), "chosen": f" Good {i}.", "rejected": f" Bad {i}."}
             for i in range(2)]
