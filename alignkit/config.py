@@ -457,7 +457,20 @@ def load_yaml(path, cls) -> dict:
         hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
         said = ", ".join(f"{u} (did you mean {hints[u][0]}?)" if hints[u] else u for u in unknown)
         raise UserError(f"{path}: unknown option(s) {said} for {cls.algo}")
-    return {k: _coerce(cls, k, v, str(path)) for k, v in options.items()}
+    return _beside(path, {k: _coerce(cls, k, v, str(path)) for k, v in options.items()})
+
+
+def _beside(config_path, options: dict) -> dict:
+    """``options`` with each relative :data:`PATH_OPTIONS` path that exists next to the config file made
+    absolute there: a config file and its data can move together. Others are read from the working
+    directory, as on the command line."""
+    folder = Path(config_path).expanduser().parent
+    for key in PATH_OPTIONS:
+        value = options.get(key)
+        if isinstance(value, str) and value.strip() and value not in BUNDLED_DATASETS \
+                and not Path(value).expanduser().is_absolute() and (folder / value).exists():
+            options[key] = str((folder / value).resolve())
+    return options
 
 
 EVAL_DATASET_OR_TEST_SIZE = ("--test-size cuts the held-out rows from --dataset; with --eval-dataset they are that "

@@ -120,6 +120,26 @@ def test_yaml_config_is_overridden_by_flags(tmp_path):
         build_config("sft", {"config": str(cfg_file)})
 
 
+def test_relative_paths_in_a_config_file_are_found_next_to_it_first(tmp_path, monkeypatch):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "data" / "pairs.jsonl").write_text("{}\n")
+    (elsewhere / "local.jsonl").write_text("{}\n")
+    cfg_file = project / "run.yaml"
+    cfg_file.write_text("dataset: data/pairs.jsonl\neval_dataset: local.jsonl\nmodel: org/hub-model\n")
+    monkeypatch.chdir(elsewhere)
+    cfg = build_config("dpo", {"config": "../project/run.yaml"})
+    assert cfg.dataset == str(project / "data" / "pairs.jsonl")      # beside the file
+    assert cfg.eval_dataset == str(elsewhere / "local.jsonl")         # not there: the working directory's
+    assert cfg.model == "org/hub-model"                               # a hub id stays one
+    (project / "local.jsonl").write_text("{}\n")
+    assert build_config("dpo", {"config": "../project/run.yaml"}).eval_dataset == str(project / "local.jsonl")
+    # a flag is read from the working directory, as always
+    assert build_config("dpo", {"config": "../project/run.yaml", "dataset": "local.jsonl"}).dataset == \
+        str(elsewhere / "local.jsonl")
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(UserError) as info:
         SFTConfig(lr=0, batch_size=0, lora_dropout=1.5).validate()
