@@ -88,12 +88,15 @@ def train_or_chat(algo: str, flags: dict) -> int:
 
 def _dispatch(argv) -> int:
     args = build_parser().parse_args(argv)
-    from .processes import is_main_process
+    from .processes import is_main_process, launched_processes
 
     # Under a multi-process launch every process reads the same data: one speaks for all, the others only err.
     level = (logging.INFO if args.verbose else logging.WARNING) if is_main_process() else logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "handler")}
+    if args.command not in CONFIGS and launched_processes() > 1:   # each process would do it all, and race
+        raise UserError(f"alignkit {args.command} runs in one process; under accelerate launch only sft and dpo "
+                        "train (run it without accelerate launch)")
     if args.command in CONFIGS:
         return train_or_chat(args.command, flags)
     return args.handler(flags)

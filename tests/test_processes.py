@@ -175,6 +175,15 @@ def test_launches_alignkit_does_not_train_are_refused_before_any_process_group(e
         make_accelerator(device)
 
 
+@pytest.mark.parametrize("command", [["pipeline"], ["plot", "outputs"], ["export", "--load-path", "x", "--out", "y"]])
+def test_commands_of_one_process_are_refused_under_a_launch(command, monkeypatch, capsys):
+    # every process would run the whole command and write the same files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == 2
+    assert capsys.readouterr().err == (f"error: alignkit {command[0]} runs in one process; under accelerate launch "
+                                       "only sft and dpo train (run it without accelerate launch)\n")
+
+
 def test_an_fsdp_launch_of_cpu_processes_is_refused_not_trained_as_ddp(tiny_model_dir, rows_file, tmp_path):
     # accelerate itself would quietly build plain CPU (DDP) processes from an FSDP config with --device cpu
     proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "out")], config="fsdp_gpu.yaml")
