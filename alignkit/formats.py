@@ -20,7 +20,8 @@ speakers are read case-insensitively and ``developer`` is a system message. Conv
 calls or tool results are dropped (counted): tool use is not supported.
 - ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
 - ``hh``: Anthropic HH-RLHF transcripts, text in which turns start with ``Human:`` or ``Assistant:``
-  after a blank line (or after a line break, in a transcript with no blank line before an answer). ``chosen``/``rejected`` are whole transcripts (their shared turns become the
+  after a blank line (or after a line break, in a transcript with no blank line before an answer).
+  ``chosen``/``rejected`` are whole transcripts (their shared turns become the
   prompt; SFT with ``chosen`` alone learns every assistant turn), or ``prompt`` is a transcript
   ending with an empty ``Assistant:`` turn and the answers are its text. The turns become messages,
   so the model's chat template renders them.
