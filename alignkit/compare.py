@@ -22,10 +22,10 @@ import torch
 
 from .adapters import adapter_base_model, load_adapter, read_adapter_config
 from .agents import PreferenceObjective, score_preferences
+from .columns import ColumnMap, EvalColumnMap
 from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
 from .errors import UserError
-from .formats import ColumnMap, EvalColumnMap
 from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
 from .lean_step import BASE, mixable_adapters, plain_lora_config

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from .columns import ColumnMap, EvalColumnMap
 from .data import BUNDLED_DATASET, BUNDLED_DATASETS
 from .errors import UserError
-from .formats import FORMATS, ColumnMap, EvalColumnMap
+from .formats import FORMATS
 from .losses import PREFERENCE_LOSSES
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")

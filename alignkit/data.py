@@ -24,18 +24,16 @@ from typing import Any, Sequence
 import numpy as np
 from datasets import Dataset
 
-from alignkit.errors import UserError
-from alignkit.formats import (
+from alignkit.columns import (
     KNOWN_COLUMNS,
     ColumnMap,
     EvalColumnMap,
     apply_column_map,
     check_columns,
-    detect_shape,
-    normalize,
     unread_columns,
-    value_problem,
 )
+from alignkit.errors import UserError
+from alignkit.formats import detect_shape, normalize, value_problem
 
 logger = logging.getLogger(__name__)
 

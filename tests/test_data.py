@@ -351,7 +351,7 @@ def test_an_eval_dataset_is_the_held_out_split_and_all_of_the_dataset_trains(tmp
 
 
 def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_data(tmp_path):
-    from alignkit.formats import ColumnMap, EvalColumnMap
+    from alignkit.columns import ColumnMap, EvalColumnMap
 
     train_rows = [{"question": f"q{i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(6)]
     data = _write_jsonl(tmp_path / "train.jsonl", train_rows)
@@ -394,7 +394,7 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
     (["prompt=a", "prompt=b"], "--eval-columns names the prompt column twice"),
 ])
 def test_eval_column_items_that_are_not_part_equals_column_are_named(items, problem):
-    from alignkit.formats import EvalColumnMap
+    from alignkit.columns import EvalColumnMap
 
     parsed, problems = EvalColumnMap.parse(items)
     assert len(problems) == 1 and problem in problems[0]

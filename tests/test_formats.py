@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from alignkit.cli import main
+from alignkit.columns import ColumnMap
 from alignkit.data import BUNDLED_CHAT_DATASET, make_dataset
 from alignkit.errors import UserError
-from alignkit.formats import ColumnMap
 from alignkit.forward import sequence_logps
 from alignkit.gyms import IGNORE_INDEX, PreferenceGym, SFTGym, encode_messages
 
@@ -600,7 +600,7 @@ def test_an_assistant_greeting_after_a_system_message_still_opens_the_conversati
 
 
 def test_columns_the_shape_does_not_read_are_named_and_mapping_hints(tmp_path):
-    from alignkit.formats import unread_columns
+    from alignkit.columns import unread_columns
 
     assert unread_columns(["prompt", "input", "chosen", "rejected", "system"], "standard") == ["input"]
     assert unread_columns(["instruction", "input", "output"], "alpaca") == []
