@@ -58,6 +58,14 @@ def make_accelerator(device: str = "auto"):
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
         raise UserError("this launch asks for FSDP version 1; alignkit shards with FSDP2: set fsdp_version: 2 in "
                         "the config's fsdp_config (see configs/accelerate/fsdp_gpu.yaml)")
+    if _flag("ACCELERATE_USE_FSDP"):
+        unwired = [(flag, name) for flag, name in (
+            ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params: true (weights kept on the CPU between uses)"),
+            ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing: true (use --gradient-checkpointing "
+                                              "instead)")) if _flag(flag)]
+        if unwired:
+            raise UserError(f"this FSDP launch asks for {unwired[0][1]}, which alignkit's step does not run under; "
+                            "drop it from the config")
     if device in (None, "auto") and not torch.cuda.is_available():
         raise UserError(f"accelerate launched {processes} processes but this machine has no CUDA device; for CPU "
                         "processes pass --device cpu (see configs/accelerate/ddp_cpu.yaml)")

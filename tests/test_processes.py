@@ -160,6 +160,10 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "this launch asks for FSDP version 1; alignkit shards "
                                                             "with FSDP2: set fsdp_version: 2"),
     ({"ACCELERATE_USE_FSDP": "true"}, "this launch asks for FSDP version 1"),   # accelerate's default version
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},
+     "this FSDP launch asks for fsdp_offload_params: true (weights kept on the CPU between uses), which"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+     "this FSDP launch asks for fsdp_activation_checkpointing: true (use --gradient-checkpointing instead)"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_launches_alignkit_does_not_train_are_refused_before_any_process_group(env, message, device, monkeypatch):
