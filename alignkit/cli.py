@@ -24,11 +24,13 @@ from .config import CONFIGS, add_arguments, build_config
 from .errors import UserError
 from .pipeline import add_pipeline_parser
 
+_SEVERAL = ("\n\nseveral processes (DDP, or FSDP2 on GPUs): accelerate launch --config_file "
+            "configs/accelerate/<ddp_cpu|ddp_gpu|fsdp_gpu>.yaml -m alignkit.cli {algo} ...")
 EPILOG = {
-    "sft": "example: alignkit sft --save-path outputs/sft --no-timestamp",
+    "sft": "example: alignkit sft --save-path outputs/sft --no-timestamp" + _SEVERAL.format(algo="sft"),
     "dpo": "examples: alignkit dpo --save-path outputs/dpo --no-timestamp\n"
            "          alignkit dpo --load-path outputs/sft/actor --save-path outputs/sft_dpo --no-timestamp\n"
-           "          alignkit dpo --eval --load-path outputs/dpo/actor",
+           "          alignkit dpo --eval --load-path outputs/dpo/actor" + _SEVERAL.format(algo="dpo"),
 }
 
 
