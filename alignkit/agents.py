@@ -22,7 +22,7 @@ from . import checkpoints
 from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
-from .models import add_lora
+from .models import adapter_parameters, add_lora
 from .processes import is_sharded, most_over_processes
 from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
 
@@ -111,7 +111,7 @@ class LLMAgent:
         self.steps = 0
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.model.named_parameters() if p.requires_grad and f".{self.adapter_name}." in n]
+        return [p for p in adapter_parameters(self.model, self.adapter_name).values() if p.requires_grad]
 
     # -- what subclasses define -------------------------------------------------------------------
     def _split(self, batch, size):  # pragma: no cover - abstract

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import CHAT_TEMPLATE_FILE
 from .errors import UserError
 from .io import atomic_folder, atomic_write, atomic_write_json
+from .models import adapter_parameters
 from .processes import full_tensor, local_tensor, shard_like
 
 STATE_FILE = "training_state.json"
@@ -70,17 +71,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
-def _adapter_parameters(agent) -> dict[str, torch.nn.Parameter]:
-    """The trained adapter's parameters by their names in the model."""
-    tag = f".{agent.adapter_name}."
-    return {n: p for n, p in agent.unwrapped_model().named_parameters() if tag in n}
-
-
 def gather(agent) -> dict:
     """What a checkpoint of a sharded (FSDP) ``agent`` holds, gathered whole: the adapter's weights and the
     optimizer's tensors. A collective: every process calls it, then the main one passes it to
     :func:`save` / :func:`save_numbered` as ``gathered``."""
-    weights = {n: full_tensor(p).detach().cpu() for n, p in _adapter_parameters(agent).items()}
+    weights = {n: full_tensor(p).detach().cpu()
+               for n, p in adapter_parameters(agent.unwrapped_model(), agent.adapter_name).items()}
     return {"weights": weights, "optimizer": _optimizer_tensors(agent.optimizer)}
 
 
@@ -187,8 +183,7 @@ def read_state(path) -> dict:
 
 def _load_sharded(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
     """Put a saved adapter's whole weights into the shards of a sharded agent's parameters (a collective)."""
-    tag = f".{agent.adapter_name}."
-    params = {n.replace(tag, "."): p for n, p in _adapter_parameters(agent).items()}
+    params = adapter_parameters(agent.unwrapped_model(), agent.adapter_name, saved_names=True)
     if params.keys() != weights.keys():
         raise UserError(f"{path / 'actor'} does not hold the weights of this run's adapter "
                         f"({len(weights)} tensors saved, {len(params)} in the adapter)")

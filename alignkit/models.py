@@ -518,6 +518,13 @@ def _check_targets(model, targets) -> None:
                         f"modules are: {', '.join(linear)}")
 
 
+def adapter_parameters(model, adapter_name: str, saved_names: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The parameters of one LoRA adapter of ``model``, by their names in the model, or with
+    ``saved_names`` by the names PEFT saves them under (the adapter's name taken out)."""
+    tag = f".{adapter_name}."
+    return {n.replace(tag, ".") if saved_names else n: p for n, p in model.named_parameters() if tag in n}
+
+
 def add_lora(model, lora_config=None, adapter_name: str = "default"):
     """Put a LoRA adapter named `adapter_name` on `model` and make it the active one.
 

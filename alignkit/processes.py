@@ -103,10 +103,7 @@ def is_sharded(accelerator) -> bool:
 
 def any_process(flag: bool, accelerator) -> bool:
     """Whether ``flag`` holds in any process (every process must call this together; plain ``flag`` alone)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return flag
-    device = accelerator.device
-    return bool(accelerator.reduce(torch.tensor([int(flag)], device=device), "sum").item())
+    return most_over_processes(int(flag), accelerator) > 0
 
 
 def most_over_processes(count: int, accelerator) -> int:

@@ -28,19 +28,13 @@ import torch
 
 from .forward import sequence_logps
 from .io import atomic_write_json
-from .models import cache_dir
+from .models import adapter_parameters, cache_dir
 from .processes import any_process, is_sharded, local_tensor
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"
 FORMAT_VERSION = 3  # bump when the numbers a cached entry holds, or the keys of pairs, change meaning
-
-
-def _adapter_weights(model, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The LoRA weights of one adapter, keyed by their names with the adapter's name taken out."""
-    tag = f".{adapter_name}."
-    return {n.replace(tag, "."): p for n, p in model.named_parameters() if tag in n}
 
 
 def remember_pairs(cache: dict[int, tuple[float, float]], example_ids: list[int], logps: torch.Tensor) -> None:
@@ -123,9 +117,9 @@ class ReferencePolicy:
         if training and self.model.training and self.model.peft_config[self.policy_adapter].lora_dropout > 0:
             return False
         # sharded weights: each process looks at its shard (both adapters are cut alike), then they agree
-        mine = {n: local_tensor(p) for n, p in _adapter_weights(self.model, self.policy_adapter).items()}
+        mine = {n: local_tensor(p) for n, p in adapter_parameters(self.model, self.policy_adapter, saved_names=True).items()}
         if REFERENCE_ADAPTER in self.model.peft_config:
-            ref = {n: local_tensor(p) for n, p in _adapter_weights(self.model, REFERENCE_ADAPTER).items()}
+            ref = {n: local_tensor(p) for n, p in adapter_parameters(self.model, REFERENCE_ADAPTER, saved_names=True).items()}
             same = ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
         else:
             same = all(not p.any() for n, p in mine.items() if "lora_B" in n)
