@@ -207,24 +207,23 @@ class LLMAgent:
         """
         self.model.eval()
         size = batch_size or min(self.batch_size, NO_GRAD_ROWS * self.micro_batch_size)
-        batches = env.test_batches(size)
+        batches, idle = env.test_batches(size), 0
         if self.sharded:   # every forward is a collective: each process runs as many as the busiest one
             batches = list(batches)
             idle = most_over_processes(len(batches), self.accelerator) - len(batches)
             if idle and not batches:
                 raise ValueError("a process has no held-out rows: the test split has fewer rows than processes")
-            batches += [None] * idle
-        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1] if batch is not None
-                         else self._join_forward(last) for batch, last in _with_last(batches))
+        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1] for batch in batches)
+        for _ in range(idle):
+            self._join_forward(batches[-1])
         if not sums:
             raise ValueError("the test split is empty")
         return self._finalize(self._reduce(sums))
 
-    def _join_forward(self, batch) -> dict:
+    def _join_forward(self, batch) -> None:
         """Run the held-out forwards of ``batch`` again only to take part in the other processes' (their
         results are dropped): a sharded process whose share of the test split is done."""
         self._micro_loss(batch, self._denominators(batch), train=False)
-        return {}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def unwrapped_model(self) -> PeftModel:
@@ -241,14 +240,6 @@ class LLMAgent:
     def load_checkpoint(self, path) -> dict:
         """Restore adapter weights, optimizer, schedule and step from :meth:`save_checkpoint`'s folder."""
         return checkpoints.load(self, path)
-
-
-def _with_last(batches):
-    """``(batch, the last real batch before it)`` for each of ``batches`` (None entries stand for one more)."""
-    last = None
-    for batch in batches:
-        last = batch if batch is not None else last
-        yield batch, last
 
 
 def add_stats(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -522,10 +513,9 @@ class DPO(LLMAgent):
         return preference_micro_loss(policy, self.reference, self.objective, micro, *denom, shortcut,
                                      self.share_prompts)
 
-    def _join_forward(self, batch) -> dict:
+    def _join_forward(self, batch) -> None:
         # not through ``held_out_logps``: its pairs are known, and the forward must run all the same
         self._micro_loss(batch, self._denominators(batch), train=False, remember=False)
-        return {}
 
     def _finalize(self, sums):
         return self.objective.metrics(sums)

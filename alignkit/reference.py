@@ -117,13 +117,17 @@ class ReferencePolicy:
         if training and self.model.training and self.model.peft_config[self.policy_adapter].lora_dropout > 0:
             return False
         # sharded weights: each process looks at its shard (both adapters are cut alike), then they agree
-        mine = {n: local_tensor(p) for n, p in adapter_parameters(self.model, self.policy_adapter, saved_names=True).items()}
+        mine = self._local_weights(self.policy_adapter)
         if REFERENCE_ADAPTER in self.model.peft_config:
-            ref = {n: local_tensor(p) for n, p in adapter_parameters(self.model, REFERENCE_ADAPTER, saved_names=True).items()}
+            ref = self._local_weights(REFERENCE_ADAPTER)
             same = ref.keys() == mine.keys() and all(torch.equal(p, ref[n]) for n, p in mine.items())
         else:
             same = all(not p.any() for n, p in mine.items() if "lora_B" in n)
         return not any_process(not same, self.accelerator) if self.lockstep else same
+
+    def _local_weights(self, adapter: str) -> dict[str, torch.Tensor]:
+        """An adapter's weights (this process's shards of them, when sharded) by their saved names."""
+        return {n: local_tensor(p) for n, p in adapter_parameters(self.model, adapter, saved_names=True).items()}
 
     def remember(self, example_ids: list[int], logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take the policy's ``logps`` (2P,) as the reference's for these pairs (the step-0 shortcut).
@@ -148,16 +152,17 @@ class ReferencePolicy:
         run = any_process(bool(missing), self.accelerator) if self.lockstep else bool(missing)
         if run:
             pairs = len(ids)
-            chosen = missing or list(range(pairs))
-            n = len(chosen)
-            rows = chosen + [pairs + i for i in chosen]
+            run_pairs = missing or list(range(pairs))
+            n = len(run_pairs)
+            rows = run_pairs + [pairs + i for i in run_pairs]
             sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
             shared = n if self.packed and self.share_prompts else 0
             was_training = self.model.training
             self.model.eval()
             with self.active():
                 if self.forward is not None:
-                    logps, _ = self.forward(sub["input_ids"], sub["attention_mask"], sub["labels"], shared_prompts=shared)
+                    logps, _ = self.forward(sub["input_ids"], sub["attention_mask"], sub["labels"],
+                                            shared_prompts=shared)
                 else:
                     logps, _ = sequence_logps(self.model, sub, packed=self.packed, shared_prompts=shared)
             self.model.train(was_training)
