@@ -50,8 +50,8 @@ def make_accelerator(device: str = "auto"):
     processes = launched_processes()
     # accelerate's launcher says what a config asks for in the environment. Checked before anything
     # else: with --device cpu accelerate would build plain CPU processes and train DDP silently.
-    asked = [name for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"))
-             if _flag(flag)]
+    asked = [name for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                     ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")) if _flag(flag)]
     if asked:
         raise UserError(f"this launch asks for {asked[0]}; alignkit trains with DDP or FSDP2: use a config from "
                         "configs/accelerate/")
@@ -59,12 +59,12 @@ def make_accelerator(device: str = "auto"):
         raise UserError("this launch asks for FSDP version 1; alignkit shards with FSDP2: set fsdp_version: 2 in "
                         "the config's fsdp_config (see configs/accelerate/fsdp_gpu.yaml)")
     if _flag("ACCELERATE_USE_FSDP"):
-        unwired = [(flag, name) for flag, name in (
+        unwired = [name for flag, name in (
             ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params: true (weights kept on the CPU between uses)"),
             ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing: true (use --gradient-checkpointing "
                                               "instead)")) if _flag(flag)]
         if unwired:
-            raise UserError(f"this FSDP launch asks for {unwired[0][1]}, which alignkit's step does not run under; "
+            raise UserError(f"this FSDP launch asks for {unwired[0]}, which alignkit's step does not run under; "
                             "drop it from the config")
     if device in (None, "auto") and not torch.cuda.is_available():
         raise UserError(f"accelerate launched {processes} processes but this machine has no CUDA device; for CPU "
@@ -72,8 +72,14 @@ def make_accelerator(device: str = "auto"):
     if str(device).startswith("cuda:"):
         raise UserError(f"--device {device} names one GPU; under accelerate launch each process gets its own: "
                         "use --device auto or cuda")
+    from accelerate.utils import DistributedDataParallelKwargs
+
     try:
-        accelerator = Accelerator(cpu=device == "cpu")
+        # DDP would broadcast the model's buffers (rotary frequencies, the same in every process) at
+        # every forward, a collective: processes with unequal shares of the held-out rows, which run
+        # unequal numbers of no-grad forwards, would then pair mismatched collectives.
+        accelerator = Accelerator(cpu=device == "cpu",
+                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     except (RuntimeError, ValueError) as exc:  # e.g. a GPU-only launch with no GPU here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"accelerate could not start {processes} processes: {first}") from None

@@ -62,6 +62,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# The command line with DDP's per-forward broadcast of the model's buffers made an error: a no-grad
+# forward must not be a collective, since processes with unequal held-out shares run unequal numbers.
+NO_FORWARD_COLLECTIVE = """
+import sys
+import torch.nn.parallel.distributed as ddp
+def sync(self):
+    raise RuntimeError("DDP synchronised buffers in a forward")
+ddp.DistributedDataParallel._sync_buffers = sync
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,6 +190,17 @@ def test_launches_alignkit_does_not_train_are_refused_before_any_process_group(e
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=f"^{re.escape(message)}"):
         make_accelerator(device)
+
+
+def test_ddp_forwards_are_not_collectives_so_unequal_held_out_shares_are_safe(tiny_model_dir, rows_file, tmp_path):
+    # 9 held-out rows over 2 processes: 2 evaluation batches of 4 rows in one, 1 in the other
+    script = tmp_path / "no_forward_collective.py"
+    script.write_text(NO_FORWARD_COLLECTIVE)
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache")}
+    proc = _launch([str(script), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "out", "--max-steps", "1")],
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final eval" in proc.stdout
 
 
 @pytest.mark.parametrize("command", [["pipeline"], ["plot", "outputs"], ["export", "--load-path", "x", "--out", "y"]])
