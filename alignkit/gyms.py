@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -310,8 +309,10 @@ class _Gym:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Training batches in one pass over the train split (the last one may be smaller)."""
-        return math.ceil(len(self.train_examples) / (self.batch_size * self.processes))
+        """Training batches in one pass over the train split (the last one may be smaller; with several
+        processes it is cut to a multiple of their number, and gone when that leaves nothing)."""
+        full, rest = divmod(len(self.train_examples), self.batch_size * self.processes)
+        return full + (1 if rest - rest % self.processes else 0)
 
     def _shuffle(self) -> None:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

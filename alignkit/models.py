@@ -516,6 +516,12 @@ def _check_targets(model, targets) -> None:
                          and "lora_" not in n})
         raise UserError(f"--lora-target-modules: no module named {', '.join(unknown)} in the model; its linear "
                         f"modules are: {', '.join(linear)}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [name for name, module in model.named_modules() if head is not None and module is head]
+    on_head = [t for t in targets if any(n == t or n.endswith("." + t) for n in heads)]
+    if on_head:
+        raise UserError(f"--lora-target-modules: {on_head[0]} is the output layer; training reads its weight directly "
+                        "to score only the response tokens, so an adapter there would never train: leave it out")
 
 
 def adapter_parameters(model, adapter_name: str, saved_names: bool = False) -> dict[str, torch.nn.Parameter]:

@@ -157,6 +157,9 @@ def setup(cfg: SFTConfig) -> Setup:
     if cfg.eval_dataset and not gym.test_examples:   # evaluation was asked for by name: no silent skip
         raise UserError(f"--eval-dataset {cfg.eval_dataset}: none of its {len(test_ds)} rows has a prompt that fits "
                         f"--max-length ({cfg.max_length} tokens); raise --max-length")
+    if not gym.batches_per_epoch:   # (an empty train split is refused when the data is read)
+        raise UserError(f"{len(gym.train_examples)} training row(s) cannot be shared by {processes} processes; "
+                        "give more data or fewer processes")
     if 0 < len(gym.test_examples) < processes:
         raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; {more}")
     # each process on the device accelerate gave it ("cpu:0" is plain "cpu" to the loader)

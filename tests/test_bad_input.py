@@ -411,6 +411,16 @@ def test_lora_targets_that_name_no_module_are_refused(train, rows_file):
         assert "q_proj" in line.split("its linear modules are:")[1]
 
 
+def test_a_lora_adapter_on_the_output_layer_is_refused(train, rows_file):
+    # the response-only forward reads the LM head's weight directly: an adapter there would never train
+    # (and under DDP its unused parameters stop the second step)
+    for targets in (["lm_head"], ["q_proj", "lm_head"]):
+        line = train("sft", rows_file, "--lora-target-modules", *targets)
+        assert line == ("error: --lora-target-modules: lm_head is the output layer; training reads its weight "
+                        "directly to score only the response tokens, so an adapter there would never train: "
+                        "leave it out")
+
+
 def test_a_warm_start_keeps_the_adapters_shape(tiny_model_dir, rows_file, tmp_path, capsys):
     first = tmp_path / "first"
     assert main(run_flags("sft", first, "--model", tiny_model_dir, "--dataset", rows_file, "--lora-r", "4")) == 0

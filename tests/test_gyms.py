@@ -83,6 +83,25 @@ def test_a_test_split_emptied_by_tokenization_is_said_plainly(tokenizer, rows, c
     assert gym.test_examples == [] and "test split: no row is left after tokenization" in caplog.text
 
 
+@pytest.mark.parametrize("rows_in_split, expected", [(21, 5), (22, 6), (24, 3 * 2), (3, 0 + 1), (1, 0)])
+def test_an_epoch_of_two_processes_has_as_many_batches_as_it_takes(tokenizer, rows, rows_in_split, expected):
+    # global batches of 2 x 2 rows; the epoch's last short batch is cut to a multiple of 2, and a lone row is
+    # no batch: the steps --epochs asks for are the batches an epoch really has, so a run ends on its epoch
+    from types import SimpleNamespace
+
+    examples = [dict(rows[i % len(rows)], prompt=f"{rows[i % len(rows)]['prompt']} {i}") for i in range(rows_in_split)]
+    gyms = [SFTGym(examples, None, tokenizer, data_batch_size_per_gpu=2,
+                   accelerator=SimpleNamespace(num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert gyms[0].batches_per_epoch == expected
+    if not expected:
+        return
+    for gym in gyms:
+        gym.reset()
+        for _ in range(expected):
+            gym.step()
+    assert gyms[0].epoch == gyms[1].epoch == 1 and gyms[0]._cursor <= 2 * 2
+
+
 def test_reset_and_step_cover_each_row_once_per_epoch(tokenizer, rows):
     gym = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=4)
     assert gym.batches_per_epoch == 2
