@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,28 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.models import DEFAULT_MODEL, load_tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` written to ``path`` as JSON lines (UTF-8); returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def user(text: str) -> dict:
+    """A user message."""
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    """An assistant message."""
+    return {"role": "assistant", "content": text}
+
+
+SHORT = ["--max-steps", "1", "--batch-size", "2", "--max-length", "96", "--test-size", "2", "--no-plot",
+         "--eval-interval", "0"]
+"""Flags of the shortest command-line run on the tiny model."""
+
 
 ROWS = [
     {"prompt": "Do you like rainy days?", "chosen": "Oh, I love them! Cozy blankets and tea.",

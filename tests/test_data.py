@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import write_jsonl
 from datasets import Dataset
 
 from alignkit.data import BUNDLED_DATASET, PREFERENCE_COLUMNS, bundled_dataset_path, make_dataset
@@ -19,14 +20,9 @@ def _rows(n: int) -> list[dict[str, str]]:
             for i in range(n)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def jsonl(tmp_path) -> Path:
-    return _write_jsonl(tmp_path / "prefs.jsonl", _rows(20))
+    return write_jsonl(tmp_path / "prefs.jsonl", _rows(20))
 
 
 def _prompts(ds: Dataset) -> list[str]:
@@ -56,7 +52,7 @@ def test_split_sizes_cover_every_row_once(jsonl):
 
 
 def test_fraction_is_not_rounded_up_by_float_error(tmp_path):
-    path = _write_jsonl(tmp_path / "25.jsonl", _rows(25))
+    path = write_jsonl(tmp_path / "25.jsonl", _rows(25))
     _, test = make_dataset(path, test_size=0.28)  # 0.28 * 25 is 7.000000000000001 in floats
     assert len(test) == 7
 
@@ -68,7 +64,7 @@ def test_bad_test_size_is_user_error(jsonl, bad):
 
 
 def test_single_row_cannot_be_split(tmp_path):
-    path = _write_jsonl(tmp_path / "one.jsonl", _rows(1))
+    path = write_jsonl(tmp_path / "one.jsonl", _rows(1))
     with pytest.raises(UserError, match="at least 2"):
         make_dataset(path)
 
@@ -83,7 +79,7 @@ def test_bad_rows_are_dropped_and_counted(tmp_path, caplog):
     del rows[3]["prompt"]              # missing
     rows[4]["prompt"] = 42             # not a string
     rows[5]["chosen"] = ""             # blank
-    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
         train, test = make_dataset(path, test_size=1)
     assert len(train) + len(test) == 5
@@ -97,7 +93,7 @@ def test_bad_rows_are_dropped_and_counted(tmp_path, caplog):
 
 def test_duplicates_are_dropped_and_counted(tmp_path, caplog):
     rows = _rows(6) + _rows(2)
-    path = _write_jsonl(tmp_path / "dups.jsonl", rows)
+    path = write_jsonl(tmp_path / "dups.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
         train, test = make_dataset(path, test_size=1)
     assert len(train) + len(test) == 6
@@ -106,7 +102,7 @@ def test_duplicates_are_dropped_and_counted(tmp_path, caplog):
 
 def test_missing_columns_are_named(tmp_path):
     rows = [{"question": "q", "chosen": "a", "answer_b": "b"}] * 3
-    path = _write_jsonl(tmp_path / "wrong.jsonl", rows)
+    path = write_jsonl(tmp_path / "wrong.jsonl", rows)
     with pytest.raises(UserError) as info:
         make_dataset(path)
     message = str(info.value)
@@ -116,13 +112,13 @@ def test_missing_columns_are_named(tmp_path):
 
 def test_custom_columns_keep_only_those(tmp_path):
     rows = [{"text": f"row {i}", "extra": i} for i in range(5)]
-    path = _write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
     train, test = make_dataset(path, test_size=1, columns=["text"])
     assert train.column_names == ["text"] and len(train) + len(test) == 5
 
 
 def test_nothing_usable_is_user_error(tmp_path):
-    path = _write_jsonl(tmp_path / "empty.jsonl", [{"prompt": " ", "chosen": "a", "rejected": "b"}])
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": " ", "chosen": "a", "rejected": "b"}])
     with pytest.raises(UserError, match="no usable rows"):
         make_dataset(path)
 
@@ -150,7 +146,7 @@ def test_invalid_json_line_names_the_line(tmp_path):
 
 def _write(fmt: str, path: Path, rows: list[dict]) -> Path:
     if fmt == "jsonl":
-        return _write_jsonl(path, rows)
+        return write_jsonl(path, rows)
     if fmt == "json":
         path.write_text(json.dumps(rows))
     elif fmt == "json-columns":
@@ -169,7 +165,7 @@ def test_each_file_format_loads_the_same_rows(tmp_path, fmt, suffix):
     rows[0]["chosen"] = "Sure, \"quoted\", with commas\nand a newline"
     path = _write(fmt, tmp_path / f"prefs{suffix}", rows)
     train, test = make_dataset(path, test_size=2, seed=3)
-    reference_train, reference_test = make_dataset(_write_jsonl(tmp_path / "ref.jsonl", rows), test_size=2, seed=3)
+    reference_train, reference_test = make_dataset(write_jsonl(tmp_path / "ref.jsonl", rows), test_size=2, seed=3)
     assert train.to_list() == reference_train.to_list() and test.to_list() == reference_test.to_list()
 
 
@@ -220,7 +216,7 @@ def test_pairs_with_the_same_answer_twice_are_dropped_and_counted(tmp_path, capl
     rows = _rows(6)
     rows[2]["rejected"] = rows[2]["chosen"]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        train, test = make_dataset(_write_jsonl(tmp_path / "same.jsonl", rows), test_size=1)
+        train, test = make_dataset(write_jsonl(tmp_path / "same.jsonl", rows), test_size=1)
     assert len(train) + len(test) == 5 and rows[2]["prompt"] not in list(train["prompt"]) + list(test["prompt"])
     assert "1 with the same chosen and rejected answer" in caplog.text
 
@@ -228,7 +224,7 @@ def test_pairs_with_the_same_answer_twice_are_dropped_and_counted(tmp_path, capl
 def test_columns_no_shape_reads_are_named_in_a_warning(tmp_path, caplog):
     rows = [{"context": "Some background.", **row} for row in _rows(4)]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        make_dataset(_write_jsonl(tmp_path / "ctx.jsonl", rows), test_size=1)
+        make_dataset(write_jsonl(tmp_path / "ctx.jsonl", rows), test_size=1)
     assert "column(s) context are not read" in caplog.text
 
 
@@ -339,8 +335,8 @@ def test_a_hub_dataset_split_is_named_after_a_colon(monkeypatch):
 
 def test_an_eval_dataset_is_the_held_out_split_and_all_of_the_dataset_trains(tmp_path, caplog):
     rows = _rows(10)
-    data = _write_jsonl(tmp_path / "train.jsonl", rows[:8])
-    held = _write_jsonl(tmp_path / "test.jsonl", rows[6:])   # 2 of its 4 rows are training rows too
+    data = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    held = write_jsonl(tmp_path / "test.jsonl", rows[6:])   # 2 of its 4 rows are training rows too
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
         train, test = make_dataset(data, eval_dataset=held, seed=3)
     assert sorted(train["prompt"]) == sorted(r["prompt"] for r in rows[:8])
@@ -354,8 +350,8 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
     from alignkit.columns import ColumnMap, EvalColumnMap
 
     train_rows = [{"question": f"q{i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(6)]
-    data = _write_jsonl(tmp_path / "train.jsonl", train_rows)
-    held = _write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
+    data = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}
                                                   for i in range(3)])
     named = ColumnMap(prompt="question", chosen="good", rejected="bad")
     # Without an eval map the training data's names apply to both files: the held-out file lacks them.
@@ -367,7 +363,7 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
     # Read with the training data's names, the eval file's error says how to describe it apart.
     with pytest.raises(UserError, match=r"; --eval-columns PART=COLUMN and --eval-format describe the --eval-dataset"):
         make_dataset(data, column_map=named, eval_dataset=held)
-    odd = _write_jsonl(tmp_path / "odd.jsonl", [{"q": "p", "yes": "c", "no": "r"}] * 2)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"q": "p", "yes": "c", "no": "r"}] * 2)
     with pytest.raises(UserError, match=r"it has: q, yes, no \(if yours are named differently, name them with "
                                         r"--eval-columns prompt=\.\.\. chosen=\.\.\. rejected=\.\.\.\)"):
         make_dataset(held, eval_dataset=odd)
@@ -375,7 +371,7 @@ def test_an_eval_dataset_may_name_its_columns_and_shape_apart_from_the_training_
     with pytest.raises(UserError, match=r"no column 'ask' \(--eval-columns prompt=\)"):
         make_dataset(data, column_map=named, eval_dataset=held, eval_column_map=EvalColumnMap(prompt="ask"))
     # Its own shape: ShareGPT conversations as the held-out prompts while training reads text columns.
-    sharegpt = _write_jsonl(tmp_path / "sharegpt.jsonl", [
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
         {"conversations": [{"from": "human", "value": f"s{i}"}], "chosen": {"from": "gpt", "value": "a"},
          "rejected": {"from": "gpt", "value": "b"}} for i in range(2)])
     with pytest.raises(UserError, match=r"sharegpt.jsonl', row 1 is written as sharegpt data, not standard \(.*\); "
@@ -420,9 +416,9 @@ def test_kto_style_rows_do_not_train_sft_on_their_unwanted_completions(tmp_path)
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)]
     with pytest.raises(UserError, match=r"marks 2 of its 4 completions unwanted \(label false, as KTO data does\); "
                                         r"SFT learns every completion it is given: keep the rows labelled true"):
-        make_dataset(_write_jsonl(tmp_path / "kto.jsonl", rows), task="sft", test_size=1)
+        make_dataset(write_jsonl(tmp_path / "kto.jsonl", rows), task="sft", test_size=1)
     wanted = [r for r in rows if r["label"]]
-    train, test = make_dataset(_write_jsonl(tmp_path / "wanted.jsonl", wanted), task="sft", test_size=1)
+    train, test = make_dataset(write_jsonl(tmp_path / "wanted.jsonl", wanted), task="sft", test_size=1)
     assert len(train) + len(test) == 2
 
 
@@ -430,14 +426,14 @@ def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_drop
     mixed = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "chosen": "c2", "rejected": "r2"},
              {"prompt": "q3", "completion": "a3"}]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        train, test = make_dataset(_write_jsonl(tmp_path / "mixed.jsonl", mixed), task="sft", test_size=1)
+        train, test = make_dataset(write_jsonl(tmp_path / "mixed.jsonl", mixed), task="sft", test_size=1)
     assert sorted(list(train["completion"]) + list(test["completion"])) == ["a1", "a3"]   # never "c2"
     assert "dropped 1 of 3 rows (1 with a missing value)" in caplog.text
     caplog.clear()
     alpaca = [{"instruction": "Double this number.", "input": 3, "output": "6"},
               {"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add.", "input": "1 2", "output": "3"}]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        train, test = make_dataset(_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
+        train, test = make_dataset(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
     assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi."]
     assert "1 with a non-string value" in caplog.text
 
@@ -449,9 +445,9 @@ def test_training_rows_written_in_another_shape_are_found_in_an_eval_dataset(tmp
                     "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows[:3]]
     as_hh = [{"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
               "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"} for r in rows[1:]]
-    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
     for name, held in (("messages.jsonl", as_messages), ("hh.jsonl", as_hh)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-            make_dataset(data, eval_dataset=_write_jsonl(tmp_path / name, held))
+            make_dataset(data, eval_dataset=write_jsonl(tmp_path / name, held))
         assert "3 of its 3 rows are also in the training data" in caplog.text, name

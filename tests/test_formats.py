@@ -1,5 +1,5 @@
 """Dataset shapes users have: conversations, multi-turn SFT masks, implicit prompts, ShareGPT,
-Alpaca, column mapping and chat templates, through `make_dataset`, the gyms and the command line."""
+Alpaca, HH transcripts and chat templates, through `make_dataset`, the gyms and the command line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHORT, bot, user, write_jsonl
 
 from alignkit.cli import main
 from alignkit.columns import ColumnMap
@@ -16,27 +17,11 @@ from alignkit.errors import UserError
 from alignkit.forward import sequence_logps
 from alignkit.gyms import IGNORE_INDEX, PreferenceGym, SFTGym, encode_messages
 
-SHORT = ["--max-steps", "1", "--batch-size", "2", "--max-length", "96", "--test-size", "2", "--no-plot",
-         "--eval-interval", "0"]
-
 SYSTEM = {"role": "system", "content": "Be brief."}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
 
 
 THREE_TURNS = [SYSTEM, user("Hi there!"), bot("Hey! How are you?"), user("Tired."), bot("Long day?"),
                user("Very."), bot("Rest up, friend.")]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def spans(labels: list[int]) -> list[tuple[int, int]]:
@@ -228,23 +213,6 @@ def test_shapes_convert_to_what_the_gyms_read(tmp_path):
     assert train[0]["messages"][1] == bot("yo") and train[0]["messages"][0]["role"] == "user"
 
 
-def test_column_mapping(tmp_path):
-    rows = [{"question": f"q{i}", "good": "yes!", "bad": "No.", "prompt": "ignored"} for i in range(4)]
-    path = write_jsonl(tmp_path / "m.jsonl", rows)
-    cmap = ColumnMap(prompt="question", chosen="good", rejected="bad")
-    train, test = make_dataset(path, test_size=1, column_map=cmap)
-    assert {r["prompt"] for r in train.to_list() + test.to_list()} == {"q0", "q1", "q2", "q3"}
-    train, _ = make_dataset(path, test_size=1, task="sft", column_map=ColumnMap(prompt="question", response="good"))
-    assert train[0]["completion"] == "yes!"
-    convo = [{"dialog": [user(f"a{i}"), bot("b")]} for i in range(3)]
-    train, _ = make_dataset(write_jsonl(tmp_path / "c.jsonl", convo), test_size=1, task="sft",
-                            column_map=ColumnMap(messages="dialog"))
-    assert train[0]["messages"][1] == bot("b")
-    with pytest.raises(UserError, match=r"no column 'best' \(--chosen-column\); its columns are: question, "
-                                        r"good, bad, prompt"):
-        make_dataset(path, column_map=ColumnMap(chosen="best"))
-
-
 def test_bundled_chat_set():
     train, test = make_dataset(BUNDLED_CHAT_DATASET, task="sft")
     rows = train.to_list() + test.to_list()
@@ -318,21 +286,6 @@ def test_each_shape_trains_through_the_cli(tmp_path, tiny_model_dir, case, capsy
     assert (out / "actor" / "adapter_model.safetensors").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m and m["loss"] > 0 for m in metrics)
-
-
-def test_column_flags_and_yaml_keys(tmp_path, tiny_model_dir, capsys):
-    rows = [{"question": f"q{i}", "good": "yes!", "bad": "No."} for i in range(6)]
-    data = write_jsonl(tmp_path / "m.jsonl", rows)
-    base = [*SHORT, "--model", str(tiny_model_dir), "--dataset", str(data), "--no-timestamp"]
-    assert main(["dpo", *base, "--save-path", str(tmp_path / "a"), "--prompt-column", "question",
-                 "--chosen-column", "good", "--rejected-column", "bad"]) == 0
-    config = tmp_path / "c.yaml"
-    config.write_text("prompt_column: question\nresponse-column: good\n")
-    assert main(["sft", *base, "--save-path", str(tmp_path / "b"), "--config", str(config)]) == 0
-    assert main(["sft", *base, "--save-path", str(tmp_path / "c"), "--prompt-column", "nope"]) == 2
-    assert "no column 'nope' (--prompt-column); its columns are: question, good, bad" in capsys.readouterr().err
-    assert main(["dpo", *base, "--save-path", str(tmp_path / "d"), "--response-column", "good"]) == 2
-    assert "--response-column and --messages-column are for SFT data" in capsys.readouterr().err
 
 
 def test_chat_template_file(tmp_path, tiny_model_dir, plain_tokenizer, capsys):
@@ -597,16 +550,6 @@ def test_an_assistant_greeting_after_a_system_message_still_opens_the_conversati
     only = [{"messages": [SYSTEM, bot("Welcome!")]}, {"messages": [user("Q"), bot("A")]}]
     with pytest.raises(UserError, match="row 1: the conversation's only assistant turn opens it"):
         make_dataset(write_jsonl(tmp_path / "only.jsonl", only), test_size=1, task="sft")
-
-
-def test_columns_the_shape_does_not_read_are_named_and_mapping_hints(tmp_path):
-    from alignkit.columns import unread_columns
-
-    assert unread_columns(["prompt", "input", "chosen", "rejected", "system"], "standard") == ["input"]
-    assert unread_columns(["instruction", "input", "output"], "alpaca") == []
-    (tmp_path / "m.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}]"\n')
-    with pytest.raises(UserError, match="CSV cells are always text: keep message lists in a .jsonl"):
-        make_dataset(tmp_path / "m.csv", task="sft")
 
 
 def test_turns_are_read_in_either_style_and_tool_use_is_dropped_with_a_count(tmp_path, caplog):
