@@ -23,7 +23,7 @@ from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import adapter_parameters, add_lora
-from .processes import is_sharded, most_over_processes
+from .processes import is_deepspeed, is_sharded, most_over_processes, partitions_state, prepare_deepspeed
 from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
 
 # The option dataclasses are the one source of defaults; the keyword API below reads them.
@@ -104,6 +104,11 @@ class LLMAgent:
         # gradients across processes. ``self.model`` stays the plain PeftModel (same parameters).
         self.policy = ResponseLogps(self.model, packed=packed)
         self.sharded = is_sharded(accelerator)
+        # DeepSpeed's engine steps the optimizer itself, at the micro-batch boundary this agent marks
+        self.deepspeed = is_deepspeed(accelerator)
+        self.partitioned = partitions_state(accelerator)   # a checkpoint is gathered from every process
+        if self.deepspeed:
+            prepare_deepspeed(accelerator, self.micro_batch_size, max_grad_norm)
         if accelerator is not None:
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
             # FSDP2 replaces each parameter by its shard (the optimizer is moved over by accelerate)
@@ -149,12 +154,19 @@ class LLMAgent:
         total = self.accelerator.reduce(torch.tensor(counts, dtype=torch.long, device=self.device), "sum")
         return tuple(int(c) for c in total.tolist())
 
-    def _backward(self, loss):
+    def _backward(self, loss, last: bool):
         if self.accelerator is None:
             loss.backward()
             return
         # Each process's loss is its share's sum over the GLOBAL count; DDP averages the gradients
         # over processes, so scaling by their number makes the result the global batch's gradient.
+        if self.deepspeed:
+            # The engine (self.policy) clips and steps when told the step's last backward has run.
+            self.policy.set_gradient_accumulation_boundary(last)
+            self.policy.backward(loss * self._processes)
+            if last:
+                self.policy.step()
+            return
         self.accelerator.backward(loss * self._processes)
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -177,13 +189,14 @@ class LLMAgent:
             for i, micro in enumerate(micros):
                 # Processes synchronise gradients once, on the step's last backward.
                 last = i == len(micros) - 1
-                with contextlib.nullcontext() if last or self._processes == 1 else self.accelerator.no_sync(self.policy):
+                quiet = not last and self._processes > 1 and not self.deepspeed
+                with self.accelerator.no_sync(self.policy) if quiet else contextlib.nullcontext():
                     loss, stats = self._micro_loss(micro, denom, train=True)
-                    self._backward(loss)
+                    self._backward(loss, last)
                 add_stats(sums, stats)
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._clip()
-            self.optimizer.step()
+            self.optimizer.step()   # a no-op under DeepSpeed, whose engine stepped in the last backward
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps += 1
@@ -232,7 +245,7 @@ class LLMAgent:
 
     def save_checkpoint(self, path, base_model_name: str | None = None, extra_state: dict | None = None):
         """Write ``path/actor/`` (a standard PEFT adapter folder) and the training state beside it."""
-        gathered = checkpoints.gather(self) if self.sharded else None   # every process takes part
+        gathered = checkpoints.gather(self) if self.partitioned else None   # every process takes part
         if self.accelerator is not None and not self.accelerator.is_main_process:
             return
         checkpoints.save(self, path, base_model_name=base_model_name, extra_state=extra_state, gathered=gathered)

@@ -48,6 +48,47 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": meta}
 
 
+def _deepspeed_optimizer_tensors(agent) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`_optimizer_tensors` of a DeepSpeed ZeRO agent, in the same layout (so a checkpoint resumes under
+    any launch): each trained parameter's moments gathered whole from the flat partitions the engine keeps
+    (a collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = agent.optimizer.optimizer.optimizer   # accelerate's wrapper > ZeRO's optimizer > the torch AdamW
+    flat = [state for state in inner.state.values() if state]
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, param in enumerate(agent.params) if flat else ():
+        for name in ("exp_avg", "exp_avg_sq"):
+            tensors[f"state.{idx}.{name}"] = safe_get_full_optimizer_state(param, name).detach().cpu().contiguous()
+        tensors[f"state.{idx}.step"] = flat[0]["step"].detach().cpu().clone()
+    group = {k: v for k, v in inner.param_groups[0].items() if k != "params"}
+    return tensors, {"param_groups": [{**group, "params": list(range(len(agent.params)))}], "scalars": {}}
+
+
+def _restore_deepspeed(agent, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put whole weights (already in the model), the learning rate and the Adam moments back into a DeepSpeed
+    ZeRO agent's partitions."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = agent.optimizer.optimizer
+    inner = zero.optimizer
+    saved = {k: v for k, v in meta["param_groups"][0].items() if k != "params"}   # the rate of the next step
+    for group in inner.param_groups:
+        group.update(saved)
+    for param in agent.params:   # the engine steps its own float32 copy of the weights
+        safe_set_full_fp32_param(param, param.detach().float())
+    if "state.0.step" not in tensors:   # saved before any step: no moments yet
+        return
+    for group in inner.param_groups:   # AdamW makes its moments at its first step; the resumed run has them now
+        for flat in group["params"]:
+            inner.state[flat] = {"step": tensors["state.0.step"].clone(), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    zero._lazy_init_hp_params_optimizer_state()   # what ZeRO does after that first step: each weight's view of them
+    for idx, param in enumerate(agent.params):
+        for name in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, tensors[f"state.{idx}.{name}"].to(param.device), name)
+
+
 def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -72,12 +113,13 @@ _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def gather(agent) -> dict:
-    """What a checkpoint of a sharded (FSDP) ``agent`` holds, gathered whole: the adapter's weights and the
-    optimizer's tensors. A collective: every process calls it, then the main one passes it to
-    :func:`save` / :func:`save_numbered` as ``gathered``."""
+    """What a checkpoint of an ``agent`` whose state is split over processes (FSDP, DeepSpeed ZeRO) holds,
+    gathered whole: the adapter's weights and the optimizer's tensors. A collective: every process calls
+    it, then the main one passes it to :func:`save` / :func:`save_numbered` as ``gathered``."""
     weights = {n: full_tensor(p).detach().cpu()
                for n, p in adapter_parameters(agent.unwrapped_model(), agent.adapter_name).items()}
-    return {"weights": weights, "optimizer": _optimizer_tensors(agent.optimizer)}
+    optimizer = _deepspeed_optimizer_tensors(agent) if agent.deepspeed else _optimizer_tensors(agent.optimizer)
+    return {"weights": weights, "optimizer": optimizer}
 
 
 def _write_adapter(agent, folder: Path, base_model_name: str | None, weights: dict | None = None) -> None:
@@ -211,7 +253,10 @@ def load(agent, path) -> dict:
                                            key=lambda k: int(k.rsplit(".", 1)[1]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
+    if getattr(agent, "deepspeed", False):
+        _restore_deepspeed(agent, tensors, state["optimizer"])
+    else:
+        _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
     agent.scheduler.load_state_dict(state["scheduler"])
     agent.steps = state["steps"]
     return state["extra"]

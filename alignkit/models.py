@@ -29,6 +29,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.io import atomic_folder, atomic_write_json
+from alignkit.processes import main_process_first
 
 try:
     import fcntl  # POSIX file locks for the digest memo; elsewhere concurrent writers may drop an entry
@@ -304,6 +305,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         with atomic_folder(target) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if not _is_complete(tmp):   # transformers writes weights from process 0 of a launch only
+                raise UserError(f"process {os.environ.get('RANK', '?')} of this launch cannot write the converted "
+                                f"model into {target.parent}, which process 0 does not see: put ALIGNKIT_CACHE on a "
+                                "folder every machine shares, or run alignkit once on this machine in one process")
     except OSError:
         if not _is_complete(target):
             raise
@@ -313,10 +318,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 def _gguf_folder(gguf_path: str, convert: bool = True) -> Path | None:
     """The cached safetensors folder for a GGUF file, converting it first when `convert`."""
     target = gguf_cache_path(gguf_path)
-    if not _is_complete(target):
-        if not convert:
-            return None
-        _convert_gguf(Path(gguf_path), target)
+    if not convert:
+        return target if _is_complete(target) else None
+    with main_process_first():   # under a launch process 0 converts; the others then find its copy
+        if not _is_complete(target):
+            _convert_gguf(Path(gguf_path), target)
     return target
 
 

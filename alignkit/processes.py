@@ -14,6 +14,8 @@ agreed first (:func:`any_process`), and weights are gathered whole before they a
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 
 import torch
@@ -34,13 +36,27 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block in process 0 first, then in the others (every process enters it); plain in one process
+    or before the processes have connected."""
+    if launched_processes() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():
+            yield
+    else:
+        yield
+
+
 def make_accelerator(device: str = "auto"):
     """An ``accelerate.Accelerator`` for a multi-process launch, or None in a single process.
 
     CPU processes (``--device cpu``: asked for, never a silent fallback) talk over gloo; GPU
     processes each take the device accelerate gives them. alignkit's training step runs under
-    data parallelism (DDP) and under FSDP2 (``fsdp_version: 2``, which accelerate builds on GPUs);
-    FSDP1, DeepSpeed and Megatron-LM launches are refused with one line.
+    data parallelism (DDP), under FSDP2 (``fsdp_version: 2``) and under DeepSpeed ZeRO stages 1 and
+    2 (both of which accelerate builds on GPUs); FSDP1, ZeRO stages 0 and 3, Megatron-LM, and the
+    options the step does not run under, are refused with one line.
     """
     if launched_processes() <= 1:
         return None
@@ -50,11 +66,12 @@ def make_accelerator(device: str = "auto"):
     processes = launched_processes()
     # accelerate's launcher says what a config asks for in the environment. Checked before anything
     # else: with --device cpu accelerate would build plain CPU processes and train DDP silently.
-    asked = [name for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                                     ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")) if _flag(flag)]
-    if asked:
-        raise UserError(f"this launch asks for {asked[0]}; alignkit trains with DDP or FSDP2: use a config from "
-                        "configs/accelerate/")
+    if _flag("ACCELERATE_USE_MEGATRON_LM"):
+        raise UserError("this launch asks for Megatron-LM; alignkit trains with DDP, FSDP2 or DeepSpeed ZeRO: use a "
+                        "config from configs/accelerate/")
+    if _flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("this launch asks for DeepSpeed, which is not installed here: pip install 'alignkit[deepspeed]' "
+                        "(or use a DDP or FSDP2 config from configs/accelerate/)")
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
         raise UserError("this launch asks for FSDP version 1; alignkit shards with FSDP2: set fsdp_version: 2 in "
                         "the config's fsdp_config (see configs/accelerate/fsdp_gpu.yaml)")
@@ -84,18 +101,82 @@ def make_accelerator(device: str = "auto"):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"accelerate could not start {processes} processes: {first}") from None
     kind = accelerator.distributed_type
-    if _flag("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
-        # accelerate builds FSDP for GPU processes only; CPU processes come back as plain DDP
-        raise UserError("this launch asks for FSDP, which accelerate runs on GPUs only, with --device cpu; for CPU "
-                        "processes use configs/accelerate/ddp_cpu.yaml")
-    if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
-        raise UserError(f"accelerate launched a {kind.value} run; alignkit trains with DDP or FSDP2: use a config "
-                        "from configs/accelerate/")
+    for flag, name, wanted in (("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+                               ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)):
+        if _flag(flag) and kind != wanted:
+            # accelerate builds FSDP and DeepSpeed for GPU processes only; CPU processes come back as plain DDP
+            raise UserError(f"this launch asks for {name}, which accelerate runs on GPUs only, with --device cpu; "
+                            "for CPU processes use configs/accelerate/ddp_cpu.yaml")
+    if kind == DistributedType.DEEPSPEED:
+        _check_deepspeed(accelerator.state.deepspeed_plugin)
+    if kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP,
+                    DistributedType.DEEPSPEED):
+        raise UserError(f"accelerate launched a {kind.value} run; alignkit trains with DDP, FSDP2 or DeepSpeed ZeRO: "
+                        "use a config from configs/accelerate/")
     return accelerator
+
+
+def _check_deepspeed(plugin) -> None:
+    """Refuse, in one line, the DeepSpeed settings alignkit's step does not run under.
+
+    The step accumulates its own micro-batches (``--micro-batch-size``), keeps the weights in
+    ``--dtype`` with float32 Adam moments, clips with ``--max-grad-norm`` and reads the output layer's
+    weight directly; a config that hands any of these to DeepSpeed would change the run quietly.
+    """
+    config = plugin.deepspeed_config
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0) or 0)
+    problems = []
+    if stage == 0:
+        problems.append("ZeRO stage 0 (plain data parallelism: use configs/accelerate/ddp_gpu.yaml)")
+    if stage >= 3:
+        problems.append("ZeRO stage 3 (weights partitioned; use configs/accelerate/fsdp_gpu.yaml, FSDP2, for that "
+                        "layout)")
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none")).lower()
+        if device not in ("none", "auto"):
+            problems.append(f"{key} to {device}")
+    steps = config.get("gradient_accumulation_steps", "auto")
+    if steps not in ("auto", None, 1, "1"):
+        problems.append(f"gradient_accumulation_steps: {steps} (use --micro-batch-size for that)")
+    for precision in ("fp16", "bf16"):
+        if (config.get(precision) or {}).get("enabled") in (True, "true"):
+            problems.append(f"{precision} mixed precision (use --dtype)")
+    if problems:
+        raise UserError(f"this DeepSpeed launch asks for {problems[0]}, which alignkit's step does not run under; "
+                        "use configs/accelerate/zero2_gpu.yaml or drop it from the config")
+
+
+def is_deepspeed(accelerator) -> bool:
+    """Whether ``accelerator`` runs DeepSpeed, whose engine steps the optimizer and keeps its moments
+    partitioned over the processes."""
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def prepare_deepspeed(accelerator, micro_rows: int, max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config with the step alignkit runs, before ``accelerator.prepare``: ``micro_rows``
+    rows per process and backward, gradient accumulation kept by alignkit (DeepSpeed sees one step per
+    micro-batch boundary alignkit marks), clipping at ``max_grad_norm`` (0 = none)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping not in ("auto", None) and float(clipping) != float(max_grad_norm):
+        raise UserError(f"the DeepSpeed config clips at gradient_clipping: {clipping} but this run at --max-grad-norm "
+                        f"{max_grad_norm}; drop it from the config (alignkit sets it from --max-grad-norm)")
+    config.update(train_micro_batch_size_per_gpu=micro_rows, gradient_accumulation_steps=1,
+                  train_batch_size=micro_rows * accelerator.num_processes, gradient_clipping=float(max_grad_norm))
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def partitions_state(accelerator) -> bool:
+    """Whether a checkpoint must be gathered from every process (FSDP shards, DeepSpeed's optimizer moments)."""
+    return is_sharded(accelerator) or is_deepspeed(accelerator)
 
 
 def is_sharded(accelerator) -> bool:

@@ -285,7 +285,7 @@ def _save_checkpoint(s: Setup) -> Path:
         extra["reference"] = agent.reference.state_dict()
         if s.main:
             agent.reference.save()
-    gathered = checkpoints.gather(agent) if agent.sharded else None   # every process takes part
+    gathered = checkpoints.gather(agent) if agent.partitioned else None   # every process takes part
     if not s.main:
         return s.run_dir / f"{checkpoints.CHECKPOINT_PREFIX}{agent.steps}"
     try:

@@ -1,5 +1,5 @@
 """Several processes through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1,
-data-parallel (DDP) and sharded (FSDP2)."""
+data-parallel (DDP), sharded (FSDP2) and with DeepSpeed ZeRO-2's partitioned optimizer."""
 
 import json
 import os
@@ -62,6 +62,36 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# The same for DeepSpeed, which accelerate also builds for GPU processes only: from the CPU processes'
+# state, accelerate's DeepSpeed path (its plugin and config, deepspeed.initialize, ZeRO's optimizer)
+# takes over, as on GPUs.
+DEEPSPEED_ON_CPU = """
+import os, sys
+import accelerate.state as state
+from accelerate.utils import DistributedType
+init = state.AcceleratorState.__init__
+def deepspeed_on_cpu(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        plugin = kwargs["deepspeed_plugin"]
+        plugin.set_mixed_precision(self._mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        self.deepspeed_plugins = plugin
+state.AcceleratorState.__init__ = deepspeed_on_cpu
+import alignkit.train as train
+make = train.make_accelerator
+def make_and_tell(device):
+    accelerator = make(device)
+    if accelerator.is_main_process:
+        print("distributed:", accelerator.distributed_type.value, flush=True)
+    return accelerator
+train.make_accelerator = make_and_tell
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 # The command line with DDP's per-forward broadcast of the model's buffers made an error: a no-grad
 # forward must not be a collective, since processes with unequal held-out shares run unequal numbers.
 NO_FORWARD_COLLECTIVE = """
@@ -99,21 +129,25 @@ def _records(run):
 
 
 @pytest.mark.parametrize("algo", ["sft", "dpo"])
-@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_train_the_same_adapter_as_one(algo, sharded, tiny_model_dir, rows_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2", "zero2"])
+def test_two_processes_train_the_same_adapter_as_one(algo, layout, tiny_model_dir, rows_file, tmp_path, monkeypatch):
     # 9 held-out rows: shares of 5 and 4, so one process evaluates a batch more than the other
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([algo, *_flags(tiny_model_dir, rows_file, one)]) == 0
     env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
     script, config = DEMO, "ddp_cpu.yaml"
-    if sharded:
+    if layout == "fsdp2":
         script, config = tmp_path / "fsdp_on_cpu.py", "fsdp_gpu.yaml"
         script.write_text(FSDP_ON_CPU)
+    if layout == "zero2":
+        script, config = tmp_path / "deepspeed_on_cpu.py", "zero2_gpu.yaml"
+        script.write_text(DEEPSPEED_ON_CPU)
     proc = _launch([str(script), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
                                                "--keep-checkpoints", "3")], env=env, config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("sharded: True" in proc.stdout) == sharded
+    assert ("sharded: True" in proc.stdout) == (layout == "fsdp2")
+    assert ("distributed: DEEPSPEED" in proc.stdout) == (layout == "zero2")
     assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
     _assert_same(one, two)
     if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
@@ -168,8 +202,8 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "this launch asks for DeepSpeed; alignkit trains with DDP or FSDP2"),
-    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "this launch asks for Megatron-LM; alignkit trains with DDP or FSDP2"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "this launch asks for Megatron-LM; alignkit trains with DDP, FSDP2 or "
+                                             "DeepSpeed ZeRO"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "this launch asks for FSDP version 1; alignkit shards "
                                                             "with FSDP2: set fsdp_version: 2"),
     ({"ACCELERATE_USE_FSDP": "true"}, "this launch asks for FSDP version 1"),   # accelerate's default version
@@ -212,26 +246,105 @@ def test_commands_of_one_process_are_refused_under_a_launch(command, monkeypatch
                                        "only sft and dpo train (run it without accelerate launch)\n")
 
 
-def test_an_fsdp_launch_of_cpu_processes_is_refused_not_trained_as_ddp(tiny_model_dir, rows_file, tmp_path):
-    # accelerate itself would quietly build plain CPU (DDP) processes from an FSDP config with --device cpu
-    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "out")], config="fsdp_gpu.yaml")
+@pytest.mark.parametrize("config, name", [("fsdp_gpu.yaml", "FSDP"), ("zero2_gpu.yaml", "DeepSpeed")])
+def test_an_fsdp_or_deepspeed_launch_of_cpu_processes_is_refused_not_trained_as_ddp(config, name, tiny_model_dir,
+                                                                                    rows_file, tmp_path):
+    # accelerate itself would quietly build plain CPU (DDP) processes from such a config with --device cpu
+    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "out")], config=config)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors == [
-        "error: this launch asks for FSDP, which accelerate runs on GPUs only, with --device cpu; for CPU processes "
-        "use configs/accelerate/ddp_cpu.yaml"]
+        f"error: this launch asks for {name}, which accelerate runs on GPUs only, with --device cpu; for CPU "
+        "processes use configs/accelerate/ddp_cpu.yaml"]
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_accelerate_configs_are_ddp_or_fsdp2_configs():
+def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch):
+    import importlib.util
+
+    from alignkit.errors import UserError
+    from alignkit.processes import make_accelerator
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match=r"^this launch asks for DeepSpeed, which is not installed here: pip install "
+                                        r"'alignkit\[deepspeed\]'"):
+        make_accelerator("cpu")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"zero_optimization": {"stage": 0}}, "ZeRO stage 0 (plain data parallelism: use configs/accelerate/ddp_gpu.yaml)"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 (weights partitioned; use configs/accelerate/fsdp_gpu.yaml"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer to cpu"),
+    ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4},
+     "gradient_accumulation_steps: 4 (use --micro-batch-size for that)"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "bf16 mixed precision (use --dtype)"),
+])
+def test_deepspeed_settings_the_step_does_not_run_under_are_refused(config, message):
+    from types import SimpleNamespace
+
+    from alignkit.errors import UserError
+    from alignkit.processes import _check_deepspeed
+
+    with pytest.raises(UserError, match=f"^this DeepSpeed launch asks for {re.escape(message)}"):
+        _check_deepspeed(SimpleNamespace(deepspeed_config=config))
+    for stage in (1, 2):   # accepted
+        _check_deepspeed(SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}, "bf16": {
+            "enabled": "auto"}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+
+
+def test_deepspeed_is_told_the_step_alignkit_runs():
+    from types import SimpleNamespace
+
+    from alignkit.errors import UserError
+    from alignkit.processes import prepare_deepspeed
+
+    config = {"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}
+    accelerator = SimpleNamespace(num_processes=2, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    prepare_deepspeed(accelerator, micro_rows=3, max_grad_norm=0.5)
+    assert config == {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "gradient_accumulation_steps": 1,
+                      "train_micro_batch_size_per_gpu": 3, "train_batch_size": 6}
+    config["gradient_clipping"] = 1.0   # a config's own clipping would quietly replace --max-grad-norm
+    with pytest.raises(UserError, match=r"^the DeepSpeed config clips at gradient_clipping: 1.0 but this run at "
+                                        r"--max-grad-norm 0.5"):
+        prepare_deepspeed(accelerator, micro_rows=3, max_grad_norm=0.5)
+
+
+def test_shipped_accelerate_configs_are_ddp_fsdp2_or_zero2_configs():
     from accelerate.commands.config.config_args import ClusterConfig
 
     paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-    assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml", "fsdp_gpu.yaml"]
+    assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml", "fsdp_gpu.yaml",
+                                       "zero2_gpu.yaml"]
     for path in paths:
         config = ClusterConfig.from_yaml_file(str(path))
         assert config.num_processes >= 2
         if path.name.startswith("fsdp"):
             assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
             assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        elif path.name.startswith("zero"):
+            assert config.distributed_type.value == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
+            assert "gradient_accumulation_steps" not in config.deepspeed_config   # alignkit accumulates
+            assert "gradient_clipping" not in config.deepspeed_config   # --max-grad-norm
         else:
             assert config.distributed_type.value == "MULTI_GPU"
+
+
+def test_two_processes_on_a_cold_cache_convert_a_gguf_model_once(tokenizer, rows_file, tmp_path):
+    # transformers writes a model from process 0 of a launch only: process 0 converts, the other waits and
+    # reads its copy (before, the other wrote a folder without weights and one of them failed)
+    from conftest import make_tiny_model
+
+    from alignkit.gguf_export import write_gguf
+
+    gguf, _ = write_gguf(make_tiny_model(len(tokenizer)), tokenizer, tmp_path / "tiny.gguf", quant="f32")
+    env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cold")}
+    flags = _flags(gguf, rows_file, tmp_path / "out", "--max-steps", "1")
+    proc = _launch([str(DEMO), "sft", *flags], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted = [f for f in (tmp_path / "cold" / "models").iterdir() if f.is_dir()]
+    assert [f.name.split("-")[0] for f in converted] == ["tiny"]   # one folder, no temporary one left
+    assert (converted[0] / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "actor" / "adapter_model.safetensors").is_file()
