@@ -113,6 +113,15 @@ class LLMAgent:
             self.policy, self.optimizer = accelerator.prepare(self.policy, self.optimizer)
             # FSDP2 replaces each parameter by its shard (the optimizer is moved over by accelerate)
             self.params = self._trained_parameters()
+        if self.deepspeed and self.sharded:
+            # ZeRO-3 gathers a module's own weights for its forward; the response-only forward reads the
+            # output layer's weight outside that layer's forward, so the root module gathers it too
+            import deepspeed
+
+            head = self.model.get_base_model().get_output_embeddings()
+            for weight in (head.weight, getattr(head, "bias", None)):
+                if weight is not None:
+                    deepspeed.zero.register_external_parameter(self.policy.module, weight)
         self.steps = 0
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:

@@ -17,6 +17,7 @@ finished run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -65,9 +66,9 @@ def _deepspeed_optimizer_tensors(agent) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": [{**group, "params": list(range(len(agent.params)))}], "scalars": {}}
 
 
-def _restore_deepspeed(agent, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Put whole weights (already in the model), the learning rate and the Adam moments back into a DeepSpeed
-    ZeRO agent's partitions."""
+def _restore_deepspeed(agent, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put the adapter's whole ``weights`` (by saved name; already in the model), the learning rate and the
+    Adam moments back into a DeepSpeed ZeRO agent's partitions."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero = agent.optimizer.optimizer
@@ -75,15 +76,19 @@ def _restore_deepspeed(agent, tensors: dict[str, torch.Tensor], meta: dict) -> N
     saved = {k: v for k, v in meta["param_groups"][0].items() if k != "params"}   # the rate of the next step
     for group in inner.param_groups:
         group.update(saved)
-    for param in agent.params:   # the engine steps its own float32 copy of the weights
-        safe_set_full_fp32_param(param, param.detach().float())
+    params = adapter_parameters(agent.unwrapped_model(), agent.adapter_name, saved_names=True)
+    for name, param in params.items():   # the engine steps its own float32 copy of the weights
+        if param.requires_grad:
+            safe_set_full_fp32_param(param, weights[name].to(agent.device, torch.float32))
     if "state.0.step" not in tensors:   # saved before any step: no moments yet
         return
-    for group in inner.param_groups:   # AdamW makes its moments at its first step; the resumed run has them now
-        for flat in group["params"]:
-            inner.state[flat] = {"step": tensors["state.0.step"].clone(), "exp_avg": torch.zeros_like(flat),
-                                 "exp_avg_sq": torch.zeros_like(flat)}
-    zero._lazy_init_hp_params_optimizer_state()   # what ZeRO does after that first step: each weight's view of them
+    # the flat float32 partitions AdamW steps (ZeRO-3 hands them to it one sub-group at a time)
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [f for g in inner.param_groups for f in g["params"]]
+    for flat in flats:   # AdamW makes its moments at its first step; the resumed run has them now
+        inner.state[flat] = {"step": tensors["state.0.step"].clone(), "exp_avg": torch.zeros_like(flat),
+                             "exp_avg_sq": torch.zeros_like(flat)}
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):   # ZeRO-1/2 after that first step: each weight's
+        zero._lazy_init_hp_params_optimizer_state()              # view of them (ZeRO-3 looks them up each time)
     for idx, param in enumerate(agent.params):
         for name in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(param, tensors[f"state.{idx}.{name}"].to(param.device), name)
@@ -116,10 +121,21 @@ def gather(agent) -> dict:
     """What a checkpoint of an ``agent`` whose state is split over processes (FSDP, DeepSpeed ZeRO) holds,
     gathered whole: the adapter's weights and the optimizer's tensors. A collective: every process calls
     it, then the main one passes it to :func:`save` / :func:`save_numbered` as ``gathered``."""
-    weights = {n: full_tensor(p).detach().cpu()
-               for n, p in adapter_parameters(agent.unwrapped_model(), agent.adapter_name).items()}
+    params = adapter_parameters(agent.unwrapped_model(), agent.adapter_name)
+    with _gathered_deepspeed(agent, params.values()):
+        weights = {n: full_tensor(p).detach().cpu().clone() for n, p in params.items()}
     optimizer = _deepspeed_optimizer_tensors(agent) if agent.deepspeed else _optimizer_tensors(agent.optimizer)
     return {"weights": weights, "optimizer": optimizer}
+
+
+def _gathered_deepspeed(agent, params, modifier_rank=None):
+    """ZeRO-3's partitioned ``params`` whole inside the block (a collective; written back from process
+    ``modifier_rank`` when given); nothing for other agents."""
+    if not (getattr(agent, "deepspeed", False) and agent.sharded):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def _write_adapter(agent, folder: Path, base_model_name: str | None, weights: dict | None = None) -> None:
@@ -229,6 +245,11 @@ def _load_sharded(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
     if params.keys() != weights.keys():
         raise UserError(f"{path / 'actor'} does not hold the weights of this run's adapter "
                         f"({len(weights)} tensors saved, {len(params)} in the adapter)")
+    if getattr(agent, "deepspeed", False):   # ZeRO-3: every process writes the whole weights, each keeps its part
+        with _gathered_deepspeed(agent, params.values(), modifier_rank=0), torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        return
     with torch.no_grad():
         for name, param in sorted(params.items()):
             local_tensor(param).copy_(local_tensor(shard_like(param, weights[name])))
@@ -254,7 +275,7 @@ def load(agent, path) -> dict:
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     if getattr(agent, "deepspeed", False):
-        _restore_deepspeed(agent, tensors, state["optimizer"])
+        _restore_deepspeed(agent, weights, tensors, state["optimizer"])
     else:
         _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
     agent.scheduler.load_state_dict(state["scheduler"])

@@ -24,8 +24,8 @@ from .config import CONFIGS, add_arguments, build_config
 from .errors import UserError
 from .pipeline import add_pipeline_parser
 
-_SEVERAL = ("\n\nseveral processes (DDP; FSDP2 or DeepSpeed ZeRO-2 on GPUs): accelerate launch --config_file "
-            "configs/accelerate/<ddp_cpu|ddp_gpu|fsdp_gpu|zero2_gpu>.yaml -m alignkit.cli {algo} ...")
+_SEVERAL = ("\n\nseveral processes (DDP; FSDP2 or DeepSpeed ZeRO-2/3 on GPUs): accelerate launch --config_file "
+            "configs/accelerate/<ddp_cpu|ddp_gpu|fsdp_gpu|zero2_gpu|zero3_gpu>.yaml -m alignkit.cli {algo} ...")
 EPILOG = {
     "sft": "example: alignkit sft --save-path outputs/sft --no-timestamp" + _SEVERAL.format(algo="sft"),
     "dpo": "examples: alignkit dpo --save-path outputs/dpo --no-timestamp\n"

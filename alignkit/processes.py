@@ -2,9 +2,10 @@
 
 ``accelerate launch`` (or ``torchrun``) starts one process per device; each process builds an
 ``Accelerator`` here, takes its share of every batch, and the gradients are averaged by
-accelerate's DDP wrapper, or reduce-scattered by its FSDP2 wrapper, which also shards the weights
-(a launch is *sharded* then). Only the main process writes files or prints progress. One process is
-the plain PyTorch path: no accelerator is built and nothing here costs anything.
+accelerate's DDP wrapper, or reduce-scattered by its FSDP2 wrapper or DeepSpeed's ZeRO engine;
+FSDP2 and ZeRO-3 also shard the weights (a launch is *sharded* then). Only the main process writes
+files or prints progress. One process is the plain PyTorch path: no accelerator is built and
+nothing here costs anything.
 
 Sharded processes must run every forward together (each gathers the weights from all of them), so
 a forward one process may skip (a cached reference, an uneven share of the held-out rows) is
@@ -54,9 +55,9 @@ def make_accelerator(device: str = "auto"):
 
     CPU processes (``--device cpu``: asked for, never a silent fallback) talk over gloo; GPU
     processes each take the device accelerate gives them. alignkit's training step runs under
-    data parallelism (DDP), under FSDP2 (``fsdp_version: 2``) and under DeepSpeed ZeRO stages 1 and
-    2 (both of which accelerate builds on GPUs); FSDP1, ZeRO stages 0 and 3, Megatron-LM, and the
-    options the step does not run under, are refused with one line.
+    data parallelism (DDP), under FSDP2 (``fsdp_version: 2``) and under DeepSpeed ZeRO stages 1 to 3
+    (both of which accelerate builds on GPUs); FSDP1, ZeRO stage 0, Megatron-LM, and the options the
+    step does not run under, are refused with one line.
     """
     if launched_processes() <= 1:
         return None
@@ -120,8 +121,8 @@ def _check_deepspeed(plugin) -> None:
     """Refuse, in one line, the DeepSpeed settings alignkit's step does not run under.
 
     The step accumulates its own micro-batches (``--micro-batch-size``), keeps the weights in
-    ``--dtype`` with float32 Adam moments, clips with ``--max-grad-norm`` and reads the output layer's
-    weight directly; a config that hands any of these to DeepSpeed would change the run quietly.
+    ``--dtype`` with float32 Adam moments, clips with ``--max-grad-norm`` and adds the adapter to a
+    loaded base; a config that hands any of these to DeepSpeed would change the run quietly.
     """
     config = plugin.deepspeed_config
     zero = config.get("zero_optimization", {}) or {}
@@ -129,9 +130,9 @@ def _check_deepspeed(plugin) -> None:
     problems = []
     if stage == 0:
         problems.append("ZeRO stage 0 (plain data parallelism: use configs/accelerate/ddp_gpu.yaml)")
-    if stage >= 3:
-        problems.append("ZeRO stage 3 (weights partitioned; use configs/accelerate/fsdp_gpu.yaml, FSDP2, for that "
-                        "layout)")
+    if stage >= 3 and getattr(plugin, "zero3_init_flag", False):
+        problems.append("zero3_init_flag: true (alignkit loads the base, adds the adapter, then DeepSpeed "
+                        "partitions both)")
     for key in ("offload_optimizer", "offload_param"):
         device = str((zero.get(key) or {}).get("device", "none")).lower()
         if device not in ("none", "auto"):
@@ -144,7 +145,15 @@ def _check_deepspeed(plugin) -> None:
             problems.append(f"{precision} mixed precision (use --dtype)")
     if problems:
         raise UserError(f"this DeepSpeed launch asks for {problems[0]}, which alignkit's step does not run under; "
-                        "use configs/accelerate/zero2_gpu.yaml or drop it from the config")
+                        "use configs/accelerate/zero2_gpu.yaml or zero3_gpu.yaml, or drop it from the config")
+
+
+def deepspeed_stage(accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed ``accelerator`` (0 for any other)."""
+    if not is_deepspeed(accelerator):
+        return 0
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) or {}
+    return int(zero.get("stage", 0) or 0)
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -180,12 +189,12 @@ def partitions_state(accelerator) -> bool:
 
 
 def is_sharded(accelerator) -> bool:
-    """Whether ``accelerator``'s processes shard the weights (FSDP), so every forward is a collective."""
+    """Whether ``accelerator``'s processes shard the weights (FSDP, ZeRO-3), so every forward is a collective."""
     if accelerator is None:
         return False
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return accelerator.distributed_type == DistributedType.FSDP or deepspeed_stage(accelerator) >= 3
 
 
 def any_process(flag: bool, accelerator) -> bool:
@@ -212,10 +221,13 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of ``tensor`` (a DTensor of FSDP2), or ``tensor`` itself; no communication."""
+    """This process's shard of ``tensor`` (a DTensor of FSDP2, a ZeRO-3 partitioned parameter), or ``tensor``
+    itself; no communication."""
     from torch.distributed.tensor import DTensor
 
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", None) if hasattr(tensor, "ds_id") else tensor
 
 
 def shard_like(like: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:

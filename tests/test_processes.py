@@ -80,11 +80,13 @@ def deepspeed_on_cpu(self, *args, **kwargs):
         self.deepspeed_plugins = plugin
 state.AcceleratorState.__init__ = deepspeed_on_cpu
 import alignkit.train as train
+from alignkit.processes import is_sharded
 make = train.make_accelerator
 def make_and_tell(device):
     accelerator = make(device)
     if accelerator.is_main_process:
         print("distributed:", accelerator.distributed_type.value, flush=True)
+        print("sharded:", is_sharded(accelerator), flush=True)
     return accelerator
 train.make_accelerator = make_and_tell
 from alignkit.cli import main
@@ -129,7 +131,7 @@ def _records(run):
 
 
 @pytest.mark.parametrize("algo", ["sft", "dpo"])
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2", "zero2"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_train_the_same_adapter_as_one(algo, layout, tiny_model_dir, rows_file, tmp_path, monkeypatch):
     # 9 held-out rows: shares of 5 and 4, so one process evaluates a batch more than the other
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache-one"))
@@ -140,14 +142,14 @@ def test_two_processes_train_the_same_adapter_as_one(algo, layout, tiny_model_di
     if layout == "fsdp2":
         script, config = tmp_path / "fsdp_on_cpu.py", "fsdp_gpu.yaml"
         script.write_text(FSDP_ON_CPU)
-    if layout == "zero2":
-        script, config = tmp_path / "deepspeed_on_cpu.py", "zero2_gpu.yaml"
+    if layout.startswith("zero"):
+        script, config = tmp_path / "deepspeed_on_cpu.py", f"{layout}_gpu.yaml"
         script.write_text(DEEPSPEED_ON_CPU)
     proc = _launch([str(script), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
                                                "--keep-checkpoints", "3")], env=env, config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("sharded: True" in proc.stdout) == (layout == "fsdp2")
-    assert ("distributed: DEEPSPEED" in proc.stdout) == (layout == "zero2")
+    assert ("sharded: True" in proc.stdout) == (layout in ("fsdp2", "zero3"))
+    assert ("distributed: DEEPSPEED" in proc.stdout) == layout.startswith("zero")
     assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
     _assert_same(one, two)
     if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
@@ -275,7 +277,6 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch)
 
 @pytest.mark.parametrize("config, message", [
     ({"zero_optimization": {"stage": 0}}, "ZeRO stage 0 (plain data parallelism: use configs/accelerate/ddp_gpu.yaml)"),
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 (weights partitioned; use configs/accelerate/fsdp_gpu.yaml"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer to cpu"),
     ({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4},
      "gradient_accumulation_steps: 4 (use --micro-batch-size for that)"),
@@ -289,7 +290,9 @@ def test_deepspeed_settings_the_step_does_not_run_under_are_refused(config, mess
 
     with pytest.raises(UserError, match=f"^this DeepSpeed launch asks for {re.escape(message)}"):
         _check_deepspeed(SimpleNamespace(deepspeed_config=config))
-    for stage in (1, 2):   # accepted
+    with pytest.raises(UserError, match="^this DeepSpeed launch asks for zero3_init_flag: true"):
+        _check_deepspeed(SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}}, zero3_init_flag=True))
+    for stage in (1, 2, 3):   # accepted
         _check_deepspeed(SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}, "bf16": {
             "enabled": "auto"}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
 
@@ -317,7 +320,7 @@ def test_shipped_accelerate_configs_are_ddp_fsdp2_or_zero2_configs():
 
     paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
     assert [p.name for p in paths] == ["ddp_cpu.yaml", "ddp_gpu.yaml", "ddp_multinode.yaml", "fsdp_gpu.yaml",
-                                       "zero2_gpu.yaml"]
+                                       "zero2_gpu.yaml", "zero3_gpu.yaml"]
     for path in paths:
         config = ClusterConfig.from_yaml_file(str(path))
         assert config.num_processes >= 2
@@ -325,7 +328,9 @@ def test_shipped_accelerate_configs_are_ddp_fsdp2_or_zero2_configs():
             assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
             assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
         elif path.name.startswith("zero"):
-            assert config.distributed_type.value == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
+            assert config.distributed_type.value == "DEEPSPEED"
+            assert config.deepspeed_config["zero_stage"] == int(path.name[4])
+            assert config.deepspeed_config["zero3_init_flag"] is False
             assert "gradient_accumulation_steps" not in config.deepspeed_config   # alignkit accumulates
             assert "gradient_clipping" not in config.deepspeed_config   # --max-grad-norm
         else:
