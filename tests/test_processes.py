@@ -34,59 +34,36 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-# accelerate builds FSDP for GPU processes only (CPU ones come back as plain DDP). This entry point lets
-# its FSDP2 path (fully_shard of each decoder layer and the root, sharded optimizer) run on the CPU
-# processes the launcher starts, so alignkit's step is checked under it on a machine without GPUs.
-FSDP_ON_CPU = """
+# accelerate builds FSDP and DeepSpeed for GPU processes only (CPU ones come back as plain DDP). This
+# entry point lets their paths run on the CPU processes the launcher starts (FSDP2: fully_shard of each
+# decoder layer and the root, sharded optimizer; DeepSpeed: its plugin and config, deepspeed.initialize,
+# ZeRO's partitioned optimizer and weights), so alignkit's step is checked under them without GPUs.
+ON_CPU = """
 import os, sys
 import accelerate.state as state
 from accelerate.utils import DistributedType
 init = state.AcceleratorState.__init__
-def fsdp_on_cpu(self, *args, **kwargs):
+def on_cpu(self, *args, **kwargs):
     init(self, *args, **kwargs)
-    if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    if self.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
         self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.fsdp_plugin = kwargs["fsdp_plugin"]
-state.AcceleratorState.__init__ = fsdp_on_cpu
-import alignkit.train as train
-from alignkit.processes import is_sharded
-make = train.make_accelerator
-def make_and_tell(device):
-    accelerator = make(device)
-    if accelerator.is_main_process:
-        print("sharded:", is_sharded(accelerator), flush=True)
-    return accelerator
-train.make_accelerator = make_and_tell
-from alignkit.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-# The same for DeepSpeed, which accelerate also builds for GPU processes only: from the CPU processes'
-# state, accelerate's DeepSpeed path (its plugin and config, deepspeed.initialize, ZeRO's optimizer)
-# takes over, as on GPUs.
-DEEPSPEED_ON_CPU = """
-import os, sys
-import accelerate.state as state
-from accelerate.utils import DistributedType
-init = state.AcceleratorState.__init__
-def deepspeed_on_cpu(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
         self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
         plugin = kwargs["deepspeed_plugin"]
         plugin.set_mixed_precision(self._mixed_precision)
         plugin.select(_from_accelerator_state=True)
         self.deepspeed_plugins = plugin
-state.AcceleratorState.__init__ = deepspeed_on_cpu
+state.AcceleratorState.__init__ = on_cpu
 import alignkit.train as train
 from alignkit.processes import is_sharded
 make = train.make_accelerator
 def make_and_tell(device):
     accelerator = make(device)
     if accelerator.is_main_process:
-        print("distributed:", accelerator.distributed_type.value, flush=True)
-        print("sharded:", is_sharded(accelerator), flush=True)
+        print("distributed:", accelerator.distributed_type.value, "sharded:", is_sharded(accelerator), flush=True)
     return accelerator
 train.make_accelerator = make_and_tell
 from alignkit.cli import main
@@ -138,18 +115,14 @@ def test_two_processes_train_the_same_adapter_as_one(algo, layout, tiny_model_di
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([algo, *_flags(tiny_model_dir, rows_file, one)]) == 0
     env = {**os.environ, "ALIGNKIT_CACHE": str(tmp_path / "cache-two")}
-    script, config = DEMO, "ddp_cpu.yaml"
-    if layout == "fsdp2":
-        script, config = tmp_path / "fsdp_on_cpu.py", "fsdp_gpu.yaml"
-        script.write_text(FSDP_ON_CPU)
-    if layout.startswith("zero"):
-        script, config = tmp_path / "deepspeed_on_cpu.py", f"{layout}_gpu.yaml"
-        script.write_text(DEEPSPEED_ON_CPU)
+    script, config = tmp_path / "on_cpu.py", {"ddp": "ddp_cpu.yaml", "fsdp2": "fsdp_gpu.yaml"}.get(
+        layout, f"{layout}_gpu.yaml")
+    script.write_text(ON_CPU)
     proc = _launch([str(script), algo, *_flags(tiny_model_dir, rows_file, two, "--save-interval", "1",
                                                "--keep-checkpoints", "3")], env=env, config=config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("sharded: True" in proc.stdout) == (layout in ("fsdp2", "zero3"))
-    assert ("distributed: DEEPSPEED" in proc.stdout) == layout.startswith("zero")
+    kind = {"ddp": "MULTI_CPU", "fsdp2": "FSDP"}.get(layout, "DEEPSPEED")
+    assert f"distributed: {kind} sharded: {layout in ('fsdp2', 'zero3')}" in proc.stdout
     assert proc.stdout.count("adapter saved to") == 1   # one process speaks for all
     _assert_same(one, two)
     if algo == "dpo":   # the reference cache is written once, by the main process, with every pair
