@@ -197,8 +197,8 @@ class ResponseLogps(torch.nn.Module):
 
     A data-parallel wrapper (accelerate's DDP) synchronises gradients only for forwards run through
     it, so the training step calls the policy through this module once accelerate has prepared it.
-    Under FSDP2 this module is the root that gathers the weights no decoder layer owns (embeddings,
-    LM head) for the forward: every forward of a sharded model goes through it.
+    Under FSDP2 and ZeRO-3 this module is the root that gathers the weights no decoder layer owns
+    (embeddings, LM head) for the forward: every forward of a sharded model goes through it.
     """
 
     def __init__(self, model, packed: bool = True):

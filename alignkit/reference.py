@@ -64,10 +64,10 @@ class ReferencePolicy:
             dict to several policies that share a reference, e.g. the configurations of a comparison).
         store: an on-disk cache to load from now and to :meth:`save` to.
         accelerator: the run's ``accelerate.Accelerator`` (None in one process). When its processes shard
-            the weights (FSDP), a forward one process needs runs in all of them, and decisions about
+            the weights (FSDP2, ZeRO-3), a forward one process needs runs in all of them, and decisions about
             the weights are agreed between them.
         forward: the module the reference forward runs through (``input_ids, attention_mask, labels,
-            shared_prompts`` -> ``(logps, counts)``); needed under FSDP, where it is the sharded root
+            shared_prompts`` -> ``(logps, counts)``); needed when sharded, where it is the root
             that gathers the weights. By default :func:`~alignkit.forward.sequence_logps` of ``model``.
     """
 

@@ -1,5 +1,5 @@
 """Several processes through accelerate: 2 CPU processes (gloo, accelerate's launcher) train like 1,
-data-parallel (DDP), sharded (FSDP2) and with DeepSpeed ZeRO-2's partitioned optimizer."""
+data-parallel (DDP), sharded (FSDP2) and with DeepSpeed ZeRO-2's and ZeRO-3's partitions."""
 
 import json
 import os
