@@ -23,7 +23,7 @@ from .config import DPOConfig, SFTConfig, preference_problems
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .losses import dpo_nll_loss, preference_loss, sft_loss
 from .models import adapter_parameters, add_lora
-from .processes import is_deepspeed, is_sharded, most_over_processes, partitions_state, prepare_deepspeed
+from .processes import is_deepspeed, is_sharded, most_over_processes, prepare_deepspeed
 from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
 
 # The option dataclasses are the one source of defaults; the keyword API below reads them.
@@ -106,7 +106,6 @@ class LLMAgent:
         self.sharded = is_sharded(accelerator)
         # DeepSpeed's engine steps the optimizer itself, at the micro-batch boundary this agent marks
         self.deepspeed = is_deepspeed(accelerator)
-        self.partitioned = partitions_state(accelerator)   # a checkpoint is gathered from every process
         if self.deepspeed:
             prepare_deepspeed(accelerator, self.micro_batch_size, max_grad_norm)
         if accelerator is not None:
@@ -123,6 +122,12 @@ class LLMAgent:
                 if weight is not None:
                     deepspeed.zero.register_external_parameter(self.policy.module, weight)
         self.steps = 0
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether this agent's weights or optimizer state are split over processes (FSDP2, DeepSpeed ZeRO), so
+        a checkpoint is gathered from all of them."""
+        return self.sharded or self.deepspeed
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in adapter_parameters(self.model, self.adapter_name).values() if p.requires_grad]

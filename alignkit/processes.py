@@ -126,7 +126,7 @@ def _check_deepspeed(plugin) -> None:
     """
     config = plugin.deepspeed_config
     zero = config.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0) or 0)
+    stage = _zero_stage(config)
     problems = []
     if stage == 0:
         problems.append("ZeRO stage 0 (plain data parallelism: use configs/accelerate/ddp_gpu.yaml)")
@@ -148,12 +148,13 @@ def _check_deepspeed(plugin) -> None:
                         "use configs/accelerate/zero2_gpu.yaml or zero3_gpu.yaml, or drop it from the config")
 
 
+def _zero_stage(config: dict) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
 def deepspeed_stage(accelerator) -> int:
     """The ZeRO stage of a DeepSpeed ``accelerator`` (0 for any other)."""
-    if not is_deepspeed(accelerator):
-        return 0
-    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) or {}
-    return int(zero.get("stage", 0) or 0)
+    return _zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config) if is_deepspeed(accelerator) else 0
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -181,11 +182,6 @@ def prepare_deepspeed(accelerator, micro_rows: int, max_grad_norm: float) -> Non
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def partitions_state(accelerator) -> bool:
-    """Whether a checkpoint must be gathered from every process (FSDP shards, DeepSpeed's optimizer moments)."""
-    return is_sharded(accelerator) or is_deepspeed(accelerator)
 
 
 def is_sharded(accelerator) -> bool:
@@ -227,7 +223,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
     if isinstance(tensor, DTensor):
         return tensor.to_local()
-    return getattr(tensor, "ds_tensor", None) if hasattr(tensor, "ds_id") else tensor
+    return tensor.ds_tensor if hasattr(tensor, "ds_id") else tensor
 
 
 def shard_like(like: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
