@@ -49,6 +49,10 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": meta}
 
 
+# AdamW's per-weight tensors, which DeepSpeed ZeRO keeps in its flat partitions (its "step" is one count)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
 def _deepspeed_optimizer_tensors(agent) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`_optimizer_tensors` of a DeepSpeed ZeRO agent, in the same layout (so a checkpoint resumes under
     any launch): each trained parameter's moments gathered whole from the flat partitions the engine keeps
@@ -59,7 +63,7 @@ def _deepspeed_optimizer_tensors(agent) -> tuple[dict[str, torch.Tensor], dict]:
     flat = [state for state in inner.state.values() if state]
     tensors: dict[str, torch.Tensor] = {}
     for idx, param in enumerate(agent.params) if flat else ():
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in _MOMENTS:
             tensors[f"state.{idx}.{name}"] = safe_get_full_optimizer_state(param, name).detach().cpu().contiguous()
         tensors[f"state.{idx}.step"] = flat[0]["step"].detach().cpu().clone()
     group = {k: v for k, v in inner.param_groups[0].items() if k != "params"}
@@ -90,7 +94,7 @@ def _restore_deepspeed(agent, weights: dict[str, torch.Tensor], tensors: dict[st
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):   # ZeRO-1/2 after that first step: each weight's
         zero._lazy_init_hp_params_optimizer_state()              # view of them (ZeRO-3 looks them up each time)
     for idx, param in enumerate(agent.params):
-        for name in ("exp_avg", "exp_avg_sq"):
+        for name in _MOMENTS:
             safe_set_full_optimizer_state(param, tensors[f"state.{idx}.{name}"].to(param.device), name)
 
 
