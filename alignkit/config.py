@@ -90,7 +90,8 @@ class SFTConfig:
     update_epochs: int = opt(1, "optimizer steps taken on each batch")
     seed: int = opt(42, "seed of the split, shuffling and adapter initialisation")
     # -- speed --------------------------------------------------------------------------------
-    packing: bool = opt(True, "padding-free forward passes (rows packed with a block-diagonal mask)")
+    packing: bool = opt(True, "padding-free forward passes (every token in one row, attention per "
+                                 "sequence; other models: rows packed with a block-diagonal mask)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, slower)")
     threads: int = opt(0, "torch CPU threads; 0 keeps torch's default")
     reuse_memory: bool = opt(True, "keep freed memory in the process for reuse (glibc): no fresh pages for each "

@@ -6,9 +6,13 @@ SFT (train and eval), the DPO policy and the DPO reference all go through
 Three levers keep it fast and small:
 - Only response positions reach the LM head, in chunks (``losses.token_logps``): the full
   (B, T, V) logits tensor is never built.
-- ``packed=True`` removes most padding: short rows share a packed row with restarting
-  ``position_ids`` and a block-diagonal causal mask, so few FLOPs go to pad tokens.
-  (With SDPA attention, ``position_ids`` alone do not separate sequences: the 4-D mask is needed.)
+- ``packed=True`` removes padding. Where the model's attention is plain causal SDPA
+  (:func:`flat_supported`), every token of the batch sits in one row without a single pad token
+  (:func:`flat_layout`) and attention runs block by block, each sequence causal on its own
+  (:func:`block_attention`): no FLOP goes to padding, and no mask is built. Other SDPA or eager
+  models pack rows into bins of equal length with restarting ``position_ids`` and a block-diagonal
+  causal mask (:func:`pack_batch`), so few FLOPs go to pad tokens; any other attention runs padded
+  (:func:`layout` says which).
 - ``shared_prompts=N`` (DPO): rows ``i`` and ``N + i`` share a prompt, which then runs once:
   the packed unit is ``prompt, chosen, rejected``, and the rejected tokens see the prompt but
   not the chosen ones, with positions that continue from the prompt as if the chosen were absent.
@@ -18,6 +22,9 @@ in the flattened output, so the log-prob gather is the same code for all of them
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
@@ -135,6 +142,137 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
             "token_index": token_index}
 
 
+def flat_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                shared_prompts: int = 0) -> dict:
+    """Every real token of right-padded rows in one row, and the attention blocks that keep them apart.
+
+    Args as :func:`pack_batch`. Returns ``input_ids`` and ``position_ids`` (1, N) with N the number of
+    distinct tokens (a shared prompt counts once), ``token_index`` (B, T) as :func:`pack_batch` gives it,
+    and ``blocks``: a tuple of ``(queries, sources)``, one per run of consecutive tokens that attend
+    alike, in row order (their ``queries`` counts add up to N). ``sources`` lists the key/value tokens
+    of the block as ``(block, start, end)`` slices of earlier blocks or of itself; every query sees
+    the sources up to its own position (causal, aligned at the end). A plain row is one block that
+    sees itself; a DPO unit ``prompt, chosen, rejected`` is a block ``prompt + chosen`` and a block
+    ``rejected`` that sees the prompt and itself.
+    """
+    units = _units(input_ids, attention_mask, labels, shared_prompts)
+    ids, positions, blocks = [], [], []
+    token_index = torch.full_like(input_ids, -1)
+    device, at = input_ids.device, 0
+
+    def place(row, start, end):
+        nonlocal at
+        n = end - start
+        ids.append(input_ids[row, start:end])
+        positions.append(torch.arange(start, end, device=device))
+        token_index[row, start:end] = at + torch.arange(n, device=device)
+        at += n
+
+    for unit in units:
+        if len(unit) == 1:
+            row, start, end, _ = unit[0]
+            if end > start:
+                place(row, start, end)
+                blocks.append((end - start, ((len(blocks), 0, end - start),)))
+            continue
+        (i, _, p, _), (_, _, chosen_end, _), (j, _, rejected_end, _) = unit
+        place(i, 0, chosen_end)   # the prompt and the chosen response: one causal sequence
+        blocks.append((chosen_end, ((len(blocks), 0, chosen_end),)))
+        token_index[j, :p] = token_index[i, :p]
+        if rejected_end > p:      # the rejected response sees the prompt (the previous block's start) and itself
+            place(j, p, rejected_end)
+            blocks.append((rejected_end - p, ((len(blocks) - 1, 0, p), (len(blocks), 0, rejected_end - p))))
+    empty = input_ids.new_zeros(0)
+    return {"input_ids": torch.cat(ids or [empty])[None], "position_ids": torch.cat(positions or [empty])[None],
+            "token_index": token_index, "blocks": tuple(blocks)}
+
+
+BLOCK_ATTENTION = "alignkit_blocks"
+"""The attention implementation name under which :func:`block_attention` is registered with transformers."""
+
+
+def block_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    blocks=None, **kwargs):
+    """Attention over :func:`flat_layout`'s blocks, as a transformers attention function.
+
+    ``query`` (1, heads, N, D) and ``key``/``value`` (1, kv_heads, N, D) hold one row; each block's
+    queries attend to its ``sources`` through ``scaled_dot_product_attention``: causal without a mask
+    when a block sees only itself, else with the causal mask aligned at the end. Returns the output
+    (1, N, heads, D) and no weights, as transformers' SDPA function does.
+    """
+    if attention_mask is not None or kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError("block attention computes plain causal attention only (no mask, window, softcap or sinks)")
+    sizes = [n for n, _ in blocks]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
+    outs = []
+    for b, (n, sources) in enumerate(blocks):
+        if sources == ((b, 0, n),):
+            k, v, causal, mask = keys[b], values[b], True, None
+        else:
+            k = torch.cat([keys[s][:, :, start:end] for s, start, end in sources], dim=2)
+            v = torch.cat([values[s][:, :, start:end] for s, start, end in sources], dim=2)
+            width = k.shape[2]
+            causal = False
+            mask = torch.ones(n, width, dtype=torch.bool, device=query.device).tril_(width - n)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            queries[b], k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, **gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_block_attention() -> None:
+    """Make :func:`block_attention` known to transformers (once): its attention function, and a mask
+    function that builds no mask (the blocks say who sees whom)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+    AttentionMaskInterface.register(BLOCK_ATTENTION, lambda *args, **kwargs: None)
+
+
+_FLAT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite")
+
+
+def flat_supported(model) -> bool:
+    """Whether ``model`` (a causal LM, PEFT- or accelerate-wrapped or not) runs :func:`flat_layout`
+    batches: a model family whose every layer is full causal attention through transformers' SDPA
+    function, without sliding windows or score soft-capping, so that :func:`block_attention` computes
+    what its attention does. Other models take :func:`pack_batch`'s bins."""
+    config = getattr(_unwrap(model), "config", None)
+    if config is None or getattr(config, "model_type", None) not in _FLAT_FAMILIES:
+        return False
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    return all(t == "full_attention" for t in getattr(config, "layer_types", None) or ())
+
+
+def layout(model, packed: bool = True) -> str:
+    """How :func:`sequence_logps` lays out ``model``'s batches: ``"flat"`` (:func:`flat_layout`, where
+    :func:`flat_supported`), ``"bins"`` (:func:`pack_batch`, for other SDPA or eager attention) or
+    ``"padded"`` (``packed=False``, or an attention that takes neither)."""
+    if packed and flat_supported(model):
+        return "flat"
+    config = getattr(_unwrap(model), "config", None)
+    return "bins" if packed and getattr(config, "_attn_implementation", None) in ("sdpa", "eager") else "padded"
+
+
+@contextlib.contextmanager
+def _block_attention_for(config):
+    """``config``'s attention implementation set to :func:`block_attention` for the duration."""
+    _register_block_attention()
+    previous = config._attn_implementation
+    config._attn_implementation = BLOCK_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def _attention_ratio(decoder) -> float:
     """Attention span (in positions) that costs as much as one token's linear layers, per layer.
 
@@ -154,7 +292,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     Args:
         model: a causal LM (optionally wrapped by PEFT); LoRA adapters active as set by the caller.
         batch: ``input_ids``, ``attention_mask``, ``labels``, each (B, T), right-padded.
-        packed: drop padding and pack rows into bins (same result, fewer FLOPs).
+        packed: drop padding (one row with per-sequence attention, or bins; same result, fewer FLOPs);
+            a model whose attention takes neither (not SDPA or eager) runs padded.
         chunk_size: positions per LM-head chunk.
         shared_prompts: with ``packed``, the number of pairs whose rows ``i`` and ``shared_prompts + i``
             start with the same prompt (DPO batches); the prompt then runs once per pair.
@@ -167,10 +306,21 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     device = head.weight.device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     n_rows, width = ids.shape
-    if packed:
+    form = layout(lm, packed)
+    if form == "flat":
+        p = flat_layout(ids, mask, labels, shared_prompts=shared_prompts)
+        with _block_attention_for(lm.config):
+            hidden = decoder(input_ids=p["input_ids"], position_ids=p["position_ids"], use_cache=False,
+                             blocks=p["blocks"]).last_hidden_state  # (1, N, H)
+        token_index = p["token_index"]
+    elif form == "bins":
         p = pack_batch(ids, mask, labels, shared_prompts=shared_prompts, attention_ratio=_attention_ratio(decoder))
+        bins_mask = p["mask"]
+        if lm.config._attn_implementation == "eager":   # eager attention adds its mask to the scores
+            bins_mask = torch.zeros(bins_mask.shape, dtype=head.weight.dtype, device=device).masked_fill_(
+                ~bins_mask, torch.finfo(head.weight.dtype).min)
         hidden = decoder(input_ids=p["input_ids"], position_ids=p["position_ids"],
-                         attention_mask=p["mask"], use_cache=False).last_hidden_state  # (R, C, H)
+                         attention_mask=bins_mask, use_cache=False).last_hidden_state  # (R, C, H)
         token_index = p["token_index"]
     else:
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .forward import sequence_logps
+from .forward import layout, sequence_logps
 from .io import atomic_write_json
 from .models import adapter_parameters, cache_dir
 from .processes import any_process, is_sharded, local_tensor
@@ -287,13 +287,13 @@ def reference_store(model, base_model: str, load_path: str | None, packed: bool,
 
     The key hashes the base model (and what tells its versions apart, see :func:`_base_identity`, so
     a model rewritten in place gets a fresh cache), the warm-start adapter's weights, the
-    resolved device type and dtype of ``model``'s weights, and the forward's layout (packing and
-    shared prompts change the float rounding). Pairs inside are keyed by a hash of their tokens, so
-    one store serves every dataset, split and epoch.
+    resolved device type and dtype of ``model``'s weights, and the forward's layout (packing, its
+    one-row or binned form, and shared prompts change the float rounding). Pairs inside are keyed by
+    a hash of their tokens, so one store serves every dataset, split and epoch.
     """
     weight = next(model.parameters())
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{base_model}|{weight.device.type}|{weight.dtype}|"
-                       f"packed={packed}|shared={packed and share_prompts}".encode())
+                       f"packed={packed}|shared={packed and share_prompts}|layout={layout(model, packed)}".encode())
     h.update(_base_identity(base_model).encode())
     if load_path:   # its weights and its config (alpha, rank, rsLoRA scale the same weights differently)
         h.update((Path(load_path) / "adapter_model.safetensors").read_bytes())
