@@ -185,30 +185,51 @@ class LeanStep:
         """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
         boolean over the cache's positions after this one's (None: every position of every row is real);
         ``cache`` (from :func:`new_cache`) receives this token's keys and values. ``segments`` says which
-        rows run which adapter: ``(i, start, end)`` gives rows ``start:end`` the adapter ``adapters[i]``."""
-        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        hidden = self.inner.embed_tokens(tokens)                       # (B, H)
-        cos, sin = self.inner.rotary_emb(hidden, position)             # (B, 1, D)
+        rows run which adapter: ``(i, start, end)`` gives rows ``start:end`` the adapter ``adapters[i]``.
+
+        Several tokens per row (``tokens`` and ``position`` (B, n), ``mask`` (B, 1, n, L) with each
+        token's own causal row; None: causal, every position real) give logits (B, n, V): the token
+        after each, as the model's forward over them on the same cache gives them."""
+        many = tokens.dim() == 2
+        rows, n = tokens.shape[0], tokens.shape[1] if many else 1
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        hidden = self.inner.embed_tokens(tokens)                       # (B, H) or (B, n, H)
+        cos, sin = self.inner.rotary_emb(hidden, position)             # (B, n, D)
+        if many:   # one matrix row per token; attention puts each row's tokens back together
+            hidden, cos, sin = hidden.reshape(rows * n, -1), cos.reshape(rows * n, 1, dim), sin.reshape(rows * n, 1, dim)
+            segments = [(g, start * n, end * n) for g, start, end in segments]
+            if mask is None:
+                width = cache.get_seq_length() + n
+                mask = torch.ones(n, width, dtype=torch.bool, device=tokens.device).tril_(width - n)
         half, queries = dim // 2, heads * dim
         for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_t, up_t, down_t) in enumerate(self.layers):
             lora_qkv, lora_o, lora_gate, lora_up, lora_down = self.lora[i]
             x = _rms_norm(hidden, norm1, eps1)
             qkv = x @ qkv_t if qkv_bias is None else torch.addmm(qkv_bias, x, qkv_t)
             qkv = _add_lora(qkv, x, lora_qkv, segments)
-            qk = qkv[:, :queries + kv_heads * dim].view(rows, heads + kv_heads, dim)
+            qk = qkv[:, :queries + kv_heads * dim].view(rows * n, heads + kv_heads, dim)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            keys, values = cache.layers[i].update(qk[:, heads:].view(rows, kv_heads, 1, dim),
-                                                  qkv[:, queries + kv_heads * dim:].view(rows, kv_heads, 1, dim))
-            # The query heads of one key/value head attend as one group (what transformers does for one token).
-            out = torch.nn.functional.scaled_dot_product_attention(
-                qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=mask,
-                scale=scaling).reshape(rows, queries)
+            new_values = qkv[:, queries + kv_heads * dim:]
+            if many:
+                keys, values = cache.layers[i].update(qk[:, heads:].view(rows, n, kv_heads, dim).transpose(1, 2),
+                                                      new_values.view(rows, n, kv_heads, dim).transpose(1, 2))
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    qk[:, :heads].view(rows, n, heads, dim).transpose(1, 2), keys, values, attn_mask=mask,
+                    scale=scaling, enable_gqa=heads != kv_heads).transpose(1, 2).reshape(rows * n, queries)
+            else:
+                keys, values = cache.layers[i].update(qk[:, heads:].view(rows, kv_heads, 1, dim),
+                                                      new_values.view(rows, kv_heads, 1, dim))
+                # The query heads of one key/value head attend as one group (what transformers does for one token).
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim), keys, values, attn_mask=mask,
+                    scale=scaling).reshape(rows, queries)
             hidden = _add_lora(torch.addmm(hidden, out, o_t), out, lora_o, segments)
             x = _rms_norm(hidden, norm2, eps2)
             gate = _add_lora(x @ gate_t, x, lora_gate, segments)
             act = torch.nn.functional.silu(gate) * _add_lora(x @ up_t, x, lora_up, segments)
             hidden = _add_lora(torch.addmm(hidden, act, down_t), act, lora_down, segments)
-        return self.head(self.inner.norm(hidden))
+        logits = self.head(self.inner.norm(hidden))
+        return logits.view(rows, n, -1) if many else logits
 
 
 def _base_linear(module: nn.Module) -> nn.Module:

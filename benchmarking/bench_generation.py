@@ -13,7 +13,9 @@ rendered with the chat template as training renders them, answers end at ``<|im_
 - **plain**: ``model.generate(do_sample=False)`` on the PeftModel as it is (LoRA computed beside
   each adapted layer), all prompts of a case in one left-padded batch: what alignkit did before.
 - **ours**: ``alignkit.generation.generate_ids`` (what ``generate_answers``, the comparison report
-  and the ``--eval`` chat use): merged LoRA weights, a lean loop, finished rows leave the batch.
+  and the ``--eval`` chat use): merged LoRA weights, a lean loop, finished rows leave the batch; a
+  single stream checks 2 tokens drafted by prompt lookup per step (also timed without, "one token
+  per step", so the drafts' share shows).
 
 Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batch, the first 30
 prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
@@ -24,7 +26,7 @@ runs ``--repeats`` times, plain and ours alternating; medians are reported with 
 processes on the machine disturb single runs. Every run checks that both sides produced the same
 tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
 multiply the case's rows by every weight matrix once (float32 weights streamed from memory: the
-floor of any float32 decoder here). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+floor of any float32 decoder here that takes one token per row and step; drafted steps take more). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
 --format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
 """
 
@@ -95,10 +97,16 @@ def _plain(model, prompts: list[list[int]], max_new_tokens: int, stop: int, pad:
     return answers
 
 
-def _ours(model, prompts, max_new_tokens, stop, pad):
-    from alignkit.generation import generate_ids
+def _ours(model, prompts, max_new_tokens, stop, pad, draft_tokens=None):
+    from alignkit.generation import DRAFT_TOKENS, generate_ids
 
-    return generate_ids(model, prompts, max_new_tokens, [stop], pad, batch_size=len(prompts))
+    return generate_ids(model, prompts, max_new_tokens, [stop], pad, batch_size=len(prompts),
+                        draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+
+
+def _undrafted(model, prompts, max_new_tokens, stop, pad):
+    """Ours with one token per step (no prompt-lookup drafts), for the single stream's comparison."""
+    return _ours(model, prompts, max_new_tokens, stop, pad, draft_tokens=0)
 
 
 def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
@@ -130,6 +138,9 @@ def _timed(fn, *args):
 
 def _case(label, model, prompts, args, stop, pad) -> dict:
     runs = {"plain": [], "ours": []}
+    single = len(prompts) == 1   # one greedy stream drafts tokens: timed without drafts too
+    if single:
+        runs["undrafted"] = []
     identical, first_difference = True, None
     for repeat in range(args.repeats):
         plain, plain_s = _timed(_plain, model, prompts, args.max_new_tokens, stop, pad)
@@ -137,26 +148,38 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
         tokens = sum(len(a) for a in plain)
         runs["plain"].append(tokens / plain_s)
         runs["ours"].append(sum(len(a) for a in ours) / ours_s)
+        if single:
+            undrafted, undrafted_s = _timed(_undrafted, model, prompts, args.max_new_tokens, stop, pad)
+            runs["undrafted"].append(sum(len(a) for a in undrafted) / undrafted_s)
+            identical = identical and undrafted == plain
         for i, (a, b) in enumerate(zip(plain, ours, strict=True)):
             if a != b and first_difference is None:
                 at = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
                 first_difference = f"prompt {i}, token {at} of {len(a)} / {len(b)}"
         identical = identical and plain == ours
         print(f"  {label} run {repeat + 1}: plain {runs['plain'][-1]:7.1f} tok/s ({plain_s:6.1f} s)   "
-              f"ours {runs['ours'][-1]:7.1f} tok/s ({ours_s:6.1f} s)   {tokens} tokens   "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+              f"ours {runs['ours'][-1]:7.1f} tok/s ({ours_s:6.1f} s)   "
+              + (f"ours one token per step {runs['undrafted'][-1]:7.1f} tok/s   " if single else "")
+              + f"{tokens} tokens   load {os.getloadavg()[0]:.1f}", flush=True)
     result = {"prompts": len(prompts), "tokens": tokens,
               "plain_tokens_per_s": statistics.median(runs["plain"]),
               "ours_tokens_per_s": statistics.median(runs["ours"]),
               "plain_runs": runs["plain"], "ours_runs": runs["ours"], "identical": identical}
     result["speedup"] = result["ours_tokens_per_s"] / result["plain_tokens_per_s"]
+    if single:
+        result["ours_undrafted_tokens_per_s"] = statistics.median(runs["undrafted"])
+        result["undrafted_runs"] = runs["undrafted"]
+        result["drafting_speedup"] = statistics.median(a / b for a, b in zip(runs["ours"], runs["undrafted"], strict=True))
     result["matmul_bound_tokens_per_s"] = _matmul_bound(model, len(prompts))
     if first_difference:
         result["first_difference"] = first_difference
     same = "identical token for token" if identical else f"DIFFERENT (first at {first_difference})"
     print(f"{label}: plain {result['plain_tokens_per_s']:.1f} tok/s, ours {result['ours_tokens_per_s']:.1f} tok/s "
           f"(median of {args.repeats}), speedup {result['speedup']:.2f}x; outputs {same}; matmul bound "
-          f"{result['matmul_bound_tokens_per_s']:.1f} tok/s", flush=True)
+          f"{result['matmul_bound_tokens_per_s']:.1f} tok/s (one token per row and step)", flush=True)
+    if single:
+        print(f"{label}: one token per step {result['ours_undrafted_tokens_per_s']:.1f} tok/s; drafts by prompt "
+              f"lookup {result['drafting_speedup']:.2f}x (median of paired runs)", flush=True)
     return result
 
 

@@ -519,3 +519,68 @@ def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tok
     sizes.clear()
     generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts), cache_budget=1)
     assert sizes == [1] * 5   # less than one row: one row at a time
+
+
+# -- drafted single streams ------------------------------------------------------------------------
+
+
+def test_prompt_lookup_drafts_what_followed_the_longest_latest_match():
+    from alignkit.generation import PromptLookup
+
+    text = PromptLookup([5, 1, 2, 7, 8, 6, 2, 9, 4])
+    assert text.draft(3) == []                     # 4 was not seen before
+    text.extend([1, 2])
+    assert text.draft(2) == [7, 8]                 # "1 2" was followed by 7 8 (a bare "2" last by 9)
+    text.extend([3])
+    assert text.draft(5) == [] and text.draft(0) == []
+    text.extend([6, 2])
+    assert text.draft(2) == [9, 4]                 # "6 2" -> 9 4
+    text = PromptLookup([3, 3, 3])
+    assert text.draft(4) == [3]                    # only what exists after the match
+
+
+def test_several_tokens_per_step_are_the_models_own_logits(model, tokenizer):
+    prompt = torch.tensor([chat_prompt_ids(tokenizer, PROMPTS[1])])
+    following = torch.tensor([[11, 12, 13, 14]])
+    with merged_lora(model), torch.no_grad():
+        lean = LeanStep.for_model(model)
+        theirs, ours = new_cache(model, room=64), new_cache(model, room=64)
+        for cache in (theirs, ours):
+            model(input_ids=prompt, cache=cache)
+        positions = torch.arange(prompt.shape[1], prompt.shape[1] + 4)[None]
+        expected = model(input_ids=following, position_ids=positions, cache=theirs).logits
+        torch.testing.assert_close(lean(following, positions, None, ours), expected, rtol=1e-5, atol=1e-5)
+        assert ours.get_seq_length() == prompt.shape[1] + 4
+        for layer in ours.layers:   # forgetting drafted positions: the next token sees what the model's cache holds
+            layer.truncate(prompt.shape[1] + 2)
+        theirs = new_cache(model, room=64)
+        model(input_ids=torch.cat([prompt, following[:, :2]], 1), cache=theirs)
+        expected = model(input_ids=following[:, 3:], position_ids=positions[:, 2:3], cache=theirs).logits[:, -1]
+        torch.testing.assert_close(lean(following[0, 3:], positions[:, 2:3], None, ours), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer, monkeypatch):
+    steps = []
+    real = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, tokens, *a, **k: steps.append(tokens.numel()) or real(self, tokens, *a, **k))
+    repeating = make_model()   # untrained weights repeat the last tokens: drafts are right
+    for m in (repeating, model):
+        for text in PROMPTS:
+            prompt = chat_prompt_ids(tokenizer, text)
+            expected = plain_generate(m, prompt, 30, stop=-1)
+            steps.clear()
+            with merged_lora(m) if m is model else torch.no_grad():
+                undrafted = decode(m, [prompt], 30, [-1], pad_id=2, draft_tokens=0)[0]
+                assert len(steps) == 29 and max(steps) == 1   # one token per step
+                steps.clear()
+                streamed = []
+                drafted = decode(m, [prompt], 30, [-1], pad_id=2, on_token=lambda row, t: streamed.append(t))[0]
+            assert drafted == undrafted == expected == streamed
+            if m is repeating:
+                assert len(steps) < 20 and max(steps) > 1   # several tokens taken per step
+            # a stop token inside an accepted draft ends the answer there, and is streamed
+            stop = expected[7]
+            streamed.clear()
+            with merged_lora(m) if m is model else torch.no_grad():
+                cut = decode(m, [prompt], 30, [stop], pad_id=2, on_token=lambda row, t: streamed.append(t))[0]
+            assert cut == expected[:expected.index(stop)] and streamed == cut + [stop]
