@@ -10,6 +10,10 @@ token runs through :class:`LeanStep`: the same arithmetic as the model's forward
 operations (query/key/value in one matrix product, residual additions inside the products, no
 per-step mask building), which is most of the time of a single stream.
 
+A single greedy stream, the chat's, checks tokens drafted by prompt lookup (:class:`PromptLookup`)
+in one step: the step reads the weights once for all of them, and keeps those greedy decoding
+would have chosen, so an answer that repeats its prompt or conversation takes several tokens a step.
+
 :func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
 the duration, so a token costs what it costs without an adapter; the original weight tensors are
 never written, so they are exactly what they were afterwards, also when generation fails.

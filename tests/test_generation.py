@@ -564,6 +564,11 @@ def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer
     real = LeanStep.__call__
     monkeypatch.setattr(LeanStep, "__call__", lambda self, tokens, *a, **k: steps.append(tokens.numel()) or real(self, tokens, *a, **k))
     repeating = make_model()   # untrained weights repeat the last tokens: drafts are right
+    streamed = []
+
+    def stream(row, token):
+        streamed.append(token)
+
     for m in (repeating, model):
         for text in PROMPTS:
             prompt = chat_prompt_ids(tokenizer, text)
@@ -573,8 +578,8 @@ def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer
                 undrafted = decode(m, [prompt], 30, [-1], pad_id=2, draft_tokens=0)[0]
                 assert len(steps) == 29 and max(steps) == 1   # one token per step
                 steps.clear()
-                streamed = []
-                drafted = decode(m, [prompt], 30, [-1], pad_id=2, on_token=lambda row, t: streamed.append(t))[0]
+                streamed.clear()
+                drafted = decode(m, [prompt], 30, [-1], pad_id=2, on_token=stream)[0]
             assert drafted == undrafted == expected == streamed
             if m is repeating:
                 assert len(steps) < 20 and max(steps) > 1   # several tokens taken per step
@@ -582,5 +587,5 @@ def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer
             stop = expected[7]
             streamed.clear()
             with merged_lora(m) if m is model else torch.no_grad():
-                cut = decode(m, [prompt], 30, [stop], pad_id=2, on_token=lambda row, t: streamed.append(t))[0]
+                cut = decode(m, [prompt], 30, [stop], pad_id=2, on_token=stream)[0]
             assert cut == expected[:expected.index(stop)] and streamed == cut + [stop]

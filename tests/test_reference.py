@@ -98,3 +98,13 @@ def test_the_store_of_an_adapter_changes_with_its_config_too(tmp_path):
     assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder == same
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128, "target_modules": ["v", "q"]}))
     assert reference_store(model, "base", str(adapter), True, True, root=tmp_path / "stores").folder not in (first, same)
+
+
+def test_the_store_is_kept_per_forward_layout(tmp_path, make_model):
+    """One-row, binned and padded forwards round differently: each keeps its own reference log-probs."""
+    model = make_model()
+    folders = set()
+    for attention, packed in (("sdpa", True), ("eager", True), ("sdpa", False)):
+        model.config._attn_implementation = attention
+        folders.add(reference_store(model, "base", None, packed, True, root=tmp_path).folder)
+    assert len(folders) == 3
