@@ -223,11 +223,23 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
 @functools.cache
 def _register_block_attention() -> None:
     """Make :func:`block_attention` known to transformers (once): its attention function, and a mask
-    function that builds no mask (the blocks say who sees whom)."""
+    function that builds no mask (the blocks say who sees whom).
+
+    Gradient checkpointing recomputes a layer's forward during backward, after the forward has set the
+    model's attention implementation back to SDPA, with the same arguments (``blocks`` among them).
+    So SDPA's function is wrapped too: given ``blocks`` it computes :func:`block_attention`, otherwise
+    exactly what it computed before."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
+    def sdpa_or_blocks(module, query, key, value, attention_mask, *args, blocks=None, **kwargs):
+        if blocks is not None:
+            return block_attention(module, query, key, value, attention_mask, *args, blocks=blocks, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
     AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+    AttentionInterface.register("sdpa", sdpa_or_blocks)
     AttentionMaskInterface.register(BLOCK_ATTENTION, lambda *args, **kwargs: None)
 
 

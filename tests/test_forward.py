@@ -128,6 +128,29 @@ def test_flat_and_binned_layouts_give_the_same_gradients(tokenizer, rows, make_m
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_block_attention_under_gradient_checkpointing_gives_the_same_gradients(tokenizer, rows, make_model):
+    """Recomputed layers get the blocks too: the same loss and LoRA gradients as without checkpointing."""
+    batch = PreferenceGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows)).reset()
+    results = []
+    for checkpointing in (False, True):
+        model = add_lora(make_model())
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        logps, _ = sequence_logps(model, batch, shared_prompts=len(rows))
+        logps.sum().backward()
+        results.append((logps.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    torch.testing.assert_close(recomputed, plain)
+    assert all(g.abs().sum() > 0 for g in plain_grads)
+    for a, b in zip(recomputed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_eager_attention_takes_the_bins_and_the_config_is_restored(tokenizer, rows, make_model):
     gym = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=len(rows))
     batch = gym._collate(gym.train_examples)
