@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
-from .lean_step import LeanStep, adapter_segments
+from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments
 from .quality import Answer
 
 
@@ -219,45 +219,6 @@ def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> 
         full = full.softmax(-1)
         out[wide] = _draw(full.masked_fill(full.cumsum(-1) - full >= top_p, 0.0), uniform[wide], order)
     return out
-
-
-DRAFT_TOKENS = 2
-"""Tokens a single greedy stream drafts by prompt lookup and checks in one step (see :func:`decode`): a
-step of 3 tokens costs ~1.2x one of 1 token on the CPU, a step of 4 or more ~1.5x."""
-
-
-class PromptLookup:
-    """Drafts for greedy decoding by prompt lookup: the tokens that followed the latest earlier
-    occurrence of the text's last ``longest`` tokens (or, failing that, of fewer: down to one).
-
-    Answers, and chat answers most of all, repeat what the prompt or the conversation already says:
-    names, phrases, code. Each n-gram of the text is indexed as the text grows, so a draft costs a
-    dictionary lookup per n-gram length, whatever the length of the text.
-    """
-
-    def __init__(self, tokens: list[int], longest: int = 3):
-        self.tokens: list[int] = []
-        self.longest = longest
-        self._next = [{} for _ in range(longest)]   # per n: n-gram -> index of the token that followed it last
-        self.extend(tokens)
-
-    def extend(self, tokens: list[int]) -> None:
-        """Append ``tokens`` to the text."""
-        for token in tokens:
-            end = len(self.tokens)   # the n-grams ending just before this token are followed by it
-            for n in range(1, min(self.longest, end) + 1):
-                self._next[n - 1][tuple(self.tokens[end - n:end])] = end
-            self.tokens.append(token)
-
-    def draft(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens that could come next; empty when the text's end was not seen before."""
-        if limit < 1:
-            return []
-        for n in range(min(self.longest, len(self.tokens)), 0, -1):
-            start = self._next[n - 1].get(tuple(self.tokens[-n:]))
-            if start is not None:
-                return self.tokens[start:start + limit]
-        return []
 
 
 def _lookup_decode(lean: LeanStep, cache, prompt: list[int], logits: torch.Tensor, max_new_tokens: int,
