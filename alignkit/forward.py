@@ -187,6 +187,12 @@ def flat_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
             "token_index": token_index, "blocks": tuple(blocks)}
 
 
+def causal_at_end(queries: int, width: int, device=None) -> torch.Tensor:
+    """(queries, width) boolean mask of the last ``queries`` of ``width`` positions attending causally:
+    query ``i`` sees positions ``0 .. width - queries + i`` (new tokens after a prefix they all see)."""
+    return torch.ones(queries, width, dtype=torch.bool, device=device).tril_(width - queries)
+
+
 BLOCK_ATTENTION = "alignkit_blocks"
 """The attention implementation name under which :func:`block_attention` is registered with transformers."""
 
@@ -212,9 +218,7 @@ def block_attention(module, query, key, value, attention_mask, dropout: float = 
         else:
             k = torch.cat([keys[s][:, :, start:end] for s, start, end in sources], dim=2)
             v = torch.cat([values[s][:, :, start:end] for s, start, end in sources], dim=2)
-            width = k.shape[2]
-            causal = False
-            mask = torch.ones(n, width, dtype=torch.bool, device=query.device).tril_(width - n)
+            causal, mask = False, causal_at_end(n, k.shape[2], query.device)
         outs.append(torch.nn.functional.scaled_dot_product_attention(
             queries[b], k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling, **gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None

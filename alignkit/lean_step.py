@@ -16,6 +16,8 @@ import itertools
 import torch
 from torch import nn
 
+from .forward import causal_at_end
+
 BASE = "__base__"
 """The adapter name of a row that runs the base model alone (PEFT's name for it in mixed batches)."""
 
@@ -241,8 +243,7 @@ class LeanStep:
             hidden, cos, sin = hidden.reshape(rows * n, -1), cos.reshape(rows * n, 1, dim), sin.reshape(rows * n, 1, dim)
             segments = [(g, start * n, end * n) for g, start, end in segments]
             if mask is None:
-                width = cache.get_seq_length() + n
-                mask = torch.ones(n, width, dtype=torch.bool, device=tokens.device).tril_(width - n)
+                mask = causal_at_end(n, cache.get_seq_length() + n, tokens.device)
         half, queries = dim // 2, heads * dim
         for i, (norm1, eps1, qkv_t, qkv_bias, o_t, scaling, norm2, eps2, gate_t, up_t, down_t) in enumerate(self.layers):
             lora_qkv, lora_o, lora_gate, lora_up, lora_down = self.lora[i]
