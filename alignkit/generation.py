@@ -311,7 +311,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     cache = new_cache(model, room=width + max_new_tokens)
-    lean = LeanStep.for_model(model, tuple(names))
+    lean = LeanStep.for_model(model, tuple(names), pack_rows=len(prompts))
     padded = any(len(p) < width for p in prompts)   # without padding no position needs masking
 
     def per_row():   # the model's own forward takes each row's adapter name

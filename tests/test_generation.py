@@ -127,14 +127,20 @@ def _steps_agree(model, tokenizer, lean) -> None:
             torch.testing.assert_close(lean_logits, logits, rtol=1e-5, atol=1e-5)
 
 
-def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer):
+@pytest.mark.parametrize("pack_rows", [None, len(PROMPTS)])
+def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer, pack_rows):
+    from alignkit.lean_step import weight_packing
+
+    if pack_rows and not weight_packing():
+        pytest.skip("this build of torch cannot pack weights for its matrix library")
     with merged_lora(model):
-        lean = LeanStep.for_model(model)
+        lean = LeanStep.for_model(model, pack_rows=pack_rows)
         assert lean is not None   # the tiny Llama with merged LoRA takes the lean step
+        assert (lean.head.packed is not None) == bool(pack_rows)   # 4 rows: packed products
         _steps_agree(model, tokenizer, lean)
     qwen = _qwen2(len(tokenizer))   # query/key/value biases
     assert qwen.model.layers[0].self_attn.q_proj.bias is not None
-    _steps_agree(qwen, tokenizer, LeanStep.for_model(qwen))
+    _steps_agree(qwen, tokenizer, LeanStep.for_model(qwen, pack_rows=pack_rows))
 
 
 def test_models_the_lean_step_does_not_compute_decode_with_their_own_forward(model, make_model, tokenizer):
@@ -474,7 +480,7 @@ def test_rows_of_several_adapters_answer_as_each_adapter_alone(make_model, token
     for batch_size in (len(every), 5):
         assert generate_ids(model, every, 10, [stop], pad_id=2, batch_size=batch_size, adapters=names) == want
     # the model's own forward with PEFT's per-row adapter names answers the same
-    monkeypatch.setattr(LeanStep, "for_model", classmethod(lambda cls, model, adapters=(): None))
+    monkeypatch.setattr(LeanStep, "for_model", classmethod(lambda cls, model, adapters=(), pack_rows=None: None))
     assert decode(model, every, 10, [stop], 2, adapters=names) == want
     with pytest.raises(ValueError, match="adapter names for"):
         decode(model, every, 10, [stop], 2, adapters=names[:2])
