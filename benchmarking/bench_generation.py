@@ -26,8 +26,9 @@ configuration at a time against all in shared batches (each row adding its own a
 runs ``--repeats`` times, plain and ours alternating; medians are reported with min-max, since other
 processes on the machine disturb single runs. Every run checks that both sides produced the same
 tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
-multiply the case's rows by every weight matrix once (float32 weights streamed from memory: the
-floor of any float32 decoder here that takes one token per row and step; drafted steps take more). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+multiply the case's rows by every weight matrix once (float32 weights streamed from memory, packed
+as ours packs them: the floor of any float32 decoder here that takes one token per row and step;
+drafted steps take more). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
 --format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
 """
 
@@ -112,21 +113,23 @@ def _undrafted(model, prompts, max_new_tokens, stop, pad):
 
 def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
     """Tokens/s if a decoding step cost nothing but multiplying ``rows`` rows by every weight matrix
-    of the model once (LoRA merged, as ours decodes): the bound the machine puts on any float32
-    decoder that keeps every row in the batch for every step, before attention, norms or Python.
-    Best of ``repeats`` passes, so it is optimistic (weights partly left in cache by the last pass)."""
+    of the model once (LoRA merged, as ours decodes; packed for MKL where ours packs them, see
+    ``alignkit.lean_step.Product``): the bound the machine puts on any float32 decoder that keeps every
+    row in the batch for every step, before attention, norms or Python. Best of ``repeats`` passes, so
+    it is optimistic (weights partly left in cache by the last pass)."""
     import torch
 
     from alignkit.generation import merged_lora
+    from alignkit.lean_step import Product
 
     with merged_lora(model), torch.no_grad():
-        weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        products = [Product(m.weight, pack_rows=rows) for m in model.modules() if type(m) is torch.nn.Linear]
+        inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
         best = float("inf")
         for _ in range(repeats + 1):   # the first pass only warms up
             start = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            for product in products:
+                product(inputs[product.weight.shape[1]])
             best = min(best, time.perf_counter() - start)
     return rows / best
 
