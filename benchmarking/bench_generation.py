@@ -6,7 +6,8 @@
 
 The model is the embedded SmolLM2-135M-Instruct in float32 on the CPU with a LoRA adapter: the one
 at ``--adapter``, or a fresh one (r=16 on q/k/v/o, ``alignkit.models.add_lora``) whose ``lora_B`` is
-drawn from N(0, 0.02) with seed 0, so the adapter changes the answers. Greedy decoding, prompts
+drawn from N(0, 0.02) and ``lora_A`` from U(-1/sqrt(in), 1/sqrt(in)), seeded 0, so the adapter changes
+the answers and is the same in every run. Greedy decoding, prompts
 rendered with the chat template as training renders them, answers end at ``<|im_end|>`` or after
 ``--max-new-tokens``.
 
@@ -69,14 +70,22 @@ def _model(adapter: str | None):
 
 
 def _noisy_lora(model, name: str, seed: int):
-    """``model`` with the ``lora_B`` of its adapter ``name`` drawn from N(0, 0.02) (seeded), so it changes answers."""
+    """``model`` with both matrices of its adapter ``name`` drawn from seeded generators, so the adapter
+    changes answers and is the same in every run: ``lora_B`` from N(0, 0.02) and ``lora_A`` from
+    U(-1/sqrt(in), 1/sqrt(in)) (PEFT draws ``lora_A`` from the global generator, whose state depends
+    on what ran before)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            if "lora_B" in param_name and f".{name}." in param_name:
+            if f".{name}." not in param_name:
+                continue
+            if "lora_B" in param_name:
                 param.normal_(0.0, 0.02, generator=generator)
+            elif "lora_A" in param_name:
+                bound = param.shape[1] ** -0.5
+                param.uniform_(-bound, bound, generator=generator)
     return model
 
 
@@ -289,7 +298,7 @@ def run(args) -> int:
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     encode = [chat_prompt_ids(tokenizer, p) for p in DEFAULT_PROMPTS]
     results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
-                     "adapter": args.adapter or "fresh LoRA, lora_B ~ N(0, 0.02)", "repeats": args.repeats}
+                     "adapter": args.adapter or "fresh LoRA, seeded: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)), lora_B ~ N(0, 0.02)", "repeats": args.repeats}
     # One short warm-up of each path, so neither pays first-call costs in the timings.
     _plain(model, encode[:2], 4, stop, pad)
     _ours(model, encode[:2], 4, stop, pad)
