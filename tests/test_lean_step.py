@@ -20,7 +20,7 @@ def test_packed_products_equal_the_plain_ones_for_any_row_count(with_bias):
     product = Product(weight, bias, pack_rows=16)   # packed for 16 rows, used for every count
     assert product.packed is not None
     for rows in (1, 2, 3, 4, 5, 16, 17, 130):
-        x = torch.randn(rows, 48, generator=generator, dtype=torch.float64).float()
+        x = torch.randn(rows, 48, generator=generator)
         residual = torch.randn(rows, 70, generator=generator)
         expected = x.double() @ weight.double().t() + (bias.double() if with_bias else 0)
         torch.testing.assert_close(product(x).double(), expected, rtol=1e-5, atol=1e-4)
@@ -37,6 +37,7 @@ def test_weights_are_packed_only_where_it_helps():
     assert Product(weight.double(), pack_rows=8).packed is None             # MKL's packed product is float32
 
 
+@packing
 def test_no_packed_copy_without_memory_for_it(monkeypatch, make_model):
     import psutil
 
