@@ -112,11 +112,11 @@ class Product:
         rows = x.shape[0]
         if self.packed is not None and rows >= PACKED_FROM_ROWS:
             out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
-            return out if residual is None else out.add_(residual)
-        if residual is not None:
-            return torch.addmm(residual, x, self.weight_t) if self.bias is None else \
-                torch.addmm(self.bias, x, self.weight_t).add_(residual)
-        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        elif self.bias is None:   # the residual, if any, added inside the product
+            return x @ self.weight_t if residual is None else torch.addmm(residual, x, self.weight_t)
+        else:
+            out = torch.addmm(self.bias, x, self.weight_t)
+        return out if residual is None else out.add_(residual)
 
 
 def _room_for_copy(lm) -> bool:
