@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .errors import RunInterrupted, UserError
 from .processes import is_main_process
+
+# Under a multi-process launch a user mistake is found by every process and said once, by process 0.
+# Another process that finds it first waits this long before saying it too: the launcher ends the
+# launch, and this process with it, as soon as process 0 exits, so the line is printed once whichever
+# process gets there first, and still printed when only this process found it.
+OTHERS_WAIT_S = 20.0
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -22,14 +29,15 @@ class ArgParser(argparse.ArgumentParser):
 
 def guarded(fn, *args) -> int:
     """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
-    a UserError becomes one line on stderr and exit code 2, a run stopped by a signal its own line
+    a UserError becomes one line on stderr and exit code 2 (under a multi-process launch, once), a run stopped by a signal its own line
     and 128 + the signal's number, Ctrl-C elsewhere exit code 130."""
     try:
         result = fn(*args)
         return result if isinstance(result, int) else 0
     except UserError as exc:
-        if is_main_process():  # under a multi-process launch every process has it: say it once
-            print(f"error: {exc}", file=sys.stderr)
+        if not is_main_process():
+            time.sleep(OTHERS_WAIT_S)   # process 0 says it, and the launcher stops this one meanwhile
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:
         if is_main_process():

@@ -34,6 +34,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# The command line with process 0 slow to start: another process finds a mistake first and exits, and
+# the launcher must not stop process 0 before it has said what the mistake is.
+SLOW_MAIN = """
+import os, sys, time
+if os.environ.get("RANK") == "0":
+    time.sleep(4)
+from alignkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 # accelerate builds FSDP and DeepSpeed for GPU processes only (CPU ones come back as plain DDP). This
 # entry point lets their paths run on the CPU processes the launcher starts (FSDP2: fully_shard of each
 # decoder layer and the root, sharded optimizer; DeepSpeed: its plugin and config, deepspeed.initialize,
@@ -160,11 +171,14 @@ def test_bad_launches_are_one_line_and_no_process_waits_forever(tiny_model_dir, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors == [
         "error: --batch-size 3 does not split evenly over 2 processes; give a multiple of 2"]
-    proc = _launch([str(DEMO), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "gpu")[:-2]])   # no --device cpu
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and errors == [
-        "error: accelerate launched 2 processes but this machine has no CUDA device; for CPU processes pass "
-        "--device cpu (see configs/accelerate/ddp_cpu.yaml)"]
+    slow = tmp_path / "slow_main.py"
+    slow.write_text(SLOW_MAIN)
+    for script in (DEMO, slow):
+        proc = _launch([str(script), "sft", *_flags(tiny_model_dir, rows_file, tmp_path / "gpu")[:-2]])  # no --device
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode != 0 and errors == [
+            "error: accelerate launched 2 processes but this machine has no CUDA device; for CPU processes pass "
+            "--device cpu (see configs/accelerate/ddp_cpu.yaml)"], proc.stderr[-3000:]
     proc = _launch([str(DEMO), "sft", "--eval", "--load-path", str(tmp_path)])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors == [
@@ -326,3 +340,22 @@ def test_two_processes_on_a_cold_cache_convert_a_gguf_model_once(tokenizer, rows
     assert [f.name.split("-")[0] for f in converted] == ["tiny"]   # one folder, no temporary one left
     assert (converted[0] / "model.safetensors").is_file()
     assert (tmp_path / "out" / "actor" / "adapter_model.safetensors").is_file()
+
+
+def test_a_mistake_only_another_process_finds_is_still_said(monkeypatch, capsys):
+    # process 0 is fine (the launcher does not end this process): after its wait this one says it
+    import alignkit.cliutil as cliutil
+    from alignkit.errors import UserError
+
+    def mistake():
+        raise UserError("only process 1 sees this")
+
+    waits = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cliutil.time, "sleep", waits.append)
+    assert cliutil.guarded(mistake) == 2
+    assert waits == [cliutil.OTHERS_WAIT_S]
+    assert capsys.readouterr().err == "error: only process 1 sees this\n"
+    monkeypatch.setenv("RANK", "0")
+    assert cliutil.guarded(mistake) == 2 and waits == [cliutil.OTHERS_WAIT_S]   # process 0 says it at once
+    assert capsys.readouterr().err == "error: only process 1 sees this\n"
