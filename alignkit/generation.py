@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
-from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments
+from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments, staying_rows
 from .quality import Answer
 
 
@@ -342,12 +342,12 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
             if step == max_new_tokens - 1 or all(ended_list):
                 break
             if any(ended_list):   # finished rows leave the batch: no more work for them
-                keep = (~ended).nonzero().squeeze(1)
+                order = staying_rows(ended_list, groups)
+                keep = torch.tensor(order, dtype=torch.long, device=device)
                 cache.batch_select_indices(keep)
-                rows = [r for r, end in zip(rows, ended_list, strict=True) if not end]
-                groups = [g for g, end in zip(groups, ended_list, strict=True) if not end]
+                rows, groups = [rows[i] for i in order], [groups[i] for i in order]
                 if drawing is not None:
-                    drawing = [g for g, end in zip(drawing, ended_list, strict=True) if not end]
+                    drawing = [drawing[i] for i in order]
                 segments = adapter_segments(groups)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None
@@ -422,13 +422,16 @@ def _roomy_layer_type():
                 self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
         def batch_select_indices(self, indices) -> None:
-            # Rows only leave: the kept rows' filled positions move to the front of the same buffers
-            # (no fresh allocation, and the empty room is not copied).
+            # Rows only leave: row j of the batch becomes old row indices[j], in the same buffers (no fresh
+            # allocation, the empty room not copied, and rows already in their place not copied either).
             if self.is_initialized:
-                kept = indices.shape[0] if isinstance(indices, torch.Tensor) else len(indices)
-                for buffer in (self._keys, self._values):
-                    filled = buffer[:, :, :self.length]
-                    buffer[:kept, :, :self.length] = filled[indices]
+                indices = torch.as_tensor(indices, dtype=torch.long, device=self._keys.device)
+                kept = indices.shape[0]
+                moved = (indices != torch.arange(kept, device=indices.device)).nonzero().squeeze(1)
+                if moved.numel():
+                    sources = indices[moved]
+                    for buffer in (self._keys, self._values):
+                        buffer[moved, :, :self.length] = buffer[sources, :, :self.length]   # read, then written
                 self._keys, self._values = self._keys[:kept], self._values[:kept]
                 self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 

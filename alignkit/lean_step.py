@@ -173,6 +173,23 @@ def adapter_segments(groups: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def staying_rows(ended: list[bool], groups: list[int]) -> list[int]:
+    """The batch's next row order when the rows marked in ``ended`` leave: the old index of each row that
+    stays, the rows of each group (``groups``, contiguous as :func:`adapter_segments` needs them) still
+    contiguous and in the same order of groups. Rows already inside their group's new range keep their
+    place; the others fill its gaps, so only a few rows move (one per group behind a leaving row), where
+    keeping the order would move every row behind it."""
+    order: list[int] = []
+    for _group, start, end in adapter_segments(groups):
+        staying = [i for i in range(start, end) if not ended[i]]
+        first = len(order)
+        new_end = first + len(staying)
+        in_place = {i for i in staying if first <= i < new_end}
+        movers = iter(i for i in staying if i not in in_place)
+        order += [slot if slot in in_place else next(movers) for slot in range(first, new_end)]
+    return order
+
+
 def _add_lora(out: torch.Tensor, x: torch.Tensor, pieces, segments) -> torch.Tensor:
     """``out`` with each row's low-rank update added in place: rows ``start:end`` of group ``g`` get
     ``x[start:end] @ a_t @ b_t`` where ``pieces[g]`` is ``(a_t, b_t)`` (the scaling folded into ``b_t``)

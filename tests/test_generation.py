@@ -423,14 +423,36 @@ def test_roomy_cache_keeps_the_rows_that_stay_exactly_as_a_plain_cache_does(make
             got = cache.layers[0].update(keys, values)
         return got
 
-    append(4, 3)
+    append(5, 3)
     for cache in (roomy, plain):
-        cache.batch_select_indices(torch.tensor([1, 3]))   # rows 0 and 2 leave
+        cache.batch_select_indices(torch.tensor([4, 1, 3]))   # rows 0 and 2 leave, row 4 takes row 0's place
+    append(3, 1)
+    for cache in (roomy, plain):
+        cache.batch_select_indices(torch.tensor([1, 2]))   # row 0 leaves, the others move up
     append(2, 1)
     keys, values = append(2, 4)   # past the room: the buffers grow
-    assert roomy.layers[0].get_seq_length() == 8
+    assert roomy.layers[0].get_seq_length() == 9
     assert torch.equal(keys, plain.layers[0].keys) and torch.equal(values, plain.layers[0].values)
     assert torch.equal(roomy.layers[0].keys, plain.layers[0].keys)
+
+
+@pytest.mark.parametrize("ended, groups, order", [
+    ([False, True, False, False], [0, 0, 0, 0], [0, 3, 2]),              # the last row fills the gap
+    ([True, False, False, False], [0, 0, 0, 0], [3, 1, 2]),
+    ([False, False, False, True], [0, 0, 0, 0], [0, 1, 2]),              # nothing moves
+    ([False, True, False, False, False, False], [0, 0, 0, 1, 1, 2], [0, 2, 4, 3, 5]),
+    ([True, True, False, True, False, False], [0, 0, 1, 1, 1, 2], [2, 4, 5]),
+    ([True, True], [0, 1], []),
+])
+def test_rows_that_stay_keep_their_place_and_their_adapter_groups(ended, groups, order):
+    from alignkit.lean_step import adapter_segments, staying_rows
+
+    got = staying_rows(ended, groups)
+    assert got == order
+    assert sorted(got) == [i for i, end in enumerate(ended) if not end]
+    new_groups = [groups[i] for i in got]
+    assert new_groups == sorted(new_groups)   # each adapter's rows one slice, in the same order
+    assert len(adapter_segments(new_groups)) == len(set(new_groups))
 
 
 # -- several adapters in one batch ----------------------------------------------------------------
