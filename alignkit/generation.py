@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
-from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments, staying_rows
+from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments, prompt_mask, staying_rows
 from .quality import Answer
 
 
@@ -318,8 +318,11 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
         return {"adapter_names": [adapters[r] for r in rows]} if adapters else {}
 
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
+        if lean is not None:   # the prompts through the lean step too: ~1.5x the model's own forward
+            logits = lean(ids, positions, prompt_mask(mask) if padded else None, cache, segments, last_only=True)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
         position = positions[:, -1:]
         if (lean is not None and draft_tokens > 0 and len(prompts) == 1 and sampling.greedy
                 and sampling.repetition_penalty == 1 and all(hasattr(layer, "truncate") for layer in cache.layers)):

@@ -98,19 +98,20 @@ class Product:
     instead of ~40-55 ms (the library no longer repacks each weight per call). The copy costs the
     weight's size again in memory."""
 
-    __slots__ = ("weight", "weight_t", "bias", "packed")
+    __slots__ = ("weight", "weight_t", "bias", "packed", "pack_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack_rows: int | None = None):
         self.weight, self.weight_t, self.bias = weight, weight.t(), bias
-        self.packed = None
+        self.packed, self.pack_rows = None, pack_rows or 0
         if pack_rows and pack_rows >= PACKED_FROM_ROWS and weight.device.type == "cpu" \
                 and weight.dtype == torch.float32 and weight_packing():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), pack_rows)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T + bias``, plus ``residual`` when given."""
+        """``x @ weight.T + bias``, plus ``residual`` when given. More rows than ``pack_rows`` (a prompt's
+        tokens) take the plain product: a copy packed for few rows multiplies thousands ~15% slower."""
         rows = x.shape[0]
-        if self.packed is not None and rows >= PACKED_FROM_ROWS:
+        if self.packed is not None and PACKED_FROM_ROWS <= rows <= self.pack_rows:
             out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
         elif self.bias is None:   # the residual, if any, added inside the product
             return x @ self.weight_t if residual is None else torch.addmm(residual, x, self.weight_t)
@@ -316,7 +317,7 @@ class LeanStep:
         return cls(lm, adapters, pack_rows)
 
     def __call__(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache,
-                 segments: list[tuple[int, int, int]] = ()) -> torch.Tensor:
+                 segments: list[tuple[int, int, int]] = (), last_only: bool = False) -> torch.Tensor:
         """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
         boolean over the cache's positions after this one's (None: every position of every row is real);
         ``cache`` (from :func:`new_cache`) receives this token's keys and values. ``segments`` says which
@@ -324,7 +325,8 @@ class LeanStep:
 
         Several tokens per row (``tokens`` and ``position`` (B, n), ``mask`` (B, 1, n, L) with each
         token's own causal row; None: causal, every position real) give logits (B, n, V): the token
-        after each, as the model's forward over them on the same cache gives them."""
+        after each, as the model's forward over them on the same cache gives them; with ``last_only``
+        only the last token's, (B, V), as for a prompt (see :func:`prompt_mask`)."""
         many = tokens.dim() == 2
         rows, n = tokens.shape[0], tokens.shape[1] if many else 1
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
@@ -361,8 +363,20 @@ class LeanStep:
             act = torch.nn.functional.silu(_add_lora(gate(x), x, lora_gate, segments)) * _add_lora(
                 up(x), x, lora_up, segments)
             hidden = _add_lora(down(act, hidden), act, lora_down, segments)
+        if many and last_only:
+            return self.head(self.inner.norm(hidden.view(rows, n, -1)[:, -1]))
         logits = self.head(self.inner.norm(hidden))
         return logits.view(rows, n, -1) if many else logits
+
+
+def prompt_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, n, n) boolean attention mask of left-padded prompts with ``mask`` (B, n) marking their
+    real tokens: each token sees the real tokens up to itself. A padding position sees only itself, so
+    its (unused) values stay finite and never reach a real token, which never sees it."""
+    n = mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
+    seen = causal & mask.bool()[:, None, :]
+    return (seen | torch.eye(n, dtype=torch.bool, device=mask.device))[:, None]
 
 
 def _base_linear(module: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from alignkit.generation import (
     merged_lora,
     new_cache,
 )
+from alignkit.lean_step import prompt_mask
 from alignkit.models import add_lora
 
 PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to bake bread in the mountains.", "Why?",
@@ -104,8 +105,8 @@ def _qwen2(vocab_size: int, **options):
 
 
 def _steps_agree(model, tokenizer, lean) -> None:
-    """Prefill left-padded prompts, then feed the same tokens to the model's forward and to ``lean``
-    on two caches: the logits agree at every step."""
+    """Left-padded prompts, then the same tokens, through the model's forward and through ``lean`` on two
+    caches: the logits agree for the prompts and at every step after them."""
     prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), 2)
@@ -115,8 +116,9 @@ def _steps_agree(model, tokenizer, lean) -> None:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     theirs, ours = new_cache(model, room=width + 6), new_cache(model, room=width + 6)
     with torch.no_grad():
-        for cache in (theirs, ours):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=theirs).logits[:, -1]
+        torch.testing.assert_close(lean(ids, positions, prompt_mask(mask), ours, last_only=True), logits,
+                                   rtol=1e-5, atol=1e-5)
         position = positions[:, -1:]
         for _ in range(5):
             tokens = logits.argmax(-1)
@@ -436,6 +438,18 @@ def test_roomy_cache_keeps_the_rows_that_stay_exactly_as_a_plain_cache_does(make
     assert torch.equal(roomy.layers[0].keys, plain.layers[0].keys)
 
 
+def test_a_prompt_sees_its_own_real_tokens_up_to_itself():
+
+
+    got = prompt_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert got.shape == (2, 1, 4, 4)
+    assert got[0, 0].int().tolist() == [[1, 0, 0, 0],    # padding sees only itself
+                                         [0, 1, 0, 0],
+                                         [0, 0, 1, 0],    # real tokens never see the padding
+                                         [0, 0, 1, 1]]
+    assert got[1, 0].int().tolist() == torch.ones(4, 4).tril().int().tolist()
+
+
 @pytest.mark.parametrize("ended, groups, order", [
     ([False, True, False, False], [0, 0, 0, 0], [0, 3, 2]),              # the last row fills the gap
     ([True, False, False, False], [0, 0, 0, 0], [3, 1, 2]),
@@ -604,13 +618,14 @@ def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer
             steps.clear()
             with merged_lora(m) if m is model else torch.no_grad():
                 undrafted = decode(m, [prompt], 30, [-1], pad_id=2, draft_tokens=0)[0]
-                assert len(steps) == 29 and max(steps) == 1   # one token per step
+                assert steps[0] == len(prompt)   # the prompt, through the lean step as well
+                assert len(steps) == 30 and max(steps[1:]) == 1   # then one token per step
                 steps.clear()
                 streamed.clear()
                 drafted = decode(m, [prompt], 30, [-1], pad_id=2, on_token=stream)[0]
             assert drafted == undrafted == expected == streamed
             if m is repeating:
-                assert len(steps) < 20 and max(steps) > 1   # several tokens taken per step
+                assert len(steps) < 21 and max(steps[1:]) > 1   # several tokens taken per step
             # a stop token inside an accepted draft ends the answer there, and is streamed
             stop = expected[7]
             streamed.clear()
