@@ -438,37 +438,6 @@ def test_roomy_cache_keeps_the_rows_that_stay_exactly_as_a_plain_cache_does(make
     assert torch.equal(roomy.layers[0].keys, plain.layers[0].keys)
 
 
-def test_a_prompt_sees_its_own_real_tokens_up_to_itself():
-
-
-    got = prompt_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
-    assert got.shape == (2, 1, 4, 4)
-    assert got[0, 0].int().tolist() == [[1, 0, 0, 0],    # padding sees only itself
-                                         [0, 1, 0, 0],
-                                         [0, 0, 1, 0],    # real tokens never see the padding
-                                         [0, 0, 1, 1]]
-    assert got[1, 0].int().tolist() == torch.ones(4, 4).tril().int().tolist()
-
-
-@pytest.mark.parametrize("ended, groups, order", [
-    ([False, True, False, False], [0, 0, 0, 0], [0, 3, 2]),              # the last row fills the gap
-    ([True, False, False, False], [0, 0, 0, 0], [3, 1, 2]),
-    ([False, False, False, True], [0, 0, 0, 0], [0, 1, 2]),              # nothing moves
-    ([False, True, False, False, False, False], [0, 0, 0, 1, 1, 2], [0, 2, 4, 3, 5]),
-    ([True, True, False, True, False, False], [0, 0, 1, 1, 1, 2], [2, 4, 5]),
-    ([True, True], [0, 1], []),
-])
-def test_rows_that_stay_keep_their_place_and_their_adapter_groups(ended, groups, order):
-    from alignkit.lean_step import adapter_segments, staying_rows
-
-    got = staying_rows(ended, groups)
-    assert got == order
-    assert sorted(got) == [i for i, end in enumerate(ended) if not end]
-    new_groups = [groups[i] for i in got]
-    assert new_groups == sorted(new_groups)   # each adapter's rows one slice, in the same order
-    assert len(adapter_segments(new_groups)) == len(set(new_groups))
-
-
 # -- several adapters in one batch ----------------------------------------------------------------
 
 
@@ -564,21 +533,6 @@ def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tok
 
 
 # -- drafted single streams ------------------------------------------------------------------------
-
-
-def test_prompt_lookup_drafts_what_followed_the_longest_latest_match():
-    from alignkit.generation import PromptLookup
-
-    text = PromptLookup([5, 1, 2, 7, 8, 6, 2, 9, 4])
-    assert text.draft(3) == []                     # 4 was not seen before
-    text.extend([1, 2])
-    assert text.draft(2) == [7, 8]                 # "1 2" was followed by 7 8 (a bare "2" last by 9)
-    text.extend([3])
-    assert text.draft(5) == [] and text.draft(0) == []
-    text.extend([6, 2])
-    assert text.draft(2) == [9, 4]                 # "6 2" -> 9 4
-    text = PromptLookup([3, 3, 3])
-    assert text.draft(4) == [3]                    # only what exists after the match
 
 
 def test_several_tokens_per_step_are_the_models_own_logits(model, tokenizer):

@@ -1,4 +1,5 @@
-"""The lean step's products: weights packed once for the CPU's matrix library."""
+"""The lean step's parts: products with weights packed once for the CPU's matrix library, the prompts'
+attention mask, the rows that stay in a batch, drafts by prompt lookup."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 
 from alignkit import lean_step
-from alignkit.lean_step import PACKED_FROM_ROWS, Product, weight_packing
+from alignkit.lean_step import (
+    PACKED_FROM_ROWS,
+    Product,
+    PromptLookup,
+    adapter_segments,
+    prompt_mask,
+    staying_rows,
+    weight_packing,
+)
 
 packing = pytest.mark.skipif(not weight_packing(), reason="this build of torch cannot pack weights for MKL")
 
@@ -47,3 +56,43 @@ def test_no_packed_copy_without_memory_for_it(monkeypatch, make_model):
     lean = lean_step.LeanStep.for_model(make_model(), pack_rows=32)
     assert lean is not None and lean.head.packed is None
     assert all(product.packed is None for layer in lean.layers for product in layer if isinstance(product, Product))
+
+
+def test_a_prompt_sees_its_own_real_tokens_up_to_itself():
+    got = prompt_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert got.shape == (2, 1, 4, 4)
+    assert got[0, 0].int().tolist() == [[1, 0, 0, 0],    # padding sees only itself
+                                         [0, 1, 0, 0],
+                                         [0, 0, 1, 0],    # real tokens never see the padding
+                                         [0, 0, 1, 1]]
+    assert got[1, 0].int().tolist() == torch.ones(4, 4).tril().int().tolist()
+
+
+@pytest.mark.parametrize("ended, groups, order", [
+    ([False, True, False, False], [0, 0, 0, 0], [0, 3, 2]),              # the last row fills the gap
+    ([True, False, False, False], [0, 0, 0, 0], [3, 1, 2]),
+    ([False, False, False, True], [0, 0, 0, 0], [0, 1, 2]),              # nothing moves
+    ([False, True, False, False, False, False], [0, 0, 0, 1, 1, 2], [0, 2, 4, 3, 5]),
+    ([True, True, False, True, False, False], [0, 0, 1, 1, 1, 2], [2, 4, 5]),
+    ([True, True], [0, 1], []),
+])
+def test_rows_that_stay_keep_their_place_and_their_adapter_groups(ended, groups, order):
+    got = staying_rows(ended, groups)
+    assert got == order
+    assert sorted(got) == [i for i, end in enumerate(ended) if not end]
+    new_groups = [groups[i] for i in got]
+    assert new_groups == sorted(new_groups)   # each adapter's rows one slice, in the same order
+    assert len(adapter_segments(new_groups)) == len(set(new_groups))
+
+
+def test_prompt_lookup_drafts_what_followed_the_longest_latest_match():
+    text = PromptLookup([5, 1, 2, 7, 8, 6, 2, 9, 4])
+    assert text.draft(3) == []                     # 4 was not seen before
+    text.extend([1, 2])
+    assert text.draft(2) == [7, 8]                 # "1 2" was followed by 7 8 (a bare "2" last by 9)
+    text.extend([3])
+    assert text.draft(5) == [] and text.draft(0) == []
+    text.extend([6, 2])
+    assert text.draft(2) == [9, 4]                 # "6 2" -> 9 4
+    text = PromptLookup([3, 3, 3])
+    assert text.draft(4) == [3]                    # only what exists after the match
