@@ -29,8 +29,9 @@ class ArgParser(argparse.ArgumentParser):
 
 def guarded(fn, *args) -> int:
     """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
-    a UserError becomes one line on stderr and exit code 2 (under a multi-process launch, once), a run stopped by a signal its own line
-    and 128 + the signal's number, Ctrl-C elsewhere exit code 130."""
+    a UserError becomes one line on stderr and exit code 2 (once under a multi-process launch, see
+    :data:`OTHERS_WAIT_S`), a run stopped by a signal its own line and 128 + the signal's number,
+    Ctrl-C elsewhere exit code 130."""
     try:
         result = fn(*args)
         return result if isinstance(result, int) else 0
