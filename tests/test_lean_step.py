@@ -96,3 +96,18 @@ def test_prompt_lookup_drafts_what_followed_the_longest_latest_match():
     assert text.draft(2) == [9, 4]                 # "6 2" -> 9 4
     text = PromptLookup([3, 3, 3])
     assert text.draft(4) == [3]                    # only what exists after the match
+
+
+@pytest.mark.parametrize("rows", [1, 6, 300])
+def test_the_lean_norm_is_transformers_rms_norm(rows, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(rows)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(48, generator=generator))
+        x = 4 * torch.randn(rows, 48, generator=generator)
+        expected = norm(x)
+        torch.testing.assert_close(lean_step._rms_norm(x, norm.weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
+        monkeypatch.setattr(lean_step, "_TORCH_RMS_NORM", None)   # a torch without rms_norm
+        torch.testing.assert_close(lean_step._rms_norm(x, norm.weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
