@@ -375,8 +375,7 @@ def prompt_mask(mask: torch.Tensor) -> torch.Tensor:
     real tokens: each token sees the real tokens up to itself. A padding position sees only itself, so
     its (unused) values stay finite and never reach a real token, which never sees it."""
     n = mask.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
-    seen = causal & mask.bool()[:, None, :]
+    seen = causal_at_end(n, n, mask.device) & mask.bool()[:, None, :]
     return (seen | torch.eye(n, dtype=torch.bool, device=mask.device))[:, None]
 
 
