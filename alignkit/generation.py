@@ -10,9 +10,10 @@ token runs through :class:`LeanStep`: the same arithmetic as the model's forward
 operations (query/key/value in one matrix product, residual additions inside the products, no
 per-step mask building), which is most of the time of a single stream.
 
-A single greedy stream, the chat's, checks tokens drafted by prompt lookup (:class:`PromptLookup`)
-in one step: the step reads the weights once for all of them, and keeps those greedy decoding
-would have chosen, so an answer that repeats its prompt or conversation takes several tokens a step.
+A single greedy stream, the chat's (or the last row of a batch, once the others have ended), checks
+tokens drafted by prompt lookup (:class:`PromptLookup`) in one step: the step reads the weights once
+for all of them, and keeps those greedy decoding would have chosen, so an answer that repeats its
+prompt, the conversation or itself takes several tokens a step.
 
 :func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
 the duration, so a token costs what it costs without an adapter; the original weight tensors are
@@ -37,7 +38,14 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
-from .lean_step import DRAFT_TOKENS, LeanStep, PromptLookup, adapter_segments, prompt_mask, staying_rows
+from .lean_step import (
+    DRAFT_TOKENS,
+    LeanStep,
+    adapter_segments,
+    decode_with_drafts,
+    prompt_mask,
+    staying_rows,
+)
 from .quality import Answer
 
 
@@ -221,41 +229,6 @@ def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> 
     return out
 
 
-def _lookup_decode(lean: LeanStep, cache, prompt: list[int], logits: torch.Tensor, max_new_tokens: int,
-                   stop_ids: list[int], on_token, segments, draft_tokens: int) -> list[int]:
-    """Greedy decoding of one prompt whose answer so far ends in the token ``logits`` (V,) pick, with
-    drafts (:class:`PromptLookup`) checked in one step: the step's logits at every drafted position
-    say which drafted tokens greedy decoding would have chosen; those are kept up to the first
-    miss, the token greedy chooses there follows, and the cache forgets the rest."""
-    stops, answer = set(stop_ids), []
-    text = PromptLookup(prompt)
-    pending = [int(logits.float().max(-1).indices)]
-    while True:
-        for token in pending:
-            if on_token is not None:
-                on_token(0, token)
-            if token in stops:
-                return answer
-            answer.append(token)
-            if len(answer) == max_new_tokens:
-                return answer
-        text.extend(pending)
-        draft = text.draft(min(draft_tokens, max_new_tokens - len(answer) - 1))
-        at = len(text.tokens) - 1   # the position of the last token, which the cache does not hold yet
-        ids = torch.tensor([[pending[-1], *draft]], device=logits.device)
-        positions = torch.arange(at, at + ids.shape[1], device=logits.device)[None]
-        if not draft:
-            pending = [int(lean(ids[0], positions, None, cache, segments).float().max(-1).indices[0])]
-            continue
-        chosen = lean(ids, positions, None, cache, segments)[0].float().max(-1).indices.tolist()
-        kept = 0
-        while kept < len(draft) and draft[kept] == chosen[kept]:
-            kept += 1
-        for layer in cache.layers:
-            layer.truncate(at + 1 + kept)
-        pending = draft[:kept] + [chosen[kept]]
-
-
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
            sampling: Sampling | None = None, generators: list[torch.Generator] | None = None,
            on_token: Callable[[int, int], None] | None = None, adapters: list[str] | None = None,
@@ -278,7 +251,9 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     A single greedy prompt (the chat) drafts up to ``draft_tokens`` tokens by prompt lookup
     (:class:`PromptLookup`) and checks them in one step, which reads the weights once for all of
     them: the tokens are greedy decoding's own, several per step where the answer repeats the text
-    (0 turns drafting off). Batches, sampling and the repetition penalty decode one token per step.
+    (0 turns drafting off). So does the last row of a greedy batch once every other row has ended:
+    often an answer that repeats itself up to the token limit, which drafts then take ~3 tokens a
+    step. Rows of a batch, sampling and the repetition penalty decode one token per step.
     """
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
@@ -324,10 +299,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                            use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
         position = positions[:, -1:]
-        if (lean is not None and draft_tokens > 0 and len(prompts) == 1 and sampling.greedy
-                and sampling.repetition_penalty == 1 and all(hasattr(layer, "truncate") for layer in cache.layers)):
-            answers[0] = _lookup_decode(lean, cache, prompts[0], logits[0], max_new_tokens, stop_ids, on_token,
-                                        segments, draft_tokens)
+        # A greedy row decoding alone drafts tokens: a single prompt from the start, the last row of a batch
+        # once every other has ended (often an answer repeating itself up to the token limit).
+        drafting = (lean is not None and draft_tokens > 0 and sampling.greedy and sampling.repetition_penalty == 1
+                    and all(hasattr(layer, "truncate") for layer in cache.layers))
+        if drafting and len(prompts) == 1:
+            answers[0] = decode_with_drafts(lean, cache, prompts[0], [], [int(logits[0].float().max(-1).indices)],
+                                        max_new_tokens, stop_ids, on_token, segments, draft_tokens)
             return answers
         seen = None   # (rows, vocabulary): the tokens each row holds, for the repetition penalty
         if sampling.repetition_penalty != 1:
@@ -354,6 +332,11 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
                 segments = adapter_segments(groups)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None
+                if drafting and len(rows) == 1:
+                    row = rows[0]
+                    decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids, on_token,
+                                   segments, draft_tokens, padding=width - len(prompts[row]), row=row)
+                    break
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

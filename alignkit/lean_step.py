@@ -6,7 +6,7 @@ whenever the model has the plain shape it computes. With several adapters loaded
 (:func:`mixable_adapters`), each row adds the low-rank update of its own adapter, so configurations
 that share a base answer in one batch; :data:`BASE` names a row that runs the base alone. A step
 also takes several tokens of a row at once: the tokens :class:`PromptLookup` drafts, checked in one
-step, and the prompts themselves (their last token's logits only, left padding masked by
+step (:func:`decode_with_drafts`), and the prompts themselves (their last token's logits only, left padding masked by
 :func:`prompt_mask`).
 """
 
@@ -62,6 +62,49 @@ class PromptLookup:
             if start is not None:
                 return self.tokens[start:start + limit]
         return []
+
+
+def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[int], pending: list[int],
+                       max_new_tokens: int, stop_ids: list[int], on_token, segments, draft_tokens: int,
+                       padding: int = 0, row: int = 0) -> list[int]:
+    """Greedy decoding of one row, ``answer`` (its tokens so far) continued: ``pending`` are chosen tokens not
+    yet passed to ``on_token(row, token)``; the cache holds ``padding`` padding positions, then the prompt
+    and the answer up to its last token (``pending``'s last, else ``answer``'s). Each step checks tokens
+    drafted by prompt lookup (:class:`PromptLookup`): the step's logits at every drafted position say
+    which of them greedy decoding would have chosen; those are kept up to the first miss, the token
+    greedy chooses there follows, and the cache forgets the rest. Returns ``answer``, extended."""
+    stops = set(stop_ids)
+    text = PromptLookup(prompt + answer)
+    device = lean.inner.embed_tokens.weight.device
+    while True:
+        for token in pending:
+            if on_token is not None:
+                on_token(row, token)
+            if token in stops:
+                return answer
+            answer.append(token)
+            if len(answer) == max_new_tokens:
+                return answer
+        text.extend(pending)
+        draft = text.draft(min(draft_tokens, max_new_tokens - len(answer) - 1))
+        at = len(text.tokens) - 1   # the position of the last token, which the cache does not hold yet
+        ids = torch.tensor([[text.tokens[-1], *draft]], device=device)
+        positions = torch.arange(at, at + ids.shape[1], device=device)[None]
+        mask = None
+        if padding:   # the step's tokens see the real positions before them and themselves, causally
+            mask = causal_at_end(ids.shape[1], cache.get_seq_length() + ids.shape[1], device)
+            mask[:, :padding] = False
+            mask = mask[None, None]
+        if not draft:
+            pending = [int(lean(ids[0], positions, mask, cache, segments).float().max(-1).indices[0])]
+            continue
+        chosen = lean(ids, positions, mask, cache, segments)[0].float().max(-1).indices.tolist()
+        kept = 0
+        while kept < len(draft) and draft[kept] == chosen[kept]:
+            kept += 1
+        for layer in cache.layers:
+            layer.truncate(padding + at + 1 + kept)
+        pending = draft[:kept] + [chosen[kept]]
 
 
 PACKED_FROM_ROWS = 4

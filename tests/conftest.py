@@ -105,6 +105,45 @@ def make_model(tokenizer):
     return lambda seed=0, layers=2: make_tiny_model(len(tokenizer), seed=seed, layers=layers)
 
 
+# -- generation: prompts, lively weights, plain generate ---------------------------------------
+
+PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to bake bread in the mountains.", "Why?",
+           [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How are you today?"}]]
+
+
+def lively(model, seed: int = 0, std: float = 0.3):
+    """Random weights large enough that greedy answers vary from token to token (a freshly
+    initialised tiny model repeats its last input token)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name:
+                param.normal_(0.0, std, generator=generator)
+    return model.eval()
+
+
+def with_lora(model, seed: int = 1):
+    """``model`` with a fresh LoRA adapter whose ``lora_B`` is not zero, so it changes the answers."""
+    from alignkit.models import add_lora
+
+    peft_model = add_lora(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5, generator=generator)
+    return peft_model.eval()
+
+
+def plain_generate(model, ids: list[int], max_new_tokens: int, stop: int) -> list[int]:
+    """``model.generate`` greedy on one unpadded prompt; the answer cut before its stop token."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=2, eos_token_id=stop)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(stop)] if stop in new else new
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random-weight model saved as a local model folder (config, safetensors, tokenizer)."""

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import PROMPTS, lively, plain_generate, with_lora
 
 from alignkit.cli import main
 from alignkit.evaluate import Chat, interactive
@@ -23,40 +24,6 @@ from alignkit.generation import (
 )
 from alignkit.lean_step import prompt_mask
 from alignkit.models import add_lora
-
-PROMPTS = ["Hi", "Tell me a long story about a dragon who learned to bake bread in the mountains.", "Why?",
-           [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How are you today?"}]]
-
-
-def lively(model, seed: int = 0, std: float = 0.3):
-    """Random weights large enough that greedy answers vary from token to token (a freshly
-    initialised tiny model repeats its last input token)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 2 and "embed" not in name:
-                param.normal_(0.0, std, generator=generator)
-    return model.eval()
-
-
-def with_lora(model, seed: int = 1):
-    """``model`` with a fresh LoRA adapter whose ``lora_B`` is not zero, so it changes the answers."""
-    peft_model = add_lora(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5, generator=generator)
-    return peft_model.eval()
-
-
-def plain_generate(model, ids: list[int], max_new_tokens: int, stop: int) -> list[int]:
-    """``model.generate`` greedy on one unpadded prompt; the answer cut before its stop token."""
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=2, eos_token_id=stop)
-    new = out[0, len(ids):].tolist()
-    return new[:new.index(stop)] if stop in new else new
 
 
 @pytest.fixture
@@ -533,56 +500,3 @@ def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tok
 
 
 # -- drafted single streams ------------------------------------------------------------------------
-
-
-def test_several_tokens_per_step_are_the_models_own_logits(model, tokenizer):
-    prompt = torch.tensor([chat_prompt_ids(tokenizer, PROMPTS[1])])
-    following = torch.tensor([[11, 12, 13, 14]])
-    with merged_lora(model), torch.no_grad():
-        lean = LeanStep.for_model(model)
-        theirs, ours = new_cache(model, room=64), new_cache(model, room=64)
-        for cache in (theirs, ours):
-            model(input_ids=prompt, cache=cache)
-        positions = torch.arange(prompt.shape[1], prompt.shape[1] + 4)[None]
-        expected = model(input_ids=following, position_ids=positions, cache=theirs).logits
-        torch.testing.assert_close(lean(following, positions, None, ours), expected, rtol=1e-5, atol=1e-5)
-        assert ours.get_seq_length() == prompt.shape[1] + 4
-        for layer in ours.layers:   # forgetting drafted positions: the next token sees what the model's cache holds
-            layer.truncate(prompt.shape[1] + 2)
-        theirs = new_cache(model, room=64)
-        model(input_ids=torch.cat([prompt, following[:, :2]], 1), cache=theirs)
-        expected = model(input_ids=following[:, 3:], position_ids=positions[:, 2:3], cache=theirs).logits[:, -1]
-        torch.testing.assert_close(lean(following[0, 3:], positions[:, 2:3], None, ours), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_drafted_single_streams_are_greedy_decoding(make_model, model, tokenizer, monkeypatch):
-    steps = []
-    real = LeanStep.__call__
-    monkeypatch.setattr(LeanStep, "__call__", lambda self, tokens, *a, **k: steps.append(tokens.numel()) or real(self, tokens, *a, **k))
-    repeating = make_model()   # untrained weights repeat the last tokens: drafts are right
-    streamed = []
-
-    def stream(row, token):
-        streamed.append(token)
-
-    for m in (repeating, model):
-        for text in PROMPTS:
-            prompt = chat_prompt_ids(tokenizer, text)
-            expected = plain_generate(m, prompt, 30, stop=-1)
-            steps.clear()
-            with merged_lora(m) if m is model else torch.no_grad():
-                undrafted = decode(m, [prompt], 30, [-1], pad_id=2, draft_tokens=0)[0]
-                assert steps[0] == len(prompt)   # the prompt, through the lean step as well
-                assert len(steps) == 30 and max(steps[1:]) == 1   # then one token per step
-                steps.clear()
-                streamed.clear()
-                drafted = decode(m, [prompt], 30, [-1], pad_id=2, on_token=stream)[0]
-            assert drafted == undrafted == expected == streamed
-            if m is repeating:
-                assert len(steps) < 21 and max(steps[1:]) > 1   # several tokens taken per step
-            # a stop token inside an accepted draft ends the answer there, and is streamed
-            stop = expected[7]
-            streamed.clear()
-            with merged_lora(m) if m is model else torch.no_grad():
-                cut = decode(m, [prompt], 30, [stop], pad_id=2, on_token=stream)[0]
-            assert cut == expected[:expected.index(stop)] and streamed == cut + [stop]
