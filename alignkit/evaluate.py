@@ -13,6 +13,7 @@ import sys
 
 from .adapters import adapter_chat_template, load_adapter
 from .generation import (
+    ConversationCache,
     Sampling,
     TextStream,
     answer_text,
@@ -54,7 +55,9 @@ class Chat:
 
     ``context_limit`` bounds a prompt in tokens (default: the model's
     ``max_position_embeddings`` minus ``max_new_tokens``, so the answer fits too; None when the
-    model does not say). Call it inside :func:`alignkit.generation.merged_lora` for speed.
+    model does not say). Call it inside :func:`alignkit.generation.merged_lora` for speed. The keys and
+    values of the conversation are kept from one answer to the next (:class:`~alignkit.generation.ConversationCache`), so
+    only the new message is computed: the model must not change while the chat lasts.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 200, sampling: Sampling | None = None,
@@ -69,6 +72,7 @@ class Chat:
         self.turns: list[dict] = []   # user and assistant messages, alternating, oldest first
         self.stop_ids, self.pad_id = stop_token_ids(model, tokenizer), pad_token_id(tokenizer)
         self.generator = self.sampling.generator(next(model.parameters()).device)  # one stream per chat
+        self.cache = ConversationCache()   # the last answer's keys and values, for the next prompt's shared start
 
     def messages(self, text: str) -> list[dict]:
         """The conversation so far plus the user message ``text``."""
@@ -103,7 +107,8 @@ class Chat:
                 on_text(piece)
 
         out = decode(self.model, [ids], self.max_new_tokens, self.stop_ids, self.pad_id, self.sampling,
-                     [self.generator] if self.generator is not None else None, on_token=show if on_text else None)[0]
+                     [self.generator] if self.generator is not None else None, on_token=show if on_text else None,
+                     reuse=self.cache)[0]
         if on_text:
             rest = stream.finish()
             if rest:

@@ -232,7 +232,7 @@ def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> 
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
            sampling: Sampling | None = None, generators: list[torch.Generator] | None = None,
            on_token: Callable[[int, int], None] | None = None, adapters: list[str] | None = None,
-           draft_tokens: int = DRAFT_TOKENS) -> list[list[int]]:
+           draft_tokens: int = DRAFT_TOKENS, reuse: ConversationCache | None = None) -> list[list[int]]:
     """The answer token ids to each prompt (a list of token ids), up to ``max_new_tokens`` each.
 
     Prompts are left-padded into one batch. An answer ends at its first token in ``stop_ids``
@@ -254,7 +254,36 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     (0 turns drafting off). So does the last row of a greedy batch once every other row has ended:
     often an answer that repeats itself up to the token limit, which drafts then take ~3 tokens a
     step. Rows of a batch, sampling and the repetition penalty decode one token per step.
+
+    ``reuse`` (a single prompt; the chat's) keeps the key/value cache of this prompt and its answer for
+    the next call: a later prompt that starts with the same tokens (the conversation so far) computes
+    only the tokens after them, so a long conversation's next answer starts as soon as a short one's.
+    The reused keys and values are those a fresh computation gives, up to float rounding.
     """
+    if reuse is None:
+        return _decode(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, on_token, adapters,
+                       draft_tokens)
+    if len(prompts) != 1:
+        raise ValueError(f"a reused cache serves one prompt at a time (got {len(prompts)})")
+    cache, past = reuse.claim(model, prompts[0], len(prompts[0]) + max_new_tokens)
+    emitted: list[int] = []
+
+    def record(row: int, token: int) -> None:
+        emitted.append(token)
+        if on_token is not None:
+            on_token(row, token)
+
+    answers = _decode(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, record, adapters,
+                      draft_tokens, cache, past)
+    reuse.keep(cache, prompts[0] + emitted)   # not reached on an error: the cache is then dropped
+    return answers
+
+
+def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+            sampling: Sampling | None, generators: list[torch.Generator] | None,
+            on_token: Callable[[int, int], None] | None, adapters: list[str] | None, draft_tokens: int,
+            cache=None, past: int = 0) -> list[list[int]]:
+    """:func:`decode` on ``cache`` (a new one when None), which holds the first ``past`` tokens of the only prompt."""
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     answers: list[list[int]] = [[] for _ in prompts]
@@ -285,7 +314,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     # Positions count real tokens only, as generate numbers them: padding does not shift a prompt.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    cache = new_cache(model, room=width + max_new_tokens)
+    if cache is None:
+        cache = new_cache(model, room=width + max_new_tokens)
     lean = LeanStep.for_model(model, tuple(names), pack_rows=len(prompts))
     padded = any(len(p) < width for p in prompts)   # without padding no position needs masking
 
@@ -294,9 +324,10 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
 
     with torch.no_grad():
         if lean is not None:   # the prompts through the lean step too: 1.1-1.25x the model's own forward here
-            logits = lean(ids, positions, prompt_mask(mask) if padded else None, cache, segments, last_only=True)
+            logits = lean(ids[:, past:], positions[:, past:], prompt_mask(mask) if padded else None, cache, segments,
+                          last_only=True)
         else:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+            logits = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache,
                            use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
         position = positions[:, -1:]
         # A greedy row decoding alone drafts tokens: a single prompt from the start, the last row of a batch
@@ -362,6 +393,35 @@ def new_cache(model, room: int = 0):
         roomy = _roomy_layer_type()
         cache.layers = [roomy(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class ConversationCache:
+    """The key/value cache a conversation's last answer left, for :func:`decode`'s ``reuse``: the next
+    prompt repeats the conversation so far, and the tokens it shares from the start with what the
+    cache holds are not computed again (prefilling 600 tokens of conversation costs ~0.7 s on 2 CPU
+    cores, 40 new ones ~0.1 s). Only caches that can forget positions (:func:`new_cache`'s) are kept."""
+
+    def __init__(self):
+        self.cache, self.ids = None, []
+
+    def claim(self, model, prompt: list[int], room: int):
+        """The cache to answer ``prompt`` on (the kept one, cut to the tokens it shares with ``prompt``, or a new
+        one) and how many of ``prompt``'s tokens it holds: never all, since the last one's logits pick the
+        first answer token. The cache is in use until :meth:`keep` gets it back."""
+        cache, self.cache = self.cache, None
+        if cache is None:
+            return new_cache(model, room=room), 0
+        past, limit = 0, min(len(self.ids), len(prompt) - 1)
+        while past < limit and self.ids[past] == prompt[past]:
+            past += 1
+        for layer in cache.layers:
+            layer.truncate(past)
+        return cache, past
+
+    def keep(self, cache, ids: list[int]) -> None:
+        """Keep ``cache`` for the next prompt; ``ids`` begins with the tokens it holds, in order."""
+        if all(hasattr(layer, "truncate") for layer in cache.layers):
+            self.cache, self.ids = cache, ids[:cache.get_seq_length()]
 
 
 @functools.cache
