@@ -56,8 +56,9 @@ class Chat:
     ``context_limit`` bounds a prompt in tokens (default: the model's
     ``max_position_embeddings`` minus ``max_new_tokens``, so the answer fits too; None when the
     model does not say). Call it inside :func:`alignkit.generation.merged_lora` for speed. The keys and
-    values of the conversation are kept from one answer to the next (:class:`~alignkit.generation.ConversationCache`), so
-    only the new message is computed: the model must not change while the chat lasts.
+    values of the conversation are kept from one answer to the next
+    (:class:`~alignkit.generation.ConversationCache`), so only the new message is computed: the model
+    must not change while the chat lasts.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 200, sampling: Sampling | None = None,

@@ -336,7 +336,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list
                     and all(hasattr(layer, "truncate") for layer in cache.layers))
         if drafting and len(prompts) == 1:
             answers[0] = decode_with_drafts(lean, cache, prompts[0], [], [int(logits[0].float().max(-1).indices)],
-                                        max_new_tokens, stop_ids, on_token, segments, draft_tokens)
+                                            max_new_tokens, stop_ids, on_token, segments, draft_tokens)
             return answers
         seen = None   # (rows, vocabulary): the tokens each row holds, for the repetition penalty
         if sampling.repetition_penalty != 1:
@@ -365,8 +365,8 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list
                 seen = seen[keep] if seen is not None else None
                 if drafting and len(rows) == 1:
                     row = rows[0]
-                    decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids, on_token,
-                                   segments, draft_tokens, padding=width - len(prompts[row]), row=row)
+                    decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids,
+                                       on_token, segments, draft_tokens, padding=width - len(prompts[row]), row=row)
                     break
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)

@@ -6,8 +6,8 @@ whenever the model has the plain shape it computes. With several adapters loaded
 (:func:`mixable_adapters`), each row adds the low-rank update of its own adapter, so configurations
 that share a base answer in one batch; :data:`BASE` names a row that runs the base alone. A step
 also takes several tokens of a row at once: the tokens :class:`PromptLookup` drafts, checked in one
-step (:func:`decode_with_drafts`), and the prompts themselves (their last token's logits only, left padding masked by
-:func:`prompt_mask`).
+step (:func:`decode_with_drafts`), and the prompts themselves (their last token's logits only, left
+padding masked by :func:`prompt_mask`).
 """
 
 from __future__ import annotations
