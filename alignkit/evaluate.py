@@ -13,7 +13,6 @@ import sys
 
 from .adapters import adapter_chat_template, load_adapter
 from .generation import (
-    ConversationCache,
     Sampling,
     TextStream,
     answer_text,
@@ -24,6 +23,7 @@ from .generation import (
     pad_token_id,
     stop_token_ids,
 )
+from .kv_cache import ConversationCache
 from .models import load_model, load_tokenizer
 
 __all__ = ["Chat", "chat_prompt_ids", "generate_answers", "interactive", "load_for_generation"]
@@ -57,7 +57,7 @@ class Chat:
     ``max_position_embeddings`` minus ``max_new_tokens``, so the answer fits too; None when the
     model does not say). Call it inside :func:`alignkit.generation.merged_lora` for speed. The keys and
     values of the conversation are kept from one answer to the next
-    (:class:`~alignkit.generation.ConversationCache`), so only the new message is computed: the model
+    (:class:`~alignkit.kv_cache.ConversationCache`), so only the new message is computed: the model
     must not change while the chat lasts.
     """
 

@@ -364,7 +364,7 @@ class LeanStep:
                  segments: list[tuple[int, int, int]] = (), last_only: bool = False) -> torch.Tensor:
         """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
         boolean over the cache's positions after this one's (None: every position of every row is real);
-        ``cache`` (from :func:`new_cache`) receives this token's keys and values. ``segments`` says which
+        ``cache`` (from :func:`alignkit.kv_cache.new_cache`) receives this token's keys and values. ``segments`` says which
         rows run which adapter: ``(i, start, end)`` gives rows ``start:end`` the adapter ``adapters[i]``.
 
         Several tokens per row (``tokens`` and ``position`` (B, n), ``mask`` (B, 1, n, L) with each

@@ -8,7 +8,8 @@ import torch
 from conftest import lively, with_lora
 
 from alignkit.evaluate import Chat
-from alignkit.generation import ConversationCache, LeanStep, merged_lora
+from alignkit.generation import LeanStep, merged_lora
+from alignkit.kv_cache import ConversationCache
 
 MESSAGES = ["Hello there, who are you?", "Tell me more about that, please.", "Why?", "And after that, what happened?"]
 

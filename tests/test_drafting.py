@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import PROMPTS, lively, plain_generate, with_lora
 
-from alignkit.generation import LeanStep, chat_prompt_ids, decode, merged_lora, new_cache
+from alignkit.generation import LeanStep, chat_prompt_ids, decode, merged_lora
+from alignkit.kv_cache import new_cache
 from alignkit.lean_step import BASE
 
 

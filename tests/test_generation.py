@@ -20,8 +20,8 @@ from alignkit.generation import (
     generate_answers,
     generate_ids,
     merged_lora,
-    new_cache,
 )
+from alignkit.kv_cache import new_cache
 from alignkit.lean_step import prompt_mask
 from alignkit.models import add_lora
 
@@ -481,7 +481,7 @@ def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
 
 def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tokenizer, monkeypatch):
     import alignkit.generation as generation
-    from alignkit.generation import cache_bytes_per_token
+    from alignkit.kv_cache import cache_bytes_per_token
 
     config = model.config   # the tiny Llama: 2 layers, 2 key/value heads of 8 dimensions, float32
     assert cache_bytes_per_token(model) == config.num_hidden_layers * 2 * 2 * 8 * 4
