@@ -20,6 +20,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def by_answer(dataset, key: str = "chosen") -> dict:
+    """The rows of ``dataset`` by their answer's text (the last message's, for conversations)."""
+    return {row[key] if isinstance(row[key], str) else row[key][-1]["content"]: row for row in dataset}
+
+
 def user(text: str) -> dict:
     """A user message."""
     return {"role": "user", "content": text}
