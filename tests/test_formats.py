@@ -1,5 +1,6 @@
 """Dataset shapes users have: conversations, multi-turn SFT masks, implicit prompts, ShareGPT,
-Alpaca, HH transcripts and chat templates, through `make_dataset`, the gyms and the command line."""
+Alpaca and chat templates, through `make_dataset`, the gyms and the command line (HH transcripts:
+test_hh_transcripts.py)."""
 
 from __future__ import annotations
 
