@@ -23,7 +23,10 @@ Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batc
 prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
 chat answers). Then the comparison's case: ``--configurations`` configurations on the one base (the
 base alone, the adapter, fresh LoRAs) answer the report's prompts and the 39 held-out ones, one
-configuration at a time against all in shared batches (each row adding its own adapter's update). tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
+configuration at a time against all in shared batches (each row adding its own adapter's update).
+Last, a chat of ``--conversation`` turns (``alignkit.evaluate.Chat``): the seconds to each answer's first
+text with the conversation's keys and values kept from one answer to the next, and with the whole
+conversation computed again for every answer. tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
 runs ``--repeats`` times, plain and ours alternating; medians are reported with min-max, since other
 processes on the machine disturb single runs. Every run checks that both sides produced the same
 tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
@@ -254,6 +257,61 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
     return result
 
 
+CONVERSATION = ["Hi! What's a good way to spend a rainy Sunday?", "Tell me more about the second idea.",
+                "What would I need to buy for that?", "How long would it take?", "Any tips for doing it with kids?",
+                "Thanks! What about a sunny day instead?", "Which of the two do you like better?",
+                "Why that one?"]
+"""The messages of the conversation case, one per turn."""
+
+
+def _conversation(model, tokenizer, turns: int, args) -> dict:
+    """A chat of ``turns`` messages (``alignkit.evaluate.Chat``, the ``--eval`` chat's loop), greedy: the
+    seconds to each answer's first text with the conversation's keys and values kept from one answer to the
+    next, against every prompt computed from its first token (a fresh cache before each answer)."""
+    from alignkit.evaluate import Chat
+    from alignkit.generation import merged_lora
+    from alignkit.kv_cache import ConversationCache
+
+    messages = (CONVERSATION * (turns // len(CONVERSATION) + 1))[:turns]
+
+    def chat(fresh: bool):
+        talk = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens)
+        answers, first, total, context = [], [], 0.0, []
+        for text in messages:
+            if fresh:
+                talk.cache = ConversationCache()
+            context.append(len(talk.prompt_ids(text)[0]))
+            seen: list[float] = []
+            start = time.perf_counter()
+            reply, _ = talk.answer(text, on_text=lambda piece, seen=seen: seen or seen.append(time.perf_counter()))
+            total += time.perf_counter() - start
+            answers.append(reply)
+            first.append(seen[0] - start if seen else float("nan"))
+        return answers, first, total, context
+
+    runs = {"kept": [], "fresh": []}
+    identical, reference = True, None
+    with merged_lora(model):
+        for repeat in range(args.repeats):
+            for way in (("fresh", "kept") if repeat % 2 == 0 else ("kept", "fresh")):
+                answers, first, total, context = chat(way == "fresh")
+                runs[way].append((first, total))
+                reference = reference or answers
+                identical = identical and answers == reference
+                print(f"  conversation run {repeat + 1}, {way:5}: first text after "
+                      + " ".join(f"{s:.2f}" for s in first) + f" s; whole chat {total:.1f} s", flush=True)
+    result = {"turns": turns, "context_tokens": context, "identical": identical}
+    for way in runs:
+        result[f"{way}_first_text_s"] = [statistics.median(run[0][i] for run in runs[way]) for i in range(turns)]
+        result[f"{way}_total_s"] = statistics.median(run[1] for run in runs[way])
+    print(f"conversation of {turns} turns ({context[0]} -> {context[-1]} tokens of context): first text of the last "
+          f"answer {result['kept_first_text_s'][-1]:.2f} s with the cache kept, {result['fresh_first_text_s'][-1]:.2f} s "
+          f"computing the conversation again; whole chat {result['kept_total_s']:.1f} s against "
+          f"{result['fresh_total_s']:.1f} s (medians of {args.repeats}); answers "
+          f"{'identical' if identical else 'DIFFERENT'}", flush=True)
+    return result
+
+
 def _llama_cpp(path: str, single: list[int], batched: list[list[int]], max_new_tokens: int, threads: int,
                ours_single: list[int]) -> dict:
     from llama_cpp import Llama
@@ -310,6 +368,8 @@ def run(args) -> int:
     if args.configurations > 1:
         shared = encode if args.quick else encode + [chat_prompt_ids(tokenizer, p) for p in _prompts(39)]
         results["configurations"] = _configurations(model, shared, args.configurations, args, stop, pad)
+    if args.conversation:
+        results["conversation"] = _conversation(model, tokenizer, args.conversation, args)
     if args.gguf:
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed: llama.cpp not measured (pip install llama-cpp-python)")
@@ -340,6 +400,9 @@ def main(argv=None) -> int:
                         help="configurations answering the comparison's prompts (the 6 report prompts and 39 "
                              "held-out ones; --quick: the 6), one at a time and in shared batches; 0 or 1 "
                              "skips the case [3: the base, the adapter and one more]")
+    parser.add_argument("--conversation", type=non_negative_int, default=6,
+                        help="turns of the chat case: each answer's first text with the conversation's cache kept "
+                             "and computed again; 0 skips it [6]")
     parser.add_argument("--gguf", help="a GGUF file for llama.cpp (needs llama-cpp-python)")
     parser.add_argument("--json", help="write the numbers to this JSON file")
     return guarded(lambda: run(parser.parse_args(argv)))
