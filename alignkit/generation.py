@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import sampling_problems
-from .kv_cache import ConversationCache, cache_bytes_per_token, new_cache
+from .kv_cache import ConversationCache, cache_bytes_per_token, forgets_positions, new_cache
 from .lean_step import (
     DRAFT_TOKENS,
     LeanStep,
@@ -333,7 +333,7 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list
         # A greedy row decoding alone drafts tokens: a single prompt from the start, the last row of a batch
         # once every other has ended (often an answer repeating itself up to the token limit).
         drafting = (lean is not None and draft_tokens > 0 and sampling.greedy and sampling.repetition_penalty == 1
-                    and all(hasattr(layer, "truncate") for layer in cache.layers))
+                    and forgets_positions(cache))
         if drafting and len(prompts) == 1:
             answers[0] = decode_with_drafts(lean, cache, prompts[0], [], [int(logits[0].float().max(-1).indices)],
                                             max_new_tokens, stop_ids, on_token, segments, draft_tokens)

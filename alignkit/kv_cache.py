@@ -24,11 +24,17 @@ def new_cache(model, room: int = 0):
     return cache
 
 
+def forgets_positions(cache) -> bool:
+    """Whether every layer of ``cache`` can forget positions from some length on (:func:`new_cache`'s
+    full-attention layers can; a sliding window's cannot): what drafts and reuse across answers need."""
+    return all(hasattr(layer, "truncate") for layer in cache.layers)
+
+
 class ConversationCache:
     """The key/value cache a conversation's last answer left, for :func:`decode`'s ``reuse``: the next
     prompt repeats the conversation so far, and the tokens it shares from the start with what the
     cache holds are not computed again (prefilling 600 tokens of conversation costs ~0.7 s on 2 CPU
-    cores, 40 new ones ~0.1 s). Only caches that can forget positions (:func:`new_cache`'s) are kept."""
+    cores, 40 new ones ~0.1 s). Only caches that can forget positions (:func:`forgets_positions`) are kept."""
 
     def __init__(self):
         self.cache, self.ids = None, []
@@ -49,7 +55,7 @@ class ConversationCache:
 
     def keep(self, cache, ids: list[int]) -> None:
         """Keep ``cache`` for the next prompt; ``ids`` begins with the tokens it holds, in order."""
-        if all(hasattr(layer, "truncate") for layer in cache.layers):
+        if forgets_positions(cache):
             self.cache, self.ids = cache, ids[:cache.get_seq_length()]
 
 
