@@ -28,16 +28,21 @@ decoding pass over N times the rows instead of N passes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import sampling_problems
-from .kv_cache import ConversationCache, cache_bytes_per_token, forgets_positions, new_cache
+from .kv_cache import (
+    ConversationCache,
+    admit_rows,
+    cache_bytes_per_token,
+    can_admit,
+    forgets_positions,
+    new_cache,
+    write_columns,
+)
 from .lean_step import (
     DRAFT_TOKENS,
     LeanStep,
@@ -47,51 +52,7 @@ from .lean_step import (
     staying_rows,
 )
 from .quality import Answer
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen.
-
-    ``temperature`` 0 is greedy (the most likely token); above 0 the token is drawn from the
-    softmax of ``logits / temperature``, restricted to the smallest set of most likely tokens whose
-    probabilities add up to ``top_p``. ``repetition_penalty`` > 1 makes every token already in the
-    row (prompt or answer) less likely, as transformers' ``repetition_penalty`` does: a positive
-    logit is divided by it, a negative one multiplied. ``seed`` makes sampling reproducible.
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        problems = sampling_problems(self.temperature, self.top_p, self.repetition_penalty, name=str)
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def greedy(self) -> bool:
-        """True when every token is the most likely one (no randomness)."""
-        return self.temperature == 0
-
-    def generator(self, device="cpu") -> torch.Generator | None:
-        """A random generator seeded with ``seed`` (None: torch's global one)."""
-        if self.seed is None or self.greedy:
-            return None
-        return torch.Generator(device=device).manual_seed(self.seed)
-
-    def generators(self, keys, device="cpu") -> list[torch.Generator] | None:
-        """One generator per prompt, seeded from ``seed`` and the prompt's key (e.g. its index), so a
-        prompt's draws do not depend on which other prompts share its batch, or in which order (its
-        logits may, by float rounding: see :func:`decode`).
-        None when nothing is drawn or no ``seed`` is set (torch's global generator then draws)."""
-        if self.seed is None or self.greedy:
-            return None
-        return [torch.Generator(device=device).manual_seed(
-            int.from_bytes(hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[:8], "little") >> 1)
-            for key in keys]
-
+from .sampling import Sampling, next_tokens
 
 # ---------------------------------------------------------------------------------------------
 # Merged LoRA weights
@@ -177,62 +138,11 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def _next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None,
-                 generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One token per row from the last position's ``logits`` (B, V); each row draws from its own
-    generator of ``generators`` (None: all rows from torch's global one)."""
-    scores = logits.float()
-    if seen is not None:
-        penalty = sampling.repetition_penalty
-        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-    if sampling.greedy:
-        # max(-1) returns argmax's index (the first of equal maxima) about 2.5x faster on the CPU.
-        return scores.max(-1).indices
-    scores = scores / sampling.temperature
-    # One uniform number per row, from the row's own generator, picks the token by inverse CDF.
-    if generators is None:
-        uniform = torch.rand(scores.shape[0], device=scores.device)
-    else:
-        uniform = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in generators])
-    if sampling.top_p >= 1:
-        return _draw(scores.softmax(-1), uniform)
-    return _draw_nucleus(scores, sampling.top_p, uniform)
-
-
-def _draw(probs: torch.Tensor, uniform: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the token whose share of the cumulative ``probs`` (B, K; need not sum to 1) holds
-    ``uniform`` (B,) in [0, 1); ``tokens`` (B, K) names the columns (default: their indices)."""
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[1] - 1)
-    return pick.squeeze(1) if tokens is None else tokens.gather(1, pick).squeeze(1)
-
-
-NUCLEUS_FIRST = 256
-"""The nucleus (top-p) is looked for among this many most likely tokens first; rows whose nucleus is
-larger are sorted in full."""
-
-
-def _draw_nucleus(scores: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Top-p sampling: per row, a draw among the smallest set of most likely tokens whose probability
-    reaches ``top_p`` (the most likely one always stays), without sorting the whole vocabulary where
-    the set lies within the first :data:`NUCLEUS_FIRST` tokens."""
-    k = min(NUCLEUS_FIRST, scores.shape[-1])
-    top, tokens = scores.topk(k, dim=-1)                            # sorted, most likely first
-    probs = (top - scores.logsumexp(-1, keepdim=True)).exp()        # their true probabilities
-    before = probs.cumsum(-1) - probs                               # probability of the more likely tokens
-    out = _draw(probs.masked_fill(before >= top_p, 0.0), uniform, tokens)
-    wide = ((before[:, -1] + probs[:, -1]) < top_p).nonzero().squeeze(1)   # nucleus reaching past the first k
-    if len(wide):
-        full, order = scores[wide].sort(-1, descending=True)
-        full = full.softmax(-1)
-        out[wide] = _draw(full.masked_fill(full.cumsum(-1) - full >= top_p, 0.0), uniform[wide], order)
-    return out
-
-
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
            sampling: Sampling | None = None, generators: list[torch.Generator] | None = None,
            on_token: Callable[[int, int], None] | None = None, adapters: list[str] | None = None,
-           draft_tokens: int = DRAFT_TOKENS, reuse: ConversationCache | None = None) -> list[list[int]]:
+           draft_tokens: int = DRAFT_TOKENS, reuse: ConversationCache | None = None,
+           rows_at_once: int | None = None) -> list[list[int]]:
     """The answer token ids to each prompt (a list of token ids), up to ``max_new_tokens`` each.
 
     Prompts are left-padded into one batch. An answer ends at its first token in ``stop_ids``
@@ -244,6 +154,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     differ in the last bits with the batch's size (matrix products round by their shapes), which
     changes an answer only where a draw falls on a boundary between two tokens or two are tied.
 
+    ``rows_at_once`` caps the batch: the first that many prompts start, and the others join, in
+    their order, as rows end (several at a time, each joining row's prompt computed in one forward):
+    the batch stays full instead of finishing its longest answer on a few rows, and the key/value
+    cache holds at most that many rows. Rows that joined sit beside rows of other lengths, each
+    writing at its own position. Where the model's forward is not :class:`LeanStep`'s, the prompts
+    decode instead batch after batch of (about) equal sizes.
+
     ``adapters`` (one name per prompt; :data:`BASE` for the base model alone) answers each prompt with
     its own LoRA adapter of the PEFT ``model``, all in one batch (see :func:`mixable_adapters` for the
     adapters this accepts; nothing may be merged). Without it the model answers as it is.
@@ -251,18 +168,20 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     A single greedy prompt (the chat) drafts up to ``draft_tokens`` tokens by prompt lookup
     (:class:`PromptLookup`) and checks them in one step, which reads the weights once for all of
     them: the tokens are greedy decoding's own, several per step where the answer repeats the text
-    (0 turns drafting off). So does the last row of a greedy batch once every other row has ended:
-    often an answer that repeats itself up to the token limit, which drafts then take ~3 tokens a
-    step. Rows of a batch, sampling and the repetition penalty decode one token per step.
+    (0 turns drafting off). So does the last row of a greedy batch once every other row has ended and
+    no prompt waits: often an answer that repeats itself up to the token limit, which drafts then take
+    ~3 tokens a step. Rows of a batch, sampling and the repetition penalty decode one token per step.
 
     ``reuse`` (a single prompt; the chat's) keeps the key/value cache of this prompt and its answer for
     the next call: a later prompt that starts with the same tokens (the conversation so far) computes
     only the tokens after them, so a long conversation's next answer starts as soon as a short one's.
     The reused keys and values are those a fresh computation gives, up to float rounding.
     """
+    if rows_at_once is not None and rows_at_once < 1:
+        raise ValueError(f"rows_at_once must be >= 1 (got {rows_at_once})")
     if reuse is None:
         return _decode(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, on_token, adapters,
-                       draft_tokens)
+                       draft_tokens, rows_at_once=rows_at_once)
     if len(prompts) != 1:
         raise ValueError(f"a reused cache serves one prompt at a time (got {len(prompts)})")
     cache, past = reuse.claim(model, prompts[0], len(prompts[0]) + max_new_tokens)
@@ -279,10 +198,71 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     return answers
 
 
+JOIN_SHARE = 8
+"""Waiting prompts join a batch once this share of its rows (1/8) has ended (at least one row): each
+joining costs a forward of their prompts, so they join a few at a time, while the batch stays nearly full."""
+
+
+class _Rows:
+    """Per-row state of a decoding batch, aligned with its rows: which prompt each row answers, its adapter
+    group, its generator, how many tokens it has chosen, and where its real positions start."""
+
+    def __init__(self, rows, groups, drawing, starts):
+        self.rows, self.groups, self.drawing, self.starts = rows, groups, drawing, starts
+        self.counts = [0] * len(rows)
+
+    def reorder(self, order: list[int]) -> None:
+        """Keep the rows ``order`` names, in that order."""
+        self.rows, self.groups = [self.rows[i] for i in order], [self.groups[i] for i in order]
+        self.counts, self.starts = [self.counts[i] for i in order], [self.starts[i] for i in order]
+        if self.drawing is not None:
+            self.drawing = [self.drawing[i] for i in order]
+
+    def extend(self, other: _Rows) -> None:
+        """Add ``other``'s rows after these."""
+        self.rows, self.groups = self.rows + other.rows, self.groups + other.groups
+        self.counts, self.starts = self.counts + other.counts, self.starts + other.starts
+        if self.drawing is not None:
+            self.drawing = self.drawing + other.drawing
+
+
+def _prefill(model, lean, prompts, batch: _Rows, adapters, pad_id: int, cache, past: int = 0):
+    """The prompts of ``batch``'s rows, left-padded into one batch, run on ``cache`` (which holds the first
+    ``past`` tokens of a single prompt). Returns the last position's logits (R, V), the mask of real
+    tokens (R, width), each row's last position (R, 1) and whether any row is padded."""
+    device = next(model.parameters()).device
+    width = max(len(prompts[r]) for r in batch.rows)
+    ids = torch.full((len(batch.rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(batch.rows):   # left padding: every prompt ends where its answer starts
+        ids[i, width - len(prompts[r]):] = torch.tensor(prompts[r], dtype=torch.long)
+        mask[i, width - len(prompts[r]):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # Positions count real tokens only, as generate numbers them: padding does not shift a prompt.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    padded = any(len(prompts[r]) < width for r in batch.rows)
+    if lean is not None:   # the prompts through the lean step too: 1.1-1.25x the model's own forward here
+        logits = lean(ids[:, past:], positions[:, past:], prompt_mask(mask) if padded else None, cache,
+                      adapter_segments(batch.groups), last_only=True)
+    else:
+        per_row = {"adapter_names": [adapters[r] for r in batch.rows]} if adapters else {}
+        logits = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache,
+                       use_cache=True, logits_to_keep=1, **per_row).logits[:, -1]
+    return logits, mask.bool(), positions[:, -1:], padded
+
+
+def _seen_tokens(prompts, rows, vocabulary: int, device) -> torch.Tensor:
+    """(rows, vocabulary) booleans: the tokens of each row's prompt (for the repetition penalty)."""
+    seen = torch.zeros(len(rows), vocabulary, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        seen[i, torch.tensor(prompts[r], dtype=torch.long, device=device)] = True
+    return seen
+
+
 def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
             sampling: Sampling | None, generators: list[torch.Generator] | None,
             on_token: Callable[[int, int], None] | None, adapters: list[str] | None, draft_tokens: int,
-            cache=None, past: int = 0) -> list[list[int]]:
+            cache=None, past: int = 0, rows_at_once: int | None = None) -> list[list[int]]:
     """:func:`decode` on ``cache`` (a new one when None), which holds the first ``past`` tokens of the only prompt."""
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
@@ -298,85 +278,149 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list
     elif len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     names = list(dict.fromkeys(adapters or ()))   # each adapter once, in order of appearance
-    # The batch rows hold the prompts grouped by adapter, so each adapter's rows are one slice.
     group_of = [names.index(a) for a in adapters] if adapters else [0] * len(prompts)
-    rows = sorted(range(len(prompts)), key=group_of.__getitem__)
-    groups = [group_of[r] for r in rows]
-    drawing = [generators[r] for r in rows] if generators is not None else None   # aligned with the batch rows
-    segments = adapter_segments(groups)   # (adapter, first row, end row) of the batch, while rows leave
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts[r] for r in rows):   # left padding: every prompt ends where its answer starts
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    # Positions count real tokens only, as generate numbers them: padding does not shift a prompt.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    capacity = min(rows_at_once or len(prompts), len(prompts))
+    lean = LeanStep.for_model(model, tuple(names), pack_rows=capacity)
+    waiting = list(range(capacity, len(prompts)))[::-1]   # popped from the end: in the order given
+    first = sorted(range(capacity), key=group_of.__getitem__)   # each adapter's rows one slice of the batch
+    if cache is None:   # rows that join need room for the longest prompt; zeros keep unwritten positions finite
+        cache = new_cache(model, room=max(len(prompts[r]) for r in (range(len(prompts)) if waiting else first))
+                          + max_new_tokens, zeroed=bool(waiting))
+    if waiting and (lean is None or past or not can_admit(cache)):   # rows join through the lean step only
+        return _batch_after_batch(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, on_token,
+                                  adapters, draft_tokens, capacity)
+    batch = _Rows(first, [group_of[r] for r in first],
+                  [generators[r] for r in first] if generators is not None else None, [])
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    if cache is None:
-        cache = new_cache(model, room=width + max_new_tokens)
-    lean = LeanStep.for_model(model, tuple(names), pack_rows=len(prompts))
-    padded = any(len(p) < width for p in prompts)   # without padding no position needs masking
-
-    def per_row():   # the model's own forward takes each row's adapter name
-        return {"adapter_names": [adapters[r] for r in rows]} if adapters else {}
+    joining_at = max(1, capacity // JOIN_SHARE)
 
     with torch.no_grad():
-        if lean is not None:   # the prompts through the lean step too: 1.1-1.25x the model's own forward here
-            logits = lean(ids[:, past:], positions[:, past:], prompt_mask(mask) if padded else None, cache, segments,
-                          last_only=True)
-        else:
-            logits = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=positions[:, past:], cache=cache,
-                           use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
-        position = positions[:, -1:]
+        logits, mask, position, padded = _prefill(model, lean, prompts, batch, adapters, pad_id, cache, past)
+        batch.starts = [mask.shape[1] - len(prompts[r]) for r in batch.rows]
         # A greedy row decoding alone drafts tokens: a single prompt from the start, the last row of a batch
         # once every other has ended (often an answer repeating itself up to the token limit).
         drafting = (lean is not None and draft_tokens > 0 and sampling.greedy and sampling.repetition_penalty == 1
                     and forgets_positions(cache))
         if drafting and len(prompts) == 1:
             answers[0] = decode_with_drafts(lean, cache, prompts[0], [], [int(logits[0].float().max(-1).indices)],
-                                            max_new_tokens, stop_ids, on_token, segments, draft_tokens)
+                                            max_new_tokens, stop_ids, on_token, adapter_segments(batch.groups),
+                                            draft_tokens)
             return answers
-        seen = None   # (rows, vocabulary): the tokens each row holds, for the repetition penalty
-        if sampling.repetition_penalty != 1:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device).scatter_(1, ids, mask.bool())
-        for step in range(max_new_tokens):
-            tokens = _next_tokens(logits, sampling, seen, drawing)
-            chosen = tokens.tolist()
-            ended = torch.isin(tokens, stops)
-            ended_list = ended.tolist()
-            for row, token, end in zip(rows, chosen, ended_list, strict=True):
+        penalised = sampling.repetition_penalty != 1
+        seen = _seen_tokens(prompts, batch.rows, logits.shape[-1], device) if penalised else None
+        columns = None   # each row's next position in the cache, once rows of different lengths share it
+        while True:
+            tokens = next_tokens(logits, sampling, seen, batch.drawing)
+            ended = torch.isin(tokens, stops).tolist()
+            for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
                 if on_token is not None:
                     on_token(row, token)
-                if not end:
+                batch.counts[i] += 1
+                if not ended[i]:
                     answers[row].append(token)
-            if step == max_new_tokens - 1 or all(ended_list):
+                    ended[i] = batch.counts[i] == max_new_tokens
+            if all(ended) and not waiting:
                 break
-            if any(ended_list):   # finished rows leave the batch: no more work for them
-                order = staying_rows(ended_list, groups)
+            if any(ended):   # finished rows leave the batch: no more work for them
+                order = staying_rows(ended, batch.groups)
                 keep = torch.tensor(order, dtype=torch.long, device=device)
                 cache.batch_select_indices(keep)
-                rows, groups = [rows[i] for i in order], [groups[i] for i in order]
-                if drawing is not None:
-                    drawing = [drawing[i] for i in order]
-                segments = adapter_segments(groups)
+                batch.reorder(order)
                 tokens, mask, position = tokens[keep], mask[keep], position[keep]
                 seen = seen[keep] if seen is not None else None
-                if drafting and len(rows) == 1:
-                    row = rows[0]
-                    decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids,
-                                       on_token, segments, draft_tokens, padding=width - len(prompts[row]), row=row)
-                    break
+                if columns is not None:
+                    columns = columns[keep]
+                    if len(order):   # positions past every remaining row are no longer looked at
+                        _forget_after(cache, int(columns.max()))
+                        mask = mask[:, :cache.get_seq_length()]
+            if drafting and len(batch.rows) == 1 and not waiting:   # a row left alone, or one that joined alone
+                if columns is not None:
+                    _forget_after(cache, int(columns[0]))
+                    write_columns(cache, None)
+                row = batch.rows[0]
+                decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids,
+                                   on_token, adapter_segments(batch.groups), draft_tokens,
+                                   padding=batch.starts[0], row=row)
+                break
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
-            if lean is not None:
-                logits = lean(tokens, position, mask.bool()[:, None, None, :] if padded else None, cache, segments)
-            else:
-                logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache,
-                               use_cache=True, logits_to_keep=1, **per_row()).logits[:, -1]
+            if batch.rows:
+                logits, mask = _step(model, lean, cache, tokens, position, mask, columns, padded, batch, adapters)
+                if columns is not None:
+                    columns = columns + 1
+            if waiting and (not batch.rows or capacity - len(batch.rows) >= min(joining_at, len(waiting))):
+                take = [waiting.pop() for _ in range(min(capacity - len(batch.rows), len(waiting)))]
+                joined = sorted(take, key=group_of.__getitem__)
+                new = _Rows(joined, [group_of[r] for r in joined],
+                            [generators[r] for r in joined] if generators is not None else None, [0] * len(joined))
+                room = max(len(prompts[r]) for r in joined)
+                fresh = new_cache(model, room=room)
+                new_logits, new_mask, new_position, _ = _prefill(model, lean, prompts, new, adapters, pad_id, fresh)
+                lengths = [len(prompts[r]) for r in joined]
+                if columns is None:   # until now every row wrote at the same position
+                    columns = torch.full((len(batch.rows),), mask.shape[1], dtype=torch.long, device=device)
+                admit_rows(cache, fresh, [room - n for n in lengths], lengths)
+                del fresh
+                width = cache.get_seq_length()
+                mask = torch.cat([mask, mask.new_zeros(mask.shape[0], width - mask.shape[1])], dim=1)
+                mask = torch.cat([mask, torch.arange(width, device=device)[None] < new_mask.sum(1, keepdim=True)])
+                columns = torch.cat([columns, torch.tensor(lengths, dtype=torch.long, device=device)])
+                position = torch.cat([position, new_position])
+                logits = torch.cat([logits, new_logits]) if batch.rows else new_logits
+                if seen is not None:
+                    seen = torch.cat([seen, _seen_tokens(prompts, joined, seen.shape[1], device)])
+                batch.extend(new)
+                padded = True
+                order = staying_rows([False] * len(batch.rows), batch.groups)
+                if order != sorted(order):
+                    keep = torch.tensor(order, dtype=torch.long, device=device)
+                    cache.batch_select_indices(keep)
+                    batch.reorder(order)
+                    mask, position, logits, columns = mask[keep], position[keep], logits[keep], columns[keep]
+                    seen = seen[keep] if seen is not None else None
+    return answers
+
+
+def _step(model, lean, cache, tokens, position, mask, columns, padded: bool, batch: _Rows, adapters):
+    """One decoding step of every row of ``batch``: ``tokens`` (R,) at ``position`` (R, 1) into ``cache`` (each row
+    at its own position of ``columns`` when given, else all after the filled part). Returns the next logits
+    (R, V) and the mask of real cache positions, the new ones included."""
+    rows = tokens.shape[0]
+    if columns is None:
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+    else:
+        width = max(mask.shape[1], int(columns.max()) + 1)
+        if width > mask.shape[1]:
+            mask = torch.cat([mask, mask.new_zeros(rows, width - mask.shape[1])], dim=1)
+        mask[torch.arange(rows, device=mask.device), columns] = True
+        write_columns(cache, columns)
+    if lean is not None:
+        return lean(tokens, position, mask[:, None, None, :] if padded else None, cache,
+                    adapter_segments(batch.groups)), mask
+    per_row = {"adapter_names": [adapters[r] for r in batch.rows]} if adapters else {}
+    logits = model(input_ids=tokens[:, None], attention_mask=mask.long(), position_ids=position, cache=cache,
+                   use_cache=True, logits_to_keep=1, **per_row).logits[:, -1]
+    return logits, mask
+
+
+def _forget_after(cache, length: int) -> None:
+    """Shorten every layer of ``cache`` to ``length`` positions (those past it belong to rows that left)."""
+    for layer in cache.layers:
+        layer.truncate(length)
+
+
+def _batch_after_batch(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, on_token, adapters,
+                       draft_tokens, rows_at_once: int) -> list[list[int]]:
+    """:func:`decode` of ``prompts`` in consecutive batches of at most ``rows_at_once`` rows, as even as they go."""
+    size = math.ceil(len(prompts) / math.ceil(len(prompts) / rows_at_once))
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), size):
+        part = list(range(start, min(start + size, len(prompts))))
+        answers += _decode(model, [prompts[i] for i in part], max_new_tokens, stop_ids, pad_id, sampling,
+                           [generators[i] for i in part] if generators is not None else None,
+                           (lambda row, token, part=part: on_token(part[row], token)) if on_token else None,
+                           [adapters[i] for i in part] if adapters else None, draft_tokens)
     return answers
 
 
@@ -404,13 +448,14 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
                  keys: list | None = None, draft_tokens: int = DRAFT_TOKENS) -> list[list[int]]:
     """The answer token ids to each token-id prompt (stop token left out), in the order of ``prompts``.
 
-    Prompts are sorted by length and decoded ``batch_size`` at a time (left-padded, so similar
-    lengths share a batch and little is padding), with the LoRA weights merged for the duration
+    Prompts are sorted by length and decoded at most ``batch_size`` at a time (left-padded, so similar
+    lengths share a batch and little is padding; a prompt joins the batch as soon as rows end, see
+    :func:`decode`'s ``rows_at_once``), with the LoRA weights merged for the duration
     (:func:`merged_lora`). Greedy answers are those of ``model.generate(do_sample=False)``.
     With ``adapters`` (one adapter name per prompt, see :func:`decode`) each prompt is answered by its
     own adapter, prompts of different adapters sharing batches; nothing is merged then.
-    ``cache_budget`` (bytes) caps the rows of a batch so that its key/value cache, preallocated for the
-    longest prompt and ``max_new_tokens``, stays within it; the batches are then of even sizes.
+    ``cache_budget`` (bytes) caps the rows at once so that the key/value cache, preallocated for the
+    longest prompt and ``max_new_tokens``, stays within it.
     Sampled answers draw from one generator per prompt, seeded from ``sampling.seed`` and the prompt's
     key of ``keys`` (default: its index): a prompt with the same key gets the same draws whatever
     the batches (see :meth:`Sampling.generators` and, for rounding, :func:`decode`). A batch of one
@@ -421,27 +466,26 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    if cache_budget is not None and prompts:
+    if not prompts:
+        return []
+    if cache_budget is not None:
         per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens)
         batch_size = max(min(batch_size, cache_budget // per_row), 1)
-        batch_size = math.ceil(len(prompts) / math.ceil(len(prompts) / batch_size))   # as few, as even
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[list[int]] = [[] for _ in prompts]
     generators = sampling.generators(range(len(prompts)) if keys is None else keys, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
         with merged_lora(model) if adapters is None else contextlib.nullcontext():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                out = decode(model, [prompts[i] for i in batch], max_new_tokens, stop_ids, pad_id, sampling,
-                             [generators[i] for i in batch] if generators is not None else None,
-                             adapters=[adapters[i] for i in batch] if adapters is not None else None,
-                             draft_tokens=draft_tokens)
-                for i, ids in zip(batch, out, strict=True):
-                    answers[i] = ids
+            out = decode(model, [prompts[i] for i in order], max_new_tokens, stop_ids, pad_id, sampling,
+                         [generators[i] for i in order] if generators is not None else None,
+                         adapters=[adapters[i] for i in order] if adapters is not None else None,
+                         draft_tokens=draft_tokens, rows_at_once=batch_size)
     finally:
         model.train(was_training)
+    answers: list[list[int]] = [[] for _ in prompts]
+    for i, ids in zip(order, out, strict=True):
+        answers[i] = ids
     return answers
 
 

@@ -9,19 +9,45 @@ import functools
 import torch
 
 
-def new_cache(model, room: int = 0):
+def new_cache(model, room: int = 0, zeroed: bool = False):
     """An empty key/value cache for ``model``: transformers' ``DynamicCache`` for its config, with
     room for ``room`` positions in each full-attention layer, so a new token is written in place
     instead of copying the whole cache (other kinds of layer, such as sliding windows, stay as
-    they are). Meant for :func:`decode`, which only appends and drops rows."""
+    they are). Meant for :func:`decode`, which only appends and drops rows. ``zeroed``: the room
+    starts as zeros, so every position a row has not written holds finite numbers (what rows of
+    different lengths in one batch need: see :func:`write_columns` and :func:`admit_rows`)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config)
     if room > 0:
         roomy = _roomy_layer_type()
-        cache.layers = [roomy(room) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        cache.layers = [roomy(room, zeroed) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def can_admit(cache) -> bool:
+    """Whether rows can join ``cache`` and write at positions of their own (:func:`admit_rows`,
+    :func:`write_columns`): every layer is one of :func:`new_cache`'s roomy ones."""
+    return all(hasattr(layer, "admit") for layer in cache.layers)
+
+
+def write_columns(cache, columns: torch.Tensor | None) -> None:
+    """Where the next one-token update of ``cache`` (from :func:`new_cache`, every layer roomy) writes:
+    row ``i`` at position ``columns[i]`` (rows of different lengths, each in its own place), the filled
+    part then reaching the furthest of them; None: every row after the filled part (the default)."""
+    length = int(columns.max()) + 1 if columns is not None and columns.numel() else None
+    for layer in cache.layers:
+        layer.columns = None if length is None else (columns, length)
+
+
+def admit_rows(cache, source, starts: list[int], lengths: list[int]) -> None:
+    """Append rows to ``cache`` (from :func:`new_cache` with ``zeroed``): row ``j`` of the cache ``source``
+    (its positions ``starts[j]`` to ``starts[j] + lengths[j]``, e.g. a left-padded prompt) becomes a new
+    last row whose first ``lengths[j]`` positions hold them. The positions after them hold whatever
+    finite numbers were there: the new rows' attention masks must leave them out."""
+    for layer, other in zip(cache.layers, source.layers, strict=True):
+        layer.admit(other, starts, lengths)
 
 
 def forgets_positions(cache) -> bool:
@@ -66,31 +92,51 @@ def _roomy_layer_type():
 
     class RoomyLayer(DynamicLayer):
         """A ``DynamicLayer`` writing into preallocated tensors (twice as large when full); ``keys``
-        and ``values`` are views of the filled part. Appending and ``batch_select_indices`` only."""
+        and ``values`` are views of the filled part of the batch's rows. Appending (after the filled
+        part, or per row where :func:`write_columns` says), rows leaving (``batch_select_indices``)
+        and rows joining (:func:`admit_rows`) into the room the rows that left freed."""
 
-        def __init__(self, room: int):
+        def __init__(self, room: int, zeroed: bool = False):
             super().__init__()
-            self.room, self.length = room, 0
+            self.room, self.zeroed, self.length, self.rows = room, zeroed, 0, 0
+            self.columns = None
 
-        def _allocate(self, like_keys, like_values, room):
-            kept_keys, kept_values = self.keys, self.values
-            self._keys = like_keys.new_empty(*like_keys.shape[:2], room, like_keys.shape[3])
-            self._values = like_values.new_empty(*like_values.shape[:2], room, like_values.shape[3])
-            if self.length:
-                self._keys[:, :, :self.length] = kept_keys
-                self._values[:, :, :self.length] = kept_values
+        def _allocate(self, rows, like, room):
+            """Storage for ``rows`` rows and ``room`` positions, holding what the current storage held."""
+            kept = [self._store_keys, self._store_values] if self.rows else []
+            make = like.new_zeros if self.zeroed else like.new_empty
+            self._store_keys = make(rows, like.shape[1], room, like.shape[3])
+            self._store_values = make(rows, like.shape[1], room, like.shape[3])
+            if kept:
+                self._store_keys[:self.rows, :, :self.length] = kept[0][:self.rows, :, :self.length]
+                self._store_values[:self.rows, :, :self.length] = kept[1][:self.rows, :, :self.length]
+
+        def _views(self):
+            self._keys, self._values = self._store_keys[:self.rows], self._store_values[:self.rows]
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-                self._allocate(key_states, value_states, max(self.room, key_states.shape[-2]))
+                self._allocate(key_states.shape[0], key_states, max(self.room, key_states.shape[-2]))
+                self.rows = key_states.shape[0]
+            if self.columns is not None:   # one token per row, each at its own position
+                columns, end = self.columns
+                if end > self._store_keys.shape[-2]:
+                    self._allocate(self._store_keys.shape[0], key_states, max(end, 2 * self._store_keys.shape[-2]))
+                rows = torch.arange(self.rows, device=columns.device)
+                self._store_keys[rows, :, columns] = key_states[:, :, 0]
+                self._store_values[rows, :, columns] = value_states[:, :, 0]
+                self.length = max(self.length, end)
+                self._views()
+                return self.keys, self.values
             end = self.length + key_states.shape[-2]
-            if end > self._keys.shape[-2]:
-                self._allocate(key_states, value_states, max(end, 2 * self._keys.shape[-2]))
-            self._keys[:, :, self.length:end] = key_states
-            self._values[:, :, self.length:end] = value_states
+            if end > self._store_keys.shape[-2]:
+                self._allocate(self._store_keys.shape[0], key_states, max(end, 2 * self._store_keys.shape[-2]))
+            self._store_keys[:self.rows, :, self.length:end] = key_states
+            self._store_values[:self.rows, :, self.length:end] = value_states
             self.length = end
-            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            self._views()
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -100,21 +146,38 @@ def _roomy_layer_type():
             """Forget every position from ``length`` on (drafted tokens that were not accepted)."""
             self.length = min(self.length, length)
             if self.is_initialized:
-                self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+                self._views()
 
         def batch_select_indices(self, indices) -> None:
-            # Rows only leave: row j of the batch becomes old row indices[j], in the same buffers (no fresh
-            # allocation, the empty room not copied, and rows already in their place not copied either).
+            # Row j of the batch becomes old row indices[j], in the same buffers (no fresh allocation, the
+            # empty room not copied, and rows already in their place not copied either).
             if self.is_initialized:
-                indices = torch.as_tensor(indices, dtype=torch.long, device=self._keys.device)
+                indices = torch.as_tensor(indices, dtype=torch.long, device=self._store_keys.device)
                 kept = indices.shape[0]
                 moved = (indices != torch.arange(kept, device=indices.device)).nonzero().squeeze(1)
                 if moved.numel():
                     sources = indices[moved]
-                    for buffer in (self._keys, self._values):
+                    for buffer in (self._store_keys, self._store_values):
                         buffer[moved, :, :self.length] = buffer[sources, :, :self.length]   # read, then written
-                self._keys, self._values = self._keys[:kept], self._values[:kept]
-                self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+                self.rows = kept
+                self._views()
+
+        def admit(self, source, starts: list[int], lengths: list[int]) -> None:
+            """:func:`admit_rows` for this layer (``source``: the same layer of the other cache)."""
+            if not lengths:
+                return
+            rows, longest = self.rows + len(lengths), max(lengths)
+            if not self.is_initialized:
+                self.lazy_initialization(source.keys, source.values)
+            store = getattr(self, "_store_keys", None)
+            if store is None or rows > store.shape[0] or longest > store.shape[-2]:
+                self._allocate(max(rows, store.shape[0] if store is not None else 0), source.keys,
+                               max(longest, self.room, store.shape[-2] if store is not None else 0))
+            for j, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+                self._store_keys[self.rows + j, :, :length] = source.keys[j, :, start:start + length]
+                self._store_values[self.rows + j, :, :length] = source.values[j, :, start:start + length]
+            self.rows, self.length = rows, max(self.length, longest)
+            self._views()
 
     return RoomyLayer
 

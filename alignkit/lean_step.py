@@ -220,13 +220,13 @@ def adapter_segments(groups: list[int]) -> list[tuple[int, int, int]]:
 
 def staying_rows(ended: list[bool], groups: list[int]) -> list[int]:
     """The batch's next row order when the rows marked in ``ended`` leave: the old index of each row that
-    stays, the rows of each group (``groups``, contiguous as :func:`adapter_segments` needs them) still
-    contiguous and in the same order of groups. Rows already inside their group's new range keep their
-    place; the others fill its gaps, so only a few rows move (one per group behind a leaving row), where
-    keeping the order would move every row behind it."""
+    stays, the rows of each group (``groups``) contiguous as :func:`adapter_segments` needs them, groups
+    in ascending order. Rows already inside their group's new range keep their place; the others fill
+    its gaps, so only a few rows move (one per group behind a leaving row, or the rows that joined at
+    the end of the batch), where keeping the order would move every row behind them."""
     order: list[int] = []
-    for _group, start, end in adapter_segments(groups):
-        staying = [i for i in range(start, end) if not ended[i]]
+    for group in sorted(set(groups)):
+        staying = [i for i, g in enumerate(groups) if g == group and not ended[i]]
         first = len(order)
         new_end = first + len(staying)
         in_place = {i for i in staying if first <= i < new_end}

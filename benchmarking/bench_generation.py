@@ -23,7 +23,9 @@ Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batc
 prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
 chat answers). Then the comparison's case: ``--configurations`` configurations on the one base (the
 base alone, the adapter, fresh LoRAs) answer the report's prompts and the 39 held-out ones, one
-configuration at a time against all in shared batches (each row adding its own adapter's update).
+configuration at a time against all in shared batches (each row adding its own adapter's update), and
+all in batches capped as the report caps them (its key/value cache budget): batch after batch against
+prompts joining the batch as its rows end.
 Last, a chat of ``--conversation`` turns (``alignkit.evaluate.Chat``): the seconds to each answer's first
 text with the conversation's keys and values kept from one answer to the next, and with the whole
 conversation computed again for every answer. tokens/s counts answer tokens (the stop token excluded) over wall time. Each case
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -202,9 +205,13 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
 def _configurations(model, prompts: list[list[int]], count: int, args, stop: int, pad: int) -> dict:
     """``count`` configurations on the one base (the base alone, the adapter, and fresh LoRAs with random
     ``lora_B`` seeded 1, 2, ...) answering every prompt: one configuration at a time (merged weights,
-    as the comparison did) against all in shared batches (each row its own adapter)."""
+    as the comparison did) against all in shared batches (each row its own adapter), and all with at most
+    the report's rows at once, batch after batch against waiting prompts joining as rows end. The ways
+    alternate in order from one repeat to the next."""
 
+    from alignkit.compare import Evaluator
     from alignkit.generation import generate_ids
+    from alignkit.kv_cache import cache_bytes_per_token
     from alignkit.lean_step import BASE
     from alignkit.models import add_lora
 
@@ -229,31 +236,54 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
         model.set_adapter("default")
         return out
 
-    def shared():
-        rows = [name for name in names for _ in prompts]
-        return generate_ids(model, prompts * len(names), args.max_new_tokens, [stop], pad, batch_size=len(rows),
-                            adapters=rows)
+    every = prompts * len(names)
+    rows = [name for name in names for _ in prompts]
 
-    runs = {"separate": [], "shared": []}
-    identical = True
+    def shared():
+        return generate_ids(model, every, args.max_new_tokens, [stop], pad, batch_size=len(rows), adapters=rows)
+
+    # The comparison report's rows at once: its cache budget caps the batch, and waiting prompts join as rows end.
+    budget = Evaluator.CACHE_BUDGET
+    capped = max(1, budget // (cache_bytes_per_token(model) * (max(len(p) for p in every) + args.max_new_tokens)))
+
+    def joining():
+        return generate_ids(model, every, args.max_new_tokens, [stop], pad, batch_size=len(rows), adapters=rows,
+                            cache_budget=budget)
+
+    def batch_after_batch():   # the same cap, the next batch starting when the last row of the one before ends
+        order = sorted(range(len(every)), key=lambda i: len(every[i]))
+        size = math.ceil(len(order) / math.ceil(len(order) / capped))
+        out: list = [None] * len(every)
+        for start in range(0, len(order), size):
+            part = order[start:start + size]
+            for i, ids in zip(part, generate_ids(model, [every[i] for i in part], args.max_new_tokens, [stop], pad,
+                                                 batch_size=len(part), adapters=[rows[i] for i in part]), strict=True):
+                out[i] = ids
+        return out
+
+    ways = {"separate": separate, "shared": shared, "batches": batch_after_batch, "joining": joining}
+    runs: dict[str, list[float]] = {way: [] for way in ways}
+    identical, reference = True, None
     for repeat in range(args.repeats):
-        one, one_s = _timed(separate)
-        both, both_s = _timed(shared)
-        tokens = sum(len(a) for a in one)
-        runs["separate"].append(tokens / one_s)
-        runs["shared"].append(sum(len(a) for a in both) / both_s)
-        identical = identical and one == both
-        print(f"  {len(names)} configurations run {repeat + 1}: one at a time {runs['separate'][-1]:7.1f} tok/s "
-              f"({one_s:6.1f} s)   shared batches {runs['shared'][-1]:7.1f} tok/s ({both_s:6.1f} s)   {tokens} tokens",
-              flush=True)
-    result = {"configurations": len(names), "prompts": len(prompts), "rows": len(prompts) * len(names),
-              "separate_tokens_per_s": statistics.median(runs["separate"]),
-              "shared_tokens_per_s": statistics.median(runs["shared"]),
-              "separate_runs": runs["separate"], "shared_runs": runs["shared"], "identical": identical}
+        line = []
+        for way, function in (ways.items() if repeat % 2 == 0 else reversed(ways.items())):
+            answers, seconds = _timed(function)
+            runs[way].append(sum(len(a) for a in answers) / seconds)
+            reference = reference or answers
+            identical = identical and answers == reference
+            line.append(f"{way} {runs[way][-1]:6.1f} tok/s ({seconds:5.1f} s)")
+        print(f"  {len(names)} configurations run {repeat + 1}: " + "   ".join(line), flush=True)
+    result = {"configurations": len(names), "prompts": len(prompts), "rows": len(every), "rows_at_once": capped,
+              "identical": identical, **{f"{way}_tokens_per_s": statistics.median(r) for way, r in runs.items()},
+              **{f"{way}_runs": r for way, r in runs.items()}}
     result["speedup"] = result["shared_tokens_per_s"] / result["separate_tokens_per_s"]
+    result["joining_speedup"] = statistics.median(j / b for j, b in zip(runs["joining"], runs["batches"], strict=True))
     print(f"{len(names)} configurations x {len(prompts)} prompts: one at a time {result['separate_tokens_per_s']:.1f} "
           f"tok/s, shared batches {result['shared_tokens_per_s']:.1f} tok/s (median of {args.repeats}), speedup "
-          f"{result['speedup']:.2f}x; outputs {'identical token for token' if identical else 'DIFFERENT'}", flush=True)
+          f"{result['speedup']:.2f}x; at most {capped} rows at once (the report's cache budget): batch after batch "
+          f"{result['batches_tokens_per_s']:.1f}, prompts joining as rows end {result['joining_tokens_per_s']:.1f} "
+          f"tok/s ({result['joining_speedup']:.2f}x, median of paired runs); outputs "
+          f"{'identical token for token' if identical else 'DIFFERENT'}", flush=True)
     return result
 
 

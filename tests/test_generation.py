@@ -209,15 +209,15 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(base, tokenizer):
 def test_draws_follow_the_nucleus_distribution(top_p, monkeypatch):
     """Empirical token frequencies of many draws equal the top-p renormalised softmax, for rows whose
     nucleus lies within the first NUCLEUS_FIRST tokens and for rows sorted in full."""
-    import alignkit.generation as generation
+    import alignkit.sampling as sampling
 
-    monkeypatch.setattr(generation, "NUCLEUS_FIRST", 3)
+    monkeypatch.setattr(sampling, "NUCLEUS_FIRST", 3)
     torch.manual_seed(0)
     peaked = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])    # nucleus of 0.9: 3 tokens
     flat = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0, -0.1])       # nucleus wider than 3
     n = 40000
     logits = torch.cat([peaked.expand(n, -1), flat.expand(n, -1)])
-    drawn = generation._next_tokens(logits, Sampling(temperature=1.0, top_p=top_p), None, None)
+    drawn = sampling.next_tokens(logits, Sampling(temperature=1.0, top_p=top_p), None, None)
     for half, row in enumerate((peaked, flat)):
         probs = row.softmax(-1)
         ranked, order = probs.sort(descending=True)
@@ -477,26 +477,6 @@ def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
     merged = _two_adapters(make_model)
     merged.merge_adapter(["one"])   # an adapter in the base weights would count twice
     assert not mixable_adapters(merged, ["one", "two"])
-
-
-def test_a_cache_budget_splits_the_prompts_into_even_batches_that_fit(model, tokenizer, monkeypatch):
-    import alignkit.generation as generation
-    from alignkit.kv_cache import cache_bytes_per_token
-
-    config = model.config   # the tiny Llama: 2 layers, 2 key/value heads of 8 dimensions, float32
-    assert cache_bytes_per_token(model) == config.num_hidden_layers * 2 * 2 * 8 * 4
-    prompts = [chat_prompt_ids(tokenizer, p) for p in PROMPTS] + [[5, 6, 7]]
-    expected = generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts))
-    sizes = []
-    real = generation.decode
-    monkeypatch.setattr(generation, "decode", lambda model, batch, *a, **k: sizes.append(len(batch)) or real(model, batch, *a, **k))
-    per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + 6)
-    budget = 2 * per_row + per_row // 2   # room for two rows, not three
-    got = generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts), cache_budget=budget)
-    assert got == expected and sizes == [2, 2, 1]
-    sizes.clear()
-    generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts), cache_budget=1)
-    assert sizes == [1] * 5   # less than one row: one row at a time
 
 
 # -- drafted single streams ------------------------------------------------------------------------
