@@ -221,9 +221,9 @@ class Evaluator:
     """
 
     CACHE_BUDGET = 1 << 30
-    """Bytes the key/value cache of one answering batch may take (it is preallocated for every row):
-    1 GiB holds 85 rows of the embedded model answering 200 tokens, so the demo's 3 x 45 answers run as
-    two batches of 68 (74 s; one batch of 135 took 63 s but raised the demo's peak memory by 1.3 GB)."""
+    """Bytes the key/value cache of the answering batch may take (it is preallocated for every row):
+    1 GiB holds 85-90 rows of the embedded model answering 200 tokens; the demo's other answers join
+    the batch as its rows end (one batch of all 135 rows would raise the demo's peak memory by 1.3 GB)."""
 
     def __init__(self, model_name: str = DEFAULT_MODEL, split: Split | None = None, device=None, dtype=None):
         self.split = split or Split(_DEFAULTS.dataset, _DEFAULTS.seed, _DEFAULTS.test_size)

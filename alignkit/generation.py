@@ -23,6 +23,9 @@ Several adapters on one base answer in one batch: :func:`decode` with ``adapters
 per prompt, :data:`BASE` for the base model alone) computes each row's LoRA update from its own
 adapter, the way PEFT's mixed-adapter batches do, so comparing N configurations costs about one
 decoding pass over N times the rows instead of N passes.
+
+More prompts than a batch holds (``rows_at_once``, e.g. from a key/value cache budget) join it as
+its rows end, so it stays full instead of finishing each batch's longest answers on a few rows.
 """
 
 from __future__ import annotations
