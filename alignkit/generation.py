@@ -42,6 +42,7 @@ from .kv_cache import (
     admit_rows,
     cache_bytes_per_token,
     can_admit,
+    forget_from,
     forgets_positions,
     new_cache,
     write_columns,
@@ -334,11 +335,11 @@ def _decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list
                 if columns is not None:
                     columns = columns[keep]
                     if len(order):   # positions past every remaining row are no longer looked at
-                        _forget_after(cache, int(columns.max()))
+                        forget_from(cache, int(columns.max()))
                         mask = mask[:, :cache.get_seq_length()]
             if drafting and len(batch.rows) == 1 and not waiting:   # a row left alone, or one that joined alone
                 if columns is not None:
-                    _forget_after(cache, int(columns[0]))
+                    forget_from(cache, int(columns[0]))
                     write_columns(cache, None)
                 row = batch.rows[0]
                 decode_with_drafts(lean, cache, prompts[row], answers[row], [], max_new_tokens, stop_ids,
@@ -405,12 +406,6 @@ def _step(model, lean, cache, tokens, position, mask, columns, padded: bool, bat
     logits = model(input_ids=tokens[:, None], attention_mask=mask.long(), position_ids=position, cache=cache,
                    use_cache=True, logits_to_keep=1, **per_row).logits[:, -1]
     return logits, mask
-
-
-def _forget_after(cache, length: int) -> None:
-    """Shorten every layer of ``cache`` to ``length`` positions (those past it belong to rows that left)."""
-    for layer in cache.layers:
-        layer.truncate(length)
 
 
 def _batch_after_batch(model, prompts, max_new_tokens, stop_ids, pad_id, sampling, generators, on_token, adapters,

@@ -36,9 +36,11 @@ def write_columns(cache, columns: torch.Tensor | None) -> None:
     """Where the next one-token update of ``cache`` (from :func:`new_cache`, every layer roomy) writes:
     row ``i`` at position ``columns[i]`` (rows of different lengths, each in its own place), the filled
     part then reaching the furthest of them; None: every row after the filled part (the default)."""
-    length = int(columns.max()) + 1 if columns is not None and columns.numel() else None
+    where = None
+    if columns is not None and columns.numel():
+        where = (torch.arange(columns.shape[0], device=columns.device), columns, int(columns.max()) + 1)
     for layer in cache.layers:
-        layer.columns = None if length is None else (columns, length)
+        layer.columns = where
 
 
 def admit_rows(cache, source, starts: list[int], lengths: list[int]) -> None:
@@ -48,6 +50,14 @@ def admit_rows(cache, source, starts: list[int], lengths: list[int]) -> None:
     finite numbers were there: the new rows' attention masks must leave them out."""
     for layer, other in zip(cache.layers, source.layers, strict=True):
         layer.admit(other, starts, lengths)
+
+
+def forget_from(cache, length: int) -> None:
+    """Forget every position of ``cache`` from ``length`` on, in every layer (each must be able to:
+    :func:`forgets_positions`): drafted tokens that were not kept, a conversation's answer that the next
+    prompt does not repeat, positions only rows that left had reached."""
+    for layer in cache.layers:
+        layer.truncate(length)
 
 
 def forgets_positions(cache) -> bool:
@@ -75,8 +85,7 @@ class ConversationCache:
         past, limit = 0, min(len(self.ids), len(prompt) - 1)
         while past < limit and self.ids[past] == prompt[past]:
             past += 1
-        for layer in cache.layers:
-            layer.truncate(past)
+        forget_from(cache, past)
         return cache, past
 
     def keep(self, cache, ids: list[int]) -> None:
@@ -112,8 +121,8 @@ def _roomy_layer_type():
                 self._store_values[:self.rows, :, :self.length] = kept[1][:self.rows, :, :self.length]
 
         def _views(self):
-            self._keys, self._values = self._store_keys[:self.rows], self._store_values[:self.rows]
-            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+            self.keys = self._store_keys[:self.rows, :, :self.length]
+            self.values = self._store_values[:self.rows, :, :self.length]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -121,10 +130,9 @@ def _roomy_layer_type():
                 self._allocate(key_states.shape[0], key_states, max(self.room, key_states.shape[-2]))
                 self.rows = key_states.shape[0]
             if self.columns is not None:   # one token per row, each at its own position
-                columns, end = self.columns
+                rows, columns, end = self.columns
                 if end > self._store_keys.shape[-2]:
                     self._allocate(self._store_keys.shape[0], key_states, max(end, 2 * self._store_keys.shape[-2]))
-                rows = torch.arange(self.rows, device=columns.device)
                 self._store_keys[rows, :, columns] = key_states[:, :, 0]
                 self._store_values[rows, :, columns] = value_states[:, :, 0]
                 self.length = max(self.length, end)

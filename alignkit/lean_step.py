@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .forward import causal_at_end
+from .kv_cache import forget_from
 
 BASE = "__base__"
 """The adapter name of a row that runs the base model alone (PEFT's name for it in mixed batches)."""
@@ -102,8 +103,7 @@ def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[in
         kept = 0
         while kept < len(draft) and draft[kept] == chosen[kept]:
             kept += 1
-        for layer in cache.layers:
-            layer.truncate(padding + at + 1 + kept)
+        forget_from(cache, padding + at + 1 + kept)
         pending = draft[:kept] + [chosen[kept]]
 
 
