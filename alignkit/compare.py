@@ -34,6 +34,7 @@ from .plots import plot_runs
 from .quality import answer_quality
 from .reference import ReferencePolicy, reference_store
 from .report import repetition_score, write_report
+from .runtime import release_freed_memory
 
 _DEFAULTS = DPOConfig()
 
@@ -341,6 +342,9 @@ class Evaluator:
             finally:
                 self.base = _unload(model)  # drop the adapter: the next configuration starts clean
         if len(answers) < len(configs):
+            # The scoring's freed activations go back to the kernel first: the decoding's key/value cache
+            # and packed weights rarely fit in their holes, so resident memory would stack the two stages.
+            release_freed_memory()
             answers = self._replies_together(configs, prompts, held_out_prompts, decoding, say)
         results = []
         for i, scores in enumerate(metrics):
