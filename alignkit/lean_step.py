@@ -139,8 +139,9 @@ class Product:
     for the CPU's matrix library when ``pack_rows`` is given (the most rows a step will have; see
     :func:`weight_packing`). Steps of :data:`PACKED_FROM_ROWS` rows or more then multiply by the packed
     copy: on 2 cores a step of 4-16 rows through every weight of the embedded model took ~30 ms
-    instead of ~40-55 ms (the library no longer repacks each weight per call). The copy costs the
-    weight's size again in memory."""
+    instead of ~40-55 ms (the library no longer repacks each weight per call). The copy is not small:
+    MKL's packed buffer of a (1536, 576) matrix is allocated at ~4x its size, and packing the embedded
+    model's 0.54 GB of weights raised resident memory by ~1.0 GB."""
 
     __slots__ = ("weight", "weight_t", "bias", "packed", "pack_rows")
 
@@ -361,7 +362,8 @@ class LeanStep:
         return cls(lm, adapters, pack_rows)
 
     def __call__(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache,
-                 segments: list[tuple[int, int, int]] = (), last_only: bool = False) -> torch.Tensor:
+                 segments: list[tuple[int, int, int]] = (), last_only: bool = False,
+                 head: bool = True) -> torch.Tensor | None:
         """Logits (B, V) of the token after ``tokens`` (B,) at ``position`` (B, 1); ``mask`` (B, 1, 1, L)
         boolean over the cache's positions after this one's (None: every position of every row is real);
         ``cache`` (from :func:`alignkit.kv_cache.new_cache`) receives this token's keys and values. ``segments`` says which
@@ -370,7 +372,8 @@ class LeanStep:
         Several tokens per row (``tokens`` and ``position`` (B, n), ``mask`` (B, 1, n, L) with each
         token's own causal row; None: causal, every position real) give logits (B, n, V): the token
         after each, as the model's forward over them on the same cache gives them; with ``last_only``
-        only the last token's, (B, V), as for a prompt (see :func:`prompt_mask`)."""
+        only the last token's, (B, V), as for a prompt (see :func:`prompt_mask`). ``head=False`` only fills
+        the cache and returns None (a prompt's leading part, when it runs in pieces)."""
         many = tokens.dim() == 2
         rows, n = tokens.shape[0], tokens.shape[1] if many else 1
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
@@ -407,6 +410,8 @@ class LeanStep:
             act = torch.nn.functional.silu(_add_lora(gate(x), x, lora_gate, segments)) * _add_lora(
                 up(x), x, lora_up, segments)
             hidden = _add_lora(down(act, hidden), act, lora_down, segments)
+        if not head:
+            return None
         if many and last_only:
             return self.head(self.inner.norm(hidden.view(rows, n, -1)[:, -1]))
         logits = self.head(self.inner.norm(hidden))

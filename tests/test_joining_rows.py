@@ -207,3 +207,38 @@ def test_rows_write_at_their_own_positions_and_joined_rows_start_at_the_front(ma
     assert torch.equal(layer.keys[1, :, :2], joining.layers[0].keys[0, :, 1:3])   # nothing else moved
     assert (layer.keys[1:, :, 4] == 0).all()   # zeroed room: a position no row ever wrote holds zeros
     assert (layer.keys[1, :, 3] == 100 + 7).all()   # one a row that left wrote keeps its (finite) numbers
+
+
+def test_a_budget_that_leaves_rows_out_leaves_the_weights_unpacked(make_model, tokenizer, prompts, monkeypatch):
+    model = with_lora(lively(make_model()))
+    packing = []
+    real = LeanStep.for_model.__func__
+    monkeypatch.setattr(LeanStep, "for_model", classmethod(
+        lambda cls, model, adapters=(), pack_rows=None: packing.append(pack_rows) or real(cls, model, adapters, pack_rows)))
+    per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + 6)
+    expected = generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts))
+    assert packing == [len(prompts)]   # no budget: packed for the whole batch
+    for budget, packed in ((len(prompts) * per_row, len(prompts)),   # every row fits: still packed
+                           (3 * per_row, None)):                    # rows left out: memory is short, no copy
+        packing.clear()
+        assert generate_ids(model, prompts, 6, [tokenizer.eos_token_id], 2, batch_size=len(prompts),
+                            cache_budget=budget) == expected
+        assert packing == [packed]
+
+
+def test_a_batch_of_prompts_runs_in_pieces_with_the_same_answers(model, tokenizer, prompts, monkeypatch):
+    expected = [plain_generate(model, p, 8, tokenizer.eos_token_id) for p in prompts]
+    heads = []
+    real = LeanStep.__call__
+
+    def recording(self, tokens, *args, head=True, **kwargs):
+        if tokens.dim() == 2:
+            heads.append((tokens.shape[1], head))
+        return real(self, tokens, *args, head=head, **kwargs)
+
+    monkeypatch.setattr(LeanStep, "__call__", recording)
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 3 * len(prompts))   # 3 positions of every row per piece
+    assert decode(model, prompts, 8, [tokenizer.eos_token_id], 2, draft_tokens=0) == expected
+    pieces = [n for n, _ in heads]
+    assert sum(pieces) == max(len(p) for p in prompts) and max(pieces) <= 3 and max(pieces) - min(pieces) <= 1
+    assert [h for _, h in heads] == [False] * (len(heads) - 1) + [True]   # the LM head for the last piece only
