@@ -250,7 +250,10 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
         return generate_ids(model, every, args.max_new_tokens, [stop], pad, batch_size=len(rows), adapters=rows,
                             cache_budget=budget)
 
-    def batch_after_batch():   # the same cap, the next batch starting when the last row of the one before ends
+    # The same cap, the next batch starting when the last row of the one before ends. Each such batch fits the
+    # budget, so its weights are packed; joining's budget leaves rows out, so it decodes unpacked (~0.6 GB less
+    # on the embedded model): the ratio is the comparison's path against the one it replaced, memory included.
+    def batch_after_batch():
         order = sorted(range(len(every)), key=lambda i: len(every[i]))
         size = math.ceil(len(order) / math.ceil(len(order) / capped))
         out: list = [None] * len(every)
