@@ -15,7 +15,8 @@ rendered with the chat template as training renders them, answers end at ``<|im_
   each adapted layer), all prompts of a case in one left-padded batch: what alignkit did before.
 - **ours**: ``alignkit.generation.generate_ids`` (what ``generate_answers``, the comparison report
   and the ``--eval`` chat use): merged LoRA weights, a lean loop, weights packed once for MKL's
-  products where a batch has 4 rows or more, finished rows leave the batch; a
+  products where a batch has 4 rows or more (not where a key/value cache budget limits the batch), finished
+  rows leave the batch; a
   single stream checks 2 tokens drafted by prompt lookup per step (also timed without, "one token
   per step", so the drafts' share shows).
 
