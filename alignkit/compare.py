@@ -343,7 +343,7 @@ class Evaluator:
                 self.base = _unload(model)  # drop the adapter: the next configuration starts clean
         if len(answers) < len(configs):
             # The scoring's freed activations go back to the kernel first: the decoding's key/value cache
-            # and packed weights rarely fit in their holes, so resident memory would stack the two stages.
+            # rarely fits in their holes, so resident memory would stack the two stages.
             release_freed_memory()
             answers = self._replies_together(configs, prompts, held_out_prompts, decoding, say)
         results = []

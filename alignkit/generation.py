@@ -258,12 +258,12 @@ def _prefill(model, lean, prompts, batch: _Rows, adapters, pad_id: int, cache, p
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     padded = any(len(prompts[r]) < width for r in batch.rows)
     if lean is not None:   # the prompts through the lean step too: 1.1-1.25x the model's own forward here
-        seen = prompt_mask(mask) if padded else None
+        attend = prompt_mask(mask) if padded else None
         segments = adapter_segments(batch.groups)
         pieces = min(math.ceil(len(batch.rows) * (width - past) / PREFILL_TOKENS), width - past)
         bounds = [past + (width - past) * i // pieces for i in range(pieces + 1)]   # as even as they go
         for start, end in itertools.pairwise(bounds):
-            logits = lean(ids[:, start:end], positions[:, start:end], seen[:, :, start:end, :end] if padded else None,
+            logits = lean(ids[:, start:end], positions[:, start:end], attend[:, :, start:end, :end] if padded else None,
                           cache, segments, last_only=True, head=end == width)
     else:
         per_row = {"adapter_names": [adapters[r] for r in batch.rows]} if adapters else {}
@@ -488,9 +488,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
         return []
     pack = True
     if cache_budget is not None:
-        per_row = cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens)
-        pack = min(batch_size, len(prompts)) <= cache_budget // per_row
-        batch_size = max(min(batch_size, cache_budget // per_row), 1)
+        fits = cache_budget // (cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens))
+        pack = min(batch_size, len(prompts)) <= fits
+        batch_size = max(min(batch_size, fits), 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generators = sampling.generators(range(len(prompts)) if keys is None else keys, next(model.parameters()).device)
     was_training = model.training
