@@ -41,11 +41,11 @@ from torch import nn
 from .kv_cache import (
     ConversationCache,
     admit_rows,
-    cache_bytes_per_token,
     can_admit,
     forget_from,
     forgets_positions,
     new_cache,
+    rows_in_budget,
     write_columns,
 )
 from .lean_step import (
@@ -488,7 +488,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids:
         return []
     pack = True
     if cache_budget is not None:
-        fits = cache_budget // (cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens))
+        fits = rows_in_budget(model, prompts, max_new_tokens, cache_budget)
         pack = min(batch_size, len(prompts)) <= fits
         batch_size = max(min(batch_size, fits), 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

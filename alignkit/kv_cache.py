@@ -190,6 +190,12 @@ def _roomy_layer_type():
     return RoomyLayer
 
 
+def rows_in_budget(model, prompts: list[list[int]], max_new_tokens: int, budget: int) -> int:
+    """How many rows of ``prompts`` answering ``max_new_tokens`` tokens a key/value cache of ``budget`` bytes holds,
+    each row preallocated for the longest prompt (0 when not even one fits)."""
+    return budget // (cache_bytes_per_token(model) * (max(len(p) for p in prompts) + max_new_tokens))
+
+
 def cache_bytes_per_token(model) -> int:
     """Bytes one token of one row takes in ``model``'s key/value cache (keys and values of every layer)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -15,9 +15,8 @@ rendered with the chat template as training renders them, answers end at ``<|im_
   each adapted layer), all prompts of a case in one left-padded batch: what alignkit did before.
 - **ours**: ``alignkit.generation.generate_ids`` (what ``generate_answers``, the comparison report
   and the ``--eval`` chat use): merged LoRA weights, a lean loop, weights packed once for MKL's
-  products where a batch has 4 rows or more (not where a key/value cache budget limits the batch), finished
-  rows leave the batch; a
-  single stream checks 2 tokens drafted by prompt lookup per step (also timed without, "one token
+  products where a batch has 4 rows or more (not where a key/value cache budget limits the batch),
+  finished rows leave the batch; a single stream checks 2 tokens drafted by prompt lookup per step (also timed without, "one token
   per step", so the drafts' share shows).
 
 Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batch, the first 30
@@ -212,7 +211,7 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
 
     from alignkit.compare import Evaluator
     from alignkit.generation import generate_ids
-    from alignkit.kv_cache import cache_bytes_per_token
+    from alignkit.kv_cache import rows_in_budget
     from alignkit.lean_step import BASE
     from alignkit.models import add_lora
 
@@ -245,7 +244,7 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
 
     # The comparison report's rows at once: its cache budget caps the batch, and waiting prompts join as rows end.
     budget = Evaluator.CACHE_BUDGET
-    capped = max(1, budget // (cache_bytes_per_token(model) * (max(len(p) for p in every) + args.max_new_tokens)))
+    capped = max(1, rows_in_budget(model, every, args.max_new_tokens, budget))
 
     def joining():
         return generate_ids(model, every, args.max_new_tokens, [stop], pad, batch_size=len(rows), adapters=rows,
