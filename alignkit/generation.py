@@ -183,8 +183,9 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
     The reused keys and values are those a fresh computation gives, up to float rounding.
 
     ``pack_weights=False`` keeps the weights as they are for batches of 4 rows or more, instead of a copy
-    packed for the CPU's matrix library (:class:`alignkit.lean_step.Product`): a batch's steps are then
-    ~5% slower on the embedded model, for ~0.6 GB less resident memory.
+    packed for the CPU's matrix library where that measures faster on this machine
+    (:func:`alignkit.lean_step.packs_weights`): on a CPU where it does, a batch's steps are then ~5%
+    slower on the embedded model, for ~0.6 GB less resident memory.
     """
     if rows_at_once is not None and rows_at_once < 1:
         raise ValueError(f"rows_at_once must be >= 1 (got {rows_at_once})")

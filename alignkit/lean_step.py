@@ -134,14 +134,67 @@ def weight_packing() -> bool:
     return True
 
 
+PACKING_GAIN = 1.1
+"""How many times faster products with packed weights must measure than plain ones on this machine
+(:func:`packing_pays`) before decoding packs its weights: the copy costs ~2x the weights' memory."""
+
+
+def _plain_product(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return x @ weight.t()
+
+
+def _packed_product(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkl._mkl_linear(x, packed, weight, None, x.shape[0])
+
+
+def packing_pays(out_features: int, in_features: int) -> bool:
+    """Whether, on this machine, products with an (``out_features``, ``in_features``) float32 weight
+    packed once for MKL (:class:`Product`) measure at least :data:`PACKING_GAIN` times faster than plain
+    ones, at 8 and at 32 rows (a decoding batch's steps). It depends on the CPU: on a 2-core Intel Xeon a
+    step of 4-16 rows through every weight of the embedded model took ~30 ms packed against ~40-55 ms
+    plain, while on a 2-core AMD EPYC the packed products were 5-30% slower at every row count (4 to 90).
+    Measured once per process, shape and torch thread count (~0.2 s), weights streamed from memory
+    as a decoding step streams them."""
+    return weight_packing() and _packing_pays(out_features, in_features, torch.get_num_threads())
+
+
+@functools.cache
+def _packing_pays(out_features: int, in_features: int, threads: int) -> bool:
+    import statistics
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    out_features = max(1, min(out_features, (8 << 20) // in_features))   # at most 32 MB a matrix
+    count = max(1, min(8, (8 << 20) // (out_features * in_features)))   # ~32 MB streamed per pass
+    weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+    packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, 32) for w in weights]
+
+    def seconds(product, x) -> float:
+        start = time.perf_counter()
+        for weight, copy in zip(weights, packed, strict=True):
+            product(x, weight, copy)
+        return time.perf_counter() - start
+
+    for rows in (8, 32):
+        x = torch.randn(rows, in_features, generator=generator)
+        seconds(_plain_product, x), seconds(_packed_product, x)   # warm-up
+        plain, fast = [], []
+        for _ in range(7):   # alternating, so a busy moment of the machine falls on both
+            plain.append(seconds(_plain_product, x))
+            fast.append(seconds(_packed_product, x))
+        if statistics.median(plain) < PACKING_GAIN * statistics.median(fast):
+            return False
+    return True
+
+
 class Product:
     """``x @ weight.T`` (+ ``bias``) for the rows of a decoding step, with ``weight`` (out, in) packed once
     for the CPU's matrix library when ``pack_rows`` is given (the most rows a step will have; see
     :func:`weight_packing`). Steps of :data:`PACKED_FROM_ROWS` rows or more then multiply by the packed
-    copy: on 2 cores a step of 4-16 rows through every weight of the embedded model took ~30 ms
-    instead of ~40-55 ms (the library no longer repacks each weight per call). The copy is not small:
-    MKL's packed buffer of a (1536, 576) matrix is allocated at ~4x its size, and packing the embedded
-    model's 0.54 GB of weights raised resident memory by ~1.0 GB."""
+    copy, which saves the library repacking each weight per call where its packed path is fast
+    (:func:`packing_pays` says where). The copy is not small: MKL's packed buffer of a (1536, 576)
+    matrix is allocated at ~4x its size, and packing the embedded model's 0.54 GB of weights raised
+    resident memory by ~1.0 GB."""
 
     __slots__ = ("weight", "weight_t", "bias", "packed", "pack_rows")
 
@@ -163,6 +216,18 @@ class Product:
         else:
             out = torch.addmm(self.bias, x, self.weight_t)
         return out if residual is None else out.add_(residual)
+
+
+def packs_weights(lm, rows: int | None) -> bool:
+    """Whether decoding steps of up to ``rows`` rows on ``lm`` (a causal LM) multiply by weights packed
+    once for the CPU's matrix library: float32 weights on the CPU of an MKL build of torch,
+    :data:`PACKED_FROM_ROWS` rows or more, memory for a copy of the weights to spare, and products with
+    its MLP's weight shape measured faster that way on this machine (:func:`packing_pays`)."""
+    weight = lm.get_output_embeddings().weight
+    if not rows or rows < PACKED_FROM_ROWS or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    gate = _base_linear(lm.model.layers[0].mlp.gate_proj).weight
+    return _room_for_copy(lm) and packing_pays(*gate.shape)
 
 
 def _room_for_copy(lm) -> bool:
@@ -263,8 +328,7 @@ class LeanStep:
     copies: nothing of the model is written.
 
     ``pack_rows`` (the most rows a step will take, e.g. the batch size) packs every weight once for the
-    CPU's matrix library (:class:`Product`) where that helps: float32 on an MKL build of torch, 4 rows or
-    more, and memory for a copy of the weights to spare.
+    CPU's matrix library (:class:`Product`) where that helps (:func:`packs_weights`).
 
     With ``adapters`` (names of LoRA adapters loaded on the model, :data:`BASE` for none) the linear
     layers may be LoRA layers: their base weights are used, and each row adds the low-rank update of
@@ -280,7 +344,7 @@ class LeanStep:
         self.head_dim = inner.layers[0].self_attn.head_dim
         self.adapters = tuple(adapters)
         self.layers, self.lora = [], []
-        if pack_rows and not _room_for_copy(lm):
+        if not packs_weights(lm, pack_rows):
             pack_rows = None
         with torch.no_grad():
             self.head = Product(lm.get_output_embeddings().weight, pack_rows=pack_rows)

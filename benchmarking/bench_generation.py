@@ -15,9 +15,10 @@ rendered with the chat template as training renders them, answers end at ``<|im_
   each adapted layer), all prompts of a case in one left-padded batch: what alignkit did before.
 - **ours**: ``alignkit.generation.generate_ids`` (what ``generate_answers``, the comparison report
   and the ``--eval`` chat use): merged LoRA weights, a lean loop, weights packed once for MKL's
-  products where a batch has 4 rows or more (not where a key/value cache budget limits the batch),
-  finished rows leave the batch; a single stream checks 2 tokens drafted by prompt lookup per step (also timed without, "one token
-  per step", so the drafts' share shows).
+  products where a batch has 4 rows or more and they measure faster on this machine (not where a
+  key/value cache budget limits the batch), finished rows leave the batch; a single stream checks 2
+  tokens drafted by prompt lookup per step (also timed without, "one token per step", so the drafts'
+  share shows).
 
 Cases: the report's 6 prompts (``alignkit.compare.DEFAULT_PROMPTS``) in one batch, the first 30
 prompts of the bundled dataset (test split, then train) in one batch, and one prompt alone (as the
@@ -135,10 +136,11 @@ def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
     import torch
 
     from alignkit.generation import merged_lora
-    from alignkit.lean_step import Product
+    from alignkit.lean_step import Product, packs_weights
 
     with merged_lora(model), torch.no_grad():
-        products = [Product(m.weight, pack_rows=rows) for m in model.modules() if type(m) is torch.nn.Linear]
+        pack_rows = rows if packs_weights(model.get_base_model(), rows) else None
+        products = [Product(m.weight, pack_rows=pack_rows) for m in model.modules() if type(m) is torch.nn.Linear]
         inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
         best = float("inf")
         for _ in range(repeats + 1):   # the first pass only warms up
@@ -251,8 +253,8 @@ def _configurations(model, prompts: list[list[int]], count: int, args, stop: int
                             cache_budget=budget)
 
     # The same cap, the next batch starting when the last row of the one before ends. Each such batch fits the
-    # budget, so its weights are packed; joining's budget leaves rows out, so it decodes unpacked (~0.6 GB less
-    # on the embedded model): the ratio is the comparison's path against the one it replaced, memory included.
+    # budget, so its weights are packed where that pays on this machine; joining's budget leaves rows out, so it
+    # decodes unpacked (~0.6 GB less on the embedded model): the comparison's path against the one it replaced.
     def batch_after_batch():
         order = sorted(range(len(every)), key=lambda i: len(every[i]))
         size = math.ceil(len(order) / math.ceil(len(order) / capped))
@@ -377,6 +379,7 @@ def run(args) -> int:
 
     from alignkit.compare import DEFAULT_PROMPTS
     from alignkit.generation import chat_prompt_ids, decode, merged_lora, pad_token_id
+    from alignkit.lean_step import PACKING_GAIN, packs_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -387,8 +390,11 @@ def run(args) -> int:
     print(f"SmolLM2-135M-Instruct float32 CPU, {'adapter ' + args.adapter if args.adapter else 'fresh LoRA'}, "
           f"{torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, {args.repeats} repeat(s), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    packed = packs_weights(model.get_base_model(), len(DEFAULT_PROMPTS))
+    print(f"weights packed for MKL in batched steps: {'yes' if packed else 'no'} (alignkit.lean_step.packs_weights: "
+          f"where packed products measure {PACKING_GAIN}x as fast as plain ones on this machine)", flush=True)
     encode = [chat_prompt_ids(tokenizer, p) for p in DEFAULT_PROMPTS]
-    results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens,
+    results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "packed_weights": packed,
                      "adapter": args.adapter or "fresh LoRA, seeded: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)), lora_B ~ N(0, 0.02)", "repeats": args.repeats}
     # One short warm-up of each path, so neither pays first-call costs in the timings.
     _plain(model, encode[:2], 4, stop, pad)

@@ -97,11 +97,12 @@ def _steps_agree(model, tokenizer, lean) -> None:
 
 
 @pytest.mark.parametrize("pack_rows", [None, len(PROMPTS)])
-def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer, pack_rows):
-    from alignkit.lean_step import weight_packing
+def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer, pack_rows, monkeypatch):
+    from alignkit import lean_step
 
-    if pack_rows and not weight_packing():
+    if pack_rows and not lean_step.weight_packing():
         pytest.skip("this build of torch cannot pack weights for its matrix library")
+    monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: True)   # packed whatever this machine measures
     with merged_lora(model):
         lean = LeanStep.for_model(model, pack_rows=pack_rows)
         assert lean is not None   # the tiny Llama with merged LoRA takes the lean step

@@ -3,6 +3,8 @@ attention mask, the rows that stay in a batch, drafts by prompt lookup."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -47,11 +49,46 @@ def test_weights_are_packed_only_where_it_helps():
 
 
 @packing
+def test_weights_are_packed_only_where_packed_products_measure_faster(monkeypatch):
+    def slowed(product):
+        def slow(*args):
+            time.sleep(0.002)   # far more than a (64, 32) product takes
+            return product(*args)
+        return slow
+
+    measure = lean_step._packing_pays.__wrapped__   # the measurement itself, not the process's cached answer
+    plain, packed = lean_step._plain_product, lean_step._packed_product
+    monkeypatch.setattr(lean_step, "_packed_product", slowed(packed))
+    assert measure(64, 32, torch.get_num_threads()) is False
+    monkeypatch.setattr(lean_step, "_packed_product", packed)
+    monkeypatch.setattr(lean_step, "_plain_product", slowed(plain))
+    assert measure(64, 32, torch.get_num_threads()) is True
+    x, weight = torch.randn(5, 32), torch.randn(64, 32)   # both compute the product
+    torch.testing.assert_close(packed(x, weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, 32)), x @ weight.t())
+
+
+@packing
+@pytest.mark.parametrize("pays", [False, True])
+def test_the_lean_step_packs_its_weights_where_that_measured_faster(monkeypatch, make_model, pays):
+    shapes = []
+    monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: shapes.append(shape) or pays)
+    model = make_model()
+    lean = lean_step.LeanStep.for_model(model, pack_rows=32)
+    assert shapes == [tuple(model.model.layers[0].mlp.gate_proj.weight.shape)]   # measured on the MLP's shape
+    products = [lean.head] + [p for layer in lean.layers for p in layer if isinstance(p, Product)]
+    assert len(products) == 1 + 5 * len(model.model.layers)
+    assert all((p.packed is not None) == pays for p in products)
+    few = lean_step.LeanStep.for_model(model, pack_rows=PACKED_FROM_ROWS - 1)   # few rows: never packed
+    assert few.head.packed is None
+
+
+@packing
 def test_no_packed_copy_without_memory_for_it(monkeypatch, make_model):
     import psutil
 
     class Scarce:
         available = 1000
+    monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: True)   # faster, but no room for the copy
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())
     lean = lean_step.LeanStep.for_model(make_model(), pack_rows=32)
     assert lean is not None and lean.head.packed is None
