@@ -13,7 +13,8 @@ per-step mask building), which is most of the time of a single stream.
 A single greedy stream, the chat's (or the last row of a batch, once the others have ended), checks
 tokens drafted by prompt lookup (:class:`PromptLookup`) in one step: the step reads the weights once
 for all of them, and keeps those greedy decoding would have chosen, so an answer that repeats its
-prompt, the conversation or itself takes several tokens a step.
+prompt, the conversation or itself takes several tokens a step. The stream times its own steps and
+checks drafts only while that gives more tokens per second (:class:`alignkit.lean_step.DraftPayoff`).
 
 :func:`merged_lora` puts each LoRA layer's merged weight ``W + scale * B @ A`` in the layer's place for
 the duration, so a token costs what it costs without an adapter; the original weight tensors are
@@ -172,8 +173,9 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[
 
     A single greedy prompt (the chat) drafts up to ``draft_tokens`` tokens by prompt lookup
     (:class:`PromptLookup`) and checks them in one step, which reads the weights once for all of
-    them: the tokens are greedy decoding's own, several per step where the answer repeats the text
-    (0 turns drafting off). So does the last row of a greedy batch once every other row has ended and
+    them: the tokens are greedy decoding's own, several per step where the answer repeats the text,
+    checked while that gives more tokens per second than a token per step (:class:`alignkit.lean_step.DraftPayoff`; 0 turns
+    drafting off). So does the last row of a greedy batch once every other row has ended and
     no prompt waits: often an answer that repeats itself up to the token limit, which drafts then take
     ~3 tokens a step. Rows of a batch, sampling and the repetition penalty decode one token per step.
 

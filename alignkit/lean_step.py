@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 
 import torch
 from torch import nn
@@ -26,9 +27,9 @@ BASE = "__base__"
 
 
 DRAFT_TOKENS = 2
-"""Tokens a single greedy stream drafts by prompt lookup and checks in one step (see
-:func:`alignkit.generation.decode`): a step of 3 tokens costs ~1.2x one of 1 token on the CPU, a
-step of 4 or more ~1.5x."""
+"""Tokens a single greedy stream drafts by prompt lookup and checks in one step where that pays (see
+:func:`alignkit.generation.decode` and :class:`DraftPayoff`): on a 2-core Intel Xeon a step of 3 tokens
+costs ~1.2x one of 1 token, a step of 4 or more ~1.5x; on a 2-core AMD EPYC 3 tokens cost ~2x."""
 
 
 class PromptLookup:
@@ -65,17 +66,59 @@ class PromptLookup:
         return []
 
 
+class DraftPayoff:
+    """Whether checking drafted tokens pays in one decoding, judged from its own steps: exponential
+    averages of the seconds of a one-token step, of a drafted step, and of the tokens a drafted step
+    yields. A drafted step reads the weights once for all its tokens, but what it costs beside a
+    one-token step depends on the machine (3 tokens: ~1.2x on a 2-core Intel Xeon, ~2x on a 2-core AMD
+    EPYC, whose matrix library multiplies a few rows at twice one row's cost), and it yields its drafts
+    only while the answer repeats text seen before. Drafts are checked while drafted steps give at
+    least the tokens per second of one-token steps, and otherwise one in :attr:`PROBE_EVERY`, so a part
+    of the answer that starts repeating is noticed. The first draft is checked, then one step runs
+    without, so both kinds are measured before the averages decide."""
+
+    PROBE_EVERY = 16
+    WEIGHT = 0.25   # of the newest step in an average
+
+    def __init__(self):
+        self.single: float | None = None    # seconds per one-token step
+        self.drafted: float | None = None   # seconds per drafted step
+        self.tokens: float | None = None    # tokens per drafted step
+        self.declined = 0
+
+    def wanted(self) -> bool:
+        """Whether the next step, which has a draft, should check it."""
+        if self.drafted is None or self.single is None:
+            return self.drafted is None
+        if self.tokens * self.single >= self.drafted:
+            return True
+        self.declined += 1
+        return self.declined % self.PROBE_EVERY == 0
+
+    def record(self, seconds: float, tokens: int, drafted: bool) -> None:
+        """One step took ``seconds`` and gave ``tokens`` tokens (1 without a draft)."""
+        def mean(old, new):
+            return new if old is None else old + self.WEIGHT * (new - old)
+
+        if drafted:
+            self.drafted, self.tokens = mean(self.drafted, seconds), mean(self.tokens, tokens)
+        else:
+            self.single = mean(self.single, seconds)
+
+
 def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[int], pending: list[int],
                        max_new_tokens: int, stop_ids: list[int], on_token, segments, draft_tokens: int,
                        padding: int = 0, row: int = 0) -> list[int]:
     """Greedy decoding of one row, ``answer`` (its tokens so far) continued: ``pending`` are chosen tokens not
     yet passed to ``on_token(row, token)``; the cache holds ``padding`` padding positions, then the prompt
     and the answer up to its last token (``pending``'s last, else ``answer``'s). Each step checks tokens
-    drafted by prompt lookup (:class:`PromptLookup`): the step's logits at every drafted position say
-    which of them greedy decoding would have chosen; those are kept up to the first miss, the token
-    greedy chooses there follows, and the cache forgets the rest. Returns ``answer``, extended."""
+    drafted by prompt lookup (:class:`PromptLookup`) where that pays (:class:`DraftPayoff`): the step's
+    logits at every drafted position say which of them greedy decoding would have chosen; those are kept
+    up to the first miss, the token greedy chooses there follows, and the cache forgets the rest.
+    Returns ``answer``, extended."""
     stops = set(stop_ids)
     text = PromptLookup(prompt + answer)
+    payoff = DraftPayoff()
     device = lean.inner.embed_tokens.weight.device
     while True:
         for token in pending:
@@ -88,6 +131,8 @@ def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[in
                 return answer
         text.extend(pending)
         draft = text.draft(min(draft_tokens, max_new_tokens - len(answer) - 1))
+        if draft and not payoff.wanted():
+            draft = []
         at = len(text.tokens) - 1   # the position of the last token, which the cache does not hold yet
         ids = torch.tensor([[text.tokens[-1], *draft]], device=device)
         positions = torch.arange(at, at + ids.shape[1], device=device)[None]
@@ -96,8 +141,10 @@ def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[in
             mask = causal_at_end(ids.shape[1], cache.get_seq_length() + ids.shape[1], device)
             mask[:, :padding] = False
             mask = mask[None, None]
+        start = time.perf_counter()
         if not draft:
             pending = [int(lean(ids[0], positions, mask, cache, segments).float().max(-1).indices[0])]
+            payoff.record(time.perf_counter() - start, 1, drafted=False)
             continue
         chosen = lean(ids, positions, mask, cache, segments)[0].float().max(-1).indices.tolist()
         kept = 0
@@ -105,6 +152,7 @@ def decode_with_drafts(lean: LeanStep, cache, prompt: list[int], answer: list[in
             kept += 1
         forget_from(cache, padding + at + 1 + kept)
         pending = draft[:kept] + [chosen[kept]]
+        payoff.record(time.perf_counter() - start, len(pending), drafted=True)
 
 
 PACKED_FROM_ROWS = 4
@@ -161,7 +209,6 @@ def packing_pays(out_features: int, in_features: int) -> bool:
 @functools.cache
 def _packing_pays(out_features: int, in_features: int, threads: int) -> bool:
     import statistics
-    import time
 
     generator = torch.Generator().manual_seed(0)
     out_features = max(1, min(out_features, (8 << 20) // in_features))   # at most 32 MB a matrix

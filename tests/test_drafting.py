@@ -9,7 +9,7 @@ from conftest import PROMPTS, lively, plain_generate, with_lora
 
 from alignkit.generation import LeanStep, chat_prompt_ids, decode, merged_lora
 from alignkit.kv_cache import new_cache
-from alignkit.lean_step import BASE
+from alignkit.lean_step import BASE, DraftPayoff
 
 
 @pytest.fixture
@@ -102,3 +102,42 @@ def test_the_last_row_of_a_batch_continues_with_drafts_and_answers_as_greedy(mak
     for row, answer in enumerate(want):   # each token streamed once, under its own row, the stop token too
         mine = [token for r, token in streamed if r == row]
         assert mine == answer + ([] if len(answer) == 30 else [expected[row][len(answer)]])
+
+
+def test_drafts_are_checked_while_drafted_steps_give_more_tokens_per_second():
+    payoff = DraftPayoff()
+    assert payoff.wanted()                        # the first draft is checked ...
+    payoff.record(0.2, 2, drafted=True)
+    assert not payoff.wanted()                    # ... then one step runs without, so both kinds are measured
+    payoff.record(0.1, 1, drafted=False)
+    assert payoff.wanted()                        # 2 tokens in 0.2 s: as many per second as one-token steps
+    cheap = DraftPayoff()
+    cheap.record(0.12, 3, drafted=True), cheap.record(0.1, 1, drafted=False)
+    assert all(cheap.wanted() for _ in range(40))
+
+
+def test_drafts_that_cost_more_than_they_give_are_checked_once_in_a_while():
+    payoff = DraftPayoff()
+    payoff.record(0.2, 1.5, drafted=True)         # a 3-token step at twice one token's cost, 1.5 tokens kept
+    payoff.record(0.1, 1, drafted=False)
+    checked = [payoff.wanted() for _ in range(3 * DraftPayoff.PROBE_EVERY)]
+    assert sum(checked) == 3 and checked[DraftPayoff.PROBE_EVERY - 1]   # one probe in PROBE_EVERY
+    for _ in range(8):                            # the answer starts repeating: the probes keep all 3 tokens
+        payoff.record(0.2, 3, drafted=True)
+    assert all(payoff.wanted() for _ in range(10))
+
+
+def test_a_stream_whose_drafts_do_not_pay_steps_one_token_at_a_time(make_model, tokenizer, monkeypatch):
+    steps = []
+    real = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, tokens, *a, **k: steps.append(tuple(tokens.shape))
+                        or real(self, tokens, *a, **k))
+    repeating = make_model()   # untrained weights repeat the last tokens: every draft would be right
+    prompt = chat_prompt_ids(tokenizer, PROMPTS[0])
+    expected = plain_generate(repeating, prompt, 30, stop=-1)
+    assert decode(repeating, [prompt], 30, [-1], pad_id=2)[0] == expected
+    assert sum(len(shape) == 2 for shape in steps[1:]) > 5    # drafts taken
+    steps.clear()
+    monkeypatch.setattr(DraftPayoff, "wanted", lambda self: False)
+    assert decode(repeating, [prompt], 30, [-1], pad_id=2)[0] == expected
+    assert len(steps) == 30 and all(len(shape) == 1 for shape in steps[1:])   # the prompt, then a token a step
