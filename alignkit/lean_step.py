@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .forward import causal_at_end
+from .kernels import onednn_pays, onednn_product
 from .kv_cache import forget_from
 
 BASE = "__base__"
@@ -74,8 +75,8 @@ class DraftPayoff:
     EPYC, whose matrix library multiplies a few rows at twice one row's cost), and it yields its drafts
     only while the answer repeats text seen before. Drafts are checked while drafted steps give at
     least the tokens per second of one-token steps, and otherwise one in :attr:`PROBE_EVERY`, so a part
-    of the answer that starts repeating is noticed. The first draft is checked, then one step runs
-    without, so both kinds are measured before the averages decide."""
+    of the answer that starts repeating is noticed. Drafts are checked until a drafted step is measured,
+    then one step runs without, so both kinds are measured before the averages decide."""
 
     PROBE_EVERY = 16
     WEIGHT = 0.25   # of the newest step in an average
@@ -85,6 +86,7 @@ class DraftPayoff:
         self.drafted: float | None = None   # seconds per drafted step
         self.tokens: float | None = None    # tokens per drafted step
         self.declined = 0
+        self.warm = {False: False, True: False}   # the first step of each kind builds kernels: not timed
 
     def wanted(self) -> bool:
         """Whether the next step, which has a draft, should check it."""
@@ -96,7 +98,12 @@ class DraftPayoff:
         return self.declined % self.PROBE_EVERY == 0
 
     def record(self, seconds: float, tokens: int, drafted: bool) -> None:
-        """One step took ``seconds`` and gave ``tokens`` tokens (1 without a draft)."""
+        """One step took ``seconds`` and gave ``tokens`` tokens (1 without a draft). The first step of
+        each kind only warms up (the matrix library may build its kernels for the new shapes then)."""
+        if not self.warm[drafted]:
+            self.warm[drafted] = True
+            return
+
         def mean(old, new):
             return new if old is None else old + self.WEIGHT * (new - old)
 
@@ -235,19 +242,20 @@ def _packing_pays(out_features: int, in_features: int, threads: int) -> bool:
 
 
 class Product:
-    """``x @ weight.T`` (+ ``bias``) for the rows of a decoding step, with ``weight`` (out, in) packed once
-    for the CPU's matrix library when ``pack_rows`` is given (the most rows a step will have; see
-    :func:`weight_packing`). Steps of :data:`PACKED_FROM_ROWS` rows or more then multiply by the packed
+    """``x @ weight.T`` (+ ``bias``) for the rows of a decoding step: by oneDNN with ``onednn`` (see
+    :mod:`alignkit.kernels`), else with ``weight`` (out, in) packed once for MKL when ``pack_rows`` is
+    given (the most rows a step will have; see :func:`weight_packing`). Steps of :data:`PACKED_FROM_ROWS` rows or more then multiply by the packed
     copy, which saves the library repacking each weight per call where its packed path is fast
     (:func:`packing_pays` says where). The copy is not small: MKL's packed buffer of a (1536, 576)
     matrix is allocated at ~4x its size, and packing the embedded model's 0.54 GB of weights raised
     resident memory by ~1.0 GB."""
 
-    __slots__ = ("weight", "weight_t", "bias", "packed", "pack_rows")
+    __slots__ = ("weight", "weight_t", "bias", "packed", "pack_rows", "onednn")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack_rows: int | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack_rows: int | None = None,
+                 onednn: bool = False):
         self.weight, self.weight_t, self.bias = weight, weight.t(), bias
-        self.packed, self.pack_rows = None, pack_rows or 0
+        self.packed, self.pack_rows, self.onednn = None, pack_rows or 0, onednn
         if pack_rows and pack_rows >= PACKED_FROM_ROWS and weight.device.type == "cpu" \
                 and weight.dtype == torch.float32 and weight_packing():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), pack_rows)
@@ -256,7 +264,9 @@ class Product:
         """``x @ weight.T + bias``, plus ``residual`` when given. More rows than ``pack_rows`` (a prompt's
         tokens) take the plain product: a copy packed for few rows multiplies thousands ~15% slower."""
         rows = x.shape[0]
-        if self.packed is not None and PACKED_FROM_ROWS <= rows <= self.pack_rows:
+        if self.onednn:
+            out = onednn_product(x, self.weight, self.bias)
+        elif self.packed is not None and PACKED_FROM_ROWS <= rows <= self.pack_rows:
             out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
         elif self.bias is None:   # the residual, if any, added inside the product
             return x @ self.weight_t if residual is None else torch.addmm(residual, x, self.weight_t)
@@ -374,7 +384,8 @@ class LeanStep:
     query/key/value); anything else decodes with its own forward. The query/key/value matrices are
     copies: nothing of the model is written.
 
-    ``pack_rows`` (the most rows a step will take, e.g. the batch size) packs every weight once for the
+    Products run through oneDNN where it measures faster than MKL (:func:`alignkit.kernels.onednn_pays`).
+    Otherwise ``pack_rows`` (the most rows a step will take, e.g. the batch size) packs every weight once for the
     CPU's matrix library (:class:`Product`) where that helps (:func:`packs_weights`).
 
     With ``adapters`` (names of LoRA adapters loaded on the model, :data:`BASE` for none) the linear
@@ -391,20 +402,23 @@ class LeanStep:
         self.head_dim = inner.layers[0].self_attn.head_dim
         self.adapters = tuple(adapters)
         self.layers, self.lora = [], []
-        if not packs_weights(lm, pack_rows):
-            pack_rows = None
+        head = lm.get_output_embeddings().weight
+        onednn = head.device.type == "cpu" and head.dtype == torch.float32 and onednn_pays(
+            *_base_linear(inner.layers[0].mlp.gate_proj).weight.shape)
+        if onednn or not packs_weights(lm, pack_rows):
+            pack_rows = None   # oneDNN needs no packed copy
         with torch.no_grad():
-            self.head = Product(lm.get_output_embeddings().weight, pack_rows=pack_rows)
+            self.head = Product(head, pack_rows=pack_rows, onednn=onednn)
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 qkv = [_base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
                 self.layers.append((
                     layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                     Product(torch.cat([m.weight for m in qkv]),
-                            torch.cat([m.bias for m in qkv]) if qkv[0].bias is not None else None, pack_rows),
-                    Product(_base_linear(attn.o_proj).weight, pack_rows=pack_rows), attn.scaling,
+                            torch.cat([m.bias for m in qkv]) if qkv[0].bias is not None else None, pack_rows, onednn),
+                    Product(_base_linear(attn.o_proj).weight, pack_rows=pack_rows, onednn=onednn), attn.scaling,
                     layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                    *(Product(_base_linear(m).weight, pack_rows=pack_rows)
+                    *(Product(_base_linear(m).weight, pack_rows=pack_rows, onednn=onednn)
                       for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))))
                 self.lora.append(tuple(self._low_rank(modules) for modules in (
                     (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj,), (mlp.up_proj,),

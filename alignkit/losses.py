@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import matmul_t
+
 # --------------------------------------------------------------------------- token log-probs
 
 
@@ -46,15 +48,15 @@ class _ChunkLogps(torch.autograd.Function):
         grad = probs.mul_(-grad_logp.float().unsqueeze(1))
         grad.scatter_add_(1, labels.unsqueeze(1), grad_logp.float().unsqueeze(1))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = (grad @ weight.float()).to(hidden.dtype) if need_h else None
-        grad_w = (grad.T @ hidden.float()).to(weight.dtype) if need_w else None
+        grad_h = matmul_t(grad, weight.float().T).to(hidden.dtype) if need_h else None
+        grad_w = matmul_t(grad.T, hidden.float().T).to(weight.dtype) if need_w else None
         grad_b = grad.sum(0).to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     # Upcast inside the chunk: a float32 copy of a bf16 LM head is transient, not held for the step.
-    logits = hidden.float() @ weight.float().T
+    logits = matmul_t(hidden.float(), weight.float())
     return logits.add_(bias.float()) if bias is not None else logits
 
 

@@ -549,7 +549,7 @@ def main(argv=None) -> None:
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}}
     print(f"machine: {report['machine']['cpu']}, {os.cpu_count()} cores, {args.device}; {args.threads} torch threads "
           f"per process; matmul peak {peak:.1f} GFLOP/s (best of {len(PEAK_SHAPES[args.device])} shapes, reached at "
-          f"{'x'.join(map(str, peak_shape))})")
+          f"{'x'.join(map(str, peak_shape[:3]))} by {peak_shape[3] if len(peak_shape) > 3 else 'the default library'})")
     print(f"allocator: every process, both sides: {args.allocator}"
           + (" (alignkit.runtime.reuse_freed_memory())" if args.allocator == "reuse" else " (glibc's default)"))
     if with_trl:

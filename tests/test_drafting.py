@@ -106,18 +106,21 @@ def test_the_last_row_of_a_batch_continues_with_drafts_and_answers_as_greedy(mak
 
 def test_drafts_are_checked_while_drafted_steps_give_more_tokens_per_second():
     payoff = DraftPayoff()
-    assert payoff.wanted()                        # the first draft is checked ...
+    payoff.record(5.0, 1, drafted=True), payoff.record(5.0, 1, drafted=False)   # first of each kind: warm-up only
+    assert payoff.wanted()                        # drafts are checked until a drafted step is timed ...
     payoff.record(0.2, 2, drafted=True)
     assert not payoff.wanted()                    # ... then one step runs without, so both kinds are measured
     payoff.record(0.1, 1, drafted=False)
     assert payoff.wanted()                        # 2 tokens in 0.2 s: as many per second as one-token steps
     cheap = DraftPayoff()
+    cheap.record(9, 1, drafted=True), cheap.record(9, 1, drafted=False)
     cheap.record(0.12, 3, drafted=True), cheap.record(0.1, 1, drafted=False)
     assert all(cheap.wanted() for _ in range(40))
 
 
 def test_drafts_that_cost_more_than_they_give_are_checked_once_in_a_while():
     payoff = DraftPayoff()
+    payoff.record(0.01, 3, drafted=True), payoff.record(9, 1, drafted=False)   # warm-up only
     payoff.record(0.2, 1.5, drafted=True)         # a 3-token step at twice one token's cost, 1.5 tokens kept
     payoff.record(0.1, 1, drafted=False)
     checked = [payoff.wanted() for _ in range(3 * DraftPayoff.PROBE_EVERY)]
