@@ -83,26 +83,39 @@ def onednn_pays(out_features: int, in_features: int) -> bool:
 @functools.cache
 def _onednn_pays(out_features: int, in_features: int, threads: int) -> bool:
     generator = torch.Generator().manual_seed(0)
-    out_features = max(1, min(out_features, (8 << 20) // in_features))   # at most 32 MB a matrix
-    for rows, count in ((8, max(1, min(8, (8 << 20) // (out_features * in_features)))), (512, 1)):
-        weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+    for rows, most in ((8, 8), (512, 1)):
+        weights = sample_weights(out_features, in_features, most, generator)
         x = torch.randn(rows, in_features, generator=generator)
-
-        _seconds(_default_product, x, weights), _seconds(onednn_product, x, weights)   # warm-up (kernels built)
-        default, onednn = [], []
-        for _ in range(5):   # alternating, so a busy moment of the machine falls on both
-            default.append(_seconds(_default_product, x, weights))
-            onednn.append(_seconds(onednn_product, x, weights))
-        if statistics.median(default) < ONEDNN_GAIN * statistics.median(onednn):
+        if not measures_faster(_default_product, onednn_product, x, [(w,) for w in weights], ONEDNN_GAIN):
             return False
     return True
 
 
-def _seconds(product, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    start = time.perf_counter()
-    for weight in weights:
-        product(x, weight)
-    return time.perf_counter() - start
+def sample_weights(out_features: int, in_features: int, most: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random float32 weights of this shape (rows cut to at most 32 MB a matrix) to time products on:
+    as many as make ~32 MB, at most ``most``, so a pass streams them from memory as a decoding step
+    streams a model's weights."""
+    out_features = max(1, min(out_features, (8 << 20) // in_features))
+    count = max(1, min(most, (8 << 20) // (out_features * in_features)))
+    return [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
+
+
+def measures_faster(default, candidate, x: torch.Tensor, operands: list[tuple], gain: float, rounds: int = 5) -> bool:
+    """Whether ``candidate(x, *operand)`` over every operand of ``operands`` takes at most 1/``gain`` of
+    the time ``default(x, *operand)`` takes: one untimed pass each (kernels built, caches filled), then
+    ``rounds`` passes of each, alternating so a busy moment of the machine falls on both; medians compared."""
+    def seconds(product) -> float:
+        start = time.perf_counter()
+        for operand in operands:
+            product(x, *operand)
+        return time.perf_counter() - start
+
+    seconds(default), seconds(candidate)
+    plain, fast = [], []
+    for _ in range(rounds):
+        plain.append(seconds(default))
+        fast.append(seconds(candidate))
+    return statistics.median(plain) >= gain * statistics.median(fast)
 
 
 class _Linear(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .forward import causal_at_end
-from .kernels import onednn_pays, onednn_product
+from .kernels import measures_faster, onednn_pays, onednn_product, sample_weights
 from .kv_cache import forget_from
 
 BASE = "__base__"
@@ -215,28 +215,12 @@ def packing_pays(out_features: int, in_features: int) -> bool:
 
 @functools.cache
 def _packing_pays(out_features: int, in_features: int, threads: int) -> bool:
-    import statistics
-
     generator = torch.Generator().manual_seed(0)
-    out_features = max(1, min(out_features, (8 << 20) // in_features))   # at most 32 MB a matrix
-    count = max(1, min(8, (8 << 20) // (out_features * in_features)))   # ~32 MB streamed per pass
-    weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(count)]
-    packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, 32) for w in weights]
-
-    def seconds(product, x) -> float:
-        start = time.perf_counter()
-        for weight, copy in zip(weights, packed, strict=True):
-            product(x, weight, copy)
-        return time.perf_counter() - start
-
+    weights = sample_weights(out_features, in_features, 8, generator)
+    operands = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, 32)) for w in weights]
     for rows in (8, 32):
         x = torch.randn(rows, in_features, generator=generator)
-        seconds(_plain_product, x), seconds(_packed_product, x)   # warm-up
-        plain, fast = [], []
-        for _ in range(7):   # alternating, so a busy moment of the machine falls on both
-            plain.append(seconds(_plain_product, x))
-            fast.append(seconds(_packed_product, x))
-        if statistics.median(plain) < PACKING_GAIN * statistics.median(fast):
+        if not measures_faster(_plain_product, _packed_product, x, operands, PACKING_GAIN, rounds=7):
             return False
     return True
 

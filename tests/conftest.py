@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,28 @@ def with_lora(model, seed: int = 1):
             if "lora_B" in name:
                 param.normal_(0.0, 0.5, generator=generator)
     return peft_model.eval()
+
+
+def slowed(product, seconds: float = 0.002):
+    """``product`` made slower by ``seconds`` a call (far more than a small product takes), to check
+    that a timed choice between two products picks the faster one."""
+    def slow(*args):
+        time.sleep(seconds)
+        return product(*args)
+    return slow
+
+
+def check_timed_choice(monkeypatch, module, measure, default: str, candidate: str) -> None:
+    """Check a timed choice between two products of ``module`` (the functions named ``default`` and
+    ``candidate``): ``measure(64, 32, threads)``, uncached, says no where the candidate is made slower
+    and yes where the default is."""
+    original = {name: getattr(module, name) for name in (default, candidate)}
+    monkeypatch.setattr(module, candidate, slowed(original[candidate]))
+    assert measure(64, 32, torch.get_num_threads()) is False
+    monkeypatch.setattr(module, candidate, original[candidate])
+    monkeypatch.setattr(module, default, slowed(original[default]))
+    assert measure(64, 32, torch.get_num_threads()) is True
+    monkeypatch.setattr(module, default, original[default])
 
 
 def plain_generate(model, ids: list[int], max_new_tokens: int, stop: int) -> list[int]:

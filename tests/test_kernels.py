@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
-from conftest import with_lora
+from conftest import check_timed_choice, with_lora
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,19 +49,7 @@ def test_flop_counts_include_onednn_products():
 
 @onednn
 def test_onednn_is_chosen_only_where_it_measures_faster(monkeypatch):
-    def slowed(product):
-        def slow(*args):
-            time.sleep(0.002)   # far more than a (64, 32) product takes
-            return product(*args)
-        return slow
-
-    measure = kernels._onednn_pays.__wrapped__   # the measurement itself, not the process's cached answer
-    default, fast = kernels._default_product, kernels.onednn_product
-    monkeypatch.setattr(kernels, "onednn_product", slowed(fast))
-    assert measure(64, 32, torch.get_num_threads()) is False
-    monkeypatch.setattr(kernels, "onednn_product", fast)
-    monkeypatch.setattr(kernels, "_default_product", slowed(default))
-    assert measure(64, 32, torch.get_num_threads()) is True
+    check_timed_choice(monkeypatch, kernels, kernels._onednn_pays.__wrapped__, "_default_product", "onednn_product")
     monkeypatch.setenv("ALIGNKIT_ONEDNN", "0")   # the user's choice overrides the measurement
     assert kernels.onednn_pays(64, 32) is False
     monkeypatch.setenv("ALIGNKIT_ONEDNN", "1")

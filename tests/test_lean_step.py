@@ -3,10 +3,9 @@ attention mask, the rows that stay in a batch, drafts by prompt lookup."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from conftest import check_timed_choice
 
 from alignkit import lean_step
 from alignkit.lean_step import (
@@ -50,19 +49,8 @@ def test_weights_are_packed_only_where_it_helps():
 
 @packing
 def test_weights_are_packed_only_where_packed_products_measure_faster(monkeypatch):
-    def slowed(product):
-        def slow(*args):
-            time.sleep(0.002)   # far more than a (64, 32) product takes
-            return product(*args)
-        return slow
-
-    measure = lean_step._packing_pays.__wrapped__   # the measurement itself, not the process's cached answer
-    plain, packed = lean_step._plain_product, lean_step._packed_product
-    monkeypatch.setattr(lean_step, "_packed_product", slowed(packed))
-    assert measure(64, 32, torch.get_num_threads()) is False
-    monkeypatch.setattr(lean_step, "_packed_product", packed)
-    monkeypatch.setattr(lean_step, "_plain_product", slowed(plain))
-    assert measure(64, 32, torch.get_num_threads()) is True
+    check_timed_choice(monkeypatch, lean_step, lean_step._packing_pays.__wrapped__, "_plain_product", "_packed_product")
+    packed = lean_step._packed_product
     x, weight = torch.randn(5, 32), torch.randn(64, 32)   # both compute the product
     torch.testing.assert_close(packed(x, weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, 32)), x @ weight.t())
 
