@@ -129,18 +129,22 @@ def _undrafted(model, prompts, max_new_tokens, stop, pad):
 
 def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
     """Tokens/s if a decoding step cost nothing but multiplying ``rows`` rows by every weight matrix
-    of the model once (LoRA merged, as ours decodes; packed for MKL where ours packs them, see
+    of the model once (LoRA merged, as ours decodes; through oneDNN or packed for MKL where ours is, see
     ``alignkit.lean_step.Product``): the bound the machine puts on any float32 decoder that keeps every
     row in the batch for every step, before attention, norms or Python. Best of ``repeats`` passes, so
     it is optimistic (weights partly left in cache by the last pass)."""
     import torch
 
     from alignkit.generation import merged_lora
+    from alignkit.kernels import onednn_pays
     from alignkit.lean_step import Product, packs_weights
 
     with merged_lora(model), torch.no_grad():
-        pack_rows = rows if packs_weights(model.get_base_model(), rows) else None
-        products = [Product(m.weight, pack_rows=pack_rows) for m in model.modules() if type(m) is torch.nn.Linear]
+        gate = model.get_base_model().model.layers[0].mlp.gate_proj.weight
+        onednn = onednn_pays(*gate.shape)
+        pack_rows = rows if not onednn and packs_weights(model.get_base_model(), rows) else None
+        products = [Product(m.weight, pack_rows=pack_rows, onednn=onednn) for m in model.modules()
+                    if type(m) is torch.nn.Linear]
         inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
         best = float("inf")
         for _ in range(repeats + 1):   # the first pass only warms up
@@ -379,7 +383,8 @@ def run(args) -> int:
 
     from alignkit.compare import DEFAULT_PROMPTS
     from alignkit.generation import chat_prompt_ids, decode, merged_lora, pad_token_id
-    from alignkit.lean_step import PACKING_GAIN, packs_weights
+    from alignkit.kernels import onednn_pays
+    from alignkit.lean_step import packs_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -390,11 +395,14 @@ def run(args) -> int:
     print(f"SmolLM2-135M-Instruct float32 CPU, {'adapter ' + args.adapter if args.adapter else 'fresh LoRA'}, "
           f"{torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, {args.repeats} repeat(s), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    packed = packs_weights(model.get_base_model(), len(DEFAULT_PROMPTS))
-    print(f"weights packed for MKL in batched steps: {'yes' if packed else 'no'} (alignkit.lean_step.packs_weights: "
-          f"where packed products measure {PACKING_GAIN}x as fast as plain ones on this machine)", flush=True)
+    gate = model.get_base_model().model.layers[0].mlp.gate_proj
+    onednn = onednn_pays(*getattr(gate, "base_layer", gate).weight.shape)
+    packed = not onednn and packs_weights(model.get_base_model(), len(DEFAULT_PROMPTS))
+    print("ours multiplies through " + ("oneDNN (alignkit.kernels.onednn_pays: measured faster than MKL here)" if onednn
+          else "MKL, weights packed for batched steps (measured faster here)" if packed else "MKL, weights as they are"),
+          flush=True)
     encode = [chat_prompt_ids(tokenizer, p) for p in DEFAULT_PROMPTS]
-    results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "packed_weights": packed,
+    results: dict = {"threads": torch.get_num_threads(), "max_new_tokens": args.max_new_tokens, "packed_weights": packed, "onednn": onednn,
                      "adapter": args.adapter or "fresh LoRA, seeded: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)), lora_B ~ N(0, 0.02)", "repeats": args.repeats}
     # One short warm-up of each path, so neither pays first-call costs in the timings.
     _plain(model, encode[:2], 4, stop, pad)
