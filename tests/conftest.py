@@ -202,3 +202,12 @@ def bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def always_draft(monkeypatch):
+    """Drafts checked at every step, whatever the stream's own timing says (``DraftPayoff``, tested on its
+    own): for tests of what drafted steps compute, which must not depend on the machine's load."""
+    from alignkit.lean_step import DraftPayoff
+
+    monkeypatch.setattr(DraftPayoff, "wanted", lambda self: True)

@@ -124,7 +124,7 @@ def test_samples_and_the_repetition_penalty_do_not_depend_on_joining(make_model,
         assert decode(model, prompts, 12, [tokenizer.eos_token_id], 2, rows_at_once=2) != alone   # not greedy's
 
 
-def test_the_last_joined_row_drafts_once_nothing_waits(base_repeating, tokenizer, monkeypatch):
+def test_the_last_joined_row_drafts_once_nothing_waits(base_repeating, tokenizer, monkeypatch, always_draft):
     model, prompts, expected = base_repeating
     calls = _rows_per_step(monkeypatch)
     got = decode(model, prompts, 40, [tokenizer.eos_token_id], 2, rows_at_once=3)
