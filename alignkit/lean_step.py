@@ -267,8 +267,22 @@ def packs_weights(lm, rows: int | None) -> bool:
     weight = lm.get_output_embeddings().weight
     if not rows or rows < PACKED_FROM_ROWS or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
-    gate = _base_linear(lm.model.layers[0].mlp.gate_proj).weight
-    return _room_for_copy(lm) and packing_pays(*gate.shape)
+    return _room_for_copy(lm) and packing_pays(*_mlp_weight(lm).shape)
+
+
+def decoding_products(lm, rows: int | None) -> tuple[bool, int | None]:
+    """How decoding steps of up to ``rows`` rows on ``lm`` (a causal LM) multiply: whether through oneDNN
+    (float32 CPU weights, where it measures faster than MKL on the MLP's weight shape:
+    :func:`alignkit.kernels.onednn_pays`), and otherwise the rows the weights are packed for
+    (:func:`packs_weights`), None where they stay as they are."""
+    head = lm.get_output_embeddings().weight
+    onednn = head.device.type == "cpu" and head.dtype == torch.float32 and onednn_pays(*_mlp_weight(lm).shape)
+    return onednn, rows if not onednn and packs_weights(lm, rows) else None
+
+
+def _mlp_weight(lm) -> torch.Tensor:
+    """The first layer's MLP gate weight: the shape most of a Llama-family model's weights have."""
+    return _base_linear(lm.model.layers[0].mlp.gate_proj).weight
 
 
 def _room_for_copy(lm) -> bool:
@@ -368,9 +382,9 @@ class LeanStep:
     query/key/value); anything else decodes with its own forward. The query/key/value matrices are
     copies: nothing of the model is written.
 
-    Products run through oneDNN where it measures faster than MKL (:func:`alignkit.kernels.onednn_pays`).
-    Otherwise ``pack_rows`` (the most rows a step will take, e.g. the batch size) packs every weight once for the
-    CPU's matrix library (:class:`Product`) where that helps (:func:`packs_weights`).
+    Products run through oneDNN where it measures faster than MKL; otherwise ``pack_rows`` (the most rows
+    a step will take, e.g. the batch size) packs every weight once for MKL (:class:`Product`) where that
+    helps (:func:`decoding_products` decides).
 
     With ``adapters`` (names of LoRA adapters loaded on the model, :data:`BASE` for none) the linear
     layers may be LoRA layers: their base weights are used, and each row adds the low-rank update of
@@ -386,13 +400,9 @@ class LeanStep:
         self.head_dim = inner.layers[0].self_attn.head_dim
         self.adapters = tuple(adapters)
         self.layers, self.lora = [], []
-        head = lm.get_output_embeddings().weight
-        onednn = head.device.type == "cpu" and head.dtype == torch.float32 and onednn_pays(
-            *_base_linear(inner.layers[0].mlp.gate_proj).weight.shape)
-        if onednn or not packs_weights(lm, pack_rows):
-            pack_rows = None   # oneDNN needs no packed copy
+        onednn, pack_rows = decoding_products(lm, pack_rows)
         with torch.no_grad():
-            self.head = Product(head, pack_rows=pack_rows, onednn=onednn)
+            self.head = Product(lm.get_output_embeddings().weight, pack_rows=pack_rows, onednn=onednn)
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 qkv = [_base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]

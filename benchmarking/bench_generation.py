@@ -136,13 +136,10 @@ def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
     import torch
 
     from alignkit.generation import merged_lora
-    from alignkit.kernels import onednn_pays
-    from alignkit.lean_step import Product, packs_weights
+    from alignkit.lean_step import Product, decoding_products
 
     with merged_lora(model), torch.no_grad():
-        gate = model.get_base_model().model.layers[0].mlp.gate_proj.weight
-        onednn = onednn_pays(*gate.shape)
-        pack_rows = rows if not onednn and packs_weights(model.get_base_model(), rows) else None
+        onednn, pack_rows = decoding_products(model.get_base_model(), rows)
         products = [Product(m.weight, pack_rows=pack_rows, onednn=onednn) for m in model.modules()
                     if type(m) is torch.nn.Linear]
         inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
@@ -383,8 +380,7 @@ def run(args) -> int:
 
     from alignkit.compare import DEFAULT_PROMPTS
     from alignkit.generation import chat_prompt_ids, decode, merged_lora, pad_token_id
-    from alignkit.kernels import onednn_pays
-    from alignkit.lean_step import packs_weights
+    from alignkit.lean_step import decoding_products
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,9 +391,8 @@ def run(args) -> int:
     print(f"SmolLM2-135M-Instruct float32 CPU, {'adapter ' + args.adapter if args.adapter else 'fresh LoRA'}, "
           f"{torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, {args.repeats} repeat(s), "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    gate = model.get_base_model().model.layers[0].mlp.gate_proj
-    onednn = onednn_pays(*getattr(gate, "base_layer", gate).weight.shape)
-    packed = not onednn and packs_weights(model.get_base_model(), len(DEFAULT_PROMPTS))
+    onednn, pack_rows = decoding_products(model.get_base_model(), len(DEFAULT_PROMPTS))
+    packed = pack_rows is not None
     print("ours multiplies through " + ("oneDNN (alignkit.kernels.onednn_pays: measured faster than MKL here)" if onednn
           else "MKL, weights packed for batched steps (measured faster here)" if packed else "MKL, weights as they are"),
           flush=True)

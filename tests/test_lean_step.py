@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import check_timed_choice
 
-from alignkit import lean_step
+from alignkit import kernels, lean_step
 from alignkit.lean_step import (
     PACKED_FROM_ROWS,
     Product,
@@ -59,6 +59,7 @@ def test_weights_are_packed_only_where_packed_products_measure_faster(monkeypatc
 @pytest.mark.parametrize("pays", [False, True])
 def test_the_lean_step_packs_its_weights_where_that_measured_faster(monkeypatch, make_model, pays):
     shapes = []
+    monkeypatch.setenv("ALIGNKIT_ONEDNN", "0")   # MKL's products: packing is its choice to make
     monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: shapes.append(shape) or pays)
     model = make_model()
     lean = lean_step.LeanStep.for_model(model, pack_rows=32)
@@ -76,6 +77,7 @@ def test_no_packed_copy_without_memory_for_it(monkeypatch, make_model):
 
     class Scarce:
         available = 1000
+    monkeypatch.setenv("ALIGNKIT_ONEDNN", "0")
     monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: True)   # faster, but no room for the copy
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())
     lean = lean_step.LeanStep.for_model(make_model(), pack_rows=32)
@@ -136,3 +138,11 @@ def test_the_lean_norm_is_transformers_rms_norm(rows, monkeypatch):
         torch.testing.assert_close(lean_step._rms_norm(x, norm.weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
         monkeypatch.setattr(lean_step, "_TORCH_RMS_NORM", None)   # a torch without rms_norm
         torch.testing.assert_close(lean_step._rms_norm(x, norm.weight, 1e-5), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_products_through_onednn_need_no_packed_copy(monkeypatch, make_model):
+    monkeypatch.setenv("ALIGNKIT_ONEDNN", "1")
+    monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: True)   # packing would pay, were it MKL's
+    lean = lean_step.LeanStep.for_model(make_model(), pack_rows=32)
+    products = [lean.head] + [p for layer in lean.layers for p in layer if isinstance(p, Product)]
+    assert all(p.onednn and p.packed is None for p in products) == kernels.onednn_available()
