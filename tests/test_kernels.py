@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,3 +86,38 @@ def test_no_layer_changes_where_onednn_does_not_pay(make_model, monkeypatch):
     model = make_model()
     assert use_fast_linears(model) == 0
     assert not any(uses_fast_linear(m) for m in model.modules())
+
+
+_GROWTH = """
+import os, sys
+import torch
+from alignkit import kernels
+torch.set_num_threads(1)
+weight = torch.randn(512, 256)
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+kernels.onednn_product(torch.randn(300, 256), weight)
+start = resident_mb()
+for rows in range(300, 300 + 4 * 200, 4):  # 200 row counts, as packed batches bring
+    x = torch.randn(rows, 256)
+    y = kernels.onednn_product(x, weight)
+    kernels.onednn_product(y.t(), x.t())  # a weight gradient's product
+print(os.environ["LRU_CACHE_CAPACITY"], os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], resident_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not onednn_available() or not sys.platform.startswith("linux"), reason="oneDNN on Linux")
+def test_importing_alignkit_bounds_onednns_kernel_caches():
+    def grown(**environment) -> tuple[str, str, float]:
+        env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+        done = subprocess.run([sys.executable, "-c", _GROWTH], env={**env, **environment}, capture_output=True,
+                              text=True, check=True)
+        lru, primitives, megabytes = done.stdout.split()
+        return lru, primitives, float(megabytes)
+
+    lru, primitives, bounded = grown()
+    assert (lru, primitives) == (str(kernels.KERNEL_CACHE_CAPACITY),) * 2
+    # a user's own setting stands: oneDNN's and torch's default of 1,024 kept entries
+    lru, primitives, unbounded = grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    assert (lru, primitives) == ("1024", "1024")
+    assert unbounded > 250 and bounded < 0.6 * unbounded, (bounded, unbounded)
