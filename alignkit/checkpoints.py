@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import CHAT_TEMPLATE_FILE
+from .adapters import CHAT_TEMPLATE_FILE, _one_line
 from .errors import UserError
 from .io import atomic_folder, atomic_write, atomic_write_json
 from .models import adapter_parameters
@@ -266,6 +266,17 @@ def load(agent, path) -> dict:
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise UserError(f"no checkpoint at {path} (missing {STATE_FILE})")
+    from safetensors import SafetensorError
+
+    try:
+        return _load(agent, path, set_peft_model_state_dict)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # a file cut short or overwritten after the checkpoint was written (json's errors are ValueErrors)
+        raise UserError(f"the checkpoint {path} is damaged and cannot be resumed from ({_one_line(exc)}); remove "
+                        "that folder to resume from an earlier checkpoint of the run, if it has one") from None
+
+
+def _load(agent, path: Path, set_peft_model_state_dict) -> dict:
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
     if getattr(agent, "sharded", False):
         _load_sharded(agent, weights, path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .columns import ColumnMap, EvalColumnMap
-from .data import BUNDLED_DATASET, BUNDLED_DATASETS
+from .data import BUNDLED_DATASET, BUNDLED_DATASETS, seed_problem
 from .errors import UserError
 from .formats import FORMATS
 from .losses import PREFERENCE_LOSSES
@@ -146,6 +146,7 @@ class SFTConfig:
             need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
         # Written as ranges so NaN fails them too; inf is refused as well: an infinite learning
         # rate or epoch count is a typo, never a request.
+        need(seed_problem(self.seed) is None, f"--seed {seed_problem(self.seed)}")
         need(0 < self.lr < math.inf, f"--lr must be > 0 and finite (got {self.lr})")
         need(0 < self.epochs < math.inf, f"--epochs must be > 0 and finite (got {self.epochs})")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")

@@ -58,6 +58,17 @@ def bundled_dataset_path(name: str = BUNDLED_DATASET) -> Path:
     return Path(__file__).resolve().parent / "resources" / BUNDLED_DATASETS[name]
 
 
+SEED_LIMIT = 2 ** 63
+"""Seeds run from 0 up to (not including) this: torch takes a signed 64-bit seed, numpy no negative one."""
+
+
+def seed_problem(seed) -> str | None:
+    """What is wrong with ``seed`` as a random seed (its words after the option's name), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        return f"must be a whole number from 0 to {SEED_LIMIT - 1} (got {seed!r})"
+    return None
+
+
 def make_dataset(
     name_or_path: str | os.PathLike = BUNDLED_DATASET,
     test_size: float | int = 0.1,
@@ -104,6 +115,8 @@ def make_dataset(
     rows of mixed shapes or malformed conversations (with the row), no usable rows, a bad
     `test_size`, or too few rows to split.
     """
+    if seed_problem(seed) is not None:
+        raise UserError(f"seed {seed_problem(seed)}")
     if columns is not None:
         columns = _check_columns_arg(columns)
     named = _naming_the_file if eval_dataset is not None else contextlib.nullcontext

@@ -309,9 +309,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
                 raise UserError(f"process {os.environ.get('RANK', '?')} of this launch cannot write the converted "
                                 f"model into {target.parent}, which process 0 does not see: put ALIGNKIT_CACHE on a "
                                 "folder every machine shares, or run alignkit once on this machine in one process")
-    except OSError:
+    except OSError as exc:
         if not _is_complete(target):
-            raise
+            raise UserError(f"cannot write the model's float32 copy into the cache folder {target.parent} "
+                            f"({exc.strerror or exc}): set ALIGNKIT_CACHE to a folder you can write") from None
         logger.info("another process finished %s first; using its copy", target)
 
 

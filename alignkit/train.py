@@ -160,6 +160,9 @@ def setup(cfg: SFTConfig) -> Setup:
     if not gym.batches_per_epoch:   # (an empty train split is refused when the data is read)
         raise UserError(f"{len(gym.train_examples)} training row(s) cannot be shared by {processes} processes; "
                         "give more data or fewer processes")
+    if len(gym.train_examples) < cfg.batch_size:   # a step would take fewer rows than it says, or all at once
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(gym.train_examples)} training rows "
+                        f"that fit --max-length; give a --batch-size of at most {len(gym.train_examples)}")
     if 0 < len(gym.test_examples) < processes:
         raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; {more}")
     # each process on the device accelerate gave it ("cpu:0" is plain "cpu" to the loader)

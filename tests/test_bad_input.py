@@ -354,6 +354,8 @@ def no_training(monkeypatch):
     ("sft", ["--max-grad-norm", "inf"], "--max-grad-norm must be >= 0 and finite"),
     ("dpo", ["--simpo-gamma", "nan"], "--simpo-gamma must be a finite number"),
     ("dpo", ["--loss-type", "ipo", "--label-smoothing", "0.1"], "applies to the sigmoid loss only"),
+    ("sft", ["--seed=-1"], "--seed must be a whole number from 0 to 9223372036854775807 (got -1)"),
+    ("dpo", [f"--seed={2 ** 63}"], "--seed must be a whole number from 0 to 9223372036854775807"),
 ])
 def test_invalid_option_values_are_refused_before_loading(no_training, capsys, tmp_path, algo, flags, needle):
     # --model names nothing that exists: a check that ran after model resolution would say so instead
@@ -475,3 +477,32 @@ def test_an_output_folder_that_refuses_files_is_found_before_any_work(tmp_path, 
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)   # writable by permissions, refused by the mount
     assert unwritable(tmp_path / "out") == f"{tmp_path}: Read-only file system"
+
+
+def test_a_batch_larger_than_the_training_split_is_refused(train, rows_file, tmp_path):
+    # 24 rows, 6 held out: a step of 40 would silently take the 18 there are (or run out of memory)
+    assert train("sft", rows_file, "--batch-size", "40") == ("error: --batch-size 40 is more than the 18 training "
+                                                            "rows that fit --max-length; give a --batch-size of at "
+                                                            "most 18")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_seed_the_random_generators_cannot_take_is_refused_by_the_library_too():
+    from alignkit.data import make_dataset
+    from alignkit.errors import UserError
+
+    for seed in (-1, 2 ** 63, 1.5, True):
+        with pytest.raises(UserError, match="seed must be a whole number from 0"):
+            make_dataset(seed=seed)
+
+
+def test_chat_refuses_answers_longer_than_the_models_context(tiny_model_dir, tokenizer):
+    from alignkit.errors import UserError
+    from alignkit.evaluate import Chat
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    context = model.config.max_position_embeddings
+    with pytest.raises(UserError, match=f"--max-new-tokens {context} leaves no room for a message: the model's "
+                                        f"context holds {context} tokens"):
+        Chat(model, tokenizer, max_new_tokens=context)
+    assert Chat(model, tokenizer, max_new_tokens=context - 1).context_limit == 1

@@ -249,3 +249,15 @@ def test_resume_refuses_data_that_changed_and_works_from_another_folder(tiny_mod
                                "rows then, 18 / 6 now, as tokenized); resuming would mix two datasets in one run: "
                                "restore the data or start a new run"]
     assert sorted(_train_losses(run)) == [1, 2]
+
+
+@pytest.mark.parametrize("damaged", ["training_state.json", "optimizer.safetensors", "actor/adapter_model.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(damaged, tiny_model_dir, rows_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, run, "--max-steps", "1")]) == 0
+    checkpoint = run / "checkpoint-1"
+    (checkpoint / damaged).write_text("junk")
+    capsys.readouterr()
+    assert main(["sft", "--resume", str(run), "--max-steps", "2"]) == 2
+    [error] = _errors(capsys)
+    assert error.startswith(f"error: the checkpoint {checkpoint} is damaged and cannot be resumed from (")
