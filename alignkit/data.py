@@ -147,12 +147,28 @@ def make_dataset(
 def _refuse_labelled_completions(records: list[dict], found: list[str], task: str, label: str) -> None:
     """KTO-style rows (a completion per prompt, a true/false ``label`` on whether it is wanted) cannot train SFT
     as they are: every completion would be learned, the unwanted ones too."""
-    if task == "sft" and "label" in found and records and all(isinstance(r.get("label"), bool) for r in records):
-        unwanted = sum(r["label"] is False for r in records)
-        if unwanted:
+    if task == "sft" and "label" in found and records:
+        wanted = [_as_flag(r.get("label")) for r in records]
+        unwanted = wanted.count(False)
+        if unwanted and None not in wanted:
             raise UserError(f"dataset '{label}' marks {unwanted} of its {len(records)} completions unwanted (label "
                             "false, as KTO data does); SFT learns every completion it is given: keep the rows "
                             "labelled true and drop the label column")
+
+
+_FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def _as_flag(value) -> bool | None:
+    """``value`` read as a yes/no mark, as JSON, CSV or parquet write one (true, 0, "False", "yes", 1.0),
+    else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Number):
+        return bool(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        return _FLAG_WORDS.get(value.strip().lower())
+    return None
 
 
 @contextlib.contextmanager

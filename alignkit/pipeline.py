@@ -17,6 +17,7 @@ from .compare import LABELS, Decoding, compare, read_prompts, row_keys
 from .config import EVAL_DATASET_OR_TEST_SIZE, RESUME_MAY_CHANGE, absolute_paths, build_config, flag
 from .data import BUNDLED_DATASET
 from .errors import UserError
+from .report import check_report_folder
 from .runs import read_run_info, resumed_config
 from .runtime import release_freed_memory
 
@@ -144,6 +145,7 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
     if eval_dataset is not None and test_size is not None:
         raise UserError(EVAL_DATASET_OR_TEST_SIZE)
     check_data(to_train, dataset, seed, test_size, eval_dataset)
+    check_report_folder(Path(out_dir) / "report")   # before hours of training, not after
     started, timings, peaks = time.time(), {}, {}
     runs = train_configurations(to_train, Path(out_dir) / "runs", max_steps, model, dataset, reuse, seed,
                                 test_size, overwrite, timings=timings, peaks=peaks,

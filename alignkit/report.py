@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import math
 import os
 import re
@@ -249,8 +250,31 @@ def write_report(out_dir: str | os.PathLike, prompts: Sequence[str], configs: Se
         "figures": [{"file": f["file"], "caption": f["caption"]} for f in loaded],
         "quality_prompts": quality_prompts,
     }
+    check_report_folder(out)
     # Render before touching the disk, so a failure leaves the folder as it was.
     page = _render_page(title, prompts, cleaned, loaded, generation, quality_prompts)
     # results.json first, so a new index.html never appears without the numbers behind it.
     atomic_write_json(out / "results.json", results, indent=2)
     return atomic_write_text(out / "index.html", page)
+
+
+REPORT_FILES = ("index.html", "results.json")
+
+
+def check_report_folder(out_dir: str | os.PathLike) -> None:
+    """Raise a UserError when writing a report into ``out_dir`` would replace files it did not write: an
+    ``index.html`` or ``results.json`` there that is not an earlier report's (its ``results.json`` read
+    back). A missing folder, one without those files, or an earlier report is fine (other files stay)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder for the report")
+    if not any((out / name).exists() for name in REPORT_FILES):
+        return
+    try:
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and isinstance(earlier.get("configs"), list)
+            and isinstance(earlier.get("prompts"), list) and (out / "index.html").is_file()):
+        raise UserError(f"{out} holds an index.html or results.json that no earlier report wrote; the report would "
+                        "replace them: choose another output folder or move them away")

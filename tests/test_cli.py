@@ -402,3 +402,8 @@ def test_pipeline_refuses_before_training_what_a_later_stage_would_refuse(tiny_m
     assert not (out / "runs" / "sft").exists()   # the SFT stage did not train first
     assert main([*base, "--reuse", "--overwrite"]) == 2
     assert capsys.readouterr().err.startswith("error: --reuse keeps trained configurations and --overwrite")
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "index.html").write_text("<h1>mine</h1>")   # the user's own page, where the report would go
+    assert main(base) == 2
+    assert "holds an index.html or results.json that no earlier report wrote" in capsys.readouterr().err
+    assert not (out / "runs").exists() and (out / "report" / "index.html").read_text() == "<h1>mine</h1>"

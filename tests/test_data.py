@@ -422,6 +422,26 @@ def test_kto_style_rows_do_not_train_sft_on_their_unwanted_completions(tmp_path)
     assert len(train) + len(test) == 2
 
 
+@pytest.mark.parametrize("marks", [[1, 0, 1, 1], ["yes", False, True, True], [1.0, 0.0, 1.0, 1.0]])
+def test_kto_marks_written_as_numbers_or_words_are_read_as_marks(tmp_path, marks):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": m} for i, m in enumerate(marks)]
+    with pytest.raises(UserError, match=r"marks 1 of its 4 completions unwanted"):
+        make_dataset(write_jsonl(tmp_path / "kto.jsonl", rows), task="sft", test_size=1)
+
+
+def test_kto_marks_in_a_csv_file_are_read_as_marks(tmp_path):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\nq1,a1,False\nq2,a2,True\nq3,a3,True\n")
+    with pytest.raises(UserError, match=r"marks 1 of its 3 completions unwanted"):
+        make_dataset(path, task="sft", test_size=1)
+
+
+def test_a_label_column_that_holds_no_marks_is_left_alone(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": name} for i, name in enumerate(["cat", "dog", "0"])]
+    train, test = make_dataset(write_jsonl(tmp_path / "classes.jsonl", rows), task="sft", test_size=1)
+    assert len(train) + len(test) == 3
+
+
 def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_dropped(tmp_path, caplog):
     mixed = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "chosen": "c2", "rejected": "r2"},
              {"prompt": "q3", "completion": "a3"}]

@@ -318,3 +318,20 @@ def test_quality_table_shows_intervals_and_marks_real_differences(tmp_path):
     assert saved["quality_prompts"] == 12 and saved["configs"][1]["quality"]["ended_share"]["outside_noise"]
     # without quality numbers the page has no such table
     assert 'id="quality"' not in write_report(tmp_path / "plain", PROMPTS, make_configs()).read_text()
+
+
+def test_a_report_replaces_an_earlier_report_but_never_the_users_own_files(tmp_path):
+    first = write_report(tmp_path, PROMPTS, make_configs()).read_text()
+    again = write_report(tmp_path, PROMPTS, make_configs(), title="Again")   # an earlier report: rewritten
+    assert "<title>Again</title>" in again.read_text() and "<title>Again</title>" not in first
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("<h1>mine</h1>")
+    with pytest.raises(UserError, match="holds an index.html or results.json that no earlier report wrote"):
+        write_report(mine, PROMPTS, make_configs())
+    assert (mine / "index.html").read_text() == "<h1>mine</h1>" and not (mine / "results.json").exists()
+    (mine / "index.html").unlink()
+    (mine / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(UserError, match="no earlier report wrote"):
+        write_report(mine, PROMPTS, make_configs())
+    assert (mine / "results.json").read_text() == '{"mine": 1}'
