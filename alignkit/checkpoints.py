@@ -260,23 +260,24 @@ def _load_sharded(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load(agent, path) -> dict:
-    """Restore adapter weights, optimizer, scheduler, step and RNG states; returns the extra state."""
-    from peft import set_peft_model_state_dict
-
+    """Restore adapter weights, optimizer, scheduler, step and RNG states; returns the extra state. A
+    checkpoint whose files cannot be read back is a UserError naming it."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise UserError(f"no checkpoint at {path} (missing {STATE_FILE})")
     from safetensors import SafetensorError
 
     try:
-        return _load(agent, path, set_peft_model_state_dict)
+        return _load(agent, path)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         # a file cut short or overwritten after the checkpoint was written (json's errors are ValueErrors)
         raise UserError(f"the checkpoint {path} is damaged and cannot be resumed from ({_one_line(exc)}); remove "
                         "that folder to resume from an earlier checkpoint of the run, if it has one") from None
 
 
-def _load(agent, path: Path, set_peft_model_state_dict) -> dict:
+def _load(agent, path: Path) -> dict:
+    from peft import set_peft_model_state_dict
+
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
     if getattr(agent, "sharded", False):
         _load_sharded(agent, weights, path)

@@ -69,9 +69,9 @@ class Chat:
         if context_limit is None:
             longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
             context_limit = longest - max_new_tokens if longest else None
-        if context_limit is not None and context_limit < 1:
-            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a message: the model's context "
-                            f"holds {context_limit + max_new_tokens} tokens, prompt and answer together")
+            if context_limit is not None and context_limit < 1:
+                raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a message: the model's "
+                                f"context holds {longest} tokens, prompt and answer together")
         self.context_limit = context_limit
         self.system: str | None = None
         self.turns: list[dict] = []   # user and assistant messages, alternating, oldest first
