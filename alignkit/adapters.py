@@ -113,10 +113,10 @@ def load_adapter(base_model, load_path, adapter_name="default", is_trainable=Tru
             model.load_adapter(str(load_path), adapter_name=adapter_name, is_trainable=is_trainable)
         return model
     except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:
-        raise UserError(f"the adapter at {load_path} does not fit this base model: {_one_line(exc)}") from None
+        raise UserError(f"the adapter at {load_path} does not fit this base model: {error_line(exc)}") from None
 
 
-def _one_line(exc: Exception) -> str:
+def error_line(exc: Exception) -> str:
     """The error's first line and, for a multi-line one such as torch's "Error(s) in loading state_dict
     for ...:" followed by one line per tensor, its first detail and how many more there are."""
     lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import CHAT_TEMPLATE_FILE, _one_line
+from .adapters import CHAT_TEMPLATE_FILE, error_line
 from .errors import UserError
 from .io import atomic_folder, atomic_write, atomic_write_json
 from .models import adapter_parameters
@@ -271,7 +271,7 @@ def load(agent, path) -> dict:
         return _load(agent, path)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         # a file cut short or overwritten after the checkpoint was written (json's errors are ValueErrors)
-        raise UserError(f"the checkpoint {path} is damaged and cannot be resumed from ({_one_line(exc)}); remove "
+        raise UserError(f"the checkpoint {path} is damaged and cannot be resumed from ({error_line(exc)}); remove "
                         "that folder to resume from an earlier checkpoint of the run, if it has one") from None
 
 

@@ -115,8 +115,9 @@ def make_dataset(
     rows of mixed shapes or malformed conversations (with the row), no usable rows, a bad
     `test_size`, or too few rows to split.
     """
-    if seed_problem(seed) is not None:
-        raise UserError(f"seed {seed_problem(seed)}")
+    problem = seed_problem(seed)
+    if problem:
+        raise UserError(f"seed {problem}")
     if columns is not None:
         columns = _check_columns_arg(columns)
     named = _naming_the_file if eval_dataset is not None else contextlib.nullcontext

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import jinja2
 
 from alignkit.errors import UserError
-from alignkit.io import atomic_write_json, atomic_write_text
+from alignkit.io import atomic_write_json, atomic_write_text, unwritable
 
 DEFAULT_TITLE = "SFT and DPO: comparing training configurations"
 DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 200}
@@ -266,8 +266,9 @@ def check_report_folder(out_dir: str | os.PathLike) -> None:
     ``index.html`` or ``results.json`` there that is not an earlier report's (its ``results.json`` read
     back). A missing folder, one without those files, or an earlier report is fine (other files stay)."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder for the report")
+    problem = unwritable(out)
+    if problem:
+        raise UserError(f"the report folder {out} cannot be written: {problem}")
     if not any((out / name).exists() for name in REPORT_FILES):
         return
     try:
