@@ -18,9 +18,9 @@ import argparse
 import logging
 import sys
 
-from . import commands
+from . import __version__, commands
 from .cliutil import ArgParser, guarded
-from .config import CONFIGS, add_arguments, build_config
+from .config import CONFIGS, add_arguments, build_config, unused_options
 from .errors import UserError
 from .pipeline import add_pipeline_parser
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "through LoRA adapters. Runs offline on the embedded SmolLM2-135M-Instruct by default.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgParser)
     for algo, cls in CONFIGS.items():
         p = sub.add_parser(algo, help=cls.__doc__.splitlines()[0], description=cls.__doc__,
@@ -59,6 +60,9 @@ def train_or_chat(algo: str, flags: dict) -> int:
         cfg = resumed_config(algo, flags)
     else:
         cfg = build_config(algo, flags)
+        unused = unused_options(cfg, flags)
+        if unused:
+            raise UserError("invalid options: " + "; ".join(unused))
     if cfg.eval:
         from .evaluate import interactive, load_for_generation
         from .processes import launched_processes

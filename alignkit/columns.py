@@ -80,6 +80,9 @@ class EvalColumnMap(ColumnMap):
         return cls(**given), problems
 
 
+_HELD = {"prompt": "prompts", "chosen": "chosen answers", "rejected": "rejected answers"}
+
+
 def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMap, task: str,
                      label: str) -> tuple[list[dict], list[str]]:
     """Rows and column names with the user's columns renamed to the names the shapes use.
@@ -97,6 +100,15 @@ def apply_column_map(records: list[dict], found: list[str], column_map: ColumnMa
     if twice:
         col, parts = next(iter(twice.items()))
         raise UserError(f"{' and '.join(parts)} both name the column '{col}'; a column plays one part")
+    # A column named for one part that holds another part the task needs, under its usual name and
+    # not moved elsewhere: the rename would take it away (SFT may learn its answer from "chosen").
+    for part, col in given.items():
+        if col != part and col in ("prompt", "chosen", "rejected") and col not in given and \
+                (col == "prompt" or task == "preference"):
+            option = column_map.option(part)
+            raise UserError(f"{option}{'' if option.endswith('=') else ' '}{col} names the column that holds the {_HELD[col]}; a column "
+                            f"plays one part (if yours are in another column, name it with "
+                            f"{column_map.option(col)})")
     missing = [f"'{col}' ({column_map.option(part)})" for part, col in given.items() if col not in found]
     if missing:
         raise UserError(f"dataset '{label}' has no column {', '.join(missing)}; "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -104,7 +106,9 @@ def export(flags: dict) -> int:
     merged, tokenizer = _merged_model(flags, _base_model(flags))
     if out.exists():
         out.rmdir()  # empty (checked above): the finished folder takes its place
-    with atomic_folder(out) as tmp:
+    # transformers' save imports DeepSpeed where it is installed, which prints a warning on stdout: the
+    # command's output is its result line, so anything printed on the way goes to stderr
+    with atomic_folder(out) as tmp, contextlib.redirect_stdout(sys.stderr):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model written to {out}")

@@ -8,6 +8,7 @@ every problem at once.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -23,6 +24,7 @@ from .data import BUNDLED_DATASET, BUNDLED_DATASETS, seed_problem
 from .errors import UserError
 from .formats import FORMATS
 from .losses import PREFERENCE_LOSSES
+from .runtime import usable_cpus
 
 REPORT_TARGETS = ("none", "tensorboard", "wandb")
 
@@ -144,6 +146,9 @@ class SFTConfig:
                                    f"{self.max_length})")
         for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "threads"):
             need(getattr(self, name) >= 0, f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        cpus = usable_cpus()   # more threads than CPUs only makes them wait on each other
+        need(self.threads <= cpus, f"--threads {self.threads} is more than the {cpus} CPUs this process may use; "
+                                   f"give at most {cpus} (0 keeps torch's default)")
         # Written as ranges so NaN fails them too; inf is refused as well: an infinite learning
         # rate or epoch count is a typo, never a request.
         need(seed_problem(self.seed) is None, f"--seed {seed_problem(self.seed)}")
@@ -185,6 +190,8 @@ class SFTConfig:
         need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
         need(self.evo_steps >= 1, f"--evo-steps must be >= 1 (got {self.evo_steps})")
         need(1 <= self.tournament_size, f"--tournament-size must be >= 1 (got {self.tournament_size})")
+        need(self.pop_size == 1 or self.tournament_size <= self.pop_size,
+             f"--tournament-size {self.tournament_size} draws more members than --pop-size {self.pop_size} has")
         need(0 <= self.mutation_prob <= 1, f"--mutation-prob must be in [0, 1] (got {self.mutation_prob})")
         problems += _range_problems("mutate_lr_range", self.mutate_lr_range)
         problems += self._extra_problems()
@@ -301,6 +308,9 @@ def sampling_problems(temperature: float, top_p: float, repetition_penalty: floa
         problems.append(f"{name('temperature')} must be >= 0 and finite; 0 is greedy (got {temperature})")
     if not 0 < top_p <= 1:
         problems.append(f"{name('top_p')} must be in (0, 1] (got {top_p})")
+    elif top_p != 1 and temperature == 0:
+        problems.append(f"{name('top_p')} applies to sampled answers: give {name('temperature')} > 0 too "
+                        f"(0 is greedy), or drop {name('top_p')}")
     if not 0 < repetition_penalty < math.inf:
         problems.append(f"{name('repetition_penalty')} must be > 0 and finite; 1 leaves logits alone "
                         f"(got {repetition_penalty})")
@@ -398,9 +408,29 @@ def _coerce(cls, key: str, value, source: str):
     if ok:
         return value
     shown = "nothing" if value is None else repr(value)
-    words = ("a list of PART=COLUMN items or a mapping of parts to columns" if _field(cls, key).metadata.get("mapping")
-             else _TYPE_WORDS.get(tp, tp.__name__))
+    if _field(cls, key).metadata.get("mapping"):
+        words = "a list of PART=COLUMN items or a mapping of parts to columns"
+    elif tp is list and _item_type(hint) is float:
+        words = "two numbers [MIN, MAX]"
+    else:
+        words = _TYPE_WORDS.get(tp, tp.__name__)
     raise UserError(f"{source}: {key} must be {words}, got {shown}")
+
+
+class _OneValueLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping giving one key twice is an error: PyYAML keeps the
+    last value, so "lr: 1e-4" further down a file would silently replace an earlier "lr"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key} is given twice (the second value would silently win)", key_node.start_mark)
+            if isinstance(key, collections.abc.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path) -> object:
@@ -420,7 +450,7 @@ def _read_yaml(path) -> object:
         line = data[: err.start].count(b"\n") + 1
         raise UserError(f"config file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_OneValueLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -521,3 +551,36 @@ def build_config(algo: str, flags: dict | None = None, **overrides):
     cfg = cls(**merged)
     cfg.validate()
     return cfg
+
+
+CHAT_OPTIONS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty")
+"""Options of ``--eval``'s chat alone."""
+POPULATION_OPTIONS = ("evo_steps", "tournament_size", "mutation_prob", "mutate_lr_range", "mutate_beta_range")
+"""Options of population-based tuning alone (``--pop-size`` > 1)."""
+_CHAT_READS = frozenset(CHAT_OPTIONS + ("eval", "model", "device", "dtype", "load_path", "trust_remote_code",
+                                        "chat_template", "threads", "seed", "config", "reuse_memory"))
+
+
+def unused_options(cfg: SFTConfig, given) -> list[str]:
+    """What is wrong with options in ``given`` (those set on the command line) that the command ``cfg``
+    describes would ignore: a chat's options when training, a training option when chatting, a
+    population's options without a population (the command line trains ``--pop-size 1`` as a plain
+    run), the simpo loss's margin with another loss. Options from a config file are not checked: one
+    file may serve several commands."""
+    problems = []
+
+    def drop(names, why):
+        names = [f"--{flag(n)}" for n in names if n in given]
+        if names:
+            one = len(names) == 1
+            problems.append(f"{', '.join(names)} {'does' if one else 'do'} not apply {why}: drop "
+                            f"{'it' if one else 'them'}")
+
+    if cfg.eval:
+        drop(sorted(set(given) - _CHAT_READS), "to --eval, which chats with an adapter and trains nothing")
+    else:
+        drop(CHAT_OPTIONS, "to training, only to the chat of --eval")
+        drop(POPULATION_OPTIONS if cfg.pop_size == 1 else (), "without --pop-size > 1")
+    if getattr(cfg, "loss_type", "simpo") != "simpo":
+        drop(("simpo_gamma",), f"to --loss-type {cfg.loss_type} (only to simpo)")
+    return problems

@@ -34,8 +34,8 @@ def unwritable(path: str | os.PathLike) -> str | None:
         fd, probe = tempfile.mkstemp(prefix=".alignkit-probe.", dir=folder)
         os.close(fd)
         os.unlink(probe)
-    except OSError as err:
-        return f"{folder}: {err.strerror or err}"
+    except OSError as err:   # e.g. /proc, which takes no new files
+        return f"{folder} does not take new files ({err.strerror or err})"
     return None
 
 

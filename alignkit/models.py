@@ -484,6 +484,10 @@ def load_model(
     # hub HTTP and offline errors are OSErrors; a damaged weights file is a SafetensorError; weights
     # of other shapes than config.json describes are a RuntimeError
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        if source.kind in ("embedded", "gguf"):   # the GGUF file read fine when its copy was made
+            raise UserError(f"the float32 copy of {name_or_path} in the cache ({location}) cannot be loaded "
+                            f"({' '.join(str(err).split())[:200]}); delete that folder and alignkit makes it "
+                            "again from the GGUF file") from err
         raise _hub_failure(source, "model", err) from err
     if source.kind in ("embedded", "gguf"):
         # Named as the user named it, not by its converted copy in this machine's cache: an adapter trained on

@@ -14,11 +14,19 @@ from pathlib import Path
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
 from .compare import LABELS, Decoding, compare, read_prompts, row_keys
-from .config import EVAL_DATASET_OR_TEST_SIZE, RESUME_MAY_CHANGE, absolute_paths, build_config, flag
+from .config import (
+    EVAL_DATASET_OR_TEST_SIZE,
+    RESUME_MAY_CHANGE,
+    SFTConfig,
+    absolute_paths,
+    build_config,
+    flag,
+)
 from .data import BUNDLED_DATASET
 from .errors import UserError
+from .io import unwritable
 from .report import check_report_folder
-from .runs import read_run_info, resumed_config
+from .runs import RUN_RECORD, read_run_info, resumed_config
 from .runtime import release_freed_memory
 
 SFT_LR, SFT_STEPS = 1e-3, 40
@@ -54,6 +62,24 @@ def _check_same_recipe(folder: Path, wanted) -> None:
                         f"{', '.join(differ)}; pass --overwrite to train it again, or ask for what it was trained with")
 
 
+def check_run_folders(out_dir: Path, names, held_ok: bool = False) -> None:
+    """Refuse (naming ``--out``, the pipeline's option) a run folder under ``out_dir`` that cannot be written,
+    holds files of the user's own, or (unless ``held_ok``: --reuse or --overwrite) holds a run: the training
+    run would refuse it only once the stages before it had trained."""
+    trained = dict.fromkeys(n for name in names if name != "base" for n in reversed(_with_parents(name)))
+    for name in trained:
+        folder = out_dir / name
+        problem = f"{folder} is a file, not a folder" if folder.exists() and not folder.is_dir() else unwritable(folder)
+        if problem:
+            raise UserError(f"the run folder {folder} (under --out) cannot be written: {problem}")
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_RECORD).is_file():
+            raise UserError(f"{folder} (under --out) holds files that are not an alignkit run (no {RUN_RECORD}); "
+                            "empty it or give another --out")
+        if folder.is_dir() and any(folder.iterdir()) and not held_ok:
+            raise UserError(f"{folder} already holds a run; pass --reuse to keep finished configurations (and "
+                            "resume interrupted ones) or --overwrite to train them again")
+
+
 def train_configurations(names, out_dir, max_steps: int | None = None, model: str | None = None,
                          dataset: str | None = None, reuse: bool = False, seed: int | None = None,
                          test_size: float | None = None, overwrite: bool = False,
@@ -77,6 +103,7 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
 
     out_dir = Path(out_dir)
     runs: dict[str, str | None] = {}
+    check_run_folders(out_dir, names, reuse or overwrite)   # every stage's folder, before the first one trains
 
     def ensure(name):
         if name in runs:
@@ -87,9 +114,6 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
         algo, options, parent = RECIPES[name]
         folder = out_dir / name
         held = folder.is_dir() and any(folder.iterdir())
-        if held and not (reuse or overwrite):
-            raise UserError(f"{folder} already holds a run; pass --reuse to keep finished configurations (and "
-                            "resume interrupted ones) or --overwrite to train them again")
         extra = {"load_path": str(Path(ensure(parent)) / "actor")} if parent else {}
         steps = {} if max_steps is None else {"max_steps": max_steps}
         wanted = {"save_path": str(folder), "no_timestamp": True, "model": model, **split, **options, **steps, **extra}
@@ -236,9 +260,11 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_out: str, 
                         help=f"dataset to train on and score every configuration against (with --seed and "
                         f"--test-size: the held-out split) [default: {BUNDLED_DATASET} for training; the split "
                         "each run records for scoring]")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the split (and of training)")
+    parser.add_argument("--seed", type=int, default=None, help=f"seed of the split (and of training) [default: "
+                        f"{SFTConfig.seed} for training; the split each run records for scoring]")
     parser.add_argument("--test-size", type=float, default=None,
-                        help="held-out share (0 < x < 1) or row count (>= 1) of the split")
+                        help=f"held-out share (0 < x < 1) or row count (>= 1) of the split [default: "
+                        f"{SFTConfig.test_size:g} for training; the split each run records for scoring]")
     parser.add_argument("--eval-dataset", default=None,
                         help="held-out rows from this dataset (a file or hub id, e.g. org/name:test) instead of a "
                         "--test-size share of --dataset, for training and scoring")

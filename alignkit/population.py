@@ -293,7 +293,7 @@ def run_population(cfg) -> Path:
     log = start_records(s, start, population=cfg.pop_size)
     resuming = f"resuming at step {start} of " if start else ""
     print(f"{cfg.algo.upper()} population of {cfg.pop_size}: {len(s.gym.train_examples)} train / "
-          f"{len(s.gym.test_examples)} test rows, {resuming}{s.total_steps} steps of {cfg.batch_size}, evolving "
+          f"{len(s.gym.test_examples)} test rows, {resuming}{s.total_steps} step{'s' if s.total_steps != 1 else ''} of {cfg.batch_size}, evolving "
           f"every {cfg.evo_steps}, base {s.base_model} -> {run_dir}")
     population.activate(leader)
     try:

@@ -96,6 +96,8 @@ def claim_run_dir(cfg: SFTConfig, now: datetime | None = None) -> Path:
 def read_run_info(run_dir) -> dict:
     """The run's ``run.json`` as a dict (a UserError when it is missing or unreadable)."""
     path = Path(run_dir) / RUN_RECORD
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is a file; give the run's folder (the one holding {RUN_RECORD})")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
@@ -103,7 +105,9 @@ def read_run_info(run_dir) -> dict:
         return info
     except FileNotFoundError:
         raise UserError(f"{run_dir} is not a run folder (no {RUN_RECORD})") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise UserError(f"{path} is not a readable run record ({exc.strerror or exc})") from None
+    except ValueError as exc:
         raise UserError(f"{path} is not a readable run record ({exc})") from None
 
 

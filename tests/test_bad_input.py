@@ -476,7 +476,7 @@ def test_an_output_folder_that_refuses_files_is_found_before_any_work(tmp_path, 
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr("tempfile.mkstemp", read_only)   # writable by permissions, refused by the mount
-    assert unwritable(tmp_path / "out") == f"{tmp_path}: Read-only file system"
+    assert unwritable(tmp_path / "out") == f"{tmp_path} does not take new files (Read-only file system)"
 
 
 def test_a_batch_larger_than_the_training_split_is_refused(train, rows_file, tmp_path):
