@@ -9,10 +9,15 @@ hub id and goes online, and lets a damaged file or config surface as a library t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .errors import ArgumentError, UserError, checked
 from .models import SAFETENSORS_ONLY, pickled_weight_files, quiet_peft
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,3 +129,20 @@ def error_line(exc: Exception) -> str:
         return type(exc).__name__
     text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[1]}"
     return text + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+
+
+def lora_config_from(value) -> LoraConfig | None:
+    """``value`` as a ``peft.LoraConfig``: None (the default) and a ``LoraConfig`` as they are, a dict as
+    ``LoraConfig(**value)``; another type, a dict LoraConfig refuses or a rank below 1 is an ArgumentError."""
+    from peft import LoraConfig
+
+    if isinstance(value, Mapping):
+        try:   # a key LoraConfig does not take is a TypeError naming it
+            value = LoraConfig(**value)
+        except (TypeError, ValueError) as err:
+            raise ArgumentError(f"lora_config is not a valid peft.LoraConfig: {error_line(err)}") from None
+    if not isinstance(value, LoraConfig | None):
+        raise ArgumentError(f"lora_config must be a peft.LoraConfig or a dict of its fields (got {type(value).__name__})")
+    if value is not None:
+        checked("lora_config r", value.r, 1, whole=True)
+    return value

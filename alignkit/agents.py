@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel
 
 from . import checkpoints
+from .adapters import lora_config_from
 from .config import DPOConfig, SFTConfig, preference_problems
+from .errors import ArgumentError, checked
 from .forward import ResponseLogps, response_counts, sequence_logps
+from .gyms import checked_seed
 from .kernels import use_fast_linears
-from .losses import dpo_nll_loss, preference_loss, sft_loss
+from .losses import PREFERENCE_LOSSES, dpo_nll_loss, preference_loss, sft_loss
 from .models import adapter_parameters, add_lora
 from .processes import is_deepspeed, is_sharded, most_over_processes, prepare_deepspeed
 from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
@@ -62,29 +66,43 @@ class LLMAgent:
         batch_size: rows (SFT) or pairs (DPO) per optimizer step.
         lr: peak learning rate.
         update_epochs: optimizer steps taken on each batch passed to :meth:`learn`.
-        lora_config: a ``peft.LoraConfig``; defaults to the command line's (r=16, alpha=32 on q/k/v/o).
+        lora_config: a ``peft.LoraConfig``, or a dict of its fields (``{"r": 8, "lora_alpha": 16}``);
+            defaults to the command line's (r=16, alpha=32 on q/k/v/o).
         accelerator: an ``accelerate.Accelerator`` or ``None`` for plain PyTorch.
-        micro_batch_size: rows (pairs) per forward/backward; gradients accumulate over
-            ``batch_size / micro_batch_size`` micro-batches. ``None`` means the whole batch at once.
+        micro_batch_size: rows (pairs) per forward/backward, from 1 to ``batch_size``; gradients accumulate
+            over ``ceil(batch_size / micro_batch_size)`` micro-batches (the last may be smaller: the loss
+            divides by the whole step's counts). ``None`` means the whole batch at once.
         max_grad_norm: clip the global gradient norm to this (0 disables clipping).
         weight_decay: AdamW weight decay on adapter weights.
         warmup_steps, total_steps, min_lr_ratio: the learning-rate schedule (see :func:`lr_factor`).
         seed: seeds torch before the adapter is initialised.
         packed: run forward passes padding-free (see ``alignkit.forward``).
         adapter_name: the PEFT adapter this agent trains; other adapters on the same base are left alone.
+
+    Counts are ints (numpy integers too; not bools or floats), rates finite numbers; a wrong type or a value
+    out of range is an :class:`~alignkit.gyms.ArgumentError` (a ``UserError``) naming the argument.
     """
 
+    batch_keys, gym = ("input_ids", "attention_mask", "labels"), "SFTGym"   # what learn() reads, from which gym
+
     def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_SFT.batch_size, lr=_SFT.lr,
-                 update_epochs=_SFT.update_epochs, lora_config: LoraConfig | None = None, accelerator=None,
+                 update_epochs=_SFT.update_epochs, lora_config: LoraConfig | dict | None = None, accelerator=None,
                  micro_batch_size=None, max_grad_norm=_SFT.max_grad_norm, weight_decay=_SFT.weight_decay,
                  warmup_steps=0, total_steps=None, min_lr_ratio=_SFT.min_lr_ratio, seed=_SFT.seed,
                  packed=_SFT.packing, adapter_name="default", gradient_checkpointing=_SFT.gradient_checkpointing):
-        if batch_size < 1 or update_epochs < 1 or lr <= 0:
-            raise ValueError("batch_size and update_epochs must be >= 1 and lr > 0")
+        batch_size, lr = checked("batch_size", batch_size, 1, whole=True), checked("lr", lr, 0, above=True)
+        update_epochs, seed = checked("update_epochs", update_epochs, 1, whole=True), checked_seed(seed)
+        micro = batch_size if micro_batch_size is None else checked("micro_batch_size", micro_batch_size, 1, whole=True)
+        if micro > batch_size:
+            raise ArgumentError(f"micro_batch_size must be at most batch_size ({batch_size}) (got {micro})")
+        max_grad_norm, weight_decay = checked("max_grad_norm", max_grad_norm, 0), checked("weight_decay", weight_decay, 0)
+        warmup_steps, min_lr_ratio = checked("warmup_steps", warmup_steps, 0, whole=True), checked("min_lr_ratio",
+                                                                                                   min_lr_ratio, 0, 1)
+        total_steps = total_steps if total_steps is None else checked("total_steps", total_steps, 0, whole=True)
+        lora_config = lora_config_from(lora_config)
         torch.manual_seed(seed)
-        self.pad_token_id, self.pad_token = pad_token_id, pad_token
+        self.pad_token_id, self.pad_token, self.micro_batch_size = pad_token_id, pad_token, micro
         self.batch_size, self.lr, self.update_epochs = batch_size, lr, update_epochs
-        self.micro_batch_size = micro_batch_size or batch_size
         self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         self.packed, self.adapter_name, self.accelerator = packed, adapter_name, accelerator
@@ -191,12 +209,20 @@ class LLMAgent:
             sums = {k: self.accelerator.reduce(v.detach().float().to(self.device), "sum") for k, v in sums.items()}
         return {k: float(v) for k, v in sums.items()}
 
-    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Take ``update_epochs`` optimizer steps on ``batch``; returns the last step's metrics.
+    def _check_batch(self, batch) -> None:
+        """Refuse a ``batch`` that is not a dict holding the tensors :attr:`batch_keys` (an ArgumentError)."""
+        missing = [k for k in self.batch_keys if not (isinstance(batch, Mapping) and torch.is_tensor(batch.get(k)))]
+        if missing:
+            got = (f"a dict without the tensor(s) {', '.join(missing)}" if isinstance(batch, Mapping)
+                   else f"a {type(batch).__name__}")
+            raise ArgumentError(f"batch must be a dict of the tensors {', '.join(self.batch_keys)}, as "
+                                f"{self.gym}.reset() and step() return (got {got})")
 
-        Metrics include ``lr`` (the rate used for the step), ``grad_norm`` (before clipping) and the
-        subclass's loss statistics, each a true mean over the whole batch.
-        """
+    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Take ``update_epochs`` optimizer steps on ``batch`` (what :attr:`gym`'s ``reset()``/``step()`` return);
+        returns the last step's metrics: ``lr`` (the rate used for the step), ``grad_norm`` (before clipping)
+        and the subclass's loss statistics, each a true mean over the whole batch."""
+        self._check_batch(batch)
         self.model.train()
         for _ in range(self.update_epochs):
             denom = self._global(self._denominators(batch))
@@ -350,9 +376,13 @@ class PreferenceObjective:
     simpo_gamma: float = _DPO.simpo_gamma
 
     def __post_init__(self):
+        for name in ("beta", "nll_alpha", "label_smoothing", "simpo_gamma"):
+            checked(name, getattr(self, name))
+        if not isinstance(self.loss_type, str):
+            raise ArgumentError(f"loss_type must be one of {', '.join(PREFERENCE_LOSSES)} (got {self.loss_type!r})")
         problems = preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing, name=str)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ArgumentError("; ".join(problems))
 
     @property
     def reference_free(self) -> bool:
@@ -490,6 +520,8 @@ class DPO(LLMAgent):
     of pairs whose chosen reward exceeds the rejected one.
     """
 
+    batch_keys, gym = LLMAgent.batch_keys + ("example_ids",), "PreferenceGym"
+
     def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_DPO.batch_size, lr=_DPO.lr,
                  beta=_DPO.beta, nll_alpha=_DPO.nll_alpha, update_epochs=_DPO.update_epochs, lora_config=None,
                  accelerator=None, loss_type=_DPO.loss_type, label_smoothing=_DPO.label_smoothing,
@@ -517,6 +549,7 @@ class DPO(LLMAgent):
         """:meth:`LLMAgent.learn`; a batch split into micro-batches first gets its pairs' reference
         log-probs in no-grad forwards of up to :data:`NO_GRAD_ROWS` micro-batches each (larger,
         fewer matrix products than one forward per micro-batch)."""
+        self._check_batch(batch)
         pairs = batch["example_ids"].shape[0]
         if (self.reference is not None and self.micro_batch_size < pairs
                 and not self.reference.is_policy(self.steps > 0, training=True)):

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import CHAT_TEMPLATE_FILE, error_line
 from .errors import UserError
-from .io import atomic_folder, atomic_write, atomic_write_json
+from .io import atomic_folder, atomic_write, atomic_write_json, unwritable
 from .models import adapter_parameters
 from .processes import full_tensor, local_tensor, shard_like
 
@@ -171,14 +171,24 @@ def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tup
     return tensors, state
 
 
+def check_folder(path) -> Path:
+    """``path`` as a folder a checkpoint can be written to (it or its parents may be missing); a UserError
+    naming it and the reason when it is a file, is under one, or cannot be written (no permission, ``/proc``)."""
+    path = Path(path)
+    why = f"{path} is a file, not a folder" if path.exists() and not path.is_dir() else unwritable(path)
+    if why:
+        raise UserError(f"checkpoint path {path} cannot be written: {why}")
+    return path
+
+
 def save(agent, path, base_model_name: str | None = None, extra_state: dict | None = None,
          gathered: dict | None = None) -> Path:
     """Write ``agent``'s adapter and training state into folder ``path`` (replacing an older one there).
 
     Other files in ``path`` (metrics, figures) are left alone. ``gathered``: :func:`gather`'s result,
-    for a sharded agent.
+    for a sharded agent. A ``path`` that cannot be a folder written here is a UserError (:func:`check_folder`).
     """
-    path = Path(path)
+    path = check_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, state = _state(agent, extra_state, gathered)
     # Without the state file the folder is not a checkpoint; it comes back last, when all is written.

@@ -25,7 +25,7 @@ from .agents import PreferenceObjective, score_preferences
 from .columns import ColumnMap, EvalColumnMap
 from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
-from .errors import UserError
+from .errors import ArgumentError, UserError
 from .generation import Sampling, generate_replies
 from .gyms import PreferenceGym
 from .lean_step import BASE, mixable_adapters, plain_lora_config
@@ -246,6 +246,8 @@ class Evaluator:
                 self._gyms[max_length] = PreferenceGym(self.test, self.test, self.tokenizer,
                                                        data_batch_size_per_gpu=8, max_context_length=max_length,
                                                        seed=self.split.seed)
+            except ArgumentError:
+                raise
             except UserError:   # the gym words it for training rows
                 raise UserError(f"the held-out split ({self.split}) has no row whose prompt fits the runs' max "
                                 f"length ({max_length} tokens)") from None

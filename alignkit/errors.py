@@ -1,4 +1,10 @@
-"""The one exception type for mistakes a user can fix (bad path, bad column, bad flag value)."""
+"""The exceptions for mistakes a user can fix (bad path, bad column, bad flag value, bad argument) and for a
+run stopped by a signal, and the check of a number the Python API is given."""
+
+from __future__ import annotations
+
+import math
+import numbers
 
 
 class UserError(Exception):
@@ -14,3 +20,25 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ArgumentError(UserError, ValueError):
+    """A bad argument of the Python API (gyms, agents): a :class:`UserError` whose one line names the argument,
+    what was given and what is expected; also a ``ValueError``, which these constructors raised before."""
+
+
+def checked(name: str, value, low: float = -math.inf, high: float = math.inf, *, whole: bool = False,
+            above: bool = False):
+    """``value`` of argument ``name`` as an int (``whole``: an int or numpy integer) or a finite float, at least
+    ``low`` (more than it with ``above``) and at most ``high``; anything else (a bool, a string, NaN, 2.5 or
+    even 2.0 where a whole number is wanted) is an :class:`ArgumentError`."""
+    kind = numbers.Integral if whole else numbers.Real
+    number = math.nan   # fails every comparison below
+    if isinstance(value, kind) and not isinstance(value, bool):
+        number = int(value) if whole else float(value)
+    if not ((number > low if above else number >= low) and number <= high and -math.inf < number < math.inf):
+        bounds = [f"{'>' if above else '>='} {low:g}"] if low > -math.inf else []
+        bounds += [f"<= {high:g}"] if high < math.inf else []
+        what = f"{'a whole number' if whole else 'a number'} {' and '.join(bounds)}" if bounds else "a finite number"
+        raise ArgumentError(f"{name} must be {what} (got {value!r})")
+    return number

@@ -18,18 +18,36 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import SFTConfig
-from .errors import UserError
+from .data import seed_problem
+from .errors import ArgumentError, UserError, checked
 from .formats import opens_conversation
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _DEFAULTS = SFTConfig()  # the one source of defaults, shared with the command line
+
+
+def checked_seed(seed) -> int:
+    """``seed`` as an int (a numpy integer too) when it is a seed the random generators take, else an
+    :class:`ArgumentError` (see ``alignkit.data.seed_problem``)."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        seed = int(seed)
+    problem = seed_problem(seed)
+    if problem:
+        raise ArgumentError(f"seed {problem}")
+    return seed
+
+
+def _listed(columns) -> str:
+    return ", ".join(map(str, columns)) or "none"
 
 
 @dataclass
@@ -226,17 +244,14 @@ class _Gym:
 
     def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
                  accelerator=None, max_context_length=_DEFAULTS.max_length, seed=_DEFAULTS.seed):
-        if data_batch_size_per_gpu < 1:
-            raise UserError(f"data_batch_size_per_gpu must be >= 1, got {data_batch_size_per_gpu}")
-        if max_context_length < 2:
-            raise UserError(f"max_context_length must be >= 2, got {max_context_length}")
+        self.batch_size = checked("data_batch_size_per_gpu", data_batch_size_per_gpu, 1, whole=True)
+        self.max_context_length = max_context_length = checked("max_context_length", max_context_length, 2,
+                                                               whole=True)
+        self.seed = checked_seed(seed)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.batch_size = data_batch_size_per_gpu
         self.accelerator = accelerator
-        self.max_context_length = max_context_length
-        self.seed = seed
         self.pad_token_id = tokenizer.pad_token_id
         self.train_examples = self._encode_split(train_dataset, "train")
         if not self.train_examples:
@@ -262,11 +277,37 @@ class _Gym:
     def _collate(self, examples) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _column_problem(self, columns: tuple, data: str) -> str | None:  # pragma: no cover - abstract
+        """What is wrong with rows of ``columns`` (argument ``data``) for this gym, or None."""
+        raise NotImplementedError
+
     # -- shared ------------------------------------------------------------------------------
+    def _rows(self, dataset, split: str):
+        """``dataset`` (argument ``<split>_dataset``) as rows to encode, checked once, before any encoding: a
+        ``datasets.Dataset`` or an iterable of dict rows holding the columns this gym reads."""
+        data = f"{split}_dataset"
+        if isinstance(dataset, (str, bytes, Mapping)) or not isinstance(dataset, Iterable):
+            raise ArgumentError(f"{data} must be a datasets.Dataset or a list of dict rows (got "
+                                f"{type(dataset).__name__})")
+        # a datasets.Dataset: its columns, the same in every row
+        names = getattr(dataset, "column_names", None) if hasattr(dataset, "__len__") else None
+        rows = dataset if names is not None else list(dataset)
+        bad = next((row for row in rows if not isinstance(row, Mapping)), None) if names is None else None
+        if bad is not None:
+            raise ArgumentError(f"{data} must be a datasets.Dataset or a list of dict rows (got a row that is a "
+                                f"{type(bad).__name__})")
+        if split == "train" and not len(rows):
+            raise ArgumentError(f"{data} has no rows: give a datasets.Dataset or a list of dict rows")
+        for columns in [tuple(names)] if names is not None else dict.fromkeys(tuple(row) for row in rows):
+            problem = self._column_problem(columns, data)
+            if problem:
+                raise ArgumentError(problem)
+        return rows
+
     def _encode_split(self, dataset, split: str) -> list:
         stats = EncodeStats()
         examples = []
-        for row in dataset:
+        for row in self._rows(dataset, split):
             stats.rows += 1
             ex = self._encode_row(row, stats)
             if ex is not None:
@@ -418,6 +459,20 @@ class SFTGym(_Gym):
             stats.dropped_prompt_too_long += 1
         return fitted
 
+    def _column_problem(self, columns, data):
+        if "messages" in columns and self.prompt_column not in columns:
+            return None   # conversations
+        if self.prompt_column not in columns:
+            return (f"prompt_column={self.prompt_column!r} is not a column of {data}, nor is 'messages' (its rows "
+                    f"have: {_listed(columns)})")
+        if self.response_column is None and not {"completion", "chosen"} & set(columns):
+            return (f"{data} has neither a 'completion' nor a 'chosen' column: name its answer column with "
+                    f"response_column= (its rows have: {_listed(columns)})")
+        if self.response_column is not None and self.response_column not in columns:
+            return (f"response_column={self.response_column!r} is not a column of {data} (its rows have: "
+                    f"{_listed(columns)})")
+        return None
+
     def _collate(self, examples):
         return pad_batch(examples, self.pad_token_id)
 
@@ -460,6 +515,11 @@ class PreferenceGym(_Gym):
         # the labels too: the same tokens with another answer boundary are another example
         return PreferencePair(chosen, rejected, _example_id(chosen.input_ids, rejected.input_ids, chosen.labels,
                                                             rejected.labels))
+
+    def _column_problem(self, columns, data):
+        missing = [c for c in ("prompt", "chosen", "rejected") if c not in columns]
+        return (f"{data} has no {' or '.join(map(repr, missing))} column: preference rows need 'prompt', 'chosen' "
+                f"and 'rejected' (its rows have: {_listed(columns)})") if missing else None
 
     def _collate(self, pairs):
         batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_token_id)

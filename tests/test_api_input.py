@@ -1,0 +1,228 @@
+"""Mistakes in the Python API's arguments: a UserError whose one line names the argument, what was given and
+what is expected; never a raw TypeError, KeyError or OSError from deep inside. Valid inputs keep working."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+
+from alignkit import DPO, SFT, PreferenceGym, SFTGym
+from alignkit.errors import UserError
+
+LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def _agent(cls, tokenizer, model, **kw):
+    kw.setdefault("lora_config", copy.deepcopy(LORA))
+    return cls(model, pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, **kw)
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, UserError)
+    return message
+
+
+# --- gyms: numbers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["data_batch_size_per_gpu", "max_context_length", "seed"])
+@pytest.mark.parametrize("value", ["2", 2.5, 2.0, True, None])
+def test_gym_counts_of_the_wrong_type_are_named(tokenizer, rows, name, value):
+    with pytest.raises(UserError, match=rf"^{name} must be a whole number .*\(got {re.escape(repr(value))}\)$") as err:
+        SFTGym(rows, None, tokenizer, **{name: value})
+    _one_line(err)
+
+
+@pytest.mark.parametrize("name, value, expected", [("data_batch_size_per_gpu", 0, ">= 1"),
+                                                   ("max_context_length", 1, ">= 2"), ("seed", -1, "from 0 to")])
+def test_gym_counts_out_of_range_are_named(tokenizer, rows, name, value, expected):
+    with pytest.raises(UserError, match=rf"^{name} must be a whole number {expected}.*\(got {value}\)$"):
+        PreferenceGym(rows, None, tokenizer, **{name: value})
+
+
+def test_gym_takes_numpy_integers(tokenizer, rows):
+    gym = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=np.int64(4), max_context_length=np.int32(96),
+                 seed=np.int64(3))
+    assert (gym.batch_size, gym.max_context_length, gym.seed) == (4, 96, 3)
+    assert all(type(v) is int for v in (gym.batch_size, gym.max_context_length, gym.seed))
+    assert gym.reset()["input_ids"].shape[0] == 4
+
+
+# --- gyms: columns and datasets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"response_column": "nope"}, "response_column='nope' is not a column of train_dataset (its rows have: "
+                                  "prompt, chosen, rejected)"),
+    ({"prompt_column": "question"}, "prompt_column='question' is not a column of train_dataset, nor is 'messages' "
+                                    "(its rows have: prompt, chosen, rejected)"),
+])
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_a_missing_column_is_named_before_any_encoding(tokenizer, rows, monkeypatch, kwargs, needle, as_dataset):
+    def no_encoding(*args, **kw):
+        raise AssertionError("encoded a row before checking the columns")
+
+    monkeypatch.setattr("alignkit.gyms.encode_pair", no_encoding)
+    data = Dataset.from_list(rows) if as_dataset else rows
+    with pytest.raises(UserError, match=re.escape(needle)) as err:
+        SFTGym(data, None, tokenizer, **kwargs)
+    assert _one_line(err) == needle
+
+
+def test_missing_answer_and_preference_columns_are_named(tokenizer, rows):
+    no_answer = [{"prompt": r["prompt"], "answer": r["chosen"]} for r in rows]
+    with pytest.raises(UserError, match=r"^train_dataset has neither a 'completion' nor a 'chosen' column: name its "
+                                        r"answer column with response_column= \(its rows have: prompt, answer\)$"):
+        SFTGym(no_answer, None, tokenizer)
+    assert len(SFTGym(no_answer, None, tokenizer, response_column="answer").train_examples) == len(rows)
+    no_rejected = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in rows]
+    with pytest.raises(UserError, match=r"^test_dataset has no 'rejected' column: preference rows need 'prompt', "
+                                        r"'chosen' and 'rejected' \(its rows have: prompt, chosen\)$"):
+        PreferenceGym(rows, no_rejected, tokenizer)
+
+
+def test_conversation_rows_and_prompt_rows_mix_in_a_list(tokenizer, rows):
+    convo = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    assert len(SFTGym([convo, rows[0]], None, tokenizer).train_examples) == 2
+
+
+@pytest.mark.parametrize("dataset, needle", [
+    (None, "train_dataset must be a datasets.Dataset or a list of dict rows (got NoneType)"),
+    (5, "train_dataset must be a datasets.Dataset or a list of dict rows (got int)"),
+    ("rows.jsonl", "train_dataset must be a datasets.Dataset or a list of dict rows (got str)"),
+    ({"prompt": ["Hi"], "chosen": ["Hello"]}, "train_dataset must be a datasets.Dataset or a list of dict rows "
+                                              "(got dict)"),
+    (["Hi", "Hello"], "train_dataset must be a datasets.Dataset or a list of dict rows (got a row that is a str)"),
+    ([], "train_dataset has no rows: give a datasets.Dataset or a list of dict rows"),
+])
+def test_a_train_dataset_that_is_not_rows_is_named(tokenizer, dataset, needle):
+    with pytest.raises(UserError, match=re.escape(needle)) as err:
+        SFTGym(dataset, None, tokenizer)
+    assert _one_line(err) == needle
+
+
+def test_an_empty_test_split_is_no_evaluation(tokenizer, rows):
+    assert SFTGym(rows, [], tokenizer).test_examples == []
+    with pytest.raises(UserError, match=r"^test_dataset must be a datasets.Dataset or a list of dict rows \(got int\)"):
+        SFTGym(rows, 3, tokenizer)
+
+
+# --- agents: numbers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"lr": "1e-4"}, r"^lr must be a number > 0 \(got '1e-4'\)$"),
+    ({"lr": 0}, r"^lr must be a number > 0 \(got 0\)$"),
+    ({"lr": float("nan")}, r"^lr must be a number > 0 \(got nan\)$"),
+    ({"batch_size": "8"}, r"^batch_size must be a whole number >= 1 \(got '8'\)$"),
+    ({"batch_size": True}, r"^batch_size must be a whole number >= 1 \(got True\)$"),
+    ({"batch_size": 0}, r"^batch_size must be a whole number >= 1 \(got 0\)$"),
+    ({"update_epochs": 0.5}, r"^update_epochs must be a whole number >= 1 \(got 0.5\)$"),
+    ({"max_grad_norm": -1.0}, r"^max_grad_norm must be a number >= 0 \(got -1.0\)$"),
+    ({"weight_decay": "0"}, r"^weight_decay must be a number >= 0 \(got '0'\)$"),
+    ({"warmup_steps": 1.5}, r"^warmup_steps must be a whole number >= 0 \(got 1.5\)$"),
+    ({"total_steps": "10"}, r"^total_steps must be a whole number >= 0 \(got '10'\)$"),
+    ({"min_lr_ratio": 2}, r"^min_lr_ratio must be a number >= 0 and <= 1 \(got 2\)$"),
+    ({"seed": "1"}, r"^seed must be a whole number from 0 to \d+ \(got '1'\)$"),
+    ({"micro_batch_size": 3, "batch_size": 2}, r"^micro_batch_size must be at most batch_size \(2\) \(got 3\)$"),
+    ({"micro_batch_size": 0}, r"^micro_batch_size must be a whole number >= 1 \(got 0\)$"),
+    ({"micro_batch_size": 1.5}, r"^micro_batch_size must be a whole number >= 1 \(got 1.5\)$"),
+])
+@pytest.mark.parametrize("cls", [SFT, DPO])
+def test_agent_numbers_of_the_wrong_type_or_range_are_named(tokenizer, tiny_model, cls, kwargs, pattern):
+    with pytest.raises(UserError, match=pattern) as err:
+        _agent(cls, tokenizer, tiny_model, **kwargs)
+    _one_line(err)
+    assert isinstance(err.value, ValueError)   # what these constructors raised before
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"beta": "0.1"}, r"^beta must be a finite number \(got '0.1'\)$"),
+    ({"beta": 0}, r"^beta must be > 0 and finite \(got 0\)$"),
+    ({"nll_alpha": -1.0}, r"^nll_alpha must be >= 0 and finite \(got -1.0\)$"),
+    ({"label_smoothing": 0.7}, r"^label_smoothing must be in \[0, 0.5\) \(got 0.7\)$"),
+    ({"simpo_gamma": None}, r"^simpo_gamma must be a finite number \(got None\)$"),
+    ({"loss_type": "nope"}, r"^loss_type must be one of sigmoid, .* \(got 'nope'\)$"),
+    ({"loss_type": ["sigmoid"]}, r"^loss_type must be one of sigmoid, .* \(got \['sigmoid'\]\)$"),
+])
+def test_dpo_loss_options_are_named(tokenizer, tiny_model, kwargs, pattern):
+    with pytest.raises(UserError, match=pattern) as err:
+        _agent(DPO, tokenizer, tiny_model, **kwargs)
+    _one_line(err)
+
+
+def test_numpy_numbers_and_a_micro_batch_that_does_not_divide_the_batch_train(tokenizer, tiny_model, rows):
+    agent = _agent(SFT, tokenizer, tiny_model, batch_size=np.int64(4), micro_batch_size=np.int32(3),
+                   lr=np.float32(1e-3), update_epochs=np.int64(1))
+    assert (agent.batch_size, agent.micro_batch_size, agent.update_epochs) == (4, 3, 1)
+    assert type(agent.batch_size) is type(agent.micro_batch_size) is int and type(agent.lr) is float
+    metrics = agent.learn(SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=4).reset())
+    assert np.isfinite(metrics["loss"])
+
+
+# --- agents: lora_config, batches, checkpoints -------------------------------------------------------
+
+
+def test_lora_config_may_be_a_dict(tokenizer, tiny_model):
+    agent = _agent(SFT, tokenizer, tiny_model, lora_config={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    config = agent.model.peft_config["default"]
+    assert (config.r, config.lora_alpha, set(config.target_modules)) == (2, 4, {"q_proj"})
+
+
+@pytest.mark.parametrize("lora, pattern", [
+    ({"r": 4, "nope": 1}, r"^lora_config is not a valid peft.LoraConfig: .*unexpected keyword argument 'nope'$"),
+    ("r=4", r"^lora_config must be a peft.LoraConfig or a dict of its fields \(got str\)$"),
+    ({"r": 0}, r"^lora_config r must be a whole number >= 1 \(got 0\)$"),
+    ({"r": "4"}, r"^lora_config r must be a whole number >= 1 \(got '4'\)$"),
+])
+def test_a_bad_lora_config_is_named(tokenizer, tiny_model, lora, pattern):
+    with pytest.raises(UserError, match=pattern) as err:
+        _agent(SFT, tokenizer, tiny_model, lora_config=lora)
+    _one_line(err)
+
+
+@pytest.fixture
+def sft_agent(tokenizer, tiny_model):
+    return _agent(SFT, tokenizer, tiny_model, batch_size=2)
+
+
+@pytest.mark.parametrize("batch, got", [
+    ({"x": 1}, "a dict without the tensor(s) input_ids, attention_mask, labels"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[1, 1]], "labels": [[1, 2]]},
+     "a dict without the tensor(s) input_ids, attention_mask, labels"),
+    ([1, 2], "a list"),
+])
+def test_learn_names_the_keys_a_batch_needs(sft_agent, batch, got):
+    needle = f"batch must be a dict of the tensors input_ids, attention_mask, labels, as SFTGym.reset() and step() " \
+             f"return (got {got})"
+    with pytest.raises(UserError, match=re.escape(needle)) as err:
+        sft_agent.learn(batch)
+    assert _one_line(err) == needle
+
+
+def test_dpo_learn_names_example_ids(tokenizer, tiny_model, rows):
+    agent = _agent(DPO, tokenizer, tiny_model, batch_size=2)
+    sft_batch = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=2).reset()
+    with pytest.raises(UserError, match=re.escape("batch must be a dict of the tensors input_ids, attention_mask, "
+                                                  "labels, example_ids, as PreferenceGym.reset() and step() return "
+                                                  "(got a dict without the tensor(s) example_ids)")):
+        agent.learn(sft_batch)
+
+
+def test_save_checkpoint_names_a_path_that_cannot_be_a_folder(sft_agent, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for path in (file, file / "run"):
+        with pytest.raises(UserError, match=re.escape(f"checkpoint path {path} cannot be written: {file} is a file, "
+                                                      "not a folder")) as err:
+            sft_agent.save_checkpoint(path)
+        _one_line(err)
+    assert file.read_text() == "mine"
+    with pytest.raises(UserError, match=r"^checkpoint path /proc/alignkit-no-such-run cannot be written: \S"):
+        sft_agent.save_checkpoint("/proc/alignkit-no-such-run")
