@@ -175,7 +175,7 @@ def check_folder(path) -> Path:
     """``path`` as a folder a checkpoint can be written to (it or its parents may be missing); a UserError
     naming it and the reason when it is a file, is under one, or cannot be written (no permission, ``/proc``)."""
     path = Path(path)
-    why = f"{path} is a file, not a folder" if path.exists() and not path.is_dir() else unwritable(path)
+    why = unwritable(path, folder=True)
     if why:
         raise UserError(f"checkpoint path {path} cannot be written: {why}")
     return path

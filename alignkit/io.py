@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 
-def unwritable(path: str | os.PathLike) -> str | None:
-    """Why ``path`` (a file or folder to write, perhaps under folders still to create) cannot be written
-    here, worded to follow "cannot be written: ", or None when it can."""
+def unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why ``path`` (a file or folder to write, perhaps under folders still to create; with ``folder``, a
+    folder, so an existing file there is refused too) cannot be written here, worded to follow "cannot be
+    written: ", or None when it can."""
     path = Path(path).absolute()
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
     anchor = path
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent

@@ -69,7 +69,7 @@ def check_run_folders(out_dir: Path, names, held_ok: bool = False) -> None:
     trained = dict.fromkeys(n for name in names if name != "base" for n in reversed(_with_parents(name)))
     for name in trained:
         folder = out_dir / name
-        problem = f"{folder} is a file, not a folder" if folder.exists() and not folder.is_dir() else unwritable(folder)
+        problem = unwritable(folder, folder=True)
         if problem:
             raise UserError(f"the run folder {folder} (under --out) cannot be written: {problem}")
         if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_RECORD).is_file():
