@@ -364,6 +364,14 @@ def test_oldest_exchanges_are_dropped_to_fit_the_context(model, tokenizer, promp
     assert lines[0] == "" and "not answered" in err and len(lines) == 2
 
 
+def test_a_line_that_is_not_utf8_is_not_answered_and_the_chat_goes_on(model, tokenizer, prompts_seen):
+    # what sys.stdin makes of the bytes 0xff 0xfe: lone surrogates, which the tokenizer cannot take
+    lines, err = chat(model, tokenizer, "hello \udcff\udcfe there\n/system caf\udce9\nbye\n")
+    assert lines[0] == "" and len(lines) == 2 and len(prompts_seen) == 1   # only "bye" reached the model
+    assert err.splitlines() == ["(not answered: the line is not UTF-8 text; send it as UTF-8)"] * 2
+    assert "caf" not in tokenizer.decode(prompts_seen[0])   # the undecodable system message was not set
+
+
 def test_chat_bound_defaults_to_the_model_context(model, tokenizer):
     assert Chat(model, tokenizer, max_new_tokens=12).context_limit == 512 - 12   # tiny model: 512 positions
 
