@@ -13,6 +13,7 @@ import sys
 
 from .adapters import adapter_chat_template, load_adapter
 from .errors import UserError
+from .formats import is_unicode
 from .generation import (
     Sampling,
     TextStream,
@@ -163,7 +164,7 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
                     continue
                 if text.lower() in EXIT_WORDS:
                     break
-                if not _is_utf8(text):   # stdin reads undecodable bytes as lone surrogates
+                if not is_unicode(text):   # stdin reads undecodable bytes as lone surrogates
                     if not tty and not text.startswith("/"):
                         stdout.write("\n")   # still one output line per message
                     notice("not answered: the line is not UTF-8 text; send it as UTF-8")
@@ -197,14 +198,6 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
     finally:
         model.train(was_training)
     return 0
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def one_line(text: str) -> str:

@@ -187,11 +187,19 @@ def _text_of_parts(parts: list, row: int, what: str) -> str:
     return "\n".join(texts)
 
 
-def _check_unicode(text: str) -> None:
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: no lone surrogate (what a JSON escape such as ``"\\ud800"`` or an
+    undecodable byte read from stdin leaves), which neither the tokenizer nor Arrow can take."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
-        raise Dropped("text that is not valid Unicode (a lone surrogate)") from None
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_unicode(text: str) -> None:
+    if not is_unicode(text):
+        raise Dropped("text that is not valid Unicode (a lone surrogate)")
 
 
 def _kind(value: Any) -> str:
@@ -291,9 +299,7 @@ def value_problem(value: Any) -> str | None:
         return "a non-string value"
     if not value.strip():
         return "an empty value"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: neither the tokenizer nor Arrow can take it
+    if not is_unicode(value):
         return "text that is not valid Unicode (a lone surrogate)"
     return None
 
