@@ -17,9 +17,14 @@ class RunInterrupted(Exception):
     ``exit_code`` is the shell's code for the signal (130 for SIGINT, 143 for SIGTERM).
     """
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message: str, exit_code: int, resume: str | None = None):
+        super().__init__(f"{message}; resume with: {resume}" if resume else message)
+        self.stopped, self.exit_code = message, exit_code
+
+    def resumed_by(self, resume: str, before: str = "") -> RunInterrupted:
+        """The same stop (``before`` put in front of what stopped), resumed by another command: a driver that
+        ran the training (the pipeline) names its own command instead of the training one."""
+        return RunInterrupted(before + self.stopped, self.exit_code, resume)
 
 
 class ArgumentError(UserError, ValueError):

@@ -23,7 +23,7 @@ from .config import (
     flag,
 )
 from .data import BUNDLED_DATASET
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 from .io import unwritable
 from .report import check_report_folder
 from .runs import RUN_RECORD, read_run_info, resumed_config
@@ -129,7 +129,10 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
             cfg = build_config(algo, {**wanted, "overwrite": held})
         started = time.time()
         print(f"== training {LABELS[name]} -> {folder}")
-        run(cfg)
+        try:
+            run(cfg)
+        except RunInterrupted as exc:   # resumed by this pipeline's command, which also trains what follows
+            raise exc.resumed_by("the same alignkit pipeline command with --reuse", f"{LABELS[name]}: ") from None
         release_freed_memory()   # the next stage starts from what is still in use, not from this one's peak
         seconds = time.time() - started
         print(f"== {LABELS[name]} trained in {seconds:.0f} s")

@@ -377,8 +377,8 @@ def train(s: Setup) -> dict:
                     if stop.signum and step < s.total_steps:
                         how = (f"alignkit {cfg.algo} --resume {s.run_dir}" if s.accelerator is None else
                                f"the same accelerate launch command with {cfg.algo} --resume {s.run_dir}")
-                        raise RunInterrupted(f"stopped at step {step} of {s.total_steps}; checkpoint written to {saved}; "
-                                             f"resume with: {how}", 128 + stop.signum)
+                        raise RunInterrupted(f"stopped at step {step} of {s.total_steps}; checkpoint written to {saved}",
+                                             128 + stop.signum, how)
                     if step < s.total_steps:
                         batch = gym.step()
             # (a run stopped between its last checkpoint and its finished adapter has its final eval)
@@ -400,6 +400,9 @@ def train(s: Setup) -> dict:
             logger.info("wrote %s", path)
     say(f"final eval: {_short(final)}" if final else "final eval: none (no held-out rows)")
     say(f"adapter saved to {s.run_dir / 'actor'}")
+    if stop.signum:   # it came during the last step or the final eval: the run is whole, but what follows stops
+        raise RunInterrupted(f"{signal.Signals(stop.signum).name} came during the last step; the run finished "
+                             f"(adapter saved to {s.run_dir / 'actor'})", 128 + stop.signum)
     return final
 
 

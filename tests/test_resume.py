@@ -50,9 +50,14 @@ def _wait_for(path: Path, proc, timeout=180):
         time.sleep(0.02)
 
 
+def _records(run):
+    """The metrics lines written so far (a line still being written, without its newline, is left for the next
+    read)."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n")[:-1]]
+
+
 def _train_losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"}
+    return {r["step"]: r["loss"] for r in _records(run) if r["split"] == "train"}
 
 
 def _errors(capsys) -> list[str]:
@@ -109,6 +114,44 @@ def test_a_signal_finishes_the_step_saves_and_says_how_to_resume(sig, code, tiny
     assert not (cut / "actor").exists()
     assert main(["sft", "--resume", str(cut)]) == 0
     _assert_same_run(whole, cut)
+
+
+def test_a_signal_during_the_last_step_finishes_the_run_and_still_exits_with_the_signal(tiny_model_dir, rows_file,
+                                                                                         tmp_path):
+    cut = tmp_path / "cut"
+    proc = _slow(1.5, ["sft", *_flags(tiny_model_dir, rows_file, cut)])
+    _wait_for(cut / "metrics.jsonl", proc)
+    while (6, "eval") not in {(r["step"], r["split"]) for r in _records(cut)}:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.5)   # past step 6's eval and stop check: step 7, the last, is under way (and sleeps 1.5 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130   # a script that runs a next command after this one stops here
+    assert err.strip().splitlines()[-1] == (f"SIGINT came during the last step; the run finished "
+                                            f"(adapter saved to {cut / 'actor'})")
+    assert 7 in _train_losses(cut) and (cut / "actor" / "adapter_config.json").exists()
+
+
+def test_a_pipeline_stage_stopped_by_a_signal_says_to_rerun_the_pipeline_and_trains_nothing_after(monkeypatch,
+                                                                                                tmp_path):
+    import alignkit.train
+    from alignkit import pipeline
+    from alignkit.errors import RunInterrupted
+
+    started = []
+
+    def stopped(cfg):
+        started.append(Path(cfg.save_path).name)
+        raise RunInterrupted(f"stopped at step 2 of 7; checkpoint written to {cfg.save_path}/checkpoint-2", 143,
+                             f"alignkit sft --resume {cfg.save_path}")
+
+    monkeypatch.setattr(alignkit.train, "run", stopped)
+    with pytest.raises(RunInterrupted) as caught:
+        pipeline.train_configurations(["sft_dpo_nll"], tmp_path / "runs")
+    assert started == ["sft"] and caught.value.exit_code == 143
+    assert str(caught.value) == (f"SFT: stopped at step 2 of 7; checkpoint written to {tmp_path}/runs/sft/checkpoint-2; "
+                                 "resume with: the same alignkit pipeline command with --reuse")
 
 
 def test_a_second_interrupt_stops_at_once_and_leaves_no_partial_files(tiny_model_dir, rows_file, tmp_path):
