@@ -94,12 +94,24 @@ class Chat:
             if self.context_limit is None or len(ids) <= self.context_limit:
                 return ids, dropped
             if not self.turns:
-                raise MessageTooLong(f"the message needs {len(ids)} tokens of context; at most "
+                what = "the message and the system message need" if self.system is not None else "the message needs"
+                raise MessageTooLong(f"{what} {len(ids)} tokens of context; at most "
                                      f"{self.context_limit} fit (the model's context minus --max-new-tokens)")
             # The oldest exchange: a user message and the answers up to the next user message.
             end = next((i for i, m in enumerate(self.turns) if i and m["role"] == "user"), len(self.turns))
             del self.turns[:end]
             dropped += 1
+
+    def set_system(self, text: str | None) -> None:
+        """Make ``text`` the system message (None: no system message); raises :class:`MessageTooLong`, keeping the
+        one before, when it leaves no room in the context for a user message."""
+        if text is not None and self.context_limit is not None:
+            ids = chat_prompt_ids(self.tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": ""}])
+            if len(ids) >= self.context_limit:
+                raise MessageTooLong(f"the system message needs {len(ids)} tokens of context, leaving no room for a "
+                                     f"message in the {self.context_limit} that fit (the model's context minus "
+                                     "--max-new-tokens)")
+        self.system = text
 
     def answer(self, text: str, on_text=None) -> tuple[str, int]:
         """The model's answer to ``text`` (added to the history, like ``text``), and how many old
@@ -214,7 +226,11 @@ def _command(chat: Chat, text: str, notice) -> None:
         chat.reset()
         notice("conversation cleared")
     elif word == "/system":
-        chat.system = rest or None
+        try:
+            chat.set_system(rest or None)
+        except MessageTooLong as exc:
+            notice(f"system message not changed: {exc}")
+            return
         notice(f"system message set: {rest}" if rest else "system message removed")
     elif word == "/help":
         notice(HELP)

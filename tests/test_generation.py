@@ -364,6 +364,20 @@ def test_oldest_exchanges_are_dropped_to_fit_the_context(model, tokenizer, promp
     assert lines[0] == "" and "not answered" in err and len(lines) == 2
 
 
+def test_a_system_message_that_leaves_no_room_is_refused_and_the_one_before_kept(model, tokenizer, prompts_seen):
+    system = {"role": "system", "content": "Be brief."}
+    limit = len(chat_prompt_ids(tokenizer, [system, {"role": "user", "content": "Hi"}])) + 5
+    long = "word " * 40
+    needs = len(chat_prompt_ids(tokenizer, [{"role": "system", "content": long.strip()},
+                                            {"role": "user", "content": ""}]))
+    lines, err = chat(model, tokenizer, f"/system Be brief.\n/system {long}\nHi\n", context_limit=limit)
+    assert len(lines) == 1 and len(prompts_seen) == 1   # "Hi" was answered, under the kept system message
+    assert prompts_seen[0] == chat_prompt_ids(tokenizer, [system, {"role": "user", "content": "Hi"}])
+    assert err.splitlines() == ["(system message set: Be brief.)", (
+        f"(system message not changed: the system message needs {needs} tokens of context, leaving no room for "
+        f"a message in the {limit} that fit (the model's context minus --max-new-tokens))")]
+
+
 def test_a_line_that_is_not_utf8_is_not_answered_and_the_chat_goes_on(model, tokenizer, prompts_seen):
     # what sys.stdin makes of the bytes 0xff 0xfe: lone surrogates, which the tokenizer cannot take
     lines, err = chat(model, tokenizer, "hello \udcff\udcfe there\n/system caf\udce9\nbye\n")
