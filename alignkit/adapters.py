@@ -42,6 +42,10 @@ def read_adapter_config(load_path) -> dict:
     config_file = folder / ADAPTER_CONFIG
     if not folder.exists():
         raise UserError(f"{load_path}: no such adapter folder")
+    if not folder.is_dir():
+        inside = " that holds it" if folder.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) else ""
+        raise UserError(f"{load_path} is a file: give the adapter folder{inside} ({folder.parent})" if inside else
+                        f"{load_path} is a file, not a LoRA adapter folder")
     if not config_file.is_file():
         hint = " (did you mean its actor/ folder?)" if (folder / "actor").is_dir() else ""
         raise UserError(f"{load_path} is not a LoRA adapter folder: no {ADAPTER_CONFIG}{hint}")

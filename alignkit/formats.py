@@ -204,7 +204,8 @@ def _check_unicode(text: str) -> None:
 
 def _kind(value: Any) -> str:
     if isinstance(value, dict):
-        return "an object without them" if value else "an empty object"
+        keys = ", ".join(map(repr, list(value)[:6])) + (", ..." if len(value) > 6 else "")
+        return f"an object with only {keys}" if value else "an empty object"
     return {list: "a list", str: "text", type(None): "nothing", bool: "true/false"}.get(type(value), "a number")
 
 

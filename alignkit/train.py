@@ -129,6 +129,22 @@ class Setup:
         return self.accelerator is None or self.accelerator.is_main_process
 
 
+def _too_few_rows(cfg: SFTConfig, gym, test_ds) -> str:
+    """Why the training rows do not fill one batch: which options took rows away, and what to change."""
+    kept = len(gym.train_examples)
+    why, fixes = [], [f"a --batch-size of at most {kept}"]
+    if test_ds is not None and not cfg.eval_dataset:
+        why.append(f"--test-size {cfg.test_size:g} held out {len(test_ds)}")
+        fixes.append("a smaller --test-size")
+    dropped = gym.encode_stats["train"].rows - kept
+    if dropped:
+        why.append(f"{dropped} did not fit --max-length {cfg.max_length}")
+        fixes.append("a larger --max-length")
+    because = f" ({'; '.join(why)})" if why else ""
+    return (f"--batch-size {cfg.batch_size} is more than the {kept} training row{'s' if kept != 1 else ''}{because}; "
+            f"give {' or '.join(fixes)}")
+
+
 def setup(cfg: SFTConfig) -> Setup:
     """Load model, tokenizer and data, build the gym and the agent for ``cfg``."""
     cfg = with_adapter_shape(cfg)
@@ -161,8 +177,7 @@ def setup(cfg: SFTConfig) -> Setup:
         raise UserError(f"{len(gym.train_examples)} training row(s) cannot be shared by {processes} processes; "
                         "give more data or fewer processes")
     if len(gym.train_examples) < cfg.batch_size:   # a step would take fewer rows than it says, or all at once
-        raise UserError(f"--batch-size {cfg.batch_size} is more than the {len(gym.train_examples)} training rows "
-                        f"that fit --max-length; give a --batch-size of at most {len(gym.train_examples)}")
+        raise UserError(_too_few_rows(cfg, gym, test_ds))
     if 0 < len(gym.test_examples) < processes:
         raise UserError(f"{len(gym.test_examples)} held-out rows cannot be shared by {processes} processes; {more}")
     # each process on the device accelerate gave it ("cpu:0" is plain "cpu" to the loader)

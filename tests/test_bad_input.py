@@ -263,6 +263,12 @@ def test_folder_that_is_not_an_adapter(warm_start, actor, tmp_path):
     assert warm_start(tmp_path / "nothere") == f"error: {tmp_path / 'nothere'}: no such adapter folder"
 
 
+def test_a_file_given_for_the_adapter_folder(warm_start, adapter, rows_file):
+    config = adapter / "adapter_config.json"
+    assert warm_start(config) == f"error: {config} is a file: give the adapter folder that holds it ({adapter})"
+    assert warm_start(rows_file) == f"error: {rows_file} is a file, not a LoRA adapter folder"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_adapter_weights(warm_start, adapter, damage):
     weights = adapter / "adapter_model.safetensors"
@@ -482,9 +488,19 @@ def test_an_output_folder_that_refuses_files_is_found_before_any_work(tmp_path, 
 def test_a_batch_larger_than_the_training_split_is_refused(train, rows_file, tmp_path):
     # 24 rows, 6 held out: a step of 40 would silently take the 18 there are (or run out of memory)
     assert train("sft", rows_file, "--batch-size", "40") == ("error: --batch-size 40 is more than the 18 training "
-                                                            "rows that fit --max-length; give a --batch-size of at "
-                                                            "most 18")
+                                                            "rows (--test-size 6 held out 6); give a --batch-size of "
+                                                            "at most 18 or a smaller --test-size")
     assert not (tmp_path / "run").exists()
+    # the message names each option that took rows away: here the held-out share and the length limit
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + " word" * (60 if i % 2 else 0)}) + "\n"
+                            for i, r in enumerate(rows)))
+    line = train("sft", long, "--batch-size", "16", "--max-length", "64", "--test-size", "0.25")
+    kept = int(line.split(" is more than the ")[1].split()[0])
+    assert kept < 16 and line == (f"error: --batch-size 16 is more than the {kept} training rows (--test-size 0.25 "
+                                  f"held out 6; {18 - kept} did not fit --max-length 64); give a --batch-size of at "
+                                  f"most {kept} or a smaller --test-size or a larger --max-length")
 
 
 def test_a_seed_the_random_generators_cannot_take_is_refused_by_the_library_too():

@@ -243,8 +243,11 @@ BAD = {
     "no shared prefix": ([{"chosen": [user("q"), bot("a")], "rejected": [user("other"), bot("b")]}], "preference",
                          "row 1: chosen and rejected share no leading message"),
     "not role/content": ([{"messages": [{"speaker": "user", "text": "q"}]}], "sft",
-                         "row 1: messages message 1 holds an object without them where a {role, content} object "
-                         "is needed"),
+                         "row 1: messages message 1 holds an object with only 'speaker', 'text' where a {role, "
+                         "content} object is needed"),
+    "no role": ([{"messages": [{"content": "q"}, bot("a")]}], "sft",
+                "row 1: messages message 1 holds an object with only 'content' where a {role, content} object is "
+                "needed"),
     "unknown sharegpt speaker": ([{"conversations": [{"from": "narrator", "value": "x"}]}], "sft",
                                  "row 1: conversations message 1 has the unknown speaker 'narrator'"),
     "forced format": ([{"prompt": "q", "completion": "a"}], "sft", "row 1 is written as standard data, not sharegpt"),
