@@ -108,11 +108,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
-def read_run_info(run_dir: str | os.PathLike) -> dict:
+def read_run_info(run_dir: str | os.PathLike, records: list[dict] | None = None) -> dict:
     """Read ``<run_dir>/run.json`` as ``{"algo", "run_name", "config"}``.
 
     A missing ``run.json`` is not fatal: the algorithm is guessed from the metric names
-    (DPO runs log ``rewards/*``) and the folder name stands in for the run name.
+    (DPO runs log ``rewards/*``; ``records``, the run's metrics when already read) and the folder
+    name stands in for the run name.
 
     Raises:
         UserError: when ``run.json`` exists but is not a JSON object.
@@ -131,9 +132,16 @@ def read_run_info(run_dir: str | os.PathLike) -> dict:
     algo = info.get("algo")
     if algo not in ("sft", "dpo"):
         # Only DPO runs log rewards, so the metric names tell the two apart.
-        records = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
+        if records is None:
+            records = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
         algo = "dpo" if any("rewards/margins" in r or "dpo_loss" in r for r in records) else "sft"
     return {**info, "algo": algo, "run_name": str(info.get("run_name") or run_dir.name), "config": config}
+
+
+def _load_run(run_dir: str | os.PathLike) -> tuple[list[dict], dict]:
+    """A run's metrics and record, its metrics file read once (so each bad line is warned about once)."""
+    records = read_metrics(run_dir)
+    return records, read_run_info(run_dir, records)
 
 
 def _finite(value: Any) -> float | None:
@@ -302,10 +310,12 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         UserError: when ``run_dir`` has no ``metrics.jsonl``.
     """
     _check_smoothing(smoothing)  # before any file is touched
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    info = read_run_info(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
+    return _plot_loaded(Path(run_dir), *_load_run(run_dir), Path(out_dir) if out_dir is not None else Path(run_dir),
+                        smoothing)
+
+
+def _plot_loaded(run_dir: Path, records: list[dict], info: dict, out: Path, smoothing: float) -> list[Path]:
+    """:func:`plot_run` of a run already read."""
     written = [_plot_training_loss(records, info, out, smoothing)]
     if info["algo"] == "dpo":
         written.append(_plot_reward_margins(records, info, out, smoothing))
@@ -333,12 +343,15 @@ def plot_dpo_comparison(run_dirs: Sequence[str | os.PathLike], out_path: str | o
     _check_smoothing(smoothing)
     if not run_dirs:
         raise UserError("plot_dpo_comparison needs at least one DPO run folder")
-    runs = []
-    for run_dir in run_dirs:
-        records, info = read_metrics(run_dir), read_run_info(run_dir)
+    runs = [_load_run(run_dir) for run_dir in run_dirs]
+    for run_dir, (_, info) in zip(run_dirs, runs, strict=True):
         if info["algo"] != "dpo":
             raise UserError(f"{run_dir} is a {info['algo']} run; the comparison takes DPO runs only")
-        runs.append((records, info))
+    return _draw_comparison(runs, Path(out_path), smoothing)
+
+
+def _draw_comparison(runs: list[tuple[list[dict], dict]], out_path: Path, smoothing: float) -> Path:
+    """:func:`plot_dpo_comparison` of DPO runs already read."""
     fig, axes = _new_figure(ncols=len(runs), width=4.6 * len(runs) + 0.6, height=4.2, sharey=True)
     for ax, (records, info) in zip(axes, runs, strict=True):
         steps, losses = _series(records, "train", "loss")
@@ -351,15 +364,17 @@ def plot_dpo_comparison(run_dirs: Sequence[str | os.PathLike], out_path: str | o
             ax.text(0.5, 0.5, "no finite loss logged", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("training loss")
     axes[0].legend(frameon=False)
-    fig.suptitle("DPO training loss with and without the NLL term", fontsize=11)
-    return _save(fig, Path(out_path))
+    kinds = {_nll_alpha(info) > 0 for _, info in runs}
+    fig.suptitle("DPO training loss with and without the NLL term" if len(kinds) == 2 else
+                 f"DPO training loss of {len(runs)} runs{' with the NLL term' if kinds == {True} else ''}", fontsize=11)
+    return _save(fig, out_path)
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
               smoothing: float = 0.9) -> list[Path]:
     """Plot every run, plus ``dpo_nll_comparison.png`` when two or more runs are DPO.
 
-    Without ``out_dir`` each run's figures go into its own folder and the comparison into
+    A run folder given twice (by any path) is plotted once. Without ``out_dir`` each run's figures go into its own folder and the comparison into
     the first run's folder. With ``out_dir`` each run's figures go into
     ``out_dir/<run folder name>/`` (two runs of one kind would otherwise overwrite each
     other's files) and the comparison into ``out_dir`` itself. In the comparison, runs
@@ -371,7 +386,11 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     _check_smoothing(smoothing)
     if not run_dirs:
         raise UserError("plot_runs needs at least one run folder")
-    run_dirs = [Path(r) for r in run_dirs]
+    unique: dict[Path, Path] = {}
+    for r in run_dirs:
+        unique.setdefault(Path(r).resolve(), Path(r))   # a folder given twice: its first path, in its first place
+    run_dirs = list(unique.values())
+    loaded = {run_dir: _load_run(run_dir) for run_dir in run_dirs}
     written: list[Path] = []
     used_names: set[str] = set()
     for run_dir in run_dirs:
@@ -383,13 +402,12 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
                 unique, k = f"{name}_{k}", k + 1
             used_names.add(unique)
             target = Path(out_dir) / unique
-        written.extend(plot_run(run_dir, target, smoothing))
-    dpo_runs = [(_nll_alpha(info), i, r) for i, r in enumerate(run_dirs)
-                if (info := read_run_info(r))["algo"] == "dpo"]
+        written.extend(_plot_loaded(run_dir, *loaded[run_dir], target or run_dir, smoothing))
+    dpo_runs = [(_nll_alpha(info), i, r) for i, r in enumerate(run_dirs) if (info := loaded[r][1])["algo"] == "dpo"]
     if len(dpo_runs) >= 2:
-        ordered = [r for _, _, r in sorted(dpo_runs)]
+        ordered = [loaded[r] for _, _, r in sorted(dpo_runs)]
         where = Path(out_dir) if out_dir is not None else run_dirs[0]
-        written.append(plot_dpo_comparison(ordered, where / COMPARISON_FILE, smoothing))
+        written.append(_draw_comparison(ordered, where / COMPARISON_FILE, smoothing))
     return written
 
 

@@ -207,6 +207,34 @@ def test_plot_runs_single_dpo_run_gets_no_comparison(tmp_path):
     assert not any(p.name == "dpo_nll_comparison.png" for p in paths)
 
 
+def test_plot_runs_draws_a_folder_given_twice_once(tmp_path):
+    dpo = write_run(tmp_path / "dpo", "dpo")
+    paths = plot_runs([dpo, tmp_path / "x" / ".." / "dpo", dpo])
+    assert paths == [dpo / "dpo_training_loss.png", dpo / "dpo_reward_margins.png", dpo / "eval_metrics.png"]
+
+
+def test_plot_runs_warns_once_per_bad_metrics_line(tmp_path, caplog):
+    dpo, nll = write_run(tmp_path / "dpo", "dpo"), write_run(tmp_path / "nll", "dpo", 1.0)
+    with (dpo / "metrics.jsonl").open("a") as f:
+        f.write("[1, 2]\n")
+    with caplog.at_level(logging.WARNING, logger="alignkit"):
+        plot_runs([dpo, nll])
+    assert [r.getMessage() for r in caplog.records] == [f"{dpo / 'metrics.jsonl'}: skipping line 56, not a JSON object"]
+
+
+@pytest.mark.parametrize("alphas, title", [((0.0, 1.0), "DPO training loss with and without the NLL term"),
+                                           ((1.0, 0.5), "DPO training loss of 2 runs with the NLL term"),
+                                           ((0.0, 0.0, 0.0), "DPO training loss of 3 runs")])
+def test_the_comparison_title_says_what_the_runs_are(tmp_path, monkeypatch, alphas, title):
+    import alignkit.plots as plots
+
+    titles = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig._suptitle.get_text()) or save(fig, path))
+    plot_dpo_comparison([write_run(tmp_path / f"r{i}", "dpo", a) for i, a in enumerate(alphas)], tmp_path / "c.png")
+    assert titles == [title]
+
+
 def test_plotting_leaves_the_pyplot_backend_alone(tmp_path):
     import matplotlib
 
