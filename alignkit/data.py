@@ -81,6 +81,7 @@ def make_dataset(
     eval_dataset: str | os.PathLike | None = None,
     eval_format: str | None = None,
     eval_column_map: ColumnMap | None = None,
+    refuse_shared: str | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
 
@@ -97,7 +98,8 @@ def make_dataset(
         column_map: which of the file's columns hold the prompt, answers or messages.
         eval_dataset: a second dataset (any source above, read the same way) whose rows are the
             test split; every usable row of `name_or_path` is then training data and `test_size`
-            is not used. Rows found in both are counted in a warning.
+            is not used. Rows found in both are counted in a warning, or, with `refuse_shared` (the
+            reason they cannot be used), are a `UserError` that ends with it.
         eval_format, eval_column_map: the `eval_dataset`'s shape and columns where they differ from
             the training data's (`None`: `format` and `column_map` apply to both).
 
@@ -135,6 +137,9 @@ def make_dataset(
         train_rows = [rows[i] for i in order]
         keys = {row_key(r) for r in train_rows}
         shared = sum(row_key(r) in keys for r in held_out)
+        if shared and refuse_shared:
+            raise UserError(f"--eval-dataset {eval_dataset} shares {shared} row(s) with the training data; "
+                            f"{refuse_shared}")
         if shared:
             logger.warning("dataset '%s': %d of its %d rows are also in the training data '%s' (their scores "
                            "measure memory, not generalisation)", eval_label, shared, len(held_out), label)

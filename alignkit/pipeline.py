@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
-from .compare import LABELS, Decoding, compare, read_prompts, row_keys
+from .compare import LABELS, Decoding, compare, read_prompts
 from .config import (
     EVAL_DATASET_OR_TEST_SIZE,
     RESUME_MAY_CHANGE,
@@ -203,18 +203,13 @@ def check_data(names, dataset: str | None, seed: int | None, test_size: float | 
     defaults = build_config("sft", {})
     tasks = {"preference" if RECIPES[n][0] == "dpo" else "sft" for name in names if name != "base"
              for n in _with_parents(name)}
-    loaded = {task: make_dataset(dataset or defaults.dataset,
-                                 test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
-                                 seed=seed if seed is not None else defaults.seed, task=task,
-                                 eval_dataset=eval_dataset)
-              for task in sorted(tasks)}
-    if eval_dataset is not None:
-        train, held_out = loaded.get("preference") or make_dataset(dataset or defaults.dataset,
-                                                                   eval_dataset=eval_dataset)
-        shared = len(row_keys(held_out) & row_keys(train))
-        if shared:
-            raise UserError(f"--eval-dataset {eval_dataset} shares {shared} row(s) with the training data; the "
-                            "comparison scores only on rows no configuration trained on")
+    if eval_dataset is not None and not tasks:
+        tasks = {"preference"}   # as the comparison reads it
+    for task in sorted(tasks):
+        make_dataset(dataset or defaults.dataset,
+                     test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
+                     seed=seed if seed is not None else defaults.seed, task=task, eval_dataset=eval_dataset,
+                     refuse_shared="the comparison scores only on rows no configuration trained on")
 
 
 def _with_parents(name: str) -> list[str]:

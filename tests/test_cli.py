@@ -216,7 +216,7 @@ def test_diverging_loss_is_one_line_and_saves_nothing(tiny_model_dir, rows_file,
     assert not (run / "actor").exists()
 
 
-def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, rows_file, tmp_path, capsys):
+def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, rows_file, tmp_path, capsys, caplog):
     lines = rows_file.read_text().splitlines(keepends=True)
     train, held, leaky = tmp_path / "train.jsonl", tmp_path / "held.jsonl", tmp_path / "leaky.jsonl"
     train.write_text("".join(lines[:18]))
@@ -228,6 +228,7 @@ def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, r
     assert capsys.readouterr().err.strip() == (f"error: --eval-dataset {leaky} shares 3 row(s) with the training "
                                                "data; the comparison scores only on rows no configuration trained on")
     assert not (tmp_path / "pipe" / "runs").exists()
+    assert not [r for r in caplog.records if "also in the training data" in r.getMessage()]   # the error says it
     assert main([*argv, "--eval-dataset", str(held)]) == 0
     assert "SFT: 18 train / 6 test rows" in capsys.readouterr().out
     results = json.loads((tmp_path / "pipe" / "report" / "results.json").read_text())
