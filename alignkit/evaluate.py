@@ -171,6 +171,8 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
                 line = stdin.readline()
                 if not line:
                     break
+                if tty and not line.endswith("\n"):
+                    stdout.write("\n")   # Ctrl-D after text sends it without a line break: the answer starts below
                 text = line.strip()
                 if not text:
                     continue

@@ -282,6 +282,9 @@ def test_streamed_answer_is_the_greedy_answer(model, tokenizer):
     out = io.StringIO()
     assert interactive(model, tokenizer, 20, Terminal("Why?\nexit\n"), out) == 0
     assert f"model> {expected[1]}" in out.getvalue()
+    out = io.StringIO()   # Ctrl-D after typed text: the text comes without its line break, the answer goes below
+    assert interactive(model, tokenizer, 20, Terminal("Why?"), out) == 0
+    assert f"you> \nmodel> {expected[1]}\n" in out.getvalue()
 
 
 # -- the chat -------------------------------------------------------------------------------------
