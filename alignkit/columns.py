@@ -4,7 +4,7 @@
 ``--eval-dataset`` (an :class:`EvalColumnMap`), rename the user's columns to the names the shapes in
 ``alignkit.formats`` read, before the shape is recognised. A missing column is one line naming what
 the file has and the option that would name it; columns the rows' shape does not read (e.g.
-``context``) are named in a warning, since their text is not trained on.
+``category``) are named in a warning, since their text is not trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _READ_BY = {
     "standard": ("prompt", "completion", "chosen", "rejected"),
     "conversational": ("prompt", "completion", "chosen", "rejected", "messages"),
     "sharegpt": ("conversations", "chosen", "rejected"),
-    "alpaca": ("instruction", "input", "output", "completion", "chosen", "rejected"),
+    "alpaca": ("instruction", "input", "context", "output", "response", "completion", "chosen", "rejected"),
     "hh": ("prompt", "chosen", "rejected"),
 }
 # Every column any shape reads (hub datasets convert only these to Python objects).
@@ -132,7 +132,8 @@ def needed_columns(shape: str, task: str, records: list[dict]) -> list[list[str]
     if shape == "sharegpt":
         return [["conversations"] + (["chosen", "rejected"] if task == "preference" else [])]
     if shape == "alpaca":
-        return [["instruction", "output"], ["instruction", "completion"]] if task == "sft" else \
+        return [["instruction", "output"], ["instruction", "response"], ["instruction", "completion"]] \
+            if task == "sft" else \
             [["instruction", "chosen", "rejected"]]
     if shape == "hh":
         return [["chosen"]] if task == "sft" else [["chosen", "rejected"]]
@@ -168,7 +169,7 @@ def _columns_hint(task: str, shape: str, found: list[str], column_map: ColumnMap
         return (" (plain 'text' rows are not supported: training needs to know which part is the answer; "
                 "give prompt and completion columns, or messages)")
     if task == "preference" and "rejected" not in found and shape != "sharegpt" and \
-            any(c in found for c in ("completion", "messages", "output", "chosen")):
+            any(c in found for c in ("completion", "messages", "output", "response", "chosen")):
         return " (DPO needs a rejected answer for each prompt; SFT data cannot train DPO)"
     flags = (column_map.naming(("prompt", "chosen", "rejected")) if task == "preference" else
              f"{column_map.naming(('prompt', 'response'))}, or {column_map.naming(('messages',))}")

@@ -14,7 +14,8 @@ Accepted shapes (the names ``--format`` takes):
   leading messages become the prompt (implicit prompt).
 - ``sharegpt``: ``conversations``, a list of ``{"from": "system"|"human"|"gpt", "value": text}``; for
   preference data the ``conversations`` are the prompt and ``chosen``/``rejected`` the answers.
-- ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``.
+- ``alpaca``: ``instruction``, optional ``input``, and ``output`` (SFT) or ``chosen``/``rejected``; also
+  written as Dolly writes it: ``context`` for the input, ``response`` for the output.
 - ``hh``: Anthropic HH-RLHF transcripts, text in which turns start with ``Human:`` or ``Assistant:``
   after a blank line (or after a line break, in a transcript with no blank line before an answer).
   ``chosen``/``rejected`` are whole transcripts (their shared turns become the
@@ -375,13 +376,15 @@ def _sharegpt(record: dict, task: str, row: int) -> dict:
 
 def _alpaca(record: dict, task: str, row: int) -> dict:
     prompt = _text(record.get("instruction"))
-    extra = record.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise Dropped("a non-string value")   # a number or list as the input: not silently left out
-    if extra is not None and extra.strip():
-        prompt = f"{prompt}\n\n{extra}"
-    if task == "sft":   # "completion" when --response-column named the answer column
-        return {"prompt": prompt, "completion": _text(record.get("completion", record.get("output")))}
+    for column in ("input", "context"):   # Alpaca's input, Dolly's context: text the instruction is about
+        extra = record.get(column)
+        if extra is not None and not isinstance(extra, str):
+            raise Dropped("a non-string value")   # a number or list as the input: not silently left out
+        if extra is not None and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+    if task == "sft":   # "completion" when --response-column named the answer column; Dolly's "response"
+        answer = next((c for c in ("completion", "output", "response") if c in record), "output")
+        return {"prompt": prompt, "completion": _text(record.get(answer))}
     return {"prompt": prompt, "chosen": _text(record.get("chosen")), "rejected": _text(record.get("rejected"))}
 
 

@@ -176,6 +176,8 @@ SHAPES = {
                                                   {"from": "gpt", "value": f"hello {i}"}]}, "sft"),
     "alpaca": (lambda i: {"instruction": f"Add {i} and 1.", "input": "" if i % 2 else "Show work.",
                           "output": f"{i + 1}"}, "sft"),
+    "dolly": (lambda i: {"instruction": f"Add {i} and 1.", "context": "" if i % 2 else "Show work.",
+                         "response": f"{i + 1}", "category": "closed_qa"}, "sft"),
     "standard preference": (lambda i: {"prompt": f"Q{i}", "chosen": "yay!", "rejected": "No."}, "preference"),
     "conversational preference": (lambda i: {"prompt": [SYSTEM, user(f"Q{i}"), bot("hm?"), user("go on")],
                                              "chosen": bot("yay!"), "rejected": [bot("No.")]}, "preference"),
@@ -202,12 +204,21 @@ def test_each_shape_loads(tmp_path, shape):
         assert set(row) in ({"messages"}, {"prompt", "completion"})
 
 
-def test_shapes_convert_to_what_the_gyms_read(tmp_path):
+def test_shapes_convert_to_what_the_gyms_read(tmp_path, caplog):
     alpaca = [{"instruction": "Add 2 and 1.", "input": "Show work.", "output": "3"},
               {"instruction": "Say hi.", "input": "", "output": "hi"}]
     train, test = make_dataset(write_jsonl(tmp_path / "a.jsonl", alpaca), test_size=1, task="sft")
     assert sorted(map(str, train.to_list() + test.to_list())) == sorted(map(str, [
         {"prompt": "Add 2 and 1.\n\nShow work.", "completion": "3"}, {"prompt": "Say hi.", "completion": "hi"}]))
+    dolly = [{"instruction": "Summarise.", "context": "A cat sat.", "response": "Cat.", "category": "summarization"},
+             {"instruction": "Say hi.", "context": "", "response": "hi", "category": "open_qa"}]
+    with caplog.at_level("WARNING", logger="alignkit.data"):
+        train, test = make_dataset(write_jsonl(tmp_path / "d.jsonl", dolly), test_size=1, task="sft")
+    assert sorted(map(str, train.to_list() + test.to_list())) == sorted(map(str, [
+        {"prompt": "Summarise.\n\nA cat sat.", "completion": "Cat."}, {"prompt": "Say hi.", "completion": "hi"}]))
+    assert "column(s) category are not read" in caplog.text and "context" not in caplog.text
+    with pytest.raises(UserError, match="DPO needs a rejected answer"):
+        make_dataset(tmp_path / "d.jsonl", test_size=1)
     share = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": "yo"}]}
              for i in range(2)]
     train, _ = make_dataset(write_jsonl(tmp_path / "s.jsonl", share), test_size=1, task="sft", seed=1)
