@@ -374,8 +374,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
               smoothing: float = 0.9) -> list[Path]:
     """Plot every run, plus ``dpo_nll_comparison.png`` when two or more runs are DPO.
 
-    A run folder given twice (by any path) is plotted once. Without ``out_dir`` each run's figures go into its own folder and the comparison into
-    the first run's folder. With ``out_dir`` each run's figures go into
+    A run folder given twice (by any path) is plotted once. Without ``out_dir`` each run's figures
+    go into its own folder and the comparison into the first run's folder. With ``out_dir`` each run's figures go into
     ``out_dir/<run folder name>/`` (two runs of one kind would otherwise overwrite each
     other's files) and the comparison into ``out_dir`` itself. In the comparison, runs
     without the NLL term come first.
@@ -386,10 +386,10 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike 
     _check_smoothing(smoothing)
     if not run_dirs:
         raise UserError("plot_runs needs at least one run folder")
-    unique: dict[Path, Path] = {}
+    by_folder: dict[Path, Path] = {}
     for r in run_dirs:
-        unique.setdefault(Path(r).resolve(), Path(r))   # a folder given twice: its first path, in its first place
-    run_dirs = list(unique.values())
+        by_folder.setdefault(Path(r).resolve(), Path(r))   # a folder given twice: its first path, in its first place
+    run_dirs = list(by_folder.values())
     loaded = {run_dir: _load_run(run_dir) for run_dir in run_dirs}
     written: list[Path] = []
     used_names: set[str] = set()
