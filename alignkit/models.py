@@ -520,16 +520,22 @@ def _check_targets(model, targets) -> None:
     adapt the others and drop a mistyped name without a word, or fail with a traceback when none match)."""
     if not targets or isinstance(targets, str):   # a regular expression, or PEFT's own presets: PEFT checks them
         return
-    names = [name for name, _ in model.named_modules()]
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    matched = {t: [m for n, m in modules.items() if n == t or n.endswith("." + t)] for t in targets}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))
+                     and "lora_" not in n and m is not head})
+    unknown = [t for t in targets if not matched[t]]
     if unknown:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                         and "lora_" not in n})
         raise UserError(f"--lora-target-modules: no module named {', '.join(unknown)} in the model; its linear "
                         f"modules are: {', '.join(linear)}")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    heads = [name for name, module in model.named_modules() if head is not None and module is head]
-    on_head = [t for t in targets if any(n == t or n.endswith("." + t) for n in heads)]
+    other = next(((t, m) for t in targets for m in matched[t] if not isinstance(m, (torch.nn.Linear, Conv1D))), None)
+    if other:   # PEFT would fail with a traceback (a norm, a block) or adapt an embedding the training never updates
+        raise UserError(f"--lora-target-modules: {other[0]} is not a linear layer (it is {type(other[1]).__name__}); "
+                        f"LoRA adapters go on linear layers; the model's are: {', '.join(linear)}")
+    on_head = [t for t in targets if any(m is head for m in matched[t])] if head is not None else []
     if on_head:
         raise UserError(f"--lora-target-modules: {on_head[0]} is the output layer; training reads its weight directly "
                         "to score only the response tokens, so an adapter there would never train: leave it out")

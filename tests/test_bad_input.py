@@ -419,6 +419,15 @@ def test_lora_targets_that_name_no_module_are_refused(train, rows_file):
         assert "q_proj" in line.split("its linear modules are:")[1]
 
 
+@pytest.mark.parametrize("target, kind", [("mlp", "LlamaMLP"), ("input_layernorm", "LlamaRMSNorm"),
+                                          ("embed_tokens", "Embedding")])
+def test_lora_targets_that_are_not_linear_layers_are_refused(train, rows_file, target, kind):
+    # PEFT fails with a traceback on a norm or a block, and the embedding's update would never train
+    assert train("sft", rows_file, "--lora-target-modules", "q_proj", target) == (
+        f"error: --lora-target-modules: {target} is not a linear layer (it is {kind}); LoRA adapters go on linear "
+        "layers; the model's are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
 def test_a_lora_adapter_on_the_output_layer_is_refused(train, rows_file):
     # the response-only forward reads the LM head's weight directly: an adapter there would never train
     # (and under DDP its unused parameters stop the second step)
