@@ -21,6 +21,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +124,7 @@ class Population:
     def activate(self, i: int) -> LLMAgent:
         """Make member ``i``'s adapter the active one on the shared model; returns its agent."""
         agent = self.members[i].agent
-        agent.model.set_adapter(agent.adapter_name)
+        agent.activate()
         return agent
 
     def learn(self, batch) -> list[dict]:
@@ -252,6 +254,26 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+class _TermAsInterrupt:
+    """SIGTERM stops a population run as Ctrl-C does, at once with its message (a population is saved once per
+    generation, so there is no step to finish first); ``signum`` says which of the two came."""
+
+    signum = signal.SIGINT
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        self._previous = (signal.signal(signal.SIGTERM, self._handle)
+                          if threading.current_thread() is threading.main_thread() else None)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def run_population(cfg) -> Path:
     """Train a population as ``cfg`` describes (or continue it: ``cfg.resume``); writes the run folder
     with the best member as ``actor/``.
@@ -296,8 +318,9 @@ def run_population(cfg) -> Path:
           f"{len(s.gym.test_examples)} test rows, {resuming}{s.total_steps} step{'s' if s.total_steps != 1 else ''} of {cfg.batch_size}, evolving "
           f"every {cfg.evo_steps}, base {s.base_model} -> {run_dir}")
     population.activate(leader)
+    stop = _TermAsInterrupt()
     try:
-        with tqdm(total=s.total_steps, initial=start, desc=f"{cfg.algo.upper()} x{cfg.pop_size}", unit="step",
+        with stop, tqdm(total=s.total_steps, initial=start, desc=f"{cfg.algo.upper()} x{cfg.pop_size}", unit="step",
                   dynamic_ncols=True) as bar:
             batch = s.gym.step() if start else s.gym.reset()
             for step in range(start + 1, s.total_steps + 1):
@@ -334,7 +357,7 @@ def run_population(cfg) -> Path:
         else:
             message = (f"interrupted before the first generation (step {cfg.evo_steps}) was saved: nothing to resume; "
                        "start the run again")
-        raise RunInterrupted(message, 130) from None
+        raise RunInterrupted(message, 128 + stop.signum) from None
     finally:
         log.close()
     best = population.activate(leader)

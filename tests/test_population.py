@@ -220,3 +220,29 @@ def test_ctrl_c_in_a_population_says_what_was_saved(tiny_model_dir, rows_file, t
     assert err.startswith(said), err
     if stop_at > 3:
         assert err.endswith(f"checkpoint-3; continue with: alignkit sft --resume {run}")
+
+
+def test_sigterm_stops_a_population_like_ctrl_c_with_its_own_exit_code(tiny_model_dir, rows_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    import os
+    import signal
+
+    from alignkit import population as pop
+
+    calls = {"n": 0}
+    learn = pop.Population.learn
+
+    def terminated(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)   # as `kill` or a job scheduler sends it
+        return learn(self, batch)
+
+    monkeypatch.setattr(pop.Population, "learn", terminated)
+    run = tmp_path / "pop"
+    flags = _flags(tiny_model_dir, rows_file, run, "--pop-size", "2", "--evo-steps", "3", "--max-steps", "6")
+    assert main(["sft", *flags]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the population was last saved at its generation in {run / 'checkpoint-3'}; "
+        f"continue with: alignkit sft --resume {run}")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler does not outlive the run
