@@ -84,6 +84,7 @@ class LLMAgent:
     """
 
     batch_keys, gym = ("input_ids", "attention_mask", "labels"), "SFTGym"   # what learn() reads, from which gym
+    other_gym = ("example_ids", "PreferenceGym")   # a key only the other kind of batch has, and its gym
 
     def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_SFT.batch_size, lr=_SFT.lr,
                  update_epochs=_SFT.update_epochs, lora_config: LoraConfig | dict | None = None, accelerator=None,
@@ -210,13 +211,22 @@ class LLMAgent:
         return {k: float(v) for k, v in sums.items()}
 
     def _check_batch(self, batch) -> None:
-        """Refuse a ``batch`` that is not a dict holding the tensors :attr:`batch_keys` (an ArgumentError)."""
+        """Refuse a ``batch`` that is not a dict holding the tensors :attr:`batch_keys`, or is the other kind of
+        gym's batch (an ArgumentError); make this agent's adapter the active one (see :meth:`activate`)."""
         missing = [k for k in self.batch_keys if not (isinstance(batch, Mapping) and torch.is_tensor(batch.get(k)))]
-        if missing:
-            got = (f"a dict without the tensor(s) {', '.join(missing)}" if isinstance(batch, Mapping)
-                   else f"a {type(batch).__name__}")
+        key, other = self.other_gym
+        if missing or key in batch:
+            got = (f"a {other} batch" if not missing else f"a dict without the tensor(s) {', '.join(missing)}"
+                   if isinstance(batch, Mapping) else f"a {type(batch).__name__}")
             raise ArgumentError(f"batch must be a dict of the tensors {', '.join(self.batch_keys)}, as "
                                 f"{self.gym}.reset() and step() return (got {got})")
+        self.activate()
+
+    def activate(self) -> None:
+        """Make this agent's adapter the model's active one: another agent on the same base (its own
+        ``adapter_name``) may have switched it. :meth:`learn` and :meth:`test` call it."""
+        if self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Take ``update_epochs`` optimizer steps on ``batch`` (what :attr:`gym`'s ``reset()``/``step()`` return);
@@ -260,6 +270,12 @@ class LLMAgent:
 
         ``batch_size``: rows (pairs) per forward; by default up to :data:`NO_GRAD_ROWS` micro-batches.
         """
+        kinds = {c.__name__ for c in type(env).__mro__}
+        if self.gym not in kinds:
+            got = f"a {self.other_gym[1]}" if self.other_gym[1] in kinds else repr(env) if env is None else \
+                f"a {type(env).__name__}"
+            raise ArgumentError(f"env must be a {self.gym}, whose test split {type(self).__name__} scores (got {got})")
+        self.activate()
         self.model.eval()
         size = batch_size or min(self.batch_size, NO_GRAD_ROWS * self.micro_batch_size)
         batches, idle = env.test_batches(size), 0
@@ -521,6 +537,7 @@ class DPO(LLMAgent):
     """
 
     batch_keys, gym = LLMAgent.batch_keys + ("example_ids",), "PreferenceGym"
+    other_gym = ("", "SFTGym")   # an SFT batch lacks example_ids
 
     def __init__(self, actor_network, pad_token_id, pad_token, batch_size=_DPO.batch_size, lr=_DPO.lr,
                  beta=_DPO.beta, nll_alpha=_DPO.nll_alpha, update_epochs=_DPO.update_epochs, lora_config=None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import re
 import shutil
 from pathlib import Path
@@ -27,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import CHAT_TEMPLATE_FILE, error_line
-from .errors import UserError
-from .io import atomic_folder, atomic_write, atomic_write_json, unwritable
+from .errors import ArgumentError, UserError
+from .io import atomic_folder, atomic_write, atomic_write_text, unwritable
 from .models import adapter_parameters
 from .processes import full_tensor, local_tensor, shard_like
 
@@ -158,8 +159,19 @@ def _write_adapter(agent, folder: Path, base_model_name: str | None, weights: di
         (folder / CHAT_TEMPLATE_FILE).write_text(agent.chat_template, encoding="utf-8")
 
 
-def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's and RNGs' tensors, and the JSON part of the training state."""
+def _json_scalar(value):
+    """``json.dumps``' fallback for the state: numpy's numbers as Python's; anything else (a tensor, a set) is
+    refused rather than changed."""
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"a {type(value).__name__} is not a JSON value")
+
+
+def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The optimizer's and RNGs' tensors, and the JSON part of the training state as its text: encoded before
+    anything is written, so state that cannot be saved leaves an older checkpoint in place."""
     tensors, opt_meta = gathered["optimizer"] if gathered else _optimizer_tensors(agent.optimizer)
     tensors = dict(tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -168,7 +180,11 @@ def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tup
             tensors[f"rng.cuda.{i}"] = rng
     state = {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(), "optimizer": opt_meta,
              "extra": extra_state or {}}
-    return tensors, state
+    try:
+        return tensors, json.dumps(state, indent=1, ensure_ascii=False, default=_json_scalar) + "\n"
+    except (TypeError, ValueError) as exc:   # (ValueError: a circular reference)
+        raise ArgumentError(f"extra_state must hold JSON values (numbers, text, true/false, lists, dicts): {exc}; "
+                            "nothing was written") from None
 
 
 def check_folder(path) -> Path:
@@ -196,7 +212,7 @@ def save(agent, path, base_model_name: str | None = None, extra_state: dict | No
     with atomic_folder(path / "actor", replace=True) as tmp:
         _write_adapter(agent, tmp, base_model_name, gathered and gathered["weights"])
     atomic_write(path / OPTIMIZER_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(path / STATE_FILE, state)
+    atomic_write_text(path / STATE_FILE, state)
     return path
 
 
@@ -212,7 +228,7 @@ def save_numbered(agent, run_dir, base_model_name: str | None = None, extra_stat
         (tmp / "actor").mkdir()
         _write_adapter(agent, tmp / "actor", base_model_name, gathered and gathered["weights"])
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
+        (tmp / STATE_FILE).write_text(state)
     prune(run_dir, keep)
     return target
 
@@ -285,16 +301,34 @@ def load(agent, path) -> dict:
                         "that folder to resume from an earlier checkpoint of the run, if it has one") from None
 
 
+def _check_same_adapter(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A UserError when the checkpoint's adapter is not the shape of ``agent``'s (other LoRA targets, rank or
+    alpha): found before anything of the agent is changed."""
+    params = adapter_parameters(agent.unwrapped_model(), agent.adapter_name, saved_names=True)
+    saved = json.loads((path / "actor" / "adapter_config.json").read_text())
+    alpha = agent.unwrapped_model().peft_config[agent.adapter_name].lora_alpha
+    differ = next((f"{n}: {tuple(weights[n].shape)} saved, {tuple(p.shape)} here" for n, p in params.items()
+                   if n in weights and weights[n].shape != p.shape), None)
+    if params.keys() != weights.keys():
+        differ = f"{len(weights)} adapter tensors saved, {len(params)} in this agent's adapter"
+    elif differ is None and saved.get("lora_alpha", alpha) != alpha:
+        differ = f"lora_alpha {saved['lora_alpha']} saved, {alpha} here"
+    if differ:
+        raise UserError(f"the checkpoint {path} holds an adapter of another shape than this agent's ({differ}); "
+                        f"build the agent with the LoRA settings of {path / 'actor' / 'adapter_config.json'}")
+
+
 def _load(agent, path: Path) -> dict:
     from peft import set_peft_model_state_dict
 
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
+    state = read_state(path)   # every file read before the agent is changed
+    tensors = load_file(str(path / OPTIMIZER_FILE))
     if getattr(agent, "sharded", False):
         _load_sharded(agent, weights, path)
     else:
+        _check_same_adapter(agent, weights, path)
         set_peft_model_state_dict(agent.unwrapped_model(), weights, adapter_name=agent.adapter_name)
-    state = read_state(path)
-    tensors = load_file(str(path / OPTIMIZER_FILE))
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda = [tensors.pop(k) for k in sorted((k for k in list(tensors) if k.startswith("rng.cuda.")),
                                            key=lambda k: int(k.rsplit(".", 1)[1]))]

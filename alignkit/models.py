@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from alignkit.errors import UserError
+from alignkit.errors import ArgumentError, UserError
 from alignkit.io import atomic_folder, atomic_write_json
 from alignkit.processes import main_process_first
 
@@ -522,11 +522,13 @@ def _check_targets(model, targets) -> None:
         return
     from transformers.pytorch_utils import Conv1D
 
-    modules = dict(model.named_modules())
+    # (on a model that has adapters already, a matched module is a LoRA layer: what it adapts is its base_layer)
+    modules = {n: getattr(m, "base_layer", m) for n, m in model.named_modules()
+               if "lora_" not in n and not n.endswith("base_layer")}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     matched = {t: [m for n, m in modules.items() if n == t or n.endswith("." + t)] for t in targets}
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))
-                     and "lora_" not in n and m is not head})
+                     and m is not head})
     unknown = [t for t in targets if not matched[t]]
     if unknown:
         raise UserError(f"--lora-target-modules: no module named {', '.join(unknown)} in the model; its linear "
@@ -560,6 +562,11 @@ def add_lora(model, lora_config=None, adapter_name: str = "default"):
     from peft import PeftModel, get_peft_model
 
     config = lora_config if lora_config is not None else default_lora_config()
+    if not isinstance(model, PeftModel) and any(hasattr(m, "lora_A") for m in model.modules()):
+        # the base of a PeftModel (an agent's): wrapping it again would replace that agent's adapter
+        raise ArgumentError("the model already carries LoRA adapters (another agent was built on it): pass that "
+                            "agent's .model and another adapter_name to train a second adapter on the same base, "
+                            "or load the model again")
     _check_targets(model, config.target_modules)
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:

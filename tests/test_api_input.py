@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -226,3 +227,75 @@ def test_save_checkpoint_names_a_path_that_cannot_be_a_folder(sft_agent, tmp_pat
     assert file.read_text() == "mine"
     with pytest.raises(UserError, match=r"^checkpoint path /proc/alignkit-no-such-run cannot be written: \S"):
         sft_agent.save_checkpoint("/proc/alignkit-no-such-run")
+
+
+# --- agents: the other kind of batch or gym, several agents on one base, checkpoints that do not fit --------
+
+
+def test_an_sft_agent_refuses_preference_batches_and_gyms(sft_agent, tokenizer, tiny_model, rows):
+    preference = PreferenceGym(rows, rows[:2], tokenizer, data_batch_size_per_gpu=2)
+    with pytest.raises(UserError) as err:   # it would learn the rejected answers too
+        sft_agent.learn(preference.reset())
+    assert _one_line(err) == ("batch must be a dict of the tensors input_ids, attention_mask, labels, as "
+                              "SFTGym.reset() and step() return (got a PreferenceGym batch)")
+    for env, got in ((preference, "a PreferenceGym"), (None, "None"), ("rows", "a str")):
+        with pytest.raises(UserError) as err:
+            sft_agent.test(env)
+        assert _one_line(err) == f"env must be a SFTGym, whose test split SFT scores (got {got})"
+    dpo = _agent(DPO, tokenizer, tiny_model.__class__(tiny_model.config), batch_size=2)
+    with pytest.raises(UserError) as err:
+        dpo.test(SFTGym(rows, rows[:2], tokenizer, data_batch_size_per_gpu=2))
+    assert _one_line(err) == "env must be a PreferenceGym, whose test split DPO scores (got a SFTGym)"
+
+
+def test_a_second_agent_on_an_agents_base_model_is_refused_and_one_on_its_peft_model_trains_apart(
+        tokenizer, tiny_model, rows):
+    first = _agent(SFT, tokenizer, tiny_model, batch_size=2, lr=1e-2)
+    with pytest.raises(UserError) as err:   # wrapping the base again would replace the first agent's adapter
+        _agent(SFT, tokenizer, tiny_model, batch_size=2)
+    assert _one_line(err).startswith("the model already carries LoRA adapters (another agent was built on it)")
+    second = _agent(SFT, tokenizer, first.model, batch_size=2, lr=1e-2, adapter_name="second")
+    assert first.model.active_adapter == "second"
+    before = {n: p.detach().clone() for n, p in zip(range(len(first.params)), first.params, strict=True)}
+    batch = SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=2).reset()
+    first.learn(batch)   # activates its own adapter first: its weights move, the second's do not
+    assert first.model.active_adapter == "default"
+    assert any(not torch.equal(before[i], p) for i, p in enumerate(first.params))
+    untouched = [p.detach().clone() for p in second.params]
+    first.learn(batch)
+    assert all(torch.equal(a, b) for a, b in zip(untouched, second.params, strict=True))
+
+
+def test_extra_state_that_is_not_json_leaves_the_checkpoint_there(sft_agent, tokenizer, rows, tmp_path):
+    from alignkit.checkpoints import read_state
+
+    sft_agent.save_checkpoint(tmp_path / "ck", extra_state={"note": 1})
+    sft_agent.learn(SFTGym(rows, None, tokenizer, data_batch_size_per_gpu=2).reset())
+    for bad, kind in (({1, 2}, "set"), (torch.tensor([1.0]), "Tensor")):
+        with pytest.raises(UserError) as err:
+            sft_agent.save_checkpoint(tmp_path / "ck", extra_state={"bad": bad})
+        assert _one_line(err) == (f"extra_state must hold JSON values (numbers, text, true/false, lists, dicts): a "
+                                  f"{kind} is not a JSON value; nothing was written")
+    assert read_state(tmp_path / "ck")["steps"] == 0 and read_state(tmp_path / "ck")["extra"] == {"note": 1}
+    sft_agent.save_checkpoint(tmp_path / "ck", extra_state={"n": np.int64(3), "x": np.float32(0.5)})
+    assert read_state(tmp_path / "ck")["extra"] == {"n": 3, "x": 0.5}
+
+
+@pytest.mark.parametrize("lora, differ", [
+    ({"r": 8, "lora_alpha": 16}, r"\(\S+lora_A.weight: \(4, \d+\) saved, \(8, \d+\) here\)"),
+    ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, r"\(\d+ adapter tensors saved, \d+ in this agent's"),
+    ({"r": 4, "lora_alpha": 16}, r"\(lora_alpha 8 saved, 16 here\)"),
+])
+def test_a_checkpoint_of_another_adapter_shape_is_named_and_changes_nothing(sft_agent, tokenizer, tiny_model,
+                                                                          tmp_path, lora, differ):
+    sft_agent.save_checkpoint(tmp_path / "ck")
+    other = _agent(SFT, tokenizer, tiny_model.__class__(tiny_model.config), batch_size=2,
+                   lora_config={"lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], **lora})
+    before = [p.detach().clone() for p in other.params]
+    rng = torch.get_rng_state()
+    with pytest.raises(UserError, match=rf"^the checkpoint {re.escape(str(tmp_path / 'ck'))} holds an adapter of "
+                                        rf"another shape than this agent's {differ}") as err:
+        other.load_checkpoint(tmp_path / "ck")
+    assert _one_line(err).endswith(f"build the agent with the LoRA settings of {tmp_path / 'ck/actor/adapter_config.json'}")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.params, strict=True))
+    assert torch.equal(rng, torch.get_rng_state()) and other.steps == 0
