@@ -53,6 +53,22 @@ class ColumnMap:
 COLUMN_PARTS = tuple(f.name for f in fields(ColumnMap))
 
 
+def column_map_from(value, name: str = "column_map") -> ColumnMap | None:
+    """``value`` (argument ``name``) as a :class:`ColumnMap`: None and a ColumnMap as they are, a dict of
+    ``{part: column}`` as ``ColumnMap(**value)``; an unknown part or another type is an ArgumentError."""
+    from .errors import ArgumentError
+
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in COLUMN_PARTS]
+        if unknown or not all(isinstance(v, str) for v in value.values()):
+            raise ArgumentError(f"{name} maps parts ({', '.join(COLUMN_PARTS)}) to column names (got {value!r})")
+        return ColumnMap(**value)
+    if value is not None and not isinstance(value, ColumnMap):
+        raise ArgumentError(f"{name} must be an alignkit.ColumnMap or a dict of {{part: column}} "
+                            f"(got {type(value).__name__})")
+    return value
+
+
 @dataclass(frozen=True)
 class EvalColumnMap(ColumnMap):
     """The columns of an ``--eval-dataset`` named by ``--eval-columns PART=COLUMN ...``."""

@@ -30,6 +30,7 @@ from alignkit.columns import (
     EvalColumnMap,
     apply_column_map,
     check_columns,
+    column_map_from,
     unread_columns,
 )
 from alignkit.errors import UserError
@@ -77,10 +78,10 @@ def make_dataset(
     *,
     task: str = "preference",
     format: str = "auto",
-    column_map: ColumnMap | None = None,
+    column_map: ColumnMap | dict | None = None,
     eval_dataset: str | os.PathLike | None = None,
     eval_format: str | None = None,
-    eval_column_map: ColumnMap | None = None,
+    eval_column_map: ColumnMap | dict | None = None,
     refuse_shared: str | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Load, validate and split a dataset into `(train, test)` `datasets.Dataset`s.
@@ -95,7 +96,8 @@ def make_dataset(
             whole conversations as `messages`). See `alignkit.formats` for every accepted shape.
         format: `auto` (recognised from the rows) or one of `standard`, `conversational`,
             `sharegpt`, `alpaca` to insist on it.
-        column_map: which of the file's columns hold the prompt, answers or messages.
+        column_map: which of the file's columns hold the prompt, answers or messages: a `ColumnMap`
+            or a dict such as `{"prompt": "question", "chosen": "good", "rejected": "bad"}`.
         eval_dataset: a second dataset (any source above, read the same way) whose rows are the
             test split; every usable row of `name_or_path` is then training data and `test_size`
             is not used. Rows found in both are counted in a warning, or, with `refuse_shared` (the
@@ -122,6 +124,7 @@ def make_dataset(
         raise UserError(f"seed {problem}")
     if columns is not None:
         columns = _check_columns_arg(columns)
+    column_map, eval_column_map = column_map_from(column_map), column_map_from(eval_column_map, "eval_column_map")
     named = _naming_the_file if eval_dataset is not None else contextlib.nullcontext
     with named(name_or_path):
         rows, label = usable_rows(name_or_path, columns, task=task, format=format, column_map=column_map)

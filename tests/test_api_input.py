@@ -299,3 +299,22 @@ def test_a_checkpoint_of_another_adapter_shape_is_named_and_changes_nothing(sft_
     assert _one_line(err).endswith(f"build the agent with the LoRA settings of {tmp_path / 'ck/actor/adapter_config.json'}")
     assert all(torch.equal(a, b) for a, b in zip(before, other.params, strict=True))
     assert torch.equal(rng, torch.get_rng_state()) and other.steps == 0
+
+
+def test_make_dataset_takes_a_column_map_as_a_dict(tmp_path):
+    import json
+
+    from alignkit import ColumnMap, make_dataset
+
+    data = tmp_path / "mapped.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Q{i}?", "good": f"yes {i}", "bad": f"no {i}"}) + "\n"
+                            for i in range(6)))
+    as_dict = make_dataset(data, test_size=2, column_map={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    as_map = make_dataset(data, test_size=2, column_map=ColumnMap(prompt="question", chosen="good", rejected="bad"))
+    assert as_dict[0].to_list() == as_map[0].to_list() and as_dict[0][0]["prompt"].startswith("Q")
+    for bad, needle in (({"question": "prompt"}, "column_map maps parts (prompt, response, chosen, rejected, "
+                                                 "messages, system) to column names (got {'question': 'prompt'})"),
+                        ("question", "column_map must be an alignkit.ColumnMap or a dict of {part: column} (got str)")):
+        with pytest.raises(UserError) as err:
+            make_dataset(data, column_map=bad)
+        assert _one_line(err) == needle
