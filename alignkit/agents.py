@@ -63,7 +63,9 @@ class LLMAgent:
         actor_network: a causal LM; wrapped with a LoRA adapter from ``lora_config`` unless it is
             already a ``PeftModel`` (a warm start), in which case its active adapter is trained.
         pad_token_id, pad_token: the tokenizer's padding token (id and text).
-        batch_size: rows (SFT) or pairs (DPO) per optimizer step.
+        batch_size: rows (SFT) or pairs (DPO) a step is meant to take: the default micro-batch and held-out
+            batch size. Each :meth:`learn` takes its step over the whole batch it is given, whose size the gym's
+            ``data_batch_size_per_gpu`` sets: give both the same number.
         lr: peak learning rate.
         update_epochs: optimizer steps taken on each batch passed to :meth:`learn`.
         lora_config: a ``peft.LoraConfig``, or a dict of its fields (``{"r": 8, "lora_alpha": 16}``);

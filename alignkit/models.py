@@ -517,9 +517,15 @@ def quiet_peft():
 
 def _check_targets(model, targets) -> None:
     """A UserError naming every LoRA target module that matches no module of ``model`` (PEFT would
-    adapt the others and drop a mistyped name without a word, or fail with a traceback when none match)."""
-    if not targets or isinstance(targets, str):   # a regular expression, or PEFT's own presets: PEFT checks them
+    adapt the others and drop a mistyped name without a word, or fail with a traceback when none match), and
+    one that is not a linear layer or is the output layer. A string is a regular expression over whole module
+    names, as PEFT reads it: the modules it matches are checked (PEFT's preset ``all-linear`` is left to PEFT)."""
+    if not targets or targets == "all-linear":
         return
+    if isinstance(targets, str):
+        pattern, targets = targets, [n for n, _ in model.named_modules() if n and re.fullmatch(targets, n)]
+        if not targets:
+            raise UserError(f"--lora-target-modules: the pattern {pattern!r} matches no module name of the model")
     from transformers.pytorch_utils import Conv1D
 
     # (on a model that has adapters already, a matched module is a LoRA layer: what it adapts is its base_layer)

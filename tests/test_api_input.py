@@ -318,3 +318,17 @@ def test_make_dataset_takes_a_column_map_as_a_dict(tmp_path):
         with pytest.raises(UserError) as err:
             make_dataset(data, column_map=bad)
         assert _one_line(err) == needle
+
+
+@pytest.mark.parametrize("pattern, needle", [
+    (r".*(q_proj|lm_head)", "lm_head is the output layer"),   # an adapter there would never train
+    (r".*mlp", "model.layers.0.mlp is not a linear layer (it is LlamaMLP)"),
+    (r"nothing", "the pattern 'nothing' matches no module name of the model"),
+])
+def test_a_lora_target_pattern_is_checked_like_a_list(tokenizer, tiny_model, pattern, needle):
+    with pytest.raises(UserError, match=re.escape(needle)) as err:
+        _agent(SFT, tokenizer, tiny_model, lora_config={"r": 2, "target_modules": pattern})
+    _one_line(err)
+    agent = _agent(SFT, tokenizer, tiny_model, lora_config={"r": 2, "target_modules": r".*\.(q_proj|v_proj)"})
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[1] for n in dict(agent.model.named_parameters()) if "lora_A" in n} \
+        == {"q_proj", "v_proj"}
