@@ -581,6 +581,8 @@ def unused_options(cfg: SFTConfig, given) -> list[str]:
     else:
         drop(CHAT_OPTIONS, "to training, only to the chat of --eval")
         drop(POPULATION_OPTIONS if cfg.pop_size == 1 else (), "without --pop-size > 1")
+        drop(("save_interval", "eval_interval") if cfg.pop_size > 1 else (),
+             "to --pop-size > 1, whose members are evaluated and saved once per generation (--evo-steps)")
     if getattr(cfg, "loss_type", "simpo") != "simpo":
         drop(("simpo_gamma",), f"to --loss-type {cfg.loss_type} (only to simpo)")
     return problems

@@ -50,10 +50,12 @@ class Member:
         return values
 
 
-def fitness_of(metrics: dict) -> tuple[float, ...]:
-    """Larger is fitter: DPO ``(accuracy, margin)``, SFT ``(-loss,)``."""
+def fitness_of(metrics: dict, beta: float | None = None) -> tuple[float, ...]:
+    """Larger is fitter: DPO ``(accuracy, margin / beta)``, SFT ``(-loss,)``. The reward margin is ``beta`` times
+    the log-ratio margin, so members of different ``beta`` are compared by the log-ratios (by the margin itself
+    without ``beta``): ties on accuracy would otherwise go to the larger ``beta``."""
     if "rewards/accuracies" in metrics:
-        return metrics["rewards/accuracies"], metrics["rewards/margins"]
+        return metrics["rewards/accuracies"], metrics["rewards/margins"] / (beta or 1.0)
     return (-metrics["loss"],)
 
 
@@ -151,9 +153,14 @@ class Population:
         drawn = self.rng.sample(range(len(fitness)), self.tournament_size)
         return max(drawn, key=lambda i: fitness[i])
 
+    def fitness(self, metrics: list[dict]) -> list[tuple[float, ...]]:
+        """Each member's :func:`fitness_of` its held-out ``metrics`` (DPO: at its own ``beta``)."""
+        return [fitness_of(m, getattr(getattr(member.agent, "objective", None), "beta", None))
+                for m, member in zip(metrics, self.members, strict=True)]
+
     def record(self, step: int, metrics: list[dict]) -> int:
         """Add a generation to :attr:`history` (each member as it is now); returns the fittest's index."""
-        fitness = [fitness_of(m) for m in metrics]
+        fitness = self.fitness(metrics)
         elite = max(range(len(fitness)), key=lambda i: fitness[i])
         self.history.append({"generation": len(self.history), "step": step, "elite": elite, "members": [
             {"member": i, **m.hyper, "fitness": list(fitness[i]), "parent": m.parent, "mutation": m.mutation,
@@ -163,7 +170,7 @@ class Population:
     def evolve(self, step: int, metrics: list[dict]) -> int:
         """Record this generation, keep the elite, refill the other slots; returns the elite's index."""
         elite = self.record(step, metrics)
-        fitness = [fitness_of(m) for m in metrics]
+        fitness = self.fitness(metrics)
         # Parents are drawn from this generation as it stands, before any slot is overwritten.
         parents = {i: self.tournament(fitness) for i in range(len(self.members)) if i != elite}
         snapshots = {p: snapshot(self.members[p].agent) for p in set(parents.values())}
@@ -312,6 +319,9 @@ def run_population(cfg) -> Path:
     if cfg.resume:
         check_same_data(s)
     start, leader = load_population(population, s) if cfg.resume else (0, 0)
+    if start >= s.total_steps:   # the loop would not run, and its last generation would be recorded twice
+        raise UserError(f"{run_dir} was saved at step {start}, and {s.total_steps} step(s) are asked for now: give "
+                        f"more steps (--max-steps / --epochs), or none to keep its recorded length")
     log = start_records(s, start, population=cfg.pop_size)
     resuming = f"resuming at step {start} of " if start else ""
     print(f"{cfg.algo.upper()} population of {cfg.pop_size}: {len(s.gym.train_examples)} train / "

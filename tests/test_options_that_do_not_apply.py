@@ -20,6 +20,9 @@ from alignkit.config import build_config, unused_options
     ("sft", ["--mutate-lr-range", "1", "2"], "--mutate-lr-range does not apply without --pop-size > 1: drop it"),
     ("dpo", ["--evo-steps", "5", "--mutate-beta-range", "1", "3"], "--evo-steps, --mutate-beta-range do not apply"),
     ("sft", ["--pop-size", "2", "--tournament-size", "3"], "--tournament-size 3 draws more members than --pop-size 2"),
+    ("dpo", ["--pop-size", "2", "--save-interval", "2", "--eval-interval", "1"],
+     "--save-interval, --eval-interval do not apply to --pop-size > 1, whose members are evaluated and saved once "
+     "per generation (--evo-steps): drop them"),
     ("sft", ["--threads", "100000"], "--threads 100000 is more than the"),
     ("sft", ["--eval", "--load-path", "somewhere", "--lr", "1", "--max-steps", "3"],
      "--lr, --max-steps do not apply to --eval, which chats with an adapter and trains nothing: drop them"),

@@ -1,6 +1,7 @@
 """Population-based tuning on one shared base: selection, mutation, exact copies, a real run."""
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -14,6 +15,9 @@ from alignkit.config import build_config
 from alignkit.population import Population, copy_member, fitness_of, run_population
 
 LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+DPO_DEFAULT_BETA = inspect.signature(DPO).parameters["beta"].default
 
 
 def _members(tokenizer, model, n, algo=DPO):
@@ -79,7 +83,11 @@ def test_selection_keeps_the_elite_and_tournaments_pick_the_fitter(tokenizer, ti
     pair = Population(_members(tokenizer, make_model(), 2), tournament_size=2)
     assert pair.tournament([fitness_of({"loss": 2.0}), fitness_of({"loss": 1.0})]) == 1   # SFT: lower loss
     history = population.history[0]
-    assert history["step"] == 5 and history["elite"] == 2 and history["members"][3]["fitness"] == [0.25, 0.9]
+    assert history["step"] == 5 and history["elite"] == 2
+    assert history["members"][3]["fitness"] == [0.25, pytest.approx(0.9 / DPO_DEFAULT_BETA)]   # the log-ratio margin
+    # accuracy tied: the larger log-ratio margin wins, not the larger reward margin that a larger beta gives
+    assert fitness_of({"rewards/accuracies": 1.0, "rewards/margins": 0.1}, beta=0.1) > \
+        fitness_of({"rewards/accuracies": 1.0, "rewards/margins": 0.3}, beta=1.0)
 
 
 def test_mutations_stay_within_their_bounds(tokenizer, tiny_model, make_model):
@@ -220,6 +228,12 @@ def test_ctrl_c_in_a_population_says_what_was_saved(tiny_model_dir, rows_file, t
     assert err.startswith(said), err
     if stop_at > 3:
         assert err.endswith(f"checkpoint-3; continue with: alignkit sft --resume {run}")
+        monkeypatch.setattr(pop.Population, "learn", learn)
+        for steps in ("3", "2"):   # the loop would not run: the saved generation recorded twice
+            assert main(["sft", "--resume", str(run), "--max-steps", steps]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == (
+                f"error: {run} was saved at step 3, and {steps} step(s) are asked for now: give more steps "
+                "(--max-steps / --epochs), or none to keep its recorded length")
 
 
 def test_sigterm_stops_a_population_like_ctrl_c_with_its_own_exit_code(tiny_model_dir, rows_file, tmp_path,
