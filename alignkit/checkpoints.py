@@ -318,6 +318,17 @@ def _check_same_adapter(agent, weights: dict[str, torch.Tensor], path: Path) -> 
                         f"build the agent with the LoRA settings of {path / 'actor' / 'adapter_config.json'}")
 
 
+def _follow_schedule(scheduler) -> None:
+    """Give the next step the rate the agent's own schedule gives it, not the one saved: the same number when
+    the run resumes as it was, the new schedule's when ``--max-steps`` extended it (the saved rate was the old
+    schedule's, one step later at odds with every step after it)."""
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                          strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 def _load(agent, path: Path) -> dict:
     from peft import set_peft_model_state_dict
 
@@ -339,5 +350,6 @@ def _load(agent, path: Path) -> dict:
     else:
         _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
     agent.scheduler.load_state_dict(state["scheduler"])
+    _follow_schedule(agent.scheduler)
     agent.steps = state["steps"]
     return state["extra"]

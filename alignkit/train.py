@@ -353,6 +353,8 @@ def train(s: Setup) -> dict:
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
               "or --epochs to extend it")
         return {}
+    if start and s.main:   # an extended run is unfinished until its new end: no longer marked finished
+        (s.run_dir / checkpoints.STATE_FILE).unlink(missing_ok=True)
     log = start_records(s, start)
     steps = f"resuming at step {start} of {s.total_steps}" if start else str(s.total_steps)
     say(f"{cfg.algo.upper()}: {len(gym.train_examples)} train / {len(gym.test_examples)} test rows, "

@@ -231,6 +231,26 @@ def test_a_finished_run_is_never_overwritten(tiny_model_dir, rows_file, tmp_path
     assert sorted(_train_losses(run)) == [1, 2]
 
 
+def test_an_extended_run_follows_the_new_schedule_and_is_unfinished_until_its_new_end(tiny_model_dir, rows_file,
+                                                                                    tmp_path, monkeypatch, capsys):
+    from alignkit import checkpoints, train
+
+    whole, short = tmp_path / "whole", tmp_path / "short"
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, whole)]) == 0   # 7 steps from the start
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, short, "--max-steps", "4")]) == 0
+    seen = []
+    real = train.start_records
+    monkeypatch.setattr(train, "start_records", lambda s, start, **kw: (
+        seen.append((short / checkpoints.STATE_FILE).exists()), real(s, start, **kw))[1])
+    assert main(["sft", "--resume", str(short), "--max-steps", "7"]) == 0
+    assert seen == [False]   # while it trains on, the folder does not pass for a finished run
+    rates = {n: {r["step"]: r["lr"] for r in _records(run) if r["split"] == "train"} for n, run in
+             (("whole", whole), ("short", short))}
+    # steps 5-7 take the 7-step schedule's rates (step 5 took the 4-step schedule's last rate before)
+    assert [rates["short"][k] for k in (5, 6, 7)] == [rates["whole"][k] for k in (5, 6, 7)]
+    assert (short / checkpoints.STATE_FILE).exists()
+
+
 def test_run_folders_are_claimed_once(tmp_path):
     cfg = build_config("sft", {"save_path": str(tmp_path)})
     now = datetime(2026, 1, 2, 3, 4, 5)
