@@ -57,6 +57,8 @@ def train_or_chat(algo: str, flags: dict) -> int:
     if flags.get("resume"):
         from .runs import resumed_config
 
+        if flags.get("overwrite"):
+            raise UserError("--overwrite does not apply to --resume, which continues the run in its folder: drop it")
         cfg = resumed_config(algo, flags)
     else:
         cfg = build_config(algo, flags)

@@ -21,7 +21,13 @@ OTHERS_WAIT_S = 20.0
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError (one line, exit 2) like every other user mistake."""
+    """argparse, but a bad flag is a UserError (one line, exit 2) like every other user mistake, and a flag is
+    taken only as written in full (``--no-time`` is not ``--no-timestamp``: an abbreviation could come to mean
+    another flag once one is added)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message}")
@@ -62,6 +68,14 @@ def _int_at_least(text: str, low: int) -> int:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1 (``"1,4"`` -> ``[1, 4]``)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return [positive_int(part) for part in parts]
 
 
 def non_negative_int(text: str) -> int:

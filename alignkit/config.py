@@ -190,7 +190,7 @@ class SFTConfig:
         need(self.pop_size >= 1, f"--pop-size must be >= 1 (got {self.pop_size})")
         need(self.evo_steps >= 1, f"--evo-steps must be >= 1 (got {self.evo_steps})")
         need(1 <= self.tournament_size, f"--tournament-size must be >= 1 (got {self.tournament_size})")
-        need(self.pop_size == 1 or self.tournament_size <= self.pop_size,
+        need(self.pop_size <= 1 or self.tournament_size <= self.pop_size,
              f"--tournament-size {self.tournament_size} draws more members than --pop-size {self.pop_size} has")
         need(0 <= self.mutation_prob <= 1, f"--mutation-prob must be in [0, 1] (got {self.mutation_prob})")
         problems += _range_problems("mutate_lr_range", self.mutate_lr_range)
@@ -486,6 +486,10 @@ def load_yaml(path, cls) -> dict:
             raise UserError(f"{path}: {name} is not set in a config file; give --{name} on the command line")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
+    dpo_only = [u for u in unknown if u in {f.name for f in dataclasses.fields(DPOConfig)}]
+    if dpo_only:   # a DPO recipe given to sft: not a misspelling of an SFT option
+        raise UserError(f"{path}: {', '.join(dpo_only)} {'is a DPO option' if len(dpo_only) == 1 else 'are DPO options'}"
+                        f": the file is for alignkit dpo --config {path}")
     if unknown:
         hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
         said = ", ".join(f"{u} (did you mean {hints[u][0]}?)" if hints[u] else u for u in unknown)

@@ -51,8 +51,12 @@ def script_main(algo: str, argv: list[str]) -> int:
     """Entry of the argument-free ``benchmarking_<algo>.py`` scripts."""
     import sys
 
+    about = (f"benchmarking_{algo}.py takes no arguments: it trains {algo.upper()} with the command line's defaults "
+             f"and shows the held-out answers before and after; 'alignkit {algo} --help' shows a configurable run")
+    if argv in (["--help"], ["-h"]):
+        print(about)
+        return 0
     if argv:
-        print(f"benchmarking_{algo}.py takes no arguments; 'alignkit {algo} --help' shows a configurable run",
-              file=sys.stderr)
+        print(f"error: {about}", file=sys.stderr)
         return 2
     return guarded(train_and_show, algo)

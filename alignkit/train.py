@@ -347,7 +347,7 @@ def train(s: Setup) -> dict:
         check_same_data(s)
     start = _resume_state(s) if cfg.resume else 0
     if start > s.total_steps:
-        raise UserError(f"{s.run_dir} has already reached step {start}, past the {s.total_steps} steps now asked for; "
+        raise UserError(f"{s.run_dir} has already reached step {start}, past the {s.total_steps} step{'s' if s.total_steps != 1 else ''} now asked for; "
                         "give more steps (--max-steps / --epochs) to extend it, or none to keep its recorded length")
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
         say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "

@@ -23,6 +23,8 @@ import time
 
 from workers import bench_parser, print_table, run_worker, save_results
 
+from alignkit.cliutil import positive_int, positive_int_list
+
 
 def worker(args) -> None:
     """One population size in this process; prints one JSON line."""
@@ -56,16 +58,16 @@ def worker(args) -> None:
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--sizes", default="1,4", help="population sizes [default: 1,4]")
-    parser.add_argument("--evo-steps", type=int, default=2, help="optimizer steps per generation [default: 2]")
-    parser.add_argument("--generations", type=int, default=2, help="generations timed [default: 2]")
+    parser.add_argument("--sizes", type=positive_int_list, default=[1, 4], help="population sizes [default: 1,4]")
+    parser.add_argument("--evo-steps", type=positive_int, default=2, help="optimizer steps per generation [default: 2]")
+    parser.add_argument("--generations", type=positive_int, default=2, help="generations timed [default: 2]")
     parser.add_argument("--size", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
     results = []
-    for size in (int(n) for n in args.sizes.split(",")):
+    for size in args.sizes:
         cmd = [sys.executable, __file__, "--worker", "--size", str(size), "--algo", args.algo,
                "--evo-steps", str(args.evo_steps), "--generations", str(args.generations)]
         results.append(run_worker(cmd, f"population of {size}"))

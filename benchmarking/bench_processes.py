@@ -28,6 +28,8 @@ from pathlib import Path
 
 from workers import bench_parser, print_table, run_worker, save_results
 
+from alignkit.cliutil import positive_int, positive_int_list
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,16 +87,18 @@ def measure(args, processes: int) -> dict:
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("--processes", default="1,2", help="comma-separated process counts [default: 1,2]")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps after one warm-up [default: 5]")
-    parser.add_argument("--batch-size", type=int, default=8, help="global rows (pairs) per step [default: 8]")
+    parser.add_argument("--processes", type=positive_int_list, default=[1, 2],
+                        help="comma-separated process counts [default: 1,2]")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="timed optimizer steps after one warm-up [default: 5]")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="global rows (pairs) per step [default: 8]")
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    counts = [int(p) for p in args.processes.split(",")]
-    if any(n < 1 or args.batch_size % n for n in counts):
+    counts = args.processes
+    if any(args.batch_size % n for n in counts):
         parser.error(f"--batch-size {args.batch_size} must split evenly over each of {counts} processes")
     results = [measure(args, n) for n in counts]
     print_table(f"{args.algo.upper()}, global batch {args.batch_size}, {args.steps} timed steps, {os.cpu_count()} cores",

@@ -41,7 +41,17 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=0, help="answer only the first N held-out prompts (0: all)")
     p.add_argument("--out", type=Path, default=Path("outputs/study_nll"), help="output folder")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from alignkit.config import build_config
+
+    build_config("dpo", training_options(args))   # a bad value is refused before --out is made
+    return args
+
+
+def training_options(args, nll_alpha: float = 0.0) -> dict:
+    """The options both runs take from the command line (beside their folder and NLL weight)."""
+    return {"nll_alpha": nll_alpha, "epochs": args.epochs, "max_steps": args.max_steps,
+            "eval_interval": args.eval_interval, "lr": args.lr, "beta": args.beta, "plot": False}
 
 
 def train_runs(args) -> dict[str, dict]:
@@ -56,9 +66,7 @@ def train_runs(args) -> dict[str, dict]:
         folder = args.out / f"dpo_alpha{alpha:g}"
         if not (args.reuse and (folder / "actor" / "adapter_model.safetensors").is_file()):
             cfg = build_config("dpo", {"save_path": str(folder), "no_timestamp": True, "overwrite": True,
-                                       "nll_alpha": alpha, "epochs": args.epochs, "max_steps": args.max_steps,
-                                       "eval_interval": args.eval_interval, "lr": args.lr, "beta": args.beta,
-                                       "plot": False})
+                                       **training_options(args, alpha)})
             run(cfg)
         rows = read_metrics(folder)
         seconds = max(r.get("time", 0.0) for r in rows)   # the run's own clock, also for a reused run

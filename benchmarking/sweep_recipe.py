@@ -79,7 +79,40 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=0, help="answer only the first N held-out prompts (0: all)")
     p.add_argument("--out", type=Path, default=Path("outputs/sweep"), help="output folder")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_options(p, args.option)   # before --out is made or anything trains
+    return args
+
+
+# What the sweep sets for each point itself, and what does not apply to a point (one plain training run).
+SWEPT = ("lr", "max_steps", "epochs", "beta", "nll_alpha", "load_path", "model", "dataset", "save_path",
+         "no_timestamp", "overwrite", "plot")
+NOT_A_POINT = ("pop_size", "resume", "config", "eval")
+
+
+def check_options(parser, pairs) -> None:
+    """Refuse an ``--option`` the sweep sets itself, one neither stage has, or a value of the wrong type."""
+    import dataclasses
+
+    from alignkit.config import DPOConfig, SFTConfig, _coerce, build_config
+    from alignkit.errors import UserError
+
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    for key, value in pairs:
+        if key in NOT_A_POINT:
+            parser.error(f"--option {key}: does not apply to a sweep point, which is one plain training run")
+        if key in SWEPT:
+            parser.error(f"--option {key}: the sweep sets it itself (its own flags choose lr, steps, beta, model "
+                         "and dataset)")
+        if key not in names:
+            parser.error(f"--option {key}: no such training option")
+        if key not in {f.name for f in dataclasses.fields(SFTConfig)}:
+            parser.error(f"--option {key}: a DPO option; every --option applies to both the SFT and DPO+NLL runs")
+        try:
+            _coerce(SFTConfig, key, value, "--option")
+            build_config("dpo", {key: value})
+        except (UserError, TypeError, ValueError) as exc:
+            parser.error(str(exc))
 
 
 def train_point(args, folder: Path, algo: str, options: dict) -> None:

@@ -377,6 +377,7 @@ def test_invalid_option_values_are_refused_before_loading(no_training, capsys, t
     ("- lr\n- 0.1\n", "must hold a mapping of option names to values"),
     ("0.1\n", "must hold a mapping"),
     ("batchsize: 4\nlr: 0.1\n", "unknown option(s) batchsize (did you mean batch_size?) for sft"),
+    ("nll_alpha: 1\nbeta: 0.1\nlr: 0.1\n", "beta, nll_alpha are DPO options: the file is for alignkit dpo --config"),
     (b"# caf\xe9\nlr: 0.1\n", "is not UTF-8 text (line 1)"),
     ("1: 2\n", "option names must be text, got 1"),
     ("? [a, b]\n: 1\n", "found unhashable key"),

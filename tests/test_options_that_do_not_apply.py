@@ -153,3 +153,16 @@ def test_a_damaged_cached_copy_of_a_gguf_model_names_the_copy(tiny_model_dir, tm
     with pytest.raises(UserError, match=rf"the float32 copy of smollm2-135m-instruct in the cache \({copy}\) cannot "
                                         r"be loaded \(.*\); delete that folder and alignkit makes it again"):
         models.load_model("smollm2-135m-instruct", device="cpu")
+
+
+def test_flags_are_taken_only_as_written_in_full(no_training, capsys, tmp_path):  # noqa: F811
+    # an abbreviation could come to mean another flag once one is added
+    assert refused(capsys, *run_flags("sft", tmp_path, "--max-step", "1")) == (
+        "error: alignkit: unrecognized arguments: --max-step 1")
+
+
+def test_resume_refuses_overwrite_and_a_population_of_0_gets_one_line(no_training, capsys, tmp_path):  # noqa: F811
+    assert refused(capsys, "sft", "--resume", str(tmp_path), "--overwrite") == (
+        "error: --overwrite does not apply to --resume, which continues the run in its folder: drop it")
+    assert refused(capsys, *run_flags("sft", tmp_path, "--pop-size", "0")) == (
+        "error: invalid options: --pop-size must be >= 1 (got 0)")

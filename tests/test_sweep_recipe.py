@@ -63,6 +63,21 @@ def test_bad_lists_are_refused_in_one_line(sweep, capsys):
     assert sweep.main(["--option", "nokey"]) == 2
 
 
+@pytest.mark.parametrize("option, needle", [
+    ("foo=bar", "--option foo: no such training option"),
+    ("lr=0.1", "--option lr: the sweep sets it itself"),
+    ("pop_size=2", "--option pop_size: does not apply to a sweep point"),
+    ("loss_type=ipo", "--option loss_type: a DPO option; every --option applies to both"),
+    ("batch_size=abc", "batch_size must be a whole number, got 'abc'"),
+    ("batch_size=-3", "--batch-size must be >= 1 (got -3)"),
+])
+def test_options_are_checked_before_the_out_folder_is_made(sweep, capsys, tmp_path, option, needle):
+    assert sweep.main(["--option", option, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: sweep_recipe.py: ") and needle in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_whole_sweep_on_the_tiny_model(sweep, tiny_model_dir, rows_file, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--model", str(tiny_model_dir), "--dataset", str(rows_file), "--out", str(out),
@@ -93,3 +108,21 @@ def test_a_whole_sweep_on_the_tiny_model(sweep, tiny_model_dir, rows_file, tmp_p
     # a finished run trained with other options is trained again, not reused
     assert sweep.main(argv + ["--reuse", "--option", "max_length=48"]) == 0
     assert all((Path(f) / "metrics.jsonl").stat().st_mtime > before[f] for f in before)
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("bench_population.py", ["--sizes", "1,-2"], "argument --sizes: must be >= 1 (got -2)"),
+    ("bench_population.py", ["--sizes", "a"], "argument --sizes: not a whole number: 'a'"),
+    ("bench_population.py", ["--generations", "0"], "argument --generations: must be >= 1 (got 0)"),
+    ("bench_processes.py", ["--processes", ""], "argument --processes: expected comma-separated whole numbers"),
+    ("bench_processes.py", ["--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
+])
+def test_process_benchmarks_refuse_bad_counts_before_starting_a_worker(monkeypatch, capsys, script, argv, needle):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarking"))
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "benchmarking" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "run_worker", lambda *a, **k: pytest.fail("a worker started"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2 and needle in capsys.readouterr().err
