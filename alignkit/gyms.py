@@ -239,6 +239,24 @@ def _example_id(*parts: list[int]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def _value_problem(value, messages: bool = False) -> str | None:
+    """What a gym cannot encode in a column's ``value`` (worded to follow "holds"), or None: text that is not
+    blank (not in a ``messages`` column), or a non-empty list of ``{role, content}`` messages with text content."""
+    if isinstance(value, str) and messages:
+        return "text"
+    if isinstance(value, str):
+        return None if value.strip() else "blank text"
+    if isinstance(value, list) and value and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return None
+    if isinstance(value, list):
+        return "a list that is not messages" if value else "an empty list"
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return "a number"
+    return {type(None): "nothing", bool: "true/false", dict: "one object"}.get(type(value), f"a {type(value).__name__}")
+
+
 class _Gym:
     """Shared batching: seeded shuffling per epoch, ``reset``/``step``, test-split iteration."""
 
@@ -277,6 +295,10 @@ class _Gym:
     def _collate(self, examples) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _read_columns(self, row) -> list[str]:  # pragma: no cover - abstract
+        """The columns of ``row`` that :meth:`_encode_row` reads."""
+        raise NotImplementedError
+
     def _column_problem(self, columns: tuple, data: str) -> str | None:  # pragma: no cover - abstract
         """What is wrong with rows of ``columns`` (argument ``data``) for this gym, or None."""
         raise NotImplementedError
@@ -307,7 +329,13 @@ class _Gym:
     def _encode_split(self, dataset, split: str) -> list:
         stats = EncodeStats()
         examples = []
-        for row in self._rows(dataset, split):
+        for number, row in enumerate(self._rows(dataset, split), start=1):
+            for column in self._read_columns(row):
+                problem = _value_problem(row[column], messages=column == "messages")
+                if problem:
+                    raise ArgumentError(f"{split}_dataset row {number}: {column} holds {problem}, where text or a list "
+                                        "of {role, content} messages with text content is needed (make_dataset reads "
+                                        "more shapes, and drops unusable rows with a count)")
             stats.rows += 1
             ex = self._encode_row(row, stats)
             if ex is not None:
@@ -447,6 +475,11 @@ class SFTGym(_Gym):
         super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
                          accelerator, max_context_length, seed)
 
+    def _read_columns(self, row):
+        if "messages" in row and self.prompt_column not in row:
+            return ["messages"]
+        return [self.prompt_column, self.response_column or ("completion" if "completion" in row else "chosen")]
+
     def _encode_row(self, row, stats):
         if "messages" in row and self.prompt_column not in row:
             enc, merged = encode_messages(self.tokenizer, row["messages"])
@@ -500,6 +533,9 @@ class PreferenceGym(_Gym):
                  accelerator=None, max_context_length=_DEFAULTS.max_length, seed=_DEFAULTS.seed):
         super().__init__(train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu,
                          accelerator, max_context_length, seed)
+
+    def _read_columns(self, row):
+        return ["prompt", "chosen", "rejected"]
 
     def _encode_row(self, row, stats):
         chosen, merged_c = encode_pair(self.tokenizer, row["prompt"], row["chosen"])

@@ -332,3 +332,22 @@ def test_a_lora_target_pattern_is_checked_like_a_list(tokenizer, tiny_model, pat
     agent = _agent(SFT, tokenizer, tiny_model, lora_config={"r": 2, "target_modules": r".*\.(q_proj|v_proj)"})
     assert {n.split(".lora_A")[0].rsplit(".", 1)[1] for n in dict(agent.model.named_parameters()) if "lora_A" in n} \
         == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("row, column, problem", [
+    ({"prompt": "hi", "completion": None}, "completion", "nothing"),
+    ({"prompt": "hi", "completion": 5}, "completion", "a number"),
+    ({"prompt": "  ", "completion": "yes"}, "prompt", "blank text"),
+    ({"messages": "hello"}, "messages", "text"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages", "a list that is not messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "messages",
+     "a list that is not messages"),
+])
+def test_a_row_value_a_gym_cannot_encode_is_named_with_its_row(tokenizer, rows, row, column, problem):
+    good = {"prompt": "fine", "completion": "yes"} if "prompt" in row else \
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(UserError) as err:
+        SFTGym([good, row], None, tokenizer)
+    assert _one_line(err) == (f"train_dataset row 2: {column} holds {problem}, where text or a list of {{role, "
+                              "content} messages with text content is needed (make_dataset reads more shapes, and "
+                              "drops unusable rows with a count)")
