@@ -149,4 +149,7 @@ def lora_config_from(value) -> LoraConfig | None:
         raise ArgumentError(f"lora_config must be a peft.LoraConfig or a dict of its fields (got {type(value).__name__})")
     if value is not None:
         checked("lora_config r", value.r, 1, whole=True)
+        checked("lora_config lora_alpha", value.lora_alpha, 0, above=True)
+        if checked("lora_config lora_dropout", value.lora_dropout, 0, 1) == 1:   # every input dropped
+            raise ArgumentError("lora_config lora_dropout must be below 1 (got 1)")
     return value

@@ -277,6 +277,8 @@ class LLMAgent:
             got = f"a {self.other_gym[1]}" if self.other_gym[1] in kinds else repr(env) if env is None else \
                 f"a {type(env).__name__}"
             raise ArgumentError(f"env must be a {self.gym}, whose test split {type(self).__name__} scores (got {got})")
+        if batch_size is not None:
+            batch_size = checked("batch_size", batch_size, 1, whole=True)
         self.activate()
         self.model.eval()
         size = batch_size or min(self.batch_size, NO_GRAD_ROWS * self.micro_batch_size)

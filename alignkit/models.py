@@ -525,7 +525,9 @@ def _check_targets(model, targets) -> None:
     if isinstance(targets, str):
         pattern, targets = targets, [n for n, _ in model.named_modules() if n and re.fullmatch(targets, n)]
         if not targets:
-            raise UserError(f"--lora-target-modules: the pattern {pattern!r} matches no module name of the model")
+            plain = " (a text is a pattern over whole module names; give a list such as [\"q_proj\"] to name modules)" \
+                if any(n.endswith("." + pattern) for n, _ in model.named_modules()) else ""
+            raise UserError(f"--lora-target-modules: the pattern {pattern!r} matches no module name of the model{plain}")
     from transformers.pytorch_utils import Conv1D
 
     # (on a model that has adapters already, a matched module is a LoRA layer: what it adapts is its base_layer)

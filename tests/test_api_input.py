@@ -181,6 +181,11 @@ def test_lora_config_may_be_a_dict(tokenizer, tiny_model):
     ("r=4", r"^lora_config must be a peft.LoraConfig or a dict of its fields \(got str\)$"),
     ({"r": 0}, r"^lora_config r must be a whole number >= 1 \(got 0\)$"),
     ({"r": "4"}, r"^lora_config r must be a whole number >= 1 \(got '4'\)$"),
+    ({"r": 4, "lora_alpha": "16"}, r"^lora_config lora_alpha must be a number > 0 \(got '16'\)$"),
+    ({"r": 4, "lora_dropout": 1.5}, r"^lora_config lora_dropout must be a number >= 0 and <= 1 \(got 1.5\)$"),
+    ({"r": 4, "lora_dropout": 1.0}, r"^lora_config lora_dropout must be below 1 \(got 1\)$"),
+    ({"r": 4, "target_modules": "q_proj"}, r"the pattern 'q_proj' matches no module name of the model \(a text is a "
+                                           r"pattern over whole module names; give a list such as \[\"q_proj\"\]"),
 ])
 def test_a_bad_lora_config_is_named(tokenizer, tiny_model, lora, pattern):
     with pytest.raises(UserError, match=pattern) as err:
@@ -351,3 +356,9 @@ def test_a_row_value_a_gym_cannot_encode_is_named_with_its_row(tokenizer, rows, 
     assert _one_line(err) == (f"train_dataset row 2: {column} holds {problem}, where text or a list of {{role, "
                               "content} messages with text content is needed (make_dataset reads more shapes, and "
                               "drops unusable rows with a count)")
+
+
+@pytest.mark.parametrize("size", [0, -1, "x", 2.5])
+def test_test_batch_size_is_checked(sft_agent, tokenizer, rows, size):
+    with pytest.raises(UserError, match=rf"^batch_size must be a whole number >= 1 \(got {re.escape(repr(size))}\)$"):
+        sft_agent.test(SFTGym(rows, rows[:2], tokenizer), batch_size=size)
