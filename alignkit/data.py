@@ -33,8 +33,8 @@ from alignkit.columns import (
     column_map_from,
     unread_columns,
 )
-from alignkit.errors import UserError
-from alignkit.formats import detect_shape, normalize, value_problem
+from alignkit.errors import ArgumentError, UserError
+from alignkit.formats import TASKS, detect_shape, normalize, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ SEED_LIMIT = 2 ** 63
 
 def seed_problem(seed) -> str | None:
     """What is wrong with ``seed`` as a random seed (its words after the option's name), or None."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
         return f"must be a whole number from 0 to {SEED_LIMIT - 1} (got {seed!r})"
     return None
 
@@ -122,6 +122,14 @@ def make_dataset(
     problem = seed_problem(seed)
     if problem:
         raise UserError(f"seed {problem}")
+    seed = int(seed)
+    if task not in TASKS:
+        raise ArgumentError(f"task must be one of {', '.join(TASKS)} (got {task!r}): preference rows train DPO, "
+                            "sft rows SFT")
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ArgumentError(f"name_or_path must be a file path, a bundled set's name or a hub id (got "
+                            f"{type(name_or_path).__name__}); rows already in memory go to SFTGym / PreferenceGym "
+                            "as they are")
     if columns is not None:
         columns = _check_columns_arg(columns)
     column_map, eval_column_map = column_map_from(column_map), column_map_from(eval_column_map, "eval_column_map")

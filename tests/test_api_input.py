@@ -362,3 +362,18 @@ def test_a_row_value_a_gym_cannot_encode_is_named_with_its_row(tokenizer, rows, 
 def test_test_batch_size_is_checked(sft_agent, tokenizer, rows, size):
     with pytest.raises(UserError, match=rf"^batch_size must be a whole number >= 1 \(got {re.escape(repr(size))}\)$"):
         sft_agent.test(SFTGym(rows, rows[:2], tokenizer), batch_size=size)
+
+
+def test_make_dataset_checks_its_task_and_source_before_reading_and_takes_numpy_seeds(monkeypatch):
+    from alignkit import make_dataset
+
+    monkeypatch.setattr("alignkit.data.usable_rows", lambda *a, **k: pytest.fail("read the data first"))
+    for kwargs, needle in ((dict(task="dpo"), "task must be one of sft, preference (got 'dpo')"),
+                           (dict(name_or_path=[{"prompt": "q"}]), "name_or_path must be a file path, a bundled set's "
+                                                                  "name or a hub id (got list)")):
+        with pytest.raises(UserError, match=re.escape(needle)) as err:
+            make_dataset(**kwargs)
+        _one_line(err)
+    monkeypatch.undo()
+    train, test = make_dataset(seed=np.int64(3))
+    assert train.to_list() == make_dataset(seed=3)[0].to_list()
