@@ -525,8 +525,9 @@ class PreferenceGym(_Gym):
     Values are text, or message lists (a multi-turn prompt, assistant answers): see
     ``make_dataset``. Both answers of a pair share the prompt's tokens, so packing runs it once.
 
-    Arguments as for :class:`SFTGym`. Each batch holds the chosen sequences followed by the
-    rejected ones, so both run in a single forward pass.
+    Arguments as for :class:`SFTGym`, but for ``prompt_column`` and ``response_column``: the columns are
+    ``prompt``, ``chosen`` and ``rejected`` (``make_dataset``'s ``column_map`` renames others). Each batch
+    holds the chosen sequences followed by the rejected ones, so both run in a single forward pass.
     """
 
     def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu=_DEFAULTS.batch_size,
