@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel
 from . import checkpoints
 from .adapters import lora_config_from
 from .config import DPOConfig, SFTConfig, preference_problems
-from .errors import ArgumentError, checked
+from .errors import ArgumentError, check_accelerator, checked
 from .forward import ResponseLogps, response_counts, sequence_logps
 from .gyms import checked_seed
 from .kernels import use_fast_linears
@@ -103,6 +103,10 @@ class LLMAgent:
                                                                                                    min_lr_ratio, 0, 1)
         total_steps = total_steps if total_steps is None else checked("total_steps", total_steps, 0, whole=True)
         lora_config = lora_config_from(lora_config)
+        if not isinstance(actor_network, torch.nn.Module):
+            raise ArgumentError(f"actor_network must be a causal language model, e.g. load_model()'s (got "
+                                f"{type(actor_network).__name__})")
+        check_accelerator(accelerator)
         torch.manual_seed(seed)
         self.pad_token_id, self.pad_token, self.micro_batch_size = pad_token_id, pad_token, micro
         self.batch_size, self.lr, self.update_epochs = batch_size, lr, update_epochs

@@ -47,3 +47,11 @@ def checked(name: str, value, low: float = -math.inf, high: float = math.inf, *,
         what = f"{'a whole number' if whole else 'a number'} {' and '.join(bounds)}" if bounds else "a finite number"
         raise ArgumentError(f"{name} must be {what} (got {value!r})")
     return number
+
+
+def check_accelerator(accelerator, uses: str = "prepare") -> None:
+    """An :class:`ArgumentError` unless ``accelerator`` is None or an ``accelerate.Accelerator`` (anything with
+    the attribute ``uses`` it is read for): a device name such as ``"cpu"`` is not one."""
+    if accelerator is not None and not hasattr(accelerator, uses):
+        raise ArgumentError(f"accelerator must be an accelerate.Accelerator or None (got {accelerator!r}); the "
+                            "device is the model's: load_model(device=...)")

@@ -26,7 +26,7 @@ import torch
 
 from .config import SFTConfig
 from .data import seed_problem
-from .errors import ArgumentError, UserError, checked
+from .errors import ArgumentError, UserError, check_accelerator, checked
 from .formats import opens_conversation
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,10 @@ class _Gym:
         self.max_context_length = max_context_length = checked("max_context_length", max_context_length, 2,
                                                                whole=True)
         self.seed = checked_seed(seed)
+        if not callable(getattr(tokenizer, "apply_chat_template", None)):
+            raise ArgumentError(f"tokenizer must be a transformers tokenizer, e.g. load_tokenizer()'s (got "
+                                f"{type(tokenizer).__name__})")
+        check_accelerator(accelerator, uses="num_processes")   # (the gym reads only how the data is shared)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer

@@ -377,3 +377,18 @@ def test_make_dataset_checks_its_task_and_source_before_reading_and_takes_numpy_
     monkeypatch.undo()
     train, test = make_dataset(seed=np.int64(3))
     assert train.to_list() == make_dataset(seed=3)[0].to_list()
+
+
+def test_a_model_tokenizer_or_accelerator_of_the_wrong_kind_is_named(tokenizer, tiny_model, rows):
+    for make, needle in (
+            (lambda: _agent(SFT, tokenizer, None), "actor_network must be a causal language model, e.g. load_model()'s "
+                                                   "(got NoneType)"),
+            (lambda: _agent(SFT, tokenizer, tiny_model, accelerator="cpu"), "accelerator must be an "
+             "accelerate.Accelerator or None (got 'cpu'); the device is the model's: load_model(device=...)"),
+            (lambda: SFTGym(rows, None, None), "tokenizer must be a transformers tokenizer, e.g. load_tokenizer()'s "
+                                               "(got NoneType)"),
+            (lambda: PreferenceGym(rows, None, tokenizer, accelerator="cuda"), "accelerator must be an "
+             "accelerate.Accelerator or None (got 'cuda')")):
+        with pytest.raises(UserError, match=re.escape(needle)) as err:
+            make()
+        _one_line(err)
