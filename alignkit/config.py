@@ -589,4 +589,6 @@ def unused_options(cfg: SFTConfig, given) -> list[str]:
              "to --pop-size > 1, whose members are evaluated and saved once per generation (--evo-steps)")
     if getattr(cfg, "loss_type", "simpo") != "simpo":
         drop(("simpo_gamma",), f"to --loss-type {cfg.loss_type} (only to simpo)")
+    elif cfg.algo == "dpo":
+        drop(("reuse_reference",), "to --loss-type simpo, which has no reference")
     return problems

@@ -15,6 +15,8 @@ from alignkit.config import build_config, unused_options
 
 @pytest.mark.parametrize("algo, flags, needle", [
     ("dpo", ["--simpo-gamma", "1"], "--simpo-gamma does not apply to --loss-type sigmoid (only to simpo): drop it"),
+    ("dpo", ["--loss-type", "simpo", "--reuse-reference"],
+     "--reuse-reference does not apply to --loss-type simpo, which has no reference: drop it"),
     ("sft", ["--temperature", "0.7", "--max-new-tokens", "9"],
      "--max-new-tokens, --temperature do not apply to training, only to the chat of --eval: drop them"),
     ("sft", ["--mutate-lr-range", "1", "2"], "--mutate-lr-range does not apply without --pop-size > 1: drop it"),
