@@ -27,7 +27,7 @@ import torch
 from .config import SFTConfig
 from .data import seed_problem
 from .errors import ArgumentError, UserError, check_accelerator, checked
-from .formats import opens_conversation
+from .formats import opens_conversation, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _value_problem(value, messages: bool = False) -> str | None:
     if isinstance(value, str) and messages:
         return "text"
     if isinstance(value, str):
-        return None if value.strip() else "blank text"
+        return value_problem(value)   # blank, or not valid Unicode
     if isinstance(value, list) and value and all(
             isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):

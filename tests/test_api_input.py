@@ -342,7 +342,8 @@ def test_a_lora_target_pattern_is_checked_like_a_list(tokenizer, tiny_model, pat
 @pytest.mark.parametrize("row, column, problem", [
     ({"prompt": "hi", "completion": None}, "completion", "nothing"),
     ({"prompt": "hi", "completion": 5}, "completion", "a number"),
-    ({"prompt": "  ", "completion": "yes"}, "prompt", "blank text"),
+    ({"prompt": "  ", "completion": "yes"}, "prompt", "an empty value"),
+    ({"prompt": "caf\udce9", "completion": "yes"}, "prompt", "text that is not valid Unicode (a lone surrogate)"),
     ({"messages": "hello"}, "messages", "text"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages", "a list that is not messages"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "messages",
