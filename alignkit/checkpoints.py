@@ -318,10 +318,11 @@ def _check_same_adapter(agent, weights: dict[str, torch.Tensor], path: Path) -> 
                         f"build the agent with the LoRA settings of {path / 'actor' / 'adapter_config.json'}")
 
 
-def _follow_schedule(scheduler) -> None:
-    """Give the next step the rate the agent's own schedule gives it, not the one saved: the same number when
+def follow_schedule(scheduler) -> None:
+    """Give the next step the rate the scheduler's own schedule gives it now. After a load: the same number when
     the run resumes as it was, the new schedule's when ``--max-steps`` extended it (the saved rate was the old
-    schedule's, one step later at odds with every step after it)."""
+    schedule's, one step later at odds with every step after it); after a new peak rate (a population's
+    mutation), that rate's point on the schedule."""
     rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas,
                                                                           strict=True)]
     for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
@@ -350,6 +351,6 @@ def _load(agent, path: Path) -> dict:
     else:
         _restore_optimizer(agent.optimizer, tensors, state["optimizer"])
     agent.scheduler.load_state_dict(state["scheduler"])
-    _follow_schedule(agent.scheduler)
+    follow_schedule(agent.scheduler)
     agent.steps = state["steps"]
     return state["extra"]

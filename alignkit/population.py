@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .agents import DPO, LLMAgent, lr_factor
+from .agents import DPO, LLMAgent
 from .errors import UserError
 
 
@@ -61,12 +61,13 @@ def fitness_of(metrics: dict, beta: float | None = None) -> tuple[float, ...]:
 
 def set_lr(agent: LLMAgent, lr: float) -> None:
     """Give ``agent`` the peak learning rate ``lr`` from its next step on (the schedule's shape stays)."""
+    from .checkpoints import follow_schedule
+
     agent.lr = lr
     agent.scheduler.base_lrs = [lr for _ in agent.scheduler.base_lrs]
-    rate = lr * lr_factor(agent.scheduler.last_epoch, agent.warmup_steps, agent.total_steps, agent.min_lr_ratio)
     for group in agent.optimizer.param_groups:
-        group["initial_lr"], group["lr"] = lr, rate
-    agent.scheduler._last_lr = [rate for _ in agent.optimizer.param_groups]
+        group["initial_lr"] = lr
+    follow_schedule(agent.scheduler)
 
 
 def set_beta(agent: DPO, beta: float) -> None:
