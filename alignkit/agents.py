@@ -23,13 +23,13 @@ from . import checkpoints
 from .adapters import lora_config_from
 from .config import DPOConfig, SFTConfig, preference_problems
 from .errors import ArgumentError, check_accelerator, checked
-from .forward import ResponseLogps, response_counts, sequence_logps
+from .forward import ResponseLogps, sequence_logps
 from .gyms import checked_seed
 from .kernels import use_fast_linears
 from .losses import PREFERENCE_LOSSES, dpo_nll_loss, preference_loss, sft_loss
 from .models import adapter_parameters, add_lora
 from .processes import is_deepspeed, is_sharded, most_over_processes, prepare_deepspeed
-from .reference import ReferencePolicy, ReferenceStore, cached_pairs, remember_pairs
+from .reference import ReferencePolicy, ReferenceStore, remembering
 
 # The option dataclasses are the one source of defaults; the keyword API below reads them.
 _SFT, _DPO = SFTConfig(), DPOConfig()
@@ -276,10 +276,8 @@ class LLMAgent:
 
         ``batch_size``: rows (pairs) per forward; by default up to :data:`NO_GRAD_ROWS` micro-batches.
         """
-        kinds = {c.__name__ for c in type(env).__mro__}
-        if self.gym not in kinds:
-            got = f"a {self.other_gym[1]}" if self.other_gym[1] in kinds else repr(env) if env is None else \
-                f"a {type(env).__name__}"
+        if self.gym not in {c.__name__ for c in type(env).__mro__}:
+            got = "None" if env is None else f"a {type(env).__name__}"
             raise ArgumentError(f"env must be a {self.gym}, whose test split {type(self).__name__} scores (got {got})")
         if batch_size is not None:
             batch_size = checked("batch_size", batch_size, 1, whole=True)
@@ -473,23 +471,6 @@ def preference_micro_loss(policy, reference: ReferencePolicy | None, objective: 
     loss, sums = objective(logps, counts, ref_c, ref_r, n_pairs, n_tokens)
     sums["tokens"] = micro["attention_mask"].sum()
     return loss, sums
-
-
-def remembering(policy, known: dict[int, tuple[float, float]]):
-    """``policy`` (as :func:`preference_micro_loss` takes it) that remembers its log-probs in ``known``.
-
-    ``known`` maps a pair's ``example_id`` to its (chosen, rejected) log-probs under this very model.
-    A batch whose pairs are all there is looked up instead of run (no gradient: for scoring only); the
-    log-probs of the batches that run are added to it.
-    """
-    def run(micro, shared):
-        ids = micro["example_ids"].tolist()
-        if ids and all(key in known for key in ids):
-            return torch.cat(cached_pairs(known, ids, micro["labels"].device)), response_counts(micro["labels"])
-        logps, counts = policy(micro, shared)
-        remember_pairs(known, ids, logps)
-        return logps, counts
-    return run
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .forward import layout, sequence_logps
+from .forward import layout, response_counts, sequence_logps
 from .io import atomic_write_json
 from .models import adapter_parameters, cache_dir
 from .processes import any_process, is_sharded, local_tensor
@@ -299,3 +299,20 @@ def reference_store(model, base_model: str, load_path: str | None, packed: bool,
         h.update((Path(load_path) / "adapter_model.safetensors").read_bytes())
         h.update(_canonical_config(Path(load_path) / "adapter_config.json").encode())
     return ReferenceStore((root or cache_dir() / "reference_logps") / h.hexdigest()[:24])
+
+
+def remembering(policy, known: dict[int, tuple[float, float]]):
+    """``policy`` (as ``alignkit.agents.preference_micro_loss`` takes it) that remembers its log-probs in ``known``.
+
+    ``known`` maps a pair's ``example_id`` to its (chosen, rejected) log-probs under this very model.
+    A batch whose pairs are all there is looked up instead of run (no gradient: for scoring only); the
+    log-probs of the batches that run are added to it.
+    """
+    def run(micro, shared):
+        ids = micro["example_ids"].tolist()
+        if ids and all(key in known for key in ids):
+            return torch.cat(cached_pairs(known, ids, micro["labels"].device)), response_counts(micro["labels"])
+        logps, counts = policy(micro, shared)
+        remember_pairs(known, ids, logps)
+        return logps, counts
+    return run
