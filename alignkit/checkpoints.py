@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import CHAT_TEMPLATE_FILE, error_line
+from .adapters import CHAT_TEMPLATE_FILE, error_line, read_adapter_config
 from .errors import ArgumentError, UserError
 from .io import atomic_folder, atomic_write, atomic_write_text, unwritable
 from .models import adapter_parameters
@@ -305,7 +305,7 @@ def _check_same_adapter(agent, weights: dict[str, torch.Tensor], path: Path) -> 
     """A UserError when the checkpoint's adapter is not the shape of ``agent``'s (other LoRA targets, rank or
     alpha): found before anything of the agent is changed."""
     params = adapter_parameters(agent.unwrapped_model(), agent.adapter_name, saved_names=True)
-    saved = json.loads((path / "actor" / "adapter_config.json").read_text())
+    saved = read_adapter_config(path / "actor")
     alpha = agent.unwrapped_model().peft_config[agent.adapter_name].lora_alpha
     differ = next((f"{n}: {tuple(weights[n].shape)} saved, {tuple(p.shape)} here" for n, p in params.items()
                    if n in weights and weights[n].shape != p.shape), None)
