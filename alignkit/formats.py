@@ -47,6 +47,7 @@ Rows with a blank message or missing text are dropped with a counted warning, as
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any
 
@@ -158,7 +159,7 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
                                     or str(value.get(role_key, "")).lower() in ("tool", "function", "ipython")):
         raise Dropped(TOOL_TURN)
     if not isinstance(value, dict) or role_key not in value or text_key not in value:
-        _fail(row, f"{what} holds {_kind(value)} where a {{{role_key}, {text_key}}} object is needed")
+        _fail(row, f"{what} holds {kind_of(value)} where a {{{role_key}, {text_key}}} object is needed")
     role, content = value[role_key], value[text_key]
     if not isinstance(role, str) or role.lower() not in speakers:
         kind = "speaker" if speakers is SHAREGPT_ROLES else "role"
@@ -169,7 +170,7 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
     if isinstance(content, list):
         content = _text_of_parts(content, row, what)
     if not isinstance(content, str):
-        _fail(row, f"{what} has a {text_key} that is {_kind(content)}, not text")
+        _fail(row, f"{what} has a {text_key} that is {kind_of(content)}, not text")
     if not content.strip():
         raise Dropped("an empty message")
     _check_unicode(content)
@@ -203,11 +204,16 @@ def _check_unicode(text: str) -> None:
         raise Dropped("text that is not valid Unicode (a lone surrogate)")
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """What ``value`` is, in words for an error line: "nothing", "text", "a number", "a list", "an object with
+    only 'a', 'b'" (a dict, named by its keys), else "a <type>"."""
     if isinstance(value, dict):
         keys = ", ".join(map(repr, list(value)[:6])) + (", ..." if len(value) > 6 else "")
         return f"an object with only {keys}" if value else "an empty object"
-    return {list: "a list", str: "text", type(None): "nothing", bool: "true/false"}.get(type(value), "a number")
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return "a number"
+    return {list: "a list", str: "text", type(None): "nothing", bool: "true/false"}.get(type(value),
+                                                                                      f"a {type(value).__name__}")
 
 
 def messages_of(value: Any, row: int, what: str, sharegpt: bool = False, lone_role: str | None = None) -> list:
@@ -221,7 +227,7 @@ def messages_of(value: Any, row: int, what: str, sharegpt: bool = False, lone_ro
     if not isinstance(value, list):
         hint = (" (CSV cells are always text: keep message lists in a .jsonl, .json or .parquet file)"
                 if isinstance(value, str) and value.lstrip().startswith(("[", "{")) else "")
-        _fail(row, f"{what} is {_kind(value)}; a list of messages is needed{hint}")
+        _fail(row, f"{what} is {kind_of(value)}; a list of messages is needed{hint}")
     if not value:
         _fail(row, f"{what} is an empty conversation")
     return [_message(m, row, f"{what} message {i}", sharegpt) for i, m in enumerate(value, start=1)]
@@ -441,7 +447,7 @@ def _system_text(value: Any, row: int, column: str = "system") -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
         return None
     if not isinstance(value, str):
-        _fail(row, f"{column} is {_kind(value)}, not text")
+        _fail(row, f"{column} is {kind_of(value)}, not text")
     _check_unicode(value)
     return value
 

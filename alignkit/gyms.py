@@ -27,7 +27,7 @@ import torch
 from .config import SFTConfig
 from .data import seed_problem
 from .errors import ArgumentError, UserError, check_accelerator, checked
-from .formats import opens_conversation, value_problem
+from .formats import kind_of, opens_conversation, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +252,7 @@ def _value_problem(value, messages: bool = False) -> str | None:
         return None
     if isinstance(value, list):
         return "a list that is not messages" if value else "an empty list"
-    if isinstance(value, numbers.Number) and not isinstance(value, bool):
-        return "a number"
-    return {type(None): "nothing", bool: "true/false", dict: "one object"}.get(type(value), f"a {type(value).__name__}")
+    return kind_of(value)
 
 
 class _Gym:
