@@ -22,7 +22,6 @@ import json
 import math
 import random
 import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .agents import DPO, LLMAgent
 from .errors import UserError
+from .train import StopSignals
 
 
 @dataclass
@@ -262,24 +262,20 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-class _TermAsInterrupt:
+class _TermAsInterrupt(StopSignals):
     """SIGTERM stops a population run as Ctrl-C does, at once with its message (a population is saved once per
-    generation, so there is no step to finish first); ``signum`` says which of the two came."""
+    generation, so there is no step to finish first); ``signum`` says which of the two came (Ctrl-C keeps
+    Python's own KeyboardInterrupt)."""
 
-    signum = signal.SIGINT
+    SIGNALS = (signal.SIGTERM,)
+
+    def __init__(self):
+        super().__init__()
+        self.signum = signal.SIGINT
 
     def _handle(self, signum, frame):
         self.signum = signum
         raise KeyboardInterrupt
-
-    def __enter__(self):
-        self._previous = (signal.signal(signal.SIGTERM, self._handle)
-                          if threading.current_thread() is threading.main_thread() else None)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def run_population(cfg) -> Path:

@@ -240,9 +240,11 @@ def _short(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
 
 
-class _StopSignals:
+class StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one
     interrupts at once (as a KeyboardInterrupt). Only the main thread can take signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)   # the signals it takes over while it is entered
 
     def __init__(self):
         self.signum: int | None = None
@@ -257,7 +259,7 @@ class _StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -368,7 +370,7 @@ def train(s: Setup) -> dict:
         return metrics
 
     try:
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             if not start:
                 evaluate(0)
             with tqdm(total=s.total_steps, initial=start, desc=cfg.algo.upper(), unit="step",
