@@ -507,3 +507,28 @@ def test_adapters_that_cannot_share_a_batch_are_told_apart(make_model):
 
 
 # -- drafted single streams ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_token_attention_equals_scaled_dot_product_attention(rows, masked, monkeypatch):
+    from alignkit import lean_step
+
+    generator = torch.Generator().manual_seed(rows)
+    store = torch.randn(2, rows, 3, 40, 8, generator=generator)
+    keys, values = store[0, :, :, :33], store[1, :, :, :33]   # views of a roomier cache, as decoding has
+    query = torch.randn(rows, 3, 2, 8, generator=generator)
+    mask = None
+    if masked:   # rows of different lengths, each seeing its own real positions
+        lengths = torch.randint(1, 34, (rows,), generator=generator)
+        mask = (torch.arange(33)[None] < lengths[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=0.3)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = lean_step.attend_one_token(query, keys, values, mask, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (rows < lean_step.ATTENTION_PRODUCTS_FROM_ROWS)   # products from 4 rows on
+    if masked:
+        torch.testing.assert_close(lean_step.attend_one_token(query, keys, values, mask, 0.3, mask.logical_not()), out)
