@@ -35,7 +35,8 @@ processes on the machine disturb single runs. Every run checks that both sides p
 tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step did nothing but
 multiply the case's rows by every weight matrix once (float32 weights streamed from memory, packed
 as ours packs them: the floor of any float32 decoder here that takes one token per row and step;
-drafted steps take more). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+drafted steps take more), and the same with the rows leaving the batch as their answers end (the
+bound for that very case: a batch whose rows end early spends most steps on a few rows). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
 --format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
 """
 
@@ -127,29 +128,56 @@ def _undrafted(model, prompts, max_new_tokens, stop, pad):
     return _ours(model, prompts, max_new_tokens, stop, pad, draft_tokens=0)
 
 
-def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
-    """Tokens/s if a decoding step cost nothing but multiplying ``rows`` rows by every weight matrix
+def _pass_seconds(model, row_counts, repeats: int = 5) -> dict[int, float]:
+    """Per row count of ``row_counts``, the seconds of multiplying that many rows by every weight matrix
     of the model once (LoRA merged, as ours decodes; through oneDNN or packed for MKL where ours is, see
-    ``alignkit.lean_step.Product``): the bound the machine puts on any float32 decoder that keeps every
-    row in the batch for every step, before attention, norms or Python. Best of ``repeats`` passes, so
-    it is optimistic (weights partly left in cache by the last pass)."""
+    ``alignkit.lean_step.Product``), best of ``repeats`` passes, so optimistic (weights partly left in
+    cache by the last pass)."""
     import torch
 
     from alignkit.generation import merged_lora
     from alignkit.lean_step import Product, decoding_products
 
+    seconds = {}
     with merged_lora(model), torch.no_grad():
-        onednn, pack_rows = decoding_products(model.get_base_model(), rows)
-        products = [Product(m.weight, pack_rows=pack_rows, onednn=onednn) for m in model.modules()
-                    if type(m) is torch.nn.Linear]
-        inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
-        best = float("inf")
-        for _ in range(repeats + 1):   # the first pass only warms up
-            start = time.perf_counter()
-            for product in products:
-                product(inputs[product.weight.shape[1]])
-            best = min(best, time.perf_counter() - start)
-    return rows / best
+        for rows in sorted(set(row_counts)):
+            onednn, pack_rows = decoding_products(model.get_base_model(), rows)
+            products = [Product(m.weight, pack_rows=pack_rows, onednn=onednn) for m in model.modules()
+                        if type(m) is torch.nn.Linear]
+            inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
+            best = float("inf")
+            for _ in range(repeats + 1):   # the first pass only warms up
+                start = time.perf_counter()
+                for product in products:
+                    product(inputs[product.weight.shape[1]])
+                best = min(best, time.perf_counter() - start)
+            seconds[rows] = best
+    return seconds
+
+
+def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
+    """Tokens/s if a decoding step cost nothing but multiplying ``rows`` rows by every weight matrix
+    of the model once (:func:`_pass_seconds`): the bound the machine puts on any float32 decoder that keeps every
+    row in the batch for every step, before attention, norms or Python."""
+    return rows / _pass_seconds(model, [rows], repeats)[rows]
+
+
+def rows_per_step(answers: list[list[int]], max_new_tokens: int) -> list[int]:
+    """The rows of each decoding step after the prompts' pass, one token per row and step, when each row
+    leaves as it ends: the prompts' pass gives every row its first token, and the steps after it give
+    the rest; a row that stopped on its stop token (shorter than ``max_new_tokens``) also ran the step
+    that chose it. ``answers`` are the token lists without the stop token."""
+    steps = [len(a) if len(a) < max_new_tokens else len(a) - 1 for a in answers]
+    return [sum(1 for n in steps if n > s) for s in range(max(steps, default=0))]
+
+
+def _schedule_bound(model, answers: list[list[int]], max_new_tokens: int) -> float:
+    """Tokens/s of a decoder whose steps cost nothing but multiplying their rows by every weight once,
+    with the rows leaving as ``answers`` end (:func:`rows_per_step`): the bound on one-token-per-row-and-step
+    decoding of this very case, which a batch whose rows end early keeps far below :func:`_matmul_bound`."""
+    schedule = rows_per_step(answers, max_new_tokens)
+    seconds = _pass_seconds(model, schedule)
+    return sum(len(a) for a in answers) / sum(seconds[rows] for rows in schedule)
 
 
 def _timed(fn, *args):
@@ -193,12 +221,14 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
         result["undrafted_runs"] = runs["undrafted"]
         result["drafting_speedup"] = statistics.median(a / b for a, b in zip(runs["ours"], runs["undrafted"], strict=True))
     result["matmul_bound_tokens_per_s"] = _matmul_bound(model, len(prompts))
+    result["schedule_bound_tokens_per_s"] = _schedule_bound(model, ours, args.max_new_tokens)
     if first_difference:
         result["first_difference"] = first_difference
     same = "identical token for token" if identical else f"DIFFERENT (first at {first_difference})"
     print(f"{label}: plain {result['plain_tokens_per_s']:.1f} tok/s, ours {result['ours_tokens_per_s']:.1f} tok/s "
           f"(median of {args.repeats}), speedup {result['speedup']:.2f}x; outputs {same}; matmul bound "
-          f"{result['matmul_bound_tokens_per_s']:.1f} tok/s (one token per row and step)", flush=True)
+          f"{result['matmul_bound_tokens_per_s']:.1f} tok/s (one token per row and step), "
+          f"{result['schedule_bound_tokens_per_s']:.1f} tok/s with the rows leaving as their answers end", flush=True)
     if single:
         print(f"{label}: one token per step {result['ours_undrafted_tokens_per_s']:.1f} tok/s; drafts by prompt "
               f"lookup {result['drafting_speedup']:.2f}x (median of paired runs)", flush=True)
