@@ -403,6 +403,9 @@ class PreferenceObjective:
         if not isinstance(self.loss_type, str):
             raise ArgumentError(f"loss_type must be one of {', '.join(PREFERENCE_LOSSES)} (got {self.loss_type!r})")
         problems = preference_problems(self.beta, self.nll_alpha, self.loss_type, self.label_smoothing, name=str)
+        if self.loss_type != "simpo" and self.simpo_gamma != _DPO.simpo_gamma:
+            problems.append(f"simpo_gamma applies to loss_type='simpo' only (got loss_type={self.loss_type!r}, "
+                            f"simpo_gamma={self.simpo_gamma})")
         if problems:
             raise ArgumentError("; ".join(problems))
 

@@ -27,7 +27,7 @@ import torch
 from .config import SFTConfig
 from .data import seed_problem
 from .errors import ArgumentError, UserError, check_accelerator, checked
-from .formats import kind_of, opens_conversation, value_problem
+from .formats import ROLES, kind_of, opens_conversation, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,9 @@ def _value_problem(value, messages: bool = False) -> str | None:
     if isinstance(value, list) and value and all(
             isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
-        return None
+        other = next((m["role"] for m in value if m["role"] not in ROLES), None)
+        # The chat template writes any role as given, and only "assistant" turns are learned from.
+        return None if other is None else f"a message with the role {other!r} (roles: {', '.join(ROLES)})"
     if isinstance(value, list):
         return "a list that is not messages" if value else "an empty list"
     return kind_of(value)
@@ -337,7 +339,7 @@ class _Gym:
                 if problem:
                     raise ArgumentError(f"{split}_dataset row {number}: {column} holds {problem}, where text or a list "
                                         "of {role, content} messages with text content is needed (make_dataset reads "
-                                        "more shapes, and drops unusable rows with a count)")
+                                        "more shapes and role names, and drops unusable rows with a count)")
             stats.rows += 1
             ex = self._encode_row(row, stats)
             if ex is not None:

@@ -150,12 +150,18 @@ def test_agent_numbers_of_the_wrong_type_or_range_are_named(tokenizer, tiny_mode
     ({"label_smoothing": 0.7}, r"^label_smoothing must be in \[0, 0.5\) \(got 0.7\)$"),
     ({"simpo_gamma": None}, r"^simpo_gamma must be a finite number \(got None\)$"),
     ({"loss_type": "nope"}, r"^loss_type must be one of sigmoid, .* \(got 'nope'\)$"),
+    ({"simpo_gamma": 1.0}, r"^simpo_gamma applies to loss_type='simpo' only \(got loss_type='sigmoid', simpo_gamma=1.0\)$"),
+    ({"simpo_gamma": 1.0, "loss_type": "ipo"}, r"^simpo_gamma applies to loss_type='simpo' only \(got loss_type='ipo'"),
     ({"loss_type": ["sigmoid"]}, r"^loss_type must be one of sigmoid, .* \(got \['sigmoid'\]\)$"),
 ])
 def test_dpo_loss_options_are_named(tokenizer, tiny_model, kwargs, pattern):
     with pytest.raises(UserError, match=pattern) as err:
         _agent(DPO, tokenizer, tiny_model, **kwargs)
     _one_line(err)
+
+
+def test_simpo_takes_its_gamma(tokenizer, tiny_model):
+    assert _agent(DPO, tokenizer, tiny_model, loss_type="simpo", simpo_gamma=1.0).objective.simpo_gamma == 1.0
 
 
 def test_numpy_numbers_and_a_micro_batch_that_does_not_divide_the_batch_train(tokenizer, tiny_model, rows):
@@ -348,6 +354,12 @@ def test_a_lora_target_pattern_is_checked_like_a_list(tokenizer, tiny_model, pat
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages", "a list that is not messages"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "messages",
      "a list that is not messages"),
+    # ShareGPT's speakers and capitalised roles: the template would write them as given, and only
+    # "assistant" turns are learned from (make_dataset maps them)
+    ({"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}, "messages",
+     "a message with the role 'human' (roles: system, user, assistant)"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "Assistant", "content": "a"}]}, "messages",
+     "a message with the role 'Assistant' (roles: system, user, assistant)"),
 ])
 def test_a_row_value_a_gym_cannot_encode_is_named_with_its_row(tokenizer, rows, row, column, problem):
     good = {"prompt": "fine", "completion": "yes"} if "prompt" in row else \
@@ -355,8 +367,8 @@ def test_a_row_value_a_gym_cannot_encode_is_named_with_its_row(tokenizer, rows, 
     with pytest.raises(UserError) as err:
         SFTGym([good, row], None, tokenizer)
     assert _one_line(err) == (f"train_dataset row 2: {column} holds {problem}, where text or a list of {{role, "
-                              "content} messages with text content is needed (make_dataset reads more shapes, and "
-                              "drops unusable rows with a count)")
+                              "content} messages with text content is needed (make_dataset reads more shapes and role "
+                              "names, and drops unusable rows with a count)")
 
 
 @pytest.mark.parametrize("size", [0, -1, "x", 2.5])
