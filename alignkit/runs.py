@@ -169,6 +169,10 @@ class MetricsLog:
             # Steps after the checkpoint are done again: drop their records, and go on with the clock.
             records, _ = read_jsonl(self.path) if self.path.exists() else ([], 0)
             kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= resume_after]
+            if resume_after > 0 and not any(r.get("split") == "train" for r in kept):
+                logger.warning("%s %s: the records of steps 1-%d are gone, so the run's curves start at step %d",
+                               self.path, "holds no training record up to the checkpoint" if self.path.exists()
+                               else "is missing", resume_after, resume_after + 1)
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.kept_evals = {r["step"]: r for r in kept if r.get("split") == "eval"}
             self.start -= max((r.get("time", 0) for r in kept), default=0)

@@ -324,3 +324,18 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(damaged, tiny_model_dir, row
     assert main(["sft", "--resume", str(run), "--max-steps", "2"]) == 2
     [error] = _errors(capsys)
     assert error.startswith(f"error: the checkpoint {checkpoint} is damaged and cannot be resumed from (")
+
+
+def test_resuming_without_the_metrics_log_says_the_curves_start_late(tiny_model_dir, rows_file, tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["sft", *_flags(tiny_model_dir, rows_file, run, "--max-steps", "3")]) == 0
+    (run / "metrics.jsonl").unlink()
+    with caplog.at_level("WARNING", logger="alignkit.runs"):
+        assert main(["sft", "--resume", str(run), "--max-steps", "4"]) == 0
+    assert f"{run / 'metrics.jsonl'} is missing: the records of steps 1-3 are gone, so the run's curves start at " \
+           "step 4" in caplog.text
+    assert [r["step"] for r in _records(run) if r["split"] == "train"] == [4]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.runs"):   # a whole log: nothing to say
+        assert main(["sft", "--resume", str(run), "--max-steps", "5"]) == 0
+    assert "curves start" not in caplog.text
