@@ -50,6 +50,24 @@ def main_process_first():
         yield
 
 
+def no_forward_buffer_sync():
+    """accelerate's DDP options with the buffers left unsynchronised at each forward. DDP would broadcast
+    the model's buffers (rotary frequencies, the same in every process) at every forward, a collective:
+    processes with unequal shares of the held-out rows, which run unequal numbers of no-grad forwards,
+    would then pair mismatched collectives. torch 2.13 names the option ``forward_sync_buffers`` (its
+    old name, ``broadcast_buffers``, warns in every process) and accelerate passes on only the old one,
+    so on such a torch the handler hands DDP the new name; older torch knows only the old one."""
+    import inspect
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handler = DistributedDataParallelKwargs(broadcast_buffers=False)
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        kwargs = {k: v for k, v in handler.to_kwargs().items() if k != "broadcast_buffers"}
+        handler.to_kwargs = lambda: {**kwargs, "forward_sync_buffers": False}   # accelerate maps handlers by class
+    return handler
+
+
 def make_accelerator(device: str = "auto"):
     """An ``accelerate.Accelerator`` for a multi-process launch, or None in a single process.
 
@@ -90,14 +108,8 @@ def make_accelerator(device: str = "auto"):
     if str(device).startswith("cuda:"):
         raise UserError(f"--device {device} names one GPU; under accelerate launch each process gets its own: "
                         "use --device auto or cuda")
-    from accelerate.utils import DistributedDataParallelKwargs
-
     try:
-        # DDP would broadcast the model's buffers (rotary frequencies, the same in every process) at
-        # every forward, a collective: processes with unequal shares of the held-out rows, which run
-        # unequal numbers of no-grad forwards, would then pair mismatched collectives.
-        accelerator = Accelerator(cpu=device == "cpu",
-                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        accelerator = Accelerator(cpu=device == "cpu", kwargs_handlers=[no_forward_buffer_sync()])
     except (RuntimeError, ValueError) as exc:  # e.g. a GPU-only launch with no GPU here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"accelerate could not start {processes} processes: {first}") from None
