@@ -96,18 +96,23 @@ def _steps_agree(model, tokenizer, lean) -> None:
             torch.testing.assert_close(lean_logits, logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pack_rows", [None, len(PROMPTS)])
-def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer, pack_rows, monkeypatch):
-    from alignkit import lean_step
+@pytest.mark.parametrize("products, pack_rows", [("mkl", None), ("mkl", len(PROMPTS)), ("onednn", None)])
+def test_lean_step_computes_the_models_own_next_token_logits(model, tokenizer, products, pack_rows, monkeypatch):
+    from alignkit import kernels, lean_step
 
     if pack_rows and not lean_step.weight_packing():
         pytest.skip("this build of torch cannot pack weights for its matrix library")
-    monkeypatch.setenv("ALIGNKIT_ONEDNN", "0")   # MKL's products, packed whatever this machine measures
+    if products == "onednn" and not kernels.onednn_available():
+        pytest.skip("this build of torch has no oneDNN linear product")
+    # MKL's products, packed whatever this machine measures; or oneDNN's, residuals and the MLP's product
+    # fused into them
+    monkeypatch.setenv("ALIGNKIT_ONEDNN", "1" if products == "onednn" else "0")
     monkeypatch.setattr(lean_step, "packing_pays", lambda *shape: True)
     with merged_lora(model):
         lean = LeanStep.for_model(model, pack_rows=pack_rows)
         assert lean is not None   # the tiny Llama with merged LoRA takes the lean step
         assert (lean.head.packed is not None) == bool(pack_rows)   # 4 rows: packed products
+        assert lean.head.onednn == (products == "onednn")
         _steps_agree(model, tokenizer, lean)
     qwen = _qwen2(len(tokenizer))   # query/key/value biases
     assert qwen.model.layers[0].self_attn.q_proj.bias is not None
