@@ -62,6 +62,22 @@ def _check_same_recipe(folder: Path, wanted) -> None:
                         f"{', '.join(differ)}; pass --overwrite to train it again, or ask for what it was trained with")
 
 
+def _check_same_data(folder: Path, wanted) -> None:
+    """Refuse to keep (``--reuse``) the finished run in ``folder`` when the data its recipe ``wanted`` reads
+    is not what the run was trained on (a data file edited in between): its numbers would be reported as
+    this data's. (An unfinished run is checked the same way when it resumes.)"""
+    from .train import data_fingerprint
+
+    record = read_run_info(folder)
+    if record.get("data_fingerprint") is None:
+        return
+    now, train_rows, test_rows = data_fingerprint(wanted)
+    if now != record["data_fingerprint"]:
+        raise UserError(f"--reuse would keep {folder}, trained on other data than its dataset holds now "
+                        f"({record.get('train_rows')} train / {record.get('test_rows')} test rows then, {train_rows} / "
+                        f"{test_rows} now, as tokenized); pass --overwrite to train it again")
+
+
 def check_run_folders(out_dir: Path, names, held_ok: bool = False) -> None:
     """Refuse (naming ``--out``, the pipeline's option) a run folder under ``out_dir`` that cannot be written,
     holds files of the user's own, or (unless ``held_ok``: --reuse or --overwrite) holds a run: the training
@@ -121,6 +137,7 @@ def train_configurations(names, out_dir, max_steps: int | None = None, model: st
         if kept:
             _check_same_recipe(folder, build_config(algo, {**wanted, "overwrite": True}))
         if reuse and (folder / checkpoints.STATE_FILE).exists():
+            _check_same_data(folder, build_config(algo, {**wanted, "overwrite": True}))
             runs[name] = str(folder)
             return runs[name]
         if kept:

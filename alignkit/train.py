@@ -110,6 +110,18 @@ def load_run_data(cfg: SFTConfig):
                         eval_column_map=cfg.eval_column_map())
 
 
+def data_fingerprint(cfg: SFTConfig) -> tuple[str, int, int]:
+    """The fingerprint of the data ``cfg`` reads now, as its run records it (``data_fingerprint`` of the
+    gym: every tokenized example), with the train and test rows: what ``pipeline --reuse`` compares with a
+    finished run's record. Reads the tokenizer and the data, not the model."""
+    tokenizer = load_tokenizer(resolve_base_model(cfg), trust_remote_code=cfg.trust_remote_code,
+                               chat_template=run_chat_template(cfg))
+    train_ds, test_ds = load_run_data(cfg)
+    gym = (PreferenceGym if cfg.algo == "dpo" else SFTGym)(train_ds, test_ds, tokenizer, max_context_length=cfg.max_length,
+                                                           seed=cfg.seed)
+    return gym.data_fingerprint, len(gym.train_examples), len(gym.test_examples)
+
+
 @dataclass
 class Setup:
     """Everything a run needs, built in order by :func:`setup` (the folder is claimed by :func:`train`)."""

@@ -237,7 +237,9 @@ def test_pipeline_with_an_eval_dataset_trains_and_scores_on_it(tiny_model_dir, r
 
 def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_path, capsys):
     out = tmp_path / "pipe"
-    argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(rows_file), "--max-steps", "2",
+    data = tmp_path / "rows.jsonl"   # edited at the end
+    shutil.copy(rows_file, data)
+    argv = ["pipeline", "--model", str(tiny_model_dir), "--dataset", str(data), "--max-steps", "2",
             "--max-new-tokens", "4", "--out", str(out)]
     assert main(argv) == 0
     assert (out / "runs" / "sft" / "actor" / "adapter_model.safetensors").is_file()
@@ -280,6 +282,17 @@ def test_pipeline_trains_and_writes_the_report(tiny_model_dir, rows_file, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (tmp_path / "five" / "runs").exists()   # nothing trained
     assert (tmp_path / "five" / "report" / "index.html").is_file()
+
+    # nor runs trained on the data file as it was before an edit
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0] = {**rows[0], "chosen": rows[0]["chosen"] + " Edited."}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main([*argv, "--reuse"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --reuse would keep {out / 'runs' / 'sft'}, trained on other data than its "
+                            "dataset holds now (") and error.endswith("as tokenized); pass --overwrite to train it again")
+    assert adapter.stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo"])
