@@ -384,6 +384,8 @@ def _alpaca(record: dict, task: str, row: int) -> dict:
     prompt = _text(record.get("instruction"))
     for column in ("input", "context"):   # Alpaca's input, Dolly's context: text the instruction is about
         extra = record.get(column)
+        if isinstance(extra, float) and extra != extra:   # NaN: pandas' empty cell, an instruction without input
+            extra = None
         if extra is not None and not isinstance(extra, str):
             raise Dropped("a non-string value")   # a number or list as the input: not silently left out
         if extra is not None and extra.strip():

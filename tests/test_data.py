@@ -451,10 +451,12 @@ def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_drop
     assert "dropped 1 of 3 rows (1 with a missing value)" in caplog.text
     caplog.clear()
     alpaca = [{"instruction": "Double this number.", "input": 3, "output": "6"},
-              {"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add.", "input": "1 2", "output": "3"}]
+              {"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add.", "input": "1 2", "output": "3"},
+              # pandas writes an empty input as NaN (json.dumps' NaN): no input, like ""
+              {"instruction": "Wave.", "input": float("nan"), "output": "*waves*"}]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
         train, test = make_dataset(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
-    assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi."]
+    assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi.", "Wave."]
     assert "1 with a non-string value" in caplog.text
 
 
