@@ -7,6 +7,8 @@ module, so nothing in the library imports the command line itself.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -37,7 +39,8 @@ def guarded(fn, *args) -> int:
     """Run ``fn(*args)`` as a command: its int result is the exit code (anything else means 0);
     a UserError becomes one line on stderr and exit code 2 (once under a multi-process launch, see
     :data:`OTHERS_WAIT_S`), a run stopped by a signal its own line and 128 + the signal's number,
-    Ctrl-C elsewhere exit code 130."""
+    Ctrl-C elsewhere exit code 130; output whose reader went away (``| head``) a quiet 141, as for a
+    program stopped by SIGPIPE."""
     try:
         result = fn(*args)
         return result if isinstance(result, int) else 0
@@ -53,6 +56,11 @@ def guarded(fn, *args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Nothing more can be written, and Python's flush of stdout at exit would raise again: point it
+        # at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _int_at_least(text: str, low: int) -> int:

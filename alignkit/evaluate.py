@@ -142,7 +142,7 @@ class Chat:
 
 def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=None, *,
                 sampling: Sampling | None = None, context_limit: int | None = None, stderr=None) -> int:
-    """Chat on ``stdin``/``stdout`` until ``quit``/``exit``, end of input or Ctrl-C; returns 0.
+    """Chat on ``stdin``/``stdout`` until ``quit``/``exit`` or end of input (returns 0), or Ctrl-C (returns 130).
 
     Each line is a user message answered in the conversation so far, or a command: ``/reset``,
     ``/system TEXT``, ``/help``. At a terminal answers stream as they are generated and notices
@@ -207,8 +207,9 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
                 reply, _ = chat.answer(text, on_text=write if tty else None)
                 stdout.write("\n" if tty else f"{one_line(reply)}\n")
                 stdout.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # a script reading the answers can tell a stopped chat from a finished one
         stdout.write("\n")
+        return 130
     finally:
         model.train(was_training)
     return 0

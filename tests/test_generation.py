@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import PROMPTS, lively, plain_generate, with_lora
 
 from alignkit.cli import main
-from alignkit.evaluate import Chat, interactive
+from alignkit.evaluate import Chat, interactive, one_line
 from alignkit.generation import (
     LeanStep,
     Sampling,
@@ -324,7 +326,7 @@ def chat(model, tokenizer, lines: str, **kw) -> tuple[list[str], str]:
 
 
 def test_piped_answers_are_one_line_each(model, tokenizer):
-    from alignkit.evaluate import one_line
+
 
     tricky = "two\nlines\r\nand a \\n backslash"
     assert "\n" not in one_line(tricky) and "\r" not in one_line(tricky) and unescape(one_line(tricky)) == tricky
@@ -537,3 +539,37 @@ def test_one_token_attention_equals_scaled_dot_product_attention(rows, masked, m
     assert bool(calls) == (rows < lean_step.ATTENTION_PRODUCTS_FROM_ROWS)   # products from 4 rows on
     if masked:
         torch.testing.assert_close(lean_step.attend_one_token(query, keys, values, mask, 0.3, mask.logical_not()), out)
+
+
+class _Interrupted(io.StringIO):
+    """Input whose reader is interrupted (Ctrl-C) after ``lines`` lines."""
+
+    def __init__(self, text: str, lines: int):
+        super().__init__(text)
+        self.left = lines
+
+    def readline(self, *args):
+        if not self.left:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().readline(*args)
+
+
+def test_a_chat_stopped_by_ctrl_c_exits_130_after_the_answers_it_gave(model, tokenizer):
+    expected = generate_answers(model, tokenizer, ["Hi"], max_new_tokens=6)[0]
+    out, err = io.StringIO(), io.StringIO()
+    assert interactive(model, tokenizer, 6, _Interrupted("Hi\nWhy?\n", lines=1), out, stderr=err) == 130
+    assert out.getvalue() == f"{one_line(expected)}\n\n"   # the answer given, then a line break; "Why?" unread
+    assert interactive(model, tokenizer, 6, _Interrupted("Hi\n", lines=2), io.StringIO(), stderr=err) == 0
+
+
+def test_output_whose_reader_went_away_ends_quietly_with_141():
+    # `alignkit ... | head -1`: the reader closes the pipe while the command still writes
+    code = ("import sys\nfrom alignkit.cliutil import guarded\n"
+            "def chat():\n    while True:\n        print('an answer', flush=True)\n"
+            "sys.exit(guarded(chat))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(9) == b"an answer"
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""   # no traceback
