@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import RunInterrupted, UserError
 from .io import atomic_folder, unwritable
 
 
@@ -91,6 +92,20 @@ def _merged_model(flags: dict, base: str):
     return model.merge_and_unload(), tokenizer
 
 
+@contextlib.contextmanager
+def _sigterm_stops(what: str):
+    """SIGTERM inside the block stops it with an exception (exit 143), so the partial files of an atomic
+    write are removed as on Ctrl-C; by default the process died, leaving its temporary files."""
+    def stop(signum, frame):
+        raise RunInterrupted(f"SIGTERM: {what} stopped; nothing was written", 128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def export(flags: dict) -> int:
     """``alignkit export``: merged model + tokenizer (with chat template) as safetensors, or one GGUF file."""
     if flags.get("format") == "gguf":
@@ -104,11 +119,11 @@ def export(flags: dict) -> int:
         raise UserError(f"--out {out} exists and is not empty; choose another folder")
     _check_writable(out)
     merged, tokenizer = _merged_model(flags, _base_model(flags))
-    if out.exists():
-        out.rmdir()  # empty (checked above): the finished folder takes its place
+    # An empty --out (checked above) is swapped for the finished folder, and kept when the export stops.
     # transformers' save imports DeepSpeed where it is installed, which prints a warning on stdout: the
     # command's output is its result line, so anything printed on the way goes to stderr
-    with atomic_folder(out) as tmp, contextlib.redirect_stdout(sys.stderr):
+    with _sigterm_stops("the export"), atomic_folder(out, replace=out.exists()) as tmp, \
+            contextlib.redirect_stdout(sys.stderr):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model written to {out}")
@@ -144,7 +159,8 @@ def _export_gguf(flags: dict) -> int:
     check_supported(merged.config)
     # A base read from a GGUF file (the embedded model) keeps that file's pre-tokenizer name.
     pre = read_pre_tokenizer(source.location) if source.kind in ("embedded", "gguf") else None
-    path, notes = write_gguf(merged, tokenizer, out, quant=quant, pre_tokenizer=pre, name=Path(base).name)
+    with _sigterm_stops("the export"):
+        path, notes = write_gguf(merged, tokenizer, out, quant=quant, pre_tokenizer=pre, name=Path(base).name)
     print(f"GGUF written to {path} ({path.stat().st_size / 1e6:.1f} MB, {quant}, "
           f"{sum(p.numel() for p in merged.parameters()) / 1e6:.1f}M parameters)")
     if flags["ollama"]:

@@ -227,3 +227,38 @@ def test_embedded_model_through_the_cli_with_ollama(tokenizer, tmp_path):
     diff = _max_diff(_logits(merged, tokenizer, PROMPTS[:2]), _logits(_reload(out), tokenizer, PROMPTS[:2]))
     assert diff < 5e-2, diff
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("fmt", ["folder", "gguf"])
+def test_sigterm_during_an_export_leaves_no_partial_file_and_keeps_an_empty_out(fmt, tiny_adapter, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import os
+    import signal
+    from pathlib import Path
+
+    from alignkit import gguf_export
+    from alignkit.io import atomic_write
+
+    def die_while_writing(path: Path) -> None:   # part of a file written, then the signal
+        path.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if fmt == "gguf":
+        monkeypatch.setattr(gguf_export, "write_gguf", lambda model, tokenizer, out, **kw: atomic_write(
+            out, die_while_writing))
+        out, argv = tmp_path / "m.gguf", ["--format", "gguf"]
+    else:
+        from transformers import PreTrainedModel
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                            lambda self, folder, **kw: die_while_writing(Path(folder) / "model.safetensors"))
+        out, argv = tmp_path / "merged", []
+        out.mkdir()   # an empty --out the user made
+    assert main(["export", "--load-path", str(tiny_adapter), "--out", str(out), *argv]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "SIGTERM: the export stopped; nothing was written"
+    # no hidden temporary file or folder; the user's empty folder stays
+    assert [p.name for p in tmp_path.iterdir()] == (["merged"] if fmt == "folder" else [])
+    if fmt == "folder":
+        assert list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous   # the handler is put back
