@@ -24,7 +24,8 @@ Accepted shapes (the names ``--format`` takes):
   so the model's chat template renders them.
 
 In every column a turn may be written either way, ``{role, content}`` or ``{from, value}``; roles and
-speakers are read case-insensitively and ``developer`` is a system message. Conversations with tool
+speakers are read case-insensitively, ``developer`` is a system message, and a role may also be a speaker's
+name (``human``, ``gpt``, Gemini's ``model``). Conversations with tool
 calls or tool results are dropped (counted): tool use is not supported.
 
 Any shape may have a ``system`` column (text): a non-empty value becomes the system message that
@@ -146,7 +147,8 @@ TOOL_TURN = "a tool call or tool result (tool use is not supported)"   # why suc
 def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[str, str]:
     """One checked message ``{"role", "content"}``. A turn may be written either way, ``{role, content}``
     or ShareGPT's ``{from, value}`` (``sharegpt`` only says which the error for neither names); roles and
-    speakers are read case-insensitively, ``developer`` is the system message. A conversation with a tool
+    speakers are read case-insensitively, ``developer`` is the system message, and a ``role`` may also be
+    one of ShareGPT's speaker names (``human``, ``gpt``, Gemini's ``model``...). A conversation with a tool
     call or tool result is dropped (counted): its turns cannot be trained on as text."""
     if isinstance(value, dict) and "from" in value and "value" in value and "role" not in value:
         role_key, text_key, speakers = "from", "value", SHAREGPT_ROLES
@@ -154,7 +156,8 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
         role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
         if isinstance(value, dict) and "role" in value:
             role_key, text_key = "role", "content"
-        speakers = {**{r: r for r in ROLES}, "developer": "system"}
+        # OpenAI's developer message; the speaker names other tools write as roles (Gemini's "model")
+        speakers = {**{r: r for r in ROLES}, "developer": "system", **SHAREGPT_ROLES}
     if isinstance(value, dict) and (value.get("tool_calls") or value.get("function_call")
                                     or str(value.get(role_key, "")).lower() in ("tool", "function", "ipython")):
         raise Dropped(TOOL_TURN)

@@ -125,6 +125,16 @@ def test_implicit_prompt_is_the_shared_prefix(tmp_path):
                    "rejected": [bot("No. 0")]}
 
 
+def test_speaker_names_written_as_roles_are_read_as_the_roles_they_mean(tmp_path):
+    # Gemini's "model", ShareGPT's "human"/"gpt" in {role, content} turns, any case
+    rows = [{"messages": [{"role": "system", "content": "Be kind."}, {"role": "Human", "content": f"q{i}"},
+                          {"role": "model", "content": f"a{i}"}, {"role": "human", "content": "more?"},
+                          {"role": "GPT", "content": f"yes {i}"}]} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "roles.jsonl", rows), task="sft", test_size=1)
+    row = sorted(train.to_list() + test.to_list(), key=lambda r: str(r))[0]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+
+
 def test_an_opening_assistant_turn_is_context_not_learned(tokenizer, tmp_path):
     convo = [bot("Hi, I am your helper."), user("Hello!"), bot("How can I help?")]
     enc, _ = encode_messages(tokenizer, convo)
@@ -243,7 +253,7 @@ BAD = {
                      "row 2 is written as conversational data but row 1 as standard; a dataset holds one shape"),
     "unknown role": ([{"messages": [user("q"), {"role": "narrator", "content": "x"}, bot("a")]}], "sft",
                      "row 1: messages message 2 has the unknown role 'narrator' (accepted: system, user, assistant, "
-                     "developer)"),
+                     "developer, human, gpt, bot, model, chatgpt)"),
     "empty conversation": ([{"messages": [user("q"), bot("a")]}, {"messages": []}], "sft",
                            "row 2: messages is an empty conversation"),
     "no assistant turn": ([{"messages": [SYSTEM, user("q")]}], "sft",
