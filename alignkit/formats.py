@@ -168,6 +168,7 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
         kind = "speaker" if speakers is SHAREGPT_ROLES else "role"
         _fail(row, f"{what} has the unknown {kind} {role!r} (accepted: {', '.join(speakers)})")
     role = speakers[role.lower()]
+    content = _number_as_text(content)
     if content is None:
         raise Dropped("a missing message")
     if isinstance(content, list):
@@ -315,7 +316,16 @@ def value_problem(value: Any) -> str | None:
     return None
 
 
+def _number_as_text(value: Any) -> Any:
+    """A JSON or Parquet number in a text column as the text a CSV file would hold (``4`` -> ``"4"``; NaN,
+    pandas' empty cell, as missing); anything else as it is. Booleans stay refused: rarely an answer."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value != value else str(value)
+    return value
+
+
 def _text(value: Any) -> str:
+    value = _number_as_text(value)
     problem = value_problem(value)
     if problem:
         raise Dropped(problem)
@@ -386,11 +396,9 @@ def _sharegpt(record: dict, task: str, row: int) -> dict:
 def _alpaca(record: dict, task: str, row: int) -> dict:
     prompt = _text(record.get("instruction"))
     for column in ("input", "context"):   # Alpaca's input, Dolly's context: text the instruction is about
-        extra = record.get(column)
-        if isinstance(extra, float) and extra != extra:   # NaN: pandas' empty cell, an instruction without input
-            extra = None
+        extra = _number_as_text(record.get(column))   # NaN, pandas' empty cell: an instruction without input
         if extra is not None and not isinstance(extra, str):
-            raise Dropped("a non-string value")   # a number or list as the input: not silently left out
+            raise Dropped("a non-string value")   # a list or object as the input: not silently left out
         if extra is not None and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
     if task == "sft":   # "completion" when --response-column named the answer column; Dolly's "response"

@@ -127,7 +127,7 @@ def test_wrong_or_missing_columns_are_named(train, tmp_path):
 
 
 def test_non_string_values_are_counted(train, tmp_path):
-    rows = [{"prompt": i, "chosen": "a", "rejected": 3.5} for i in range(5)]
+    rows = [{"prompt": f"q{i}", "chosen": i % 2 == 0, "rejected": "b"} for i in range(5)]   # numbers would be text
     data = write(tmp_path / "types.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     message = train("sft", data)
     assert "no usable rows" in message and "all 5 rows were dropped (5 with a non-string value)" in message

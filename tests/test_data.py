@@ -77,7 +77,7 @@ def test_bad_rows_are_dropped_and_counted(tmp_path, caplog):
     rows[1]["chosen"] = "   "          # blank
     rows[2]["rejected"] = None         # missing
     del rows[3]["prompt"]              # missing
-    rows[4]["prompt"] = 42             # not a string
+    rows[4]["prompt"] = True           # not text (a number would be read as its text)
     rows[5]["chosen"] = ""             # blank
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
@@ -450,13 +450,16 @@ def test_an_sft_file_answers_from_one_column_and_a_non_text_alpaca_input_is_drop
     assert sorted(list(train["completion"]) + list(test["completion"])) == ["a1", "a3"]   # never "c2"
     assert "dropped 1 of 3 rows (1 with a missing value)" in caplog.text
     caplog.clear()
-    alpaca = [{"instruction": "Double this number.", "input": 3, "output": "6"},
+    alpaca = [{"instruction": "Double this number.", "input": 3, "output": 6},   # numbers read as text
+              {"instruction": "Sum these.", "input": [1, 2], "output": "3"},
               {"instruction": "Say hi.", "input": "", "output": "Hi!"}, {"instruction": "Add.", "input": "1 2", "output": "3"},
               # pandas writes an empty input as NaN (json.dumps' NaN): no input, like ""
               {"instruction": "Wave.", "input": float("nan"), "output": "*waves*"}]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
         train, test = make_dataset(write_jsonl(tmp_path / "alpaca.jsonl", alpaca), task="sft", test_size=1)
-    assert sorted(list(train["prompt"]) + list(test["prompt"])) == ["Add.\n\n1 2", "Say hi.", "Wave."]
+    assert sorted(list(train["prompt"]) + list(test["prompt"])) == [
+        "Add.\n\n1 2", "Double this number.\n\n3", "Say hi.", "Wave."]
+    assert "6" in list(train["completion"]) + list(test["completion"])
     assert "1 with a non-string value" in caplog.text
 
 

@@ -135,6 +135,16 @@ def test_speaker_names_written_as_roles_are_read_as_the_roles_they_mean(tmp_path
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user", "assistant"]
 
 
+def test_numbers_in_text_are_read_as_text_as_a_csv_file_holds_them(tmp_path):
+    rows = [{"prompt": f"What is {i} + {i}?", "completion": 2 * i} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "numbers.jsonl", rows), task="sft", test_size=1)
+    assert sorted(list(train["completion"]) + list(test["completion"])) == ["0", "2", "4"]
+    rows = [{"messages": [{"role": "user", "content": f"Half of {n}?"}, {"role": "assistant", "content": n / 2}]}
+            for n in (5, 7)]
+    train, test = make_dataset(write_jsonl(tmp_path / "messages.jsonl", rows), task="sft", test_size=1)
+    assert sorted(r["messages"][1]["content"] for r in train.to_list() + test.to_list()) == ["2.5", "3.5"]
+
+
 def test_an_opening_assistant_turn_is_context_not_learned(tokenizer, tmp_path):
     convo = [bot("Hi, I am your helper."), user("Hello!"), bot("How can I help?")]
     enc, _ = encode_messages(tokenizer, convo)
