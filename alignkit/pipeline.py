@@ -8,6 +8,7 @@ five-way comparison (base, SFT, DPO, DPO+NLL, SFT -> DPO+NLL).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -222,11 +223,17 @@ def check_data(names, dataset: str | None, seed: int | None, test_size: float | 
              for n in _with_parents(name)}
     if eval_dataset is not None and not tasks:
         tasks = {"preference"}   # as the comparison reads it
-    for task in sorted(tasks):
-        make_dataset(dataset or defaults.dataset,
-                     test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
-                     seed=seed if seed is not None else defaults.seed, task=task, eval_dataset=eval_dataset,
-                     refuse_shared="the comparison scores only on rows no configuration trained on")
+    quiet = logging.getLogger("alignkit.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)   # each stage says the data's warnings (dropped rows...) when it reads it
+    try:
+        for task in sorted(tasks):
+            make_dataset(dataset or defaults.dataset,
+                         test_size=as_test_split(test_size if test_size is not None else defaults.test_size),
+                         seed=seed if seed is not None else defaults.seed, task=task, eval_dataset=eval_dataset,
+                         refuse_shared="the comparison scores only on rows no configuration trained on")
+    finally:
+        quiet.setLevel(level)
 
 
 def _with_parents(name: str) -> list[str]:

@@ -421,3 +421,19 @@ def test_pipeline_refuses_before_training_what_a_later_stage_would_refuse(tiny_m
     assert main(base) == 2
     assert "holds an index.html or results.json that no earlier report wrote" in capsys.readouterr().err
     assert not (out / "runs").exists() and (out / "report" / "index.html").read_text() == "<h1>mine</h1>"
+
+
+def test_the_pipelines_data_check_leaves_the_warnings_to_the_stages_that_read_the_data(rows_file, tmp_path, caplog):
+    import logging
+
+    from alignkit.data import make_dataset
+    from alignkit.pipeline import check_data
+
+    lines = rows_file.read_text().splitlines()
+    data = tmp_path / "dupes.jsonl"
+    data.write_text("\n".join(lines + lines[:3]) + "\n")   # 3 exact duplicates: a warning, said once per read
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        check_data(["base", "sft", "sft_dpo_nll"], str(data), 42, 6)
+        assert "duplicate" not in caplog.text and logging.getLogger("alignkit.data").level == logging.WARNING
+        make_dataset(str(data), test_size=6, seed=42)
+    assert caplog.text.count("dropped 3 exact duplicate rows") == 1
