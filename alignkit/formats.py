@@ -25,7 +25,8 @@ Accepted shapes (the names ``--format`` takes):
 
 In every column a turn may be written either way, ``{role, content}`` or ``{from, value}``; roles and
 speakers are read case-insensitively, ``developer`` is a system message, and a role may also be a speaker's
-name (``human``, ``gpt``, Gemini's ``model``). Conversations with tool
+name (``human``, ``gpt``, Gemini's ``model``). An assistant message marked ``"weight": 0`` (OpenAI's chat
+fine-tuning format) is context, not learned. Conversations with tool
 calls or tool results are dropped (counted): tool use is not supported.
 
 Any shape may have a ``system`` column (text): a non-empty value becomes the system message that
@@ -178,7 +179,16 @@ def _message(value: Any, row: int, what: str, sharegpt: bool = False) -> dict[st
     if not content.strip():
         raise Dropped("an empty message")
     _check_unicode(content)
-    return {"role": role, "content": content}
+    weight = value.get("weight")   # OpenAI's chat fine-tuning: 0 marks an answer given as context, not learned
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        _fail(row, f"{what} has the weight {weight!r}, where 0 (not learned) or 1 is needed")
+    return {"role": role, "content": content, **({"weight": 0} if weight == 0 and role == "assistant" else {})}
+
+
+def learned(message: dict) -> bool:
+    """Whether an assistant ``message`` is one to learn: not marked ``"weight": 0`` (OpenAI's chat
+    fine-tuning format; rows read into a dataset hold ``None`` where a message had no weight)."""
+    return message["role"] == "assistant" and message.get("weight") != 0
 
 
 def _text_of_parts(parts: list, row: int, what: str) -> str:
@@ -342,6 +352,8 @@ def _conversational(record: dict, task: str, row: int) -> dict:
             messages = messages_of(record["messages"], row, "messages")
             if not any(m["role"] == "assistant" for m in messages):
                 _fail(row, "the conversation has no assistant turn, so there is nothing to learn")
+            if not any(learned(m) for m in messages):
+                _fail(row, "every assistant turn of the conversation has weight 0, so there is nothing to learn")
             if not any(m["role"] == "assistant" and not opens_conversation(messages, i)
                        for i, m in enumerate(messages)):
                 _fail(row, "the conversation's only assistant turn opens it, answering nothing, so there is "

@@ -27,7 +27,7 @@ import torch
 from .config import SFTConfig
 from .data import seed_problem
 from .errors import ArgumentError, UserError, check_accelerator, checked
-from .formats import ROLES, kind_of, opens_conversation, value_problem
+from .formats import ROLES, kind_of, learned, opens_conversation, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def _answer_text(rendered: str, eos: str) -> str:
 def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 0) -> list[tuple[str, bool]]:
     """Split a rendered conversation into ``(text, learned)`` pieces, in order.
 
-    Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token),
+    Every assistant message at index ``>= learn_from`` is learned (up to its end-of-turn token) unless it is
+    marked ``"weight": 0`` (see :func:`alignkit.formats.learned`),
     except one that opens the conversation (only system messages before it: it answers nothing); everything else (system and user
     turns, template headers, earlier answers given as prompt) is context. The pieces come from rendering growing prefixes of the conversation, so no
     ``{% generation %}`` markers are needed; a template that renders a prefix differently inside
@@ -143,7 +144,7 @@ def conversation_segments(tokenizer, messages: list[Message], learn_from: int = 
     segments: list[tuple[str, bool]] = []
     consumed = ""   # the part of the rendering already split into segments
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i < learn_from or opens_conversation(messages, i):
+        if not learned(message) or i < learn_from or opens_conversation(messages, i):
             continue
         head = render_messages(tokenizer, messages[:i], generation_prompt=True)
         full = render_messages(tokenizer, messages[: i + 1])
@@ -191,9 +192,9 @@ def encode_messages(tokenizer, messages: list[Message], learn_from: int = 0) -> 
     joint = tokenizer("".join(text for text, _ in segments), add_special_tokens=first_special)["input_ids"]
     merged = joint != [t for piece in pieces for t in piece]
     response, mask = [], []
-    for piece, (_, learned) in zip(pieces[1:], segments[1:], strict=True):
+    for piece, (_, is_learned) in zip(pieces[1:], segments[1:], strict=True):
         response += piece
-        mask += [learned] * len(piece)
+        mask += [is_learned] * len(piece)
     return Encoded(list(pieces[0]), response, None if all(mask) else mask), merged
 
 

@@ -5,6 +5,7 @@ test_hh_transcripts.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,24 @@ def test_three_turn_mask_with_the_embedded_template(tokenizer):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n")
     between = tokenizer.decode(ids[spans(labels)[0][1]:spans(labels)[1][0]])
     assert between == "\n<|im_start|>user\nTired.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_answers_marked_weight_0_are_context_not_learned(tokenizer, tmp_path):
+    # OpenAI's chat fine-tuning format: "weight": 0 on an assistant message keeps it out of the loss
+    rows = [{"messages": [SYSTEM, user(f"Hi {i}!"), {**bot("A draft."), "weight": 0}, user("Again?"),
+                          {**bot(f"Better {i}."), "weight": 1}]} for i in range(3)]
+    train, test = make_dataset(write_jsonl(tmp_path / "openai.jsonl", rows), task="sft", test_size=1)
+    gym = SFTGym(train, test, tokenizer, data_batch_size_per_gpu=1, max_context_length=256)
+    for example in gym.train_examples + gym.test_examples:
+        ids, labels = example.input_ids, example.labels
+        learned = [tokenizer.decode(ids[a:b]) for a, b in spans(labels)]
+        assert len(learned) == 1 and learned[0].startswith("Better") and "A draft." in tokenizer.decode(ids)
+    for bad, needle in (({**bot("x"), "weight": 2}, "row 1: messages message 2 has the weight 2, where 0 (not "
+                                                    "learned) or 1 is needed"),
+                        ({**bot("x"), "weight": 0}, "row 1: every assistant turn of the conversation has weight 0")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            make_dataset(write_jsonl(tmp_path / "bad.jsonl", [{"messages": [user("q"), bad]}] * 2), task="sft",
+                         test_size=1)
 
 
 def test_three_turn_mask_without_a_template(plain_tokenizer):
