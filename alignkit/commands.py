@@ -92,18 +92,19 @@ def _merged_model(flags: dict, base: str):
     return model.merge_and_unload(), tokenizer
 
 
-@contextlib.contextmanager
 def _sigterm_stops(what: str):
-    """SIGTERM inside the block stops it with an exception (exit 143), so the partial files of an atomic
-    write are removed as on Ctrl-C; by default the process died, leaving its temporary files."""
-    def stop(signum, frame):
-        raise RunInterrupted(f"SIGTERM: {what} stopped; nothing was written", 128 + signum)
+    """A context in which SIGTERM stops ``what`` with an exception (exit 143), so the partial files of an
+    atomic write are removed as on Ctrl-C; by default the process died, leaving its temporary files.
+    Training's signal takeover (:class:`alignkit.train.StopSignals`) installs and restores the handler."""
+    from .train import StopSignals
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    class SigtermStops(StopSignals):
+        SIGNALS = (signal.SIGTERM,)
+
+        def _handle(self, signum, frame):
+            raise RunInterrupted(f"SIGTERM: {what} stopped; nothing was written", 128 + signum)
+
+    return SigtermStops()
 
 
 def export(flags: dict) -> int:
