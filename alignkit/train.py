@@ -110,15 +110,23 @@ def load_run_data(cfg: SFTConfig):
                         eval_column_map=cfg.eval_column_map())
 
 
+def _run_gym(cfg: SFTConfig, batch_size: int, accelerator=None):
+    """The run's base model name, tokenizer, gym (``batch_size`` rows per process) and held-out rows."""
+    base_model = resolve_base_model(cfg)
+    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template=run_chat_template(cfg))
+    train_ds, test_ds = load_run_data(cfg)
+    gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
+    gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=batch_size, accelerator=accelerator,
+                  max_context_length=cfg.max_length, seed=cfg.seed)
+    return base_model, tokenizer, gym, test_ds
+
+
 def data_fingerprint(cfg: SFTConfig) -> tuple[str, int, int]:
     """The fingerprint of the data ``cfg`` reads now, as its run records it (``data_fingerprint`` of the
     gym: every tokenized example), with the train and test rows: what ``pipeline --reuse`` compares with a
     finished run's record. Reads the tokenizer and the data, not the model."""
-    tokenizer = load_tokenizer(resolve_base_model(cfg), trust_remote_code=cfg.trust_remote_code,
-                               chat_template=run_chat_template(cfg))
-    train_ds, test_ds = load_run_data(cfg)
-    gym = (PreferenceGym if cfg.algo == "dpo" else SFTGym)(train_ds, test_ds, tokenizer, max_context_length=cfg.max_length,
-                                                           seed=cfg.seed)
+    gym = _run_gym(cfg, cfg.batch_size)[2]
     return gym.data_fingerprint, len(gym.train_examples), len(gym.test_examples)
 
 
@@ -174,13 +182,7 @@ def setup(cfg: SFTConfig) -> Setup:
         raise UserError(f"each of the {processes} processes takes {per_process} rows of --batch-size "
                         f"{cfg.batch_size}: --micro-batch-size {cfg.micro_batch_size} must divide that")
     torch.manual_seed(cfg.seed)
-    base_model = resolve_base_model(cfg)
-    tokenizer = load_tokenizer(base_model, trust_remote_code=cfg.trust_remote_code,
-                               chat_template=run_chat_template(cfg))
-    train_ds, test_ds = load_run_data(cfg)
-    gym_cls = PreferenceGym if cfg.algo == "dpo" else SFTGym
-    gym = gym_cls(train_ds, test_ds, tokenizer, data_batch_size_per_gpu=per_process, accelerator=accelerator,
-                  max_context_length=cfg.max_length, seed=cfg.seed)
+    base_model, tokenizer, gym, test_ds = _run_gym(cfg, per_process, accelerator)
     more = "give a larger --eval-dataset" if cfg.eval_dataset else "raise --test-size"
     if cfg.eval_dataset and not gym.test_examples:   # evaluation was asked for by name: no silent skip
         raise UserError(f"--eval-dataset {cfg.eval_dataset}: none of its {len(test_ds)} rows has a prompt that fits "
