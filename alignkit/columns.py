@@ -178,6 +178,9 @@ def check_columns(shape: str, task: str, records: list[dict], found: list[str], 
 
 def _columns_hint(task: str, shape: str, found: list[str], column_map: ColumnMap) -> str:
     """What the user most likely has to do when the needed columns are missing."""
+    spaced = [c for c in found if c != c.strip() and c.strip() in KNOWN_COLUMNS]
+    if spaced:
+        return f" (the column name(s) {', '.join(repr(c) for c in spaced)} have spaces around them: remove the spaces)"
     if len(found) == 1 and any(sep in found[0] for sep in ";\t|"):
         return (" (one column whose name holds separators: is the file not comma-separated? CSV files "
                 "need commas)")

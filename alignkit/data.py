@@ -107,7 +107,10 @@ def make_dataset(
 
     Files must be UTF-8 text (a byte-order mark is accepted); any other bytes make the whole file
     an error naming the line, since a wrong encoding garbles every row, not just one. In `.jsonl`
-    every line must be one JSON object, in `.json` every list item.
+    every line must be one JSON object, in `.json` every list item; a `.json` file may also hold an
+    object of column lists, what pandas' `to_json` writes (but for orient="values", which names no
+    column) or a dictionary of splits (its "train" split is read). Spaces around a CSV header's names
+    are dropped.
 
     Rows with a missing, non-string or blank text value (or message) are dropped, and so are
     rows whose text is not valid Unicode (a lone surrogate such as the JSON escape `"\\ud800"`:
@@ -305,6 +308,9 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 text = _read_text(path).replace("\r\n", "\n")
                 separator = "\t" if suffix == ".tsv" else ","
                 frame = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[""])
+                names = [name.strip() for name in frame.columns]   # "prompt, chosen": no " chosen"
+                if len(set(names)) == len(names):
+                    frame.columns = names
                 frame = frame.astype(object).where(frame.notna(), None)
                 records = frame.to_dict("records")
             else:
@@ -377,7 +383,9 @@ def _array_hint(text: str) -> str:
 
 
 def _read_json(path: Path) -> list[Any]:
-    """A list of objects, or an object of equal-length column lists; JSON lines as a fallback."""
+    """Rows of a ``.json`` file: a list of objects, an object of equal-length column lists, the layouts
+    pandas' ``to_json`` writes (split, columns, index, table; see :func:`_pandas_rows`), the rows under one
+    key, or a dictionary of splits (its ``train`` split); JSON lines as a fallback."""
     text = _read_text(path)
     try:
         data = json.loads(text)
@@ -387,16 +395,15 @@ def _read_json(path: Path) -> list[Any]:
         return _read_json_lines(path, text)  # many ".json" files on the hub are JSON lines
     except RecursionError:
         raise UserError(f"'{path}' is nested too deeply") from None
-    if isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) \
-            and set(data) <= {"columns", "index", "data"} and all(isinstance(r, list) for r in data["data"]):
-        # pandas' to_json(orient="split"): column names beside row lists
-        if any(len(r) != len(data["columns"]) for r in data["data"]):
-            raise UserError(f"'{path}' has rows whose length differs from its {len(data['columns'])} columns")
-        return [dict(zip(data["columns"], r, strict=True)) for r in data["data"]]
+    rows = _pandas_rows(path, data)
+    if rows is not None:
+        return rows
     if isinstance(data, dict) and len(data) == 1:
         (_, rows), = data.items()
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) and not {"role", "from"} & set(r) for r in rows):
+        if _is_row_list(rows):
             return rows   # the rows under one key, e.g. {"data": [...]}
+    if isinstance(data, dict) and len(data) > 1 and all(_is_row_list(v) for v in data.values()):
+        return _train_split(path, data)
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
@@ -409,6 +416,63 @@ def _read_json(path: Path) -> list[Any]:
                                 "object with named fields, like {\"prompt\": ...}")
         return data
     raise UserError(f"'{path}' must hold a list of row objects or an object of column lists")
+
+
+def _is_row_list(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of row objects (not of chat messages, which have a role)."""
+    return isinstance(value, list) and bool(value) and \
+        all(isinstance(r, dict) and not {"role", "from"} & set(r) for r in value)
+
+
+def _train_split(path: Path, splits: dict[str, list]) -> list[dict]:
+    """The ``train`` rows of a dictionary of splits (as a DatasetDict is dumped); without one, a UserError."""
+    names = ", ".join(splits)
+    if "train" not in splits:
+        raise UserError(f"'{path}' holds several lists of rows ({names}) and none named 'train'; save the rows "
+                        "to train on as their own .jsonl file (another list can be the --eval-dataset)")
+    logger.warning("dataset file '%s' holds the splits %s: reading 'train' (%d rows); alignkit holds out its own "
+                   "test rows (--test-size), or save another split as its own file and give it as --eval-dataset",
+                   path, names, len(splits["train"]))
+    return splits["train"]
+
+
+_INDEX_LABEL = re.compile(r"-?\d+")   # pandas writes index labels as object keys: "0", "1", ...
+_NO_NAMES = ("save the frame with to_json(orient=\"records\", lines=True) as a .jsonl file, or with "
+             "to_json(orient=\"records\") as .json")
+
+
+def _pandas_rows(path: Path, data: Any) -> list[dict] | None:
+    """Rows of the layouts pandas' ``DataFrame.to_json`` writes, in the order written, or None for another
+    shape. orient="split": column names beside row lists; "columns" (the default): an object of columns, each
+    an object keyed by the index; "index": an object of rows keyed by the index; "table": a schema beside
+    the rows (the unnamed index is not a column). "values" has no column names: a UserError."""
+    if isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) \
+            and set(data) <= {"columns", "index", "data"} and all(isinstance(r, list) for r in data["data"]):
+        if any(len(r) != len(data["columns"]) for r in data["data"]):
+            raise UserError(f"'{path}' has rows whose length differs from its {len(data['columns'])} columns")
+        return [dict(zip(data["columns"], r, strict=True)) for r in data["data"]]
+    if isinstance(data, dict) and set(data) == {"schema", "data"} and isinstance(data["schema"], dict) \
+            and isinstance(data["schema"].get("fields"), list) and isinstance(data["data"], list) \
+            and all(isinstance(r, dict) for r in data["data"]):
+        key = data["schema"].get("primaryKey") or []
+        unnamed = {k for k in key if isinstance(k, str) and re.fullmatch(r"index|level_\d+", k)}
+        return [{k: v for k, v in r.items() if k not in unnamed} for r in data["data"]]
+    if isinstance(data, list) and data and all(isinstance(r, list) and not any(isinstance(v, dict) for v in r)
+                                               for r in data):
+        raise UserError(f"'{path}' has no column names (a list of value lists, as to_json(orient=\"values\") "
+                        f"writes); {_NO_NAMES}")
+    if not (isinstance(data, dict) and data and all(isinstance(v, dict) and v for v in data.values())):
+        return None
+    inner = list(dict.fromkeys(k for v in data.values() for k in v))
+    outer_labels = all(_INDEX_LABEL.fullmatch(k) for k in data)
+    inner_labels = all(_INDEX_LABEL.fullmatch(k) for k in inner)
+    if outer_labels and inner_labels:
+        raise UserError(f"'{path}' has no column names (its columns are numbered like its rows); {_NO_NAMES}")
+    if outer_labels:   # orient="index"
+        return list(data.values())
+    if inner_labels:   # orient="columns"
+        return [{column: cells[label] for column, cells in data.items() if label in cells} for label in inner]
+    return None
 
 
 def _read_hub(name: str, columns: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:

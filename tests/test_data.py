@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 from datasets import Dataset
 
-from alignkit.data import BUNDLED_DATASET, PREFERENCE_COLUMNS, bundled_dataset_path, make_dataset
+from alignkit.data import BUNDLED_DATASET, PREFERENCE_COLUMNS, bundled_dataset_path, make_dataset, usable_rows
 from alignkit.errors import UserError
 
 
@@ -410,6 +410,63 @@ def test_json_rows_under_one_key_and_pandas_split_json_are_read(tmp_path):
     split.write_text(json.dumps({"columns": ["prompt", "chosen", "rejected"], "data": [["q", "a"]]}))
     with pytest.raises(UserError, match="has rows whose length differs from its 3 columns"):
         make_dataset(split, test_size=1)
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "table", "split", "records"])
+def test_every_pandas_to_json_layout_with_column_names_is_read_in_the_frames_order(tmp_path, orient):
+    rows = _rows(4)
+    path = tmp_path / f"{orient}.json"
+    pd.DataFrame(rows, index=[2, 0, 3, 1]).to_json(path, orient=orient)   # the index is not the rows' order
+    assert usable_rows(path) == (rows, str(path))
+
+
+def test_pandas_json_without_column_names_is_refused_in_one_line(tmp_path):
+    advice = ('save the frame with to_json(orient="records", lines=True) as a .jsonl file, or with '
+              'to_json(orient="records") as .json')
+    values = tmp_path / "values.json"
+    pd.DataFrame(_rows(3)).to_json(values, orient="values")
+    with pytest.raises(UserError) as err:
+        usable_rows(values)
+    assert str(err.value) == (f"'{values}' has no column names (a list of value lists, as "
+                              f'to_json(orient="values") writes); {advice}')
+    numbered = tmp_path / "numbered.json"   # a frame made from lists: its columns are 0, 1, 2
+    pd.DataFrame([list(r.values()) for r in _rows(3)]).to_json(numbered)
+    with pytest.raises(UserError) as err:
+        usable_rows(numbered)
+    assert str(err.value) == f"'{numbered}' has no column names (its columns are numbered like its rows); {advice}"
+
+
+def test_a_dictionary_of_splits_reads_its_train_split_and_says_so(tmp_path, caplog):
+    rows = _rows(6)
+    path = tmp_path / "splits.json"   # as a DatasetDict is dumped: {"train": [...], "test": [...]}
+    path.write_text(json.dumps({"train": rows[:3], "test": rows[3:]}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.data"):
+        assert usable_rows(path) == (rows[:3], str(path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dataset file '{path}' holds the splits train, test: reading 'train' (3 rows); alignkit holds out its "
+        "own test rows (--test-size), or save another split as its own file and give it as --eval-dataset"]
+    path.write_text(json.dumps({"validation": rows[:3], "test": rows[3:]}))
+    with pytest.raises(UserError) as err:
+        usable_rows(path)
+    assert str(err.value) == (f"'{path}' holds several lists of rows (validation, test) and none named 'train'; "
+                              "save the rows to train on as their own .jsonl file (another list can be the "
+                              "--eval-dataset)")
+    # Columns named like splits by chance hold text, not rows: they stay columns.
+    path.write_text(json.dumps({"prompt": ["q0", "q1"], "train": ["a0", "a1"], "test": ["b0", "b1"]}))
+    assert usable_rows(path, ("prompt", "train", "test"))[0] == [{"prompt": "q0", "train": "a0", "test": "b0"},
+                                                                 {"prompt": "q1", "train": "a1", "test": "b1"}]
+
+
+def test_spaces_around_csv_header_names_are_dropped(tmp_path):
+    path = tmp_path / "spaced.csv"
+    path.write_text("prompt, chosen ,  rejected\nq0,a0,b0\nq1,a1,b1\n")
+    assert usable_rows(path)[0] == [{"prompt": "q0", "chosen": "a0", "rejected": "b0"},
+                                    {"prompt": "q1", "chosen": "a1", "rejected": "b1"}]
+    spaced = write_jsonl(tmp_path / "spaced.jsonl", [{"prompt": "q", " chosen": "a", "rejected ": "b"}])
+    with pytest.raises(UserError, match=r"lacks column\(s\) chosen, rejected; it has: prompt,  chosen, rejected  "
+                                        r"\(the column name\(s\) ' chosen', 'rejected ' have spaces around them: "
+                                        r"remove the spaces\)$"):
+        usable_rows(spaced)
 
 
 def test_kto_style_rows_do_not_train_sft_on_their_unwanted_completions(tmp_path):
