@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .columns import ColumnMap, EvalColumnMap
 from .config import DPOConfig, as_test_split, sampling_problems
 from .data import make_dataset, row_key
 from .errors import ArgumentError, UserError
-from .generation import Sampling, generate_replies
+from .generation import Sampling, chat_prompt_ids, generate_replies
 from .gyms import PreferenceGym
 from .lean_step import BASE, mixable_adapters, plain_lora_config
 from .models import DEFAULT_MODEL, add_lora, load_model, load_tokenizer
@@ -61,22 +62,84 @@ LABELS = {
 }
 
 
-def read_prompts(path) -> list[str]:
-    """Prompts from a text file, one per non-empty line."""
+_LINE_END = re.compile(r"\r\n|\r|\n")   # the only line ends of a prompts file
+
+
+def prompt_lines(path) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of each non-empty line of a prompts file, lines counted from 1.
+
+    A line ends only at ``\\n``, ``\\r\\n`` or ``\\r``: the other characters ``str.splitlines`` breaks at
+    (U+2028, U+2029, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``, ``\\x85``; text pasted from web pages holds them)
+    stay inside their prompt. Raises UserError for a folder, a missing or unreadable file, text that is
+    not UTF-8, and a file without prompts.
+    """
     p = Path(path)
     if p.is_dir():
         raise UserError(f"--prompts {path} is a folder; give a text file with one prompt per line")
     if not p.is_file():
         raise UserError(f"prompts file not found: {path}")
     try:
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = _LINE_END.split(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"--prompts {path} is not UTF-8 text") from None
     except OSError as err:
         raise UserError(f"could not read --prompts {path}: {err.strerror or err}") from None
+    prompts = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise UserError(f"{path} holds no prompts (one per line)")
     return prompts
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a text file, one per non-empty line (see :func:`prompt_lines`)."""
+    return [prompt for _, prompt in prompt_lines(path)]
+
+
+def model_context(model_name: str) -> int | None:
+    """The context of ``model_name`` in tokens (its config's ``max_position_embeddings``), read without
+    loading its weights; None when the config does not say or cannot be read (loading the model then
+    says what is wrong). The model is found as ``alignkit.models.load_tokenizer`` finds it."""
+    from transformers import AutoConfig
+
+    from .hub import cache_only_if_unreachable
+    from .models import _gguf_folder, resolve_model_source
+
+    source = resolve_model_source(model_name)
+    try:
+        if source.kind in ("embedded", "gguf"):
+            folder, gguf = _gguf_folder(source.location, convert=False), Path(source.location)
+            config = (AutoConfig.from_pretrained(folder) if folder is not None
+                      else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        elif source.kind == "hub":
+            with cache_only_if_unreachable():
+                config = AutoConfig.from_pretrained(source.location)
+        else:
+            config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_prompts_fit(prompts: list, tokenizer, context: int | None, max_new_tokens: int,
+                      lines: list[int] | None = None, path=None) -> None:
+    """Refuse (UserError, naming the first such prompt) a prompt whose tokens, rendered as the answers render
+    them (:func:`alignkit.generation.chat_prompt_ids`), plus ``max_new_tokens`` exceed the model's ``context``
+    (None: not known, nothing is checked). ``lines`` (their line numbers) and ``path`` (their file) name
+    the prompt as the user wrote it."""
+    if not context:
+        return
+    room = context - max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context holds "
+                        f"{context} tokens, prompt and answer together")
+    for i, prompt in enumerate(prompts):
+        needed = len(chat_prompt_ids(tokenizer, prompt))
+        if needed > room:
+            where = (f"--prompts {path} line {lines[i]}" if lines and path else
+                     f"prompt {i + 1} of {len(prompts)}")
+            raise UserError(f"{where}: the prompt takes {needed} tokens and its answer up to {max_new_tokens} more "
+                            f"(--max-new-tokens), beyond the model's context of {context} tokens; shorten it to at "
+                            f"most {room} tokens or lower --max-new-tokens")
 
 
 def check_same_base(runs: dict[str, str | None], model: str | None) -> str:
@@ -471,6 +534,8 @@ def compare(runs: dict[str, str | None], out_dir, prompts: list[str] | None = No
     records = {key: read_run_record(d) for key, d in runs.items() if d}
     split = choose_split(records, dataset, seed, test_size, eval_dataset)
     evaluator = Evaluator(base_model, split)
+    check_prompts_fit(prompts, evaluator.tokenizer, getattr(evaluator.base.config, "max_position_embeddings", None),
+                      decoding.max_new_tokens)
     scored_on = {**asdict(split), "column_map": split.column_map.given(),
                  "eval_column_map": split.eval_column_map.given() if split.eval_column_map else None,
                  "pairs": len(evaluator.test)}

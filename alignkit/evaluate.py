@@ -32,7 +32,10 @@ __all__ = ["Chat", "chat_prompt_ids", "generate_answers", "interactive", "load_f
 
 EXIT_WORDS = {"quit", "exit", ":q"}
 HELP = ("commands: /reset forgets the conversation, /system TEXT sets the system message (/system alone "
-        "removes it), /help shows this, quit or exit (or Ctrl-D) leaves")
+        "removes it), /help shows this, quit or exit (or Ctrl-D) leaves; a message that starts with / is sent "
+        "with // in front of it (//etc/hosts sends /etc/hosts)")
+ESCAPE = "//"
+"""A line starting with this sends the rest as a message, one ``/`` removed (a message that starts with ``/``)."""
 
 
 def load_for_generation(model_name: str, load_path=None, device=None, dtype=None, trust_remote_code=False,
@@ -145,9 +148,10 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
     """Chat on ``stdin``/``stdout`` until ``quit``/``exit`` or end of input (returns 0), or Ctrl-C (returns 130).
 
     Each line is a user message answered in the conversation so far, or a command: ``/reset``,
-    ``/system TEXT``, ``/help``. At a terminal answers stream as they are generated and notices
-    (history dropped to fit the context, commands done) go to ``stdout``; with piped input each
-    message gets exactly one output line (see :func:`one_line`) and notices go to ``stderr``.
+    ``/system TEXT``, ``/help``; a line starting with ``//`` is a message, sent with one ``/`` removed. At a
+    terminal answers stream as they are generated and notices (history dropped to fit the context, commands
+    done) go to ``stdout``; with piped input each message gets exactly one output line (see :func:`one_line`)
+    and notices go to ``stderr``.
     """
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     tty = hasattr(stdin, "isatty") and stdin.isatty()
@@ -178,14 +182,17 @@ def interactive(model, tokenizer, max_new_tokens: int = 200, stdin=None, stdout=
                     continue
                 if text.lower() in EXIT_WORDS:
                     break
+                command = text.startswith("/") and not text.startswith(ESCAPE)
                 if not is_unicode(text):   # stdin reads undecodable bytes as lone surrogates
-                    if not tty and not text.startswith("/"):
+                    if not tty and not command:
                         stdout.write("\n")   # still one output line per message
                     notice("not answered: the line is not UTF-8 text; send it as UTF-8")
                     continue
-                if text.startswith("/"):
+                if command:
                     _command(chat, text, notice)
                     continue
+                if text.startswith(ESCAPE):
+                    text = text[1:]   # "//etc/hosts" sends "/etc/hosts"
                 try:
                     _, dropped = chat.prompt_ids(text)   # makes room in the history first, if needed
                 except MessageTooLong as exc:
@@ -238,4 +245,6 @@ def _command(chat: Chat, text: str, notice) -> None:
     elif word == "/help":
         notice(HELP)
     else:
-        notice(f"unknown command {word}; {HELP}")
+        typed = text.partition(" ")[0]
+        notice(f"unknown command {typed}, nothing sent; to send a message that starts with /, start the line with "
+               f"// (as in /{typed}); /help lists the commands")

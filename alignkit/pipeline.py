@@ -14,7 +14,16 @@ from pathlib import Path
 
 from . import checkpoints
 from .cliutil import non_negative_int, positive_int
-from .compare import LABELS, Decoding, compare, read_prompts
+from .compare import (
+    DEFAULT_PROMPTS,
+    LABELS,
+    Decoding,
+    check_prompts_fit,
+    check_same_base,
+    compare,
+    model_context,
+    prompt_lines,
+)
 from .config import (
     EVAL_DATASET_OR_TEST_SIZE,
     RESUME_MAY_CHANGE,
@@ -26,6 +35,7 @@ from .config import (
 from .data import BUNDLED_DATASET
 from .errors import RunInterrupted, UserError
 from .io import unwritable
+from .models import load_tokenizer
 from .report import check_report_folder
 from .runs import RUN_RECORD, read_run_info, resumed_config
 from .runtime import release_freed_memory
@@ -180,7 +190,8 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
         raise UserError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
     if reuse and overwrite:
         raise UserError("--reuse keeps trained configurations and --overwrite trains them again: pass one of them")
-    prompts = read_prompts(prompts_file) if prompts_file else None
+    numbered = prompt_lines(prompts_file) if prompts_file else []
+    prompts = [prompt for _, prompt in numbered] or None
     decoding = decoding or Decoding(max_new_tokens=max_new_tokens)   # checked before any training
     given = dict(given or {})
     for name, folder in given.items():
@@ -189,6 +200,10 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
     to_train = [n for n in names if n not in given]
     if eval_dataset is not None and test_size is not None:
         raise UserError(EVAL_DATASET_OR_TEST_SIZE)
+    # Each prompt and its answer must fit the base's context: checked on its tokenizer and config, not its weights.
+    base = check_same_base(given, model)
+    check_prompts_fit(prompts or DEFAULT_PROMPTS, load_tokenizer(base), model_context(base), decoding.max_new_tokens,
+                      lines=[number for number, _ in numbered], path=prompts_file)
     check_data(to_train, dataset, seed, test_size, eval_dataset)
     check_report_folder(Path(out_dir) / "report")   # before hours of training, not after
     started, timings, peaks = time.time(), {}, {}

@@ -437,3 +437,75 @@ def test_the_pipelines_data_check_leaves_the_warnings_to_the_stages_that_read_th
         assert "duplicate" not in caplog.text and logging.getLogger("alignkit.data").level == logging.WARNING
         make_dataset(str(data), test_size=6, seed=42)
     assert caplog.text.count("dropped 3 exact duplicate rows") == 1
+
+
+# -- the chat's commands, and a message that starts with "/" --------------------------------------
+
+
+def _piped_chat(make_model, tokenizer, monkeypatch, lines: str) -> tuple[list[str], str, str]:
+    """What a piped chat on ``lines`` sends to the model (the model's answers stubbed: "ok"), its output and
+    its notices."""
+    import io
+
+    from alignkit import evaluate
+
+    sent = []
+
+    def answer(chat, text, on_text=None):
+        sent.append(text)
+        return "ok", 0
+
+    monkeypatch.setattr(evaluate.Chat, "answer", answer)
+    out, err = io.StringIO(), io.StringIO()
+    assert evaluate.interactive(make_model(), tokenizer, 4, io.StringIO(lines), out, stderr=err) == 0
+    return sent, out.getvalue(), err.getvalue()
+
+
+def test_a_chat_line_starting_with_two_slashes_sends_the_rest_with_one_slash_removed(make_model, tokenizer,
+                                                                                      monkeypatch):
+    sent, out, err = _piped_chat(make_model, tokenizer, monkeypatch, "//etc/hosts is what?\n//\n/help\n")
+    assert sent == ["/etc/hosts is what?", "/"] and out == "ok\nok\n"   # messages: one answer line each
+    assert err == ("(commands: /reset forgets the conversation, /system TEXT sets the system message (/system "
+                   "alone removes it), /help shows this, quit or exit (or Ctrl-D) leaves; a message that starts "
+                   "with / is sent with // in front of it (//etc/hosts sends /etc/hosts))\n")
+
+
+def test_an_unknown_chat_command_sends_nothing_and_names_the_escape(make_model, tokenizer, monkeypatch):
+    sent, out, err = _piped_chat(make_model, tokenizer, monkeypatch, "/etc/Hosts is what?\n")
+    assert sent == [] and out == ""   # a command: no answer line
+    assert err == ("(unknown command /etc/Hosts, nothing sent; to send a message that starts with /, start the "
+                   "line with // (as in //etc/Hosts); /help lists the commands)\n")
+
+
+# -- the pipeline's prompts must fit the model's context, with their answers ----------------------
+
+
+@pytest.mark.parametrize("words, new_tokens", [(10_000, None), (8_000, None), (3, "9000")])
+def test_pipeline_refuses_a_prompt_beyond_the_context_before_training(words, new_tokens, tokenizer, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Against the embedded model (8192 positions): a prompt too long by itself, one that fits only without
+    its answer's 200 new tokens, and answers longer than the context."""
+    import alignkit.train
+    from alignkit.generation import chat_prompt_ids
+
+    def no_training(cfg):
+        raise AssertionError(f"training started: {cfg.save_path}")
+
+    monkeypatch.setattr(alignkit.train, "run", no_training)
+    long = " ".join(["hello"] * words)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"Hi there?\n\n{long}\nBye?\n")
+    out = tmp_path / "pipe"
+    flags = ["--max-new-tokens", new_tokens] if new_tokens else []
+    assert main(["pipeline", "--prompts", str(prompts), "--out", str(out), "--max-steps", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    needed = len(chat_prompt_ids(tokenizer, long))
+    if new_tokens:
+        assert err == ("error: --max-new-tokens 9000 leaves no room for a prompt: the model's context holds 8192 "
+                       "tokens, prompt and answer together\n")
+    else:
+        assert needed + 200 > 8192 and (needed > 8192) == (words == 10_000)
+        assert err == (f"error: --prompts {prompts} line 3: the prompt takes {needed} tokens and its answer up to "
+                       "200 more (--max-new-tokens), beyond the model's context of 8192 tokens; shorten it to at "
+                       "most 7992 tokens or lower --max-new-tokens\n")
+    assert not out.exists()   # nothing trained, no folder made

@@ -336,3 +336,32 @@ def test_an_eval_dataset_with_its_own_column_names_is_scored_as_the_run_read_it(
     results = json.loads((report.parent / "results.json").read_text())
     assert [(c["split"]["eval_column_map"], c["split"]["pairs"]) for c in results["configs"]] == [
         ({"prompt": "q", "chosen": "yes", "rejected": "no"}, 5)] * 2
+
+
+def test_prompts_split_at_line_ends_only(tmp_path):
+    from alignkit.compare import read_prompts
+
+    pasted = tmp_path / "pasted.txt"   # text from web pages: separators that str.splitlines also breaks at
+    pasted.write_text("One\u2028paragraph\u2029more\nform\x0cfeed \x85 and\x1crecord\x0bsep\n", encoding="utf-8")
+    assert read_prompts(pasted) == ["One\u2028paragraph\u2029more", "form\x0cfeed \x85 and\x1crecord\x0bsep"]
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes("First?\r\n\r\nSecond\u2028line?\r\nThird?\rFourth?".encode())
+    assert read_prompts(windows) == ["First?", "Second\u2028line?", "Third?", "Fourth?"]
+    from alignkit.compare import prompt_lines
+
+    assert [n for n, _ in prompt_lines(windows)] == [1, 3, 4, 5]   # the line numbers messages name
+
+
+def test_compare_refuses_a_prompt_that_leaves_no_room_for_its_answer(tiny_model_dir, rows_file, tmp_path):
+    from alignkit.compare import Decoding
+
+    long = " ".join(["hello"] * 500)   # the tiny model's context: 512 positions
+    with pytest.raises(UserError) as caught:
+        compare({"base": None}, tmp_path / "report", prompts=["Hi?", long], model=str(tiny_model_dir),
+                dataset=str(rows_file), test_size=6, progress=lambda _: None,
+                decoding=Decoding(max_new_tokens=100, eval_prompts=0))
+    assert str(caught.value).startswith("prompt 2 of 2: the prompt takes ")
+    assert str(caught.value).endswith("tokens and its answer up to 100 more (--max-new-tokens), beyond the model's "
+                                      "context of 512 tokens; shorten it to at most 412 tokens or lower "
+                                      "--max-new-tokens")
+    assert not (tmp_path / "report").exists()
