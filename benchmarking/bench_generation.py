@@ -36,7 +36,9 @@ tokens. Beside each case, the matmul bound: the tokens/s of a decoder whose step
 multiply the case's rows by every weight matrix once (float32 weights streamed from memory, packed
 as ours packs them: the floor of any float32 decoder here that takes one token per row and step;
 drafted steps take more), and the same with the rows leaving the batch as their answers end (the
-bound for that very case: a batch whose rows end early spends most steps on a few rows). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
+bound for that very case: a batch whose rows end early spends most steps on a few rows). For the single
+stream, also the memory floor: the tokens/s of a step that only read every weight once (a one-row
+product can go no faster than its weight comes from memory). With llama-cpp-python installed and ``--gguf PATH`` given (e.g. from ``alignkit export
 --format gguf``), llama.cpp answers the same single prompt and each batched prompt in turn.
 """
 
@@ -162,6 +164,26 @@ def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
     return rows / _pass_seconds(model, [rows], repeats)[rows]
 
 
+def _read_seconds(model, repeats: int = 5) -> float:
+    """Seconds of reading every weight matrix a decoding step multiplies once (LoRA merged; summing each,
+    which streams it from memory at the machine's read speed), best of ``repeats`` passes: the memory
+    floor of a one-row float32 step, which has to bring every weight from memory and does little
+    arithmetic with each. The one-row products of :func:`_pass_seconds` run well above it."""
+    import torch
+
+    from alignkit.generation import merged_lora
+
+    with merged_lora(model), torch.no_grad():
+        weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
+        best = float("inf")
+        for _ in range(repeats + 1):   # the first pass only warms up
+            start = time.perf_counter()
+            for weight in weights:
+                weight.sum()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def rows_per_step(answers: list[list[int]], max_new_tokens: int) -> list[int]:
     """The rows of each decoding step after the prompts' pass, one token per row and step, when each row
     leaves as it ends: the prompts' pass gives every row its first token, and the steps after it give
@@ -222,6 +244,8 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
         result["drafting_speedup"] = statistics.median(a / b for a, b in zip(runs["ours"], runs["undrafted"], strict=True))
     result["matmul_bound_tokens_per_s"] = _matmul_bound(model, len(prompts))
     result["schedule_bound_tokens_per_s"] = _schedule_bound(model, ours, args.max_new_tokens)
+    if single:
+        result["read_bound_tokens_per_s"] = 1 / _read_seconds(model)
     if first_difference:
         result["first_difference"] = first_difference
     same = "identical token for token" if identical else f"DIFFERENT (first at {first_difference})"
@@ -231,7 +255,9 @@ def _case(label, model, prompts, args, stop, pad) -> dict:
           f"{result['schedule_bound_tokens_per_s']:.1f} tok/s with the rows leaving as their answers end", flush=True)
     if single:
         print(f"{label}: one token per step {result['ours_undrafted_tokens_per_s']:.1f} tok/s; drafts by prompt "
-              f"lookup {result['drafting_speedup']:.2f}x (median of paired runs)", flush=True)
+              f"lookup {result['drafting_speedup']:.2f}x (median of paired runs); reading every weight once "
+              f"bounds one row at {result['read_bound_tokens_per_s']:.1f} tok/s, the one-row products at "
+              f"{result['matmul_bound_tokens_per_s']:.1f}", flush=True)
     return result
 
 
