@@ -468,9 +468,11 @@ def _pandas_rows(path: Path, data: Any) -> list[dict] | None:
     inner_labels = all(_INDEX_LABEL.fullmatch(k) for k in inner)
     if outer_labels and inner_labels:
         raise UserError(f"'{path}' has no column names (its columns are numbered like its rows); {_NO_NAMES}")
-    if outer_labels:   # orient="index"
+    # A frame indexed by ids (set_index("id")): the side whose keys name known columns holds the columns.
+    outer_named, inner_named = any(k in KNOWN_COLUMNS for k in data), any(k in KNOWN_COLUMNS for k in inner)
+    if outer_labels or (inner_named and not outer_named):   # orient="index"
         return list(data.values())
-    if inner_labels:   # orient="columns"
+    if inner_labels or (outer_named and not inner_named):   # orient="columns"
         return [{column: cells[label] for column, cells in data.items() if label in cells} for label in inner]
     return None
 

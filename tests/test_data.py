@@ -420,6 +420,14 @@ def test_every_pandas_to_json_layout_with_column_names_is_read_in_the_frames_ord
     assert usable_rows(path) == (rows, str(path))
 
 
+@pytest.mark.parametrize("orient", ["columns", "index"])
+def test_a_frame_indexed_by_ids_is_read_by_its_column_names(tmp_path, orient):
+    rows = _rows(3)
+    path = tmp_path / f"{orient}.json"   # the index is text, so only the column names tell the two sides apart
+    pd.DataFrame(rows, index=["q-7", "a1", "z"]).to_json(path, orient=orient)
+    assert usable_rows(path) == (rows, str(path))
+
+
 def test_pandas_json_without_column_names_is_refused_in_one_line(tmp_path):
     advice = ('save the frame with to_json(orient="records", lines=True) as a .jsonl file, or with '
               'to_json(orient="records") as .json')
