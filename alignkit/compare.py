@@ -98,7 +98,9 @@ def read_prompts(path) -> list[str]:
 def model_context(model_name: str) -> int | None:
     """The context of ``model_name`` in tokens (its config's ``max_position_embeddings``), read without
     loading its weights; None when the config does not say or cannot be read (loading the model then
-    says what is wrong). The model is found as ``alignkit.models.load_tokenizer`` finds it."""
+    says what is wrong). The model is found as ``alignkit.models.load_tokenizer`` finds it; a GGUF model
+    is converted to its cached safetensors copy first, as loading it converts it (reading the config from
+    the GGUF file itself takes as long as a third of that, every time)."""
     from transformers import AutoConfig
 
     from .hub import cache_only_if_unreachable
@@ -107,9 +109,7 @@ def model_context(model_name: str) -> int | None:
     source = resolve_model_source(model_name)
     try:
         if source.kind in ("embedded", "gguf"):
-            folder, gguf = _gguf_folder(source.location, convert=False), Path(source.location)
-            config = (AutoConfig.from_pretrained(folder) if folder is not None
-                      else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+            config = AutoConfig.from_pretrained(_gguf_folder(source.location))
         elif source.kind == "hub":
             with cache_only_if_unreachable():
                 config = AutoConfig.from_pretrained(source.location)

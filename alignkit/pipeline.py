@@ -202,7 +202,8 @@ def train_and_compare(names, out_dir, max_steps=None, prompts_file=None, max_new
         raise UserError(EVAL_DATASET_OR_TEST_SIZE)
     # Each prompt and its answer must fit the base's context: checked on its tokenizer and config, not its weights.
     base = check_same_base(given, model)
-    check_prompts_fit(prompts or DEFAULT_PROMPTS, load_tokenizer(base), model_context(base), decoding.max_new_tokens,
+    context = model_context(base)   # first: it converts a GGUF model, which the tokenizer then loads from
+    check_prompts_fit(prompts or DEFAULT_PROMPTS, load_tokenizer(base), context, decoding.max_new_tokens,
                       lines=[number for number, _ in numbered], path=prompts_file)
     check_data(to_train, dataset, seed, test_size, eval_dataset)
     check_report_folder(Path(out_dir) / "report")   # before hours of training, not after
