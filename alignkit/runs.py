@@ -104,6 +104,8 @@ def read_run_info(run_dir) -> dict:
             raise ValueError("no options recorded")
         return info
     except FileNotFoundError:
+        if not Path(run_dir).exists():
+            raise UserError(f"no such run folder: {run_dir}") from None
         raise UserError(f"{run_dir} is not a run folder (no {RUN_RECORD})") from None
     except OSError as exc:
         raise UserError(f"{path} is not a readable run record ({exc.strerror or exc})") from None
@@ -133,16 +135,38 @@ def resumed_config(algo: str, given: dict) -> SFTConfig:
     # Paths as absolute on both sides (a record from before they were kept absolute names them as typed).
     recorded = absolute_paths({k: v for k, v in info["config"].items() if k in names})
     given = absolute_paths(given)
-    changed = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in given.items()
-               if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
+    kept = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE or _same_setting(k, recorded, given)}
+    changed = [f"--{flag(k)} {v} (recorded: {recorded.get(k)})" for k, v in given.items() if k not in kept]
     if changed:
         raise UserError(f"--resume continues with the run's recorded options; these would change its result: "
                         f"{', '.join(changed)}")
-    options = {**recorded, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, "resume": str(run_dir),
-               "overwrite": False}
+    options = {**recorded, **kept, "resume": str(run_dir), "overwrite": False}
     cfg = cls(**options)
     cfg.validate()
     return cfg
+
+
+def _same_setting(key: str, recorded: dict, given: dict) -> bool:
+    """Whether option ``key`` as ``given`` now means what the run recorded: the same value, or, for the model,
+    device and dtype, the same once resolved here (``--device cpu`` where the run recorded ``auto`` on a
+    machine without CUDA; the embedded model named where the run recorded the default)."""
+    from .models import DEFAULT_MODEL, resolve_device, resolve_dtype
+
+    then, now = recorded.get(key), given.get(key)
+    if then == now:
+        return True
+    if key == "model":
+        return (then or DEFAULT_MODEL) == (now or DEFAULT_MODEL)
+    if key not in ("device", "dtype"):
+        return False
+    try:
+        device_then = resolve_device(recorded.get("device"))
+        device_now = resolve_device(given.get("device", recorded.get("device")))
+        if key == "device":
+            return device_then == device_now
+        return resolve_dtype(then, device_then) == resolve_dtype(now, device_now)
+    except UserError:   # a device or dtype not available here: not the same
+        return False
 
 
 class MetricsLog:

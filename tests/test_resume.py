@@ -339,3 +339,36 @@ def test_resuming_without_the_metrics_log_says_the_curves_start_late(tiny_model_
     with caplog.at_level("WARNING", logger="alignkit.runs"):   # a whole log: nothing to say
         assert main(["sft", "--resume", str(run), "--max-steps", "5"]) == 0
     assert "curves start" not in caplog.text
+
+
+def test_resume_takes_options_that_resolve_to_what_the_run_recorded(tmp_path):
+    """--device cpu where the run recorded auto on a machine without CUDA (what an accelerate launch of CPU
+    processes needs), --dtype float32 for auto there, the embedded model named where the default was
+    recorded: the same run, so resuming takes them; what resolves otherwise is refused."""
+    import torch
+
+    from alignkit.config import SFTConfig
+    from alignkit.errors import UserError
+    from alignkit.models import DEFAULT_MODEL
+    from alignkit.runs import resumed_config
+
+    if torch.cuda.is_available():
+        pytest.skip("auto means cuda on this machine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"algo": "sft", "config": SFTConfig().to_dict()}))
+    assert SFTConfig().device == "auto" and SFTConfig().dtype == "auto" and SFTConfig().model is None
+    cfg = resumed_config("sft", {"resume": str(run), "device": "cpu", "dtype": "float32", "model": DEFAULT_MODEL})
+    assert (cfg.device, cfg.dtype, cfg.model) == ("cpu", "float32", DEFAULT_MODEL)
+    for flag, value, recorded in (("dtype", "bfloat16", "auto"), ("model", "other/model", None), ("lr", 0.5, 1e-3)):
+        if flag == "lr":
+            recorded = SFTConfig().lr
+        with pytest.raises(UserError) as err:
+            resumed_config("sft", {"resume": str(run), flag: value})
+        assert str(err.value) == ("--resume continues with the run's recorded options; these would change its "
+                                  f"result: --{flag} {value} (recorded: {recorded})")
+    with pytest.raises(UserError, match=r"would change its result: --device cuda \(recorded: auto\)$"):
+        resumed_config("sft", {"resume": str(run), "device": "cuda"})   # not here: not the same device
+    with pytest.raises(UserError) as err:
+        resumed_config("sft", {"resume": str(tmp_path / "nowhere")})
+    assert str(err.value) == f"no such run folder: {tmp_path / 'nowhere'}"
