@@ -178,8 +178,8 @@ def _state(agent, extra_state: dict | None, gathered: dict | None = None) -> tup
     if torch.cuda.is_available():
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = rng
-    state = {"steps": agent.steps, "scheduler": agent.scheduler.state_dict(), "optimizer": opt_meta,
-             "extra": extra_state or {}}
+    state = {"algorithm": type(agent).__name__, "steps": agent.steps, "scheduler": agent.scheduler.state_dict(),
+             "optimizer": opt_meta, "extra": extra_state or {}}
     try:
         return tensors, json.dumps(state, indent=1, ensure_ascii=False, default=_json_scalar) + "\n"
     except (TypeError, ValueError) as exc:   # (ValueError: a circular reference)
@@ -301,6 +301,17 @@ def load(agent, path) -> dict:
                         "that folder to resume from an earlier checkpoint of the run, if it has one") from None
 
 
+def _check_same_algorithm(agent, state: dict, path: Path) -> None:
+    """A UserError when the checkpoint was written by another algorithm's agent (an SFT checkpoint loaded into a
+    DPO agent): its optimizer moments, schedule and step belong to that run. (Checkpoints written before the
+    algorithm was recorded are not checked.)"""
+    saved, here = state.get("algorithm"), type(agent).__name__
+    if saved is not None and saved != here:
+        raise UserError(f"the checkpoint {path} was written by {saved}, not {here}: load_checkpoint continues a run "
+                        f"of the same algorithm; to start {here} from its adapter, load {path / 'actor'} with "
+                        "alignkit.adapters.load_adapter (a warm start, as the README shows)")
+
+
 def _check_same_adapter(agent, weights: dict[str, torch.Tensor], path: Path) -> None:
     """A UserError when the checkpoint's adapter is not the shape of ``agent``'s (other LoRA targets, rank or
     alpha): found before anything of the agent is changed."""
@@ -335,6 +346,7 @@ def _load(agent, path: Path) -> dict:
 
     weights = load_file(str(path / "actor" / "adapter_model.safetensors"))
     state = read_state(path)   # every file read before the agent is changed
+    _check_same_algorithm(agent, state, path)
     tensors = load_file(str(path / OPTIMIZER_FILE))
     if getattr(agent, "sharded", False):
         _load_sharded(agent, weights, path)
