@@ -23,7 +23,7 @@ from . import checkpoints
 from .adapters import lora_config_from
 from .config import DPOConfig, SFTConfig, preference_problems
 from .errors import ArgumentError, check_accelerator, checked
-from .forward import ResponseLogps, sequence_logps
+from .forward import ResponseLogps, check_token_ids, sequence_logps
 from .gyms import checked_seed
 from .kernels import use_fast_linears
 from .losses import PREFERENCE_LOSSES, dpo_nll_loss, preference_loss, sft_loss
@@ -226,6 +226,7 @@ class LLMAgent:
                    if isinstance(batch, Mapping) else f"a {type(batch).__name__}")
             raise ArgumentError(f"batch must be a dict of the tensors {', '.join(self.batch_keys)}, as "
                                 f"{self.gym}.reset() and step() return (got {got})")
+        check_token_ids(self.model, batch)
         self.activate()
 
     def activate(self) -> None:
@@ -290,7 +291,8 @@ class LLMAgent:
             idle = most_over_processes(len(batches), self.accelerator) - len(batches)
             if idle and not batches:
                 raise ValueError("a process has no held-out rows: the test split has fewer rows than processes")
-        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1] for batch in batches)
+        sums = sum_stats(self._micro_loss(batch, self._denominators(batch), train=False)[1]
+                         for batch in (check_token_ids(self.model, b) for b in batches))
         for _ in range(idle):
             self._join_forward(batches[-1])
         if not sums:

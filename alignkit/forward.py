@@ -353,6 +353,23 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True, c
     return sums, response_counts(labels)
 
 
+def check_token_ids(model, batch: dict) -> dict:
+    """``batch`` as it is, once its ``*input_ids`` tensors are checked to hold only ids of ``model``'s vocabulary:
+    a gym built with another model's tokenizer is an ArgumentError naming the id, not an index error deep
+    in the embedding lookup."""
+    from .errors import ArgumentError
+
+    vocab = _unwrap(model).get_input_embeddings().num_embeddings
+    for key, ids in batch.items():
+        if key.endswith("input_ids") and torch.is_tensor(ids) and ids.numel():
+            low, high = ids.min().item(), ids.max().item()
+            if low < 0 or high >= vocab:
+                raise ArgumentError(f"batch {key} holds token id {high if high >= vocab else low}, outside the model's "
+                                    f"vocabulary of {vocab}: the gym's tokenizer is not this model's (build the gym "
+                                    "with the tokenizer of the model the agent trains)")
+    return batch
+
+
 def response_counts(labels: torch.Tensor) -> torch.Tensor:
     """(B,) the number of response tokens of each row whose log-prob :func:`sequence_logps` sums."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

@@ -312,6 +312,21 @@ def test_a_checkpoint_of_another_adapter_shape_is_named_and_changes_nothing(sft_
     assert torch.equal(rng, torch.get_rng_state()) and other.steps == 0
 
 
+def test_a_checkpoint_of_another_algorithm_is_refused_and_changes_nothing(sft_agent, tokenizer, tiny_model, tmp_path):
+    sft_agent.save_checkpoint(tmp_path / "ck")
+    dpo = _agent(DPO, tokenizer, tiny_model.__class__(tiny_model.config), batch_size=2, lr=1e-6)
+    before = [p.detach().clone() for p in dpo.params]
+    with pytest.raises(UserError) as err:
+        dpo.load_checkpoint(tmp_path / "ck")   # SFT's moments, schedule and rate would go on as DPO's
+    assert _one_line(err) == (f"the checkpoint {tmp_path / 'ck'} was written by SFT, not DPO: load_checkpoint continues "
+                              f"a run of the same algorithm; to start DPO from its adapter, load {tmp_path / 'ck/actor'} "
+                              "with alignkit.adapters.load_adapter (a warm start, as the README shows)")
+    assert all(torch.equal(a, b) for a, b in zip(before, dpo.params, strict=True))
+    assert dpo.steps == 0 and dpo.optimizer.param_groups[0]["lr"] <= 1e-6
+    again = _agent(SFT, tokenizer, tiny_model.__class__(tiny_model.config), batch_size=2)
+    assert again.load_checkpoint(tmp_path / "ck") == {}   # the same algorithm loads
+
+
 def test_make_dataset_takes_a_column_map_as_a_dict(tmp_path):
     import json
 
@@ -405,3 +420,29 @@ def test_a_model_tokenizer_or_accelerator_of_the_wrong_kind_is_named(tokenizer, 
         with pytest.raises(UserError, match=re.escape(needle)) as err:
             make()
         _one_line(err)
+
+
+@pytest.mark.parametrize("cls, gym_cls", [(SFT, SFTGym), (DPO, PreferenceGym)])
+def test_token_ids_outside_the_models_vocabulary_are_named(tokenizer, tiny_model, rows, cls, gym_cls):
+    """A gym built with another model's tokenizer: learn() and test() name the id and the vocabulary."""
+    agent = _agent(cls, tokenizer, tiny_model.__class__(tiny_model.config), batch_size=2)
+    vocab = agent.model.get_input_embeddings().num_embeddings
+    gym = gym_cls(rows, rows, tokenizer, data_batch_size_per_gpu=2)
+    batch = gym.reset()
+    key = next(k for k in batch if k.endswith("input_ids"))
+    batch[key][0, 1] = vocab   # the first id past the vocabulary
+    before = [p.detach().clone() for p in agent.params]
+    with pytest.raises(UserError) as err:
+        agent.learn(batch)
+    assert _one_line(err) == (f"batch {key} holds token id {vocab}, outside the model's vocabulary of {vocab}: the "
+                              "gym's tokenizer is not this model's (build the gym with the tokenizer of the model the "
+                              "agent trains)")
+    assert all(torch.equal(a, b) for a, b in zip(before, agent.params, strict=True)) and agent.steps == 0
+    batches = gym.test_batches
+
+    def shifted(size):
+        for b in batches(size):
+            yield {k: v - vocab if k == key else v for k, v in b.items()}   # ids below 0
+    gym.test_batches = shifted
+    with pytest.raises(UserError, match=rf"^batch {key} holds token id -\d+, outside the model's vocabulary of {vocab}"):
+        agent.test(gym)
