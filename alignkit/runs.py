@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .checkpoints import remove_leftovers
+from .checkpoints import STATE_FILE, numbered, remove_leftovers
 from .config import CONFIGS, RESUME_MAY_CHANGE, SFTConfig, absolute_paths, flag, load_yaml
 from .errors import UserError
 from .io import append_jsonl, atomic_write_text, read_jsonl, unwritable
@@ -53,6 +53,9 @@ def check_save_path(cfg: SFTConfig) -> None:
     if not (base / RUN_RECORD).is_file():   # someone's own files: never deleted, not even with --overwrite
         raise UserError(f"--save-path {base} already holds files that are not an alignkit run (no {RUN_RECORD}); "
                         "choose another folder or an empty one")
+    if not cfg.overwrite and not numbered(base) and not (base / STATE_FILE).is_file():
+        raise UserError(f"--save-path {base} holds a run stopped before its first checkpoint (nothing to resume); "
+                        "pass --overwrite to start it again, or choose another folder")
     if not cfg.overwrite:
         raise UserError(f"--save-path {base} already holds a run; pass --resume {base} to continue it, "
                         "--overwrite to replace it, or choose another folder")

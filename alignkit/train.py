@@ -300,8 +300,8 @@ def _resume_state(s: Setup) -> int:
     """Load the newest complete checkpoint of ``s.run_dir`` into the agent and gym; returns its step."""
     found = checkpoints.numbered(s.run_dir)
     if not found:
-        raise UserError(f"--resume {s.run_dir}: no complete checkpoint-<step>/ folder to continue from "
-                        "(start a new run)")
+        raise UserError(f"--resume {s.run_dir}: no complete checkpoint-<step>/ folder to continue from (it stopped "
+                        "before its first one); start it again: the same command without --resume, with --overwrite")
     extra = s.agent.load_checkpoint(found[-1])
     s.gym.load_state_dict(extra["gym"])
     if isinstance(s.agent, DPO) and s.agent.reference is not None:
@@ -387,6 +387,9 @@ def train(s: Setup) -> dict:
         with StopSignals() as stop:
             if not start:
                 evaluate(0)
+                if stop.signum:   # before any step: nothing to save, so it starts again
+                    raise RunInterrupted("stopped before the first step: nothing was trained or saved", 128 + stop.signum,
+                                         "the same command with --overwrite (it starts again)")
             with tqdm(total=s.total_steps, initial=start, desc=cfg.algo.upper(), unit="step",
                       dynamic_ncols=True, disable=not s.main) as bar:
                 batch = gym.step() if start else gym.reset()

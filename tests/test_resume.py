@@ -372,3 +372,40 @@ def test_resume_takes_options_that_resolve_to_what_the_run_recorded(tmp_path):
     with pytest.raises(UserError) as err:
         resumed_config("sft", {"resume": str(tmp_path / "nowhere")})
     assert str(err.value) == f"no such run folder: {tmp_path / 'nowhere'}"
+
+
+SLOW_EVAL_CLI = """
+import sys, time
+import alignkit.agents as agents
+test = agents.LLMAgent.test
+def slow(self, env, batch_size=None):
+    time.sleep(float(sys.argv[1]))
+    return test(self, env, batch_size)
+agents.LLMAgent.test = slow
+from alignkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_signal_before_the_first_step_stops_after_the_evaluation_and_the_folder_can_start_again(
+        tiny_model_dir, rows_file, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    flags = _flags(tiny_model_dir, rows_file, cut, "--max-steps", "2")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVAL_CLI, "2.0", "sft", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(cut / "metrics.jsonl", proc)   # written before the step-0 evaluation, which sleeps 2 s first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == ("stopped before the first step: nothing was trained or saved; resume with: "
+                                            "the same command with --overwrite (it starts again)")
+    assert not _train_losses(cut) and not list(cut.glob("checkpoint-*"))
+    capsys.readouterr()
+    assert main(["sft", *flags]) == 2
+    assert _errors(capsys) == [f"error: --save-path {cut} holds a run stopped before its first checkpoint (nothing to "
+                               "resume); pass --overwrite to start it again, or choose another folder"]
+    assert main(["sft", "--resume", str(cut)]) == 2
+    assert _errors(capsys) == [f"error: --resume {cut}: no complete checkpoint-<step>/ folder to continue from (it "
+                               "stopped before its first one); start it again: the same command without --resume, "
+                               "with --overwrite"]
+    assert main(["sft", *flags, "--overwrite"]) == 0 and sorted(_train_losses(cut)) == [1, 2]
