@@ -585,6 +585,8 @@ def unused_options(cfg: SFTConfig, given) -> list[str]:
     else:
         drop(CHAT_OPTIONS, "to training, only to the chat of --eval")
         drop(POPULATION_OPTIONS if cfg.pop_size == 1 else (), "without --pop-size > 1")
+        drop(("epochs",) if cfg.max_steps > 0 and "max_steps" not in given else (), f"while --max-steps "
+             f"{cfg.max_steps} (recorded or from --config) sets the length; --max-steps 0 counts it in --epochs")
         drop(("save_interval", "eval_interval") if cfg.pop_size > 1 else (),
              "to --pop-size > 1, whose members are evaluated and saved once per generation (--evo-steps)")
     if getattr(cfg, "loss_type", "simpo") != "simpo":

@@ -366,8 +366,8 @@ def train(s: Setup) -> dict:
         raise UserError(f"{s.run_dir} has already reached step {start}, past the {s.total_steps} step{'s' if s.total_steps != 1 else ''} now asked for; "
                         "give more steps (--max-steps / --epochs) to extend it, or none to keep its recorded length")
     if start >= s.total_steps and (s.run_dir / checkpoints.STATE_FILE).exists():
-        say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps "
-              "or --epochs to extend it")
+        say(f"{s.run_dir} has already finished step {start} of {s.total_steps}; pass a larger --max-steps"
+            + (" to extend it" if cfg.max_steps > 0 else " or --epochs to extend it"))
         return {}
     if start and s.main:   # an extended run is unfinished until its new end: no longer marked finished
         (s.run_dir / checkpoints.STATE_FILE).unlink(missing_ok=True)

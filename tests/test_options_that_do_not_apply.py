@@ -168,3 +168,17 @@ def test_resume_refuses_overwrite_and_a_population_of_0_gets_one_line(no_trainin
         "error: --overwrite does not apply to --resume, which continues the run in its folder: drop it")
     assert refused(capsys, *run_flags("sft", tmp_path, "--pop-size", "0")) == (
         "error: invalid options: --pop-size must be >= 1 (got 0)")
+
+
+def test_epochs_against_a_max_steps_not_given_now_is_refused(tmp_path):
+    """--epochs is ignored while --max-steps > 0: refused when that --max-steps is not on the command line
+    (recorded by the run --resume continues, or from --config), where its precedence goes unseen; beside
+    an explicit --max-steps the documented precedence holds."""
+    (tmp_path / "steps.yaml").write_text("max_steps: 5\n")
+    cfg = build_config("sft", {"config": str(tmp_path / "steps.yaml"), "epochs": 2.0})
+    assert unused_options(cfg, {"config": str(tmp_path / "steps.yaml"), "epochs": 2.0}) == [
+        "--epochs does not apply while --max-steps 5 (recorded or from --config) sets the length; --max-steps 0 "
+        "counts it in --epochs: drop it"]
+    both = {"max_steps": 5, "epochs": 2.0}
+    assert unused_options(build_config("sft", both), both) == []
+    assert unused_options(build_config("sft", {"epochs": 2.0}), {"epochs": 2.0}) == []
