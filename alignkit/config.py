@@ -463,7 +463,7 @@ def _read_yaml(path) -> object:
 def load_yaml(path, cls) -> dict:
     """Options from a YAML file; unknown keys are an error (a misspelt key is never ignored).
 
-    Keys may be spelt with ``_`` or ``-``; an empty file sets nothing.
+    Keys may be spelt with ``_`` or ``-``; an empty file sets nothing; ``algo: sft|dpo`` ties it to that command.
     """
     data = _read_yaml(path)
     if data is None:
@@ -484,6 +484,9 @@ def load_yaml(path, cls) -> dict:
     for name in ("resume", "config"):   # what a command line starts from, never an option of the run
         if name in options:
             raise UserError(f"{path}: {name} is not set in a config file; give --{name} on the command line")
+    meant = options.pop("algo", cls.algo)   # the command a file is for, where it says: another one refuses it
+    if meant != cls.algo:
+        raise UserError(f"{path} is for alignkit {meant} (algo: {meant}), not {cls.algo}; drop its algo line to share it")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     dpo_only = [u for u in unknown if u in {f.name for f in dataclasses.fields(DPOConfig)}]

@@ -389,11 +389,20 @@ def test_invalid_option_values_are_refused_before_loading(no_training, capsys, t
     ("lora_target_modules: [1, 2]\n", "lora_target_modules must be a list of names"),
     ("batch-size: 2\nbatch_size: 4\n", "option batch_size is set twice"),
     ("lr: !!python/object/apply:os.system [echo]\n", "is not valid YAML"),
+    ("algo: dpo\nlr: 0.1\n", "options.yaml is for alignkit dpo (algo: dpo), not sft; drop its algo line to share it"),
+    ("algo: ppo\nlr: 0.1\n", "options.yaml is for alignkit ppo (algo: ppo), not sft"),
 ])
 def test_bad_yaml_config(no_training, capsys, tmp_path, content, needle):
     config = write(tmp_path / "options.yaml", content)
     message = refused(capsys, "sft", "--config", config)
     assert needle in message
+
+
+def test_the_shipped_config_files_serve_their_own_command_only(no_training, capsys):
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert "is for alignkit sft (algo: sft), not dpo" in refused(capsys, "dpo", "--config", root / "sft.yaml")
+    assert "is for alignkit dpo (algo: dpo), not sft" in refused(capsys, "sft", "--config", root / "dpo_nll.yaml")
+    assert build_config("sft", {"config": str(root / "sft.yaml")}).lr == 2e-4   # its own command reads it
 
 
 def test_config_file_missing_or_a_folder(no_training, capsys, tmp_path):
