@@ -7,12 +7,15 @@ module, so nothing in the library imports the command line itself.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from .errors import RunInterrupted, UserError
+from .io import unwritable
 from .processes import is_main_process
 
 # Under a multi-process launch a user mistake is found by every process and said once, by process 0.
@@ -89,3 +92,74 @@ def positive_int_list(text: str) -> list[int]:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (NaN and infinities are refused)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {value:g})")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (NaN and infinities are refused)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value:g})")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file to write at the end of a run, checked now so a run does not end on a path it
+    cannot write. Refused: an empty path, an existing folder, a path whose folder does not exist (it is
+    not created) or is a file, and a folder this process cannot write into (see :func:`alignkit.io.unwritable`,
+    whose probe file is removed at once). Nothing is left behind."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path: give a file name")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name inside it")
+    folder = path.parent
+    if not folder.exists():
+        raise argparse.ArgumentTypeError(f"{text}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+    problem = unwritable(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {problem}")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """argparse type: a folder to write into (created later, with any missing parents), refused now when it
+    is a file or when the nearest existing folder above it cannot be written (see
+    :func:`alignkit.io.unwritable`). Nothing is created."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path: give a folder")
+    problem = unwritable(text, folder=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {problem}")
+    return Path(text)
+
+
+def adapter_folder(text: str) -> str:
+    """argparse type: a LoRA adapter folder, checked as :func:`alignkit.adapters.check_adapter_folder` checks
+    it (config and safetensors header, not the tensors), so a wrong path is refused before a model loads."""
+    from .adapters import check_adapter_folder
+
+    try:
+        check_adapter_folder(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

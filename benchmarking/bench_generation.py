@@ -54,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignkit.cliutil import ArgParser, guarded, non_negative_int, positive_int
+from alignkit.cliutil import ArgParser, adapter_folder, guarded, non_negative_int, output_file, positive_int
 
 
 def _prompts(n: int) -> list[str]:
@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens per answer [200]")
     parser.add_argument("--repeats", type=positive_int, default=1, help="runs of each case; medians reported [1]")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads; 0 keeps torch's default")
-    parser.add_argument("--adapter", help="a LoRA adapter folder of the embedded model [default: a fresh LoRA "
+    parser.add_argument("--adapter", type=adapter_folder, help="a LoRA adapter folder of the embedded model [default: a fresh LoRA "
                                           "with random lora_B]")
     parser.add_argument("--configurations", type=non_negative_int, default=3,
                         help="configurations answering the comparison's prompts (the 6 report prompts and 39 "
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
                         help="turns of the chat case: each answer's first text with the conversation's cache kept "
                              "and computed again; 0 skips it [6]")
     parser.add_argument("--gguf", help="a GGUF file for llama.cpp (needs llama-cpp-python)")
-    parser.add_argument("--json", help="write the numbers to this JSON file")
+    parser.add_argument("--json", type=output_file, help="write the numbers to this JSON file (its folder must exist)")
     return guarded(lambda: run(parser.parse_args(argv)))
 
 

@@ -9,7 +9,7 @@ next-token logits are, both answers (and where they first differ) and tokens/s o
     pip install llama-cpp-python      # optional, not an alignkit dependency; compiles llama.cpp (~6 min)
     python benchmarking/bench_gguf_llamacpp.py --load-path outputs/sft/actor --quant f16
 
-Without llama-cpp-python installed it says how to install it and exits 0.
+Without llama-cpp-python installed it says how to install it (one ``error:`` line) and exits 2.
 """
 
 import argparse
@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from alignkit.cliutil import ArgParser, guarded, positive_int
+from alignkit.cliutil import ArgParser, adapter_folder, guarded, positive_int
 from alignkit.compare import SEED_PROMPTS
+from alignkit.errors import UserError
 from alignkit.models import DEFAULT_MODEL
 
 INSTALL = ("llama-cpp-python is not installed; to run this comparison: pip install llama-cpp-python "
@@ -88,9 +89,9 @@ def _llamacpp_greedy(path, text, ids, max_new_tokens, threads, repack=True):
 
 
 def run(args) -> int:
+    """The comparison for parsed ``args``; a UserError (one line) when llama-cpp-python is missing."""
     if importlib.util.find_spec("llama_cpp") is None:
-        print(INSTALL)
-        return 0
+        raise UserError(INSTALL)
     import numpy as np
     import torch
 
@@ -135,9 +136,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Command line of the comparison: its exit code (2 for a user mistake or a missing llama-cpp-python)."""
     parser = ArgParser(prog="bench_gguf_llamacpp.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load-path", default=None, help="adapter folder [default: none, the base alone]")
+    parser.add_argument("--load-path", type=adapter_folder, default=None, help="adapter folder [default: none, the base alone]")
     parser.add_argument("--model", default=None, help="base model [default: the adapter's, else the embedded one]")
     parser.add_argument("--quant", default="f16", choices=("f32", "f16", "q8_0"), help="GGUF weights [default: f16]")
     parser.add_argument("--prompt", default=SEED_PROMPTS[2], help="the user message [default: a report prompt]")

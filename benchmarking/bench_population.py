@@ -57,7 +57,7 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, prog="bench_population.py")
     parser.add_argument("--sizes", type=positive_int_list, default=[1, 4], help="population sizes [default: 1,4]")
     parser.add_argument("--evo-steps", type=positive_int, default=2, help="optimizer steps per generation [default: 2]")
     parser.add_argument("--generations", type=positive_int, default=2, help="generations timed [default: 2]")

@@ -86,7 +86,7 @@ def measure(args, processes: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = bench_parser(__doc__)
+    parser = bench_parser(__doc__, prog="bench_processes.py")
     parser.add_argument("--processes", type=positive_int_list, default=[1, 2],
                         help="comma-separated process counts [default: 1,2]")
     parser.add_argument("--steps", type=positive_int, default=5,

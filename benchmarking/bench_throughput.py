@@ -97,6 +97,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from alignkit import DPO, SFT, PreferenceGym, SFTGym, load_model, load_tokenizer, make_dataset
+from alignkit.cliutil import non_negative_float, output_file, positive_float
 from alignkit.runtime import reuse_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -445,12 +446,13 @@ INT_OPTIONS = (  # flag, default, minimum, help
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The parsed command line; a bad value exits 2 (argparse's usage and error lines) before any waiting."""
+    p = argparse.ArgumentParser(prog="bench_throughput.py", description=__doc__.split("\n")[0])
     for flag, default, _, text in INT_OPTIONS:
         p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (constant) on both sides")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta on both sides")
-    p.add_argument("--nll-alpha", type=float, default=0.0, help="NLL weight (TRL: loss_type [sigmoid, sft])")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="learning rate (constant) on both sides")
+    p.add_argument("--beta", type=positive_float, default=0.1, help="DPO beta on both sides")
+    p.add_argument("--nll-alpha", type=non_negative_float, default=0.0, help="NLL weight (TRL: loss_type [sigmoid, sft])")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model for alignkit.load_model")
     p.add_argument("--random-init", choices=["qwen2.5-0.5b"], help="a random-weight model of this shape instead")
@@ -468,8 +470,8 @@ def parse_args(argv=None):
     best.add_argument("--trl-plain", dest="trl_best", action="store_false", help="time plain TRL trainers only")
     p.add_argument("--scaling", action="store_true", help="also time alignkit over lengths and batch sizes")
     p.add_argument("--profile", action="store_true", help="profile one alignkit step per algorithm")
-    p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for idle CPUs before a run")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--max-wait", type=non_negative_float, default=1800, help="seconds to wait for idle CPUs before a run")
+    p.add_argument("--json", type=output_file, help="also write the results here (its folder must exist)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     problems = [f"{flag} must be >= {low}" for flag, _, low, _ in INT_OPTIONS

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alignkit.cliutil import ArgParser, guarded, positive_int
+from alignkit.cliutil import ArgParser, guarded, output_folder, positive_int
 
 RUNS = {"vanilla DPO": 0.0, "DPO+NLL": 1.0}
 CURVES = [(("logps/chosen",), "held-out chosen log-prob (sum per answer)"),
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of both runs [default: 0.1]")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length limit [default: 200]")
     p.add_argument("--eval-prompts", type=int, default=0, help="answer only the first N held-out prompts (0: all)")
-    p.add_argument("--out", type=Path, default=Path("outputs/study_nll"), help="output folder")
+    p.add_argument("--out", type=output_folder, default=Path("outputs/study_nll"), help="output folder")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
     args = p.parse_args(argv)
     from alignkit.config import build_config

@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from alignkit.cliutil import ArgParser, guarded, positive_int
+from alignkit.cliutil import ArgParser, guarded, output_folder, positive_int
 
 NLL_TIE = 0.01   # nats per token: closer than this, the cheaper SFT point wins
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
                    help="a training option for every run, as in a YAML config (e.g. batch_size=4); repeatable")
     p.add_argument("--max-new-tokens", type=positive_int, default=200, help="answer length limit [default: 200]")
     p.add_argument("--eval-prompts", type=int, default=0, help="answer only the first N held-out prompts (0: all)")
-    p.add_argument("--out", type=Path, default=Path("outputs/sweep"), help="output folder")
+    p.add_argument("--out", type=output_folder, default=Path("outputs/sweep"), help="output folder")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
     args = p.parse_args(argv)
     check_options(p, args.option)   # before --out is made or anything trains

@@ -15,13 +15,18 @@ def run_worker(cmd: list[str], what: str, env: dict | None = None) -> dict:
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def bench_parser(doc: str):
-    """The options every process benchmark has: ``--algo``, ``--json``, and the hidden ``--worker``."""
+def bench_parser(doc: str, prog: str | None = None):
+    """The options every process benchmark has: ``--algo``, ``--json`` (checked now: a path that cannot be
+    written is refused before any worker starts), and the hidden ``--worker``; ``prog`` names the script in
+    usage and error lines."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from alignkit.cliutil import output_file
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=("sft", "dpo"), default="sft")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--json", type=output_file, default=None,
+                        help="also write the results to this file (its folder must exist)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 

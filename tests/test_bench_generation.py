@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 
 def _bench():
     path = Path(__file__).resolve().parents[1] / "benchmarking" / "bench_generation.py"
@@ -20,3 +22,19 @@ def test_rows_leave_the_schedule_as_their_answers_end():
     assert rows_per_step([[7]], max_new_tokens=1) == []     # capped at its first token: the prompts' pass only
     assert rows_per_step([[7]], max_new_tokens=4) == [1]    # one step chose its stop token
     assert rows_per_step([], max_new_tokens=4) == []
+
+
+def test_bad_adapter_or_json_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    bench = _bench()
+    monkeypatch.setattr(bench, "_model", lambda *a, **k: pytest.fail("the model loaded"))
+    missing = tmp_path / "nonexistent"
+    assert bench.main(["--adapter", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: bench_generation.py: argument --adapter: {missing}: no such adapter folder\n"
+    json_path = tmp_path / "no" / "r.json"
+    assert bench.main(["--json", str(json_path)]) == 2
+    assert capsys.readouterr().err == (f"error: bench_generation.py: argument --json: {json_path}: "
+                                       f"folder {json_path.parent} does not exist\n")
+    assert bench.main(["--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: bench_generation.py: argument --json: {tmp_path} is a folder: "
+                                       "give a file name inside it\n")
+    assert list(tmp_path.iterdir()) == []

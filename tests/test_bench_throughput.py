@@ -161,3 +161,31 @@ def test_summarise_sft_excludes_a_candidate_that_is_not_the_same_work(bench, cap
     assert s["trl"]["variant"] == "plain" and "failed" in s["trl_candidates"]["padding_free"]["excluded"]
     bench.print_table("sft", s, bench.parse_args(["--only", "sft"]), 1.0)
     assert "EXCLUDED from best" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "argument --lr: must be > 0 (got -1)"),
+    (["--lr", "nan"], "argument --lr: must be a finite number (got 'nan')"),
+    (["--beta", "0"], "argument --beta: must be > 0 (got 0)"),
+    (["--beta", "inf"], "argument --beta: must be a finite number (got 'inf')"),
+    (["--nll-alpha", "-1"], "argument --nll-alpha: must be >= 0 (got -1)"),
+    (["--max-wait", "-5"], "argument --max-wait: must be >= 0 (got -5)"),
+    (["--max-wait", "x"], "argument --max-wait: not a number: 'x'"),
+    (["--json", "/nonexistent-alignkit/r.json"],
+     "argument --json: /nonexistent-alignkit/r.json: folder /nonexistent-alignkit does not exist"),
+])
+def test_bad_floats_and_json_are_refused_before_waiting_for_idle_cpus(bench, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda *a, **k: pytest.fail("the benchmark started"))
+    monkeypatch.setattr(bench, "wait_for_quiet", lambda *a, **k: pytest.fail("waited for idle CPUs"))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench_throughput.py: error: {message}"
+
+
+def test_json_folder_is_refused(bench, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--json", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"bench_throughput.py: error: argument --json: {tmp_path} is a folder: give a file name inside it")
