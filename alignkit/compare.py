@@ -218,11 +218,24 @@ def read_run_record(run_dir) -> RunRecord:
         split = Split(config["dataset"], int(config["seed"]), float(config["test_size"]),
                       config.get("format", "auto"), columns, config.get("eval_dataset"), config.get("eval_format"),
                       None if eval_columns is None else EvalColumnMap.parse(eval_columns)[0])
-        return RunRecord(split, int(config["max_length"]), float(config.get("beta", _DEFAULTS.beta)))
+        beta = _best_member_beta(Path(run_dir)) or float(config.get("beta", _DEFAULTS.beta))
+        return RunRecord(split, int(config["max_length"]), beta)
     except FileNotFoundError:
         raise UserError(f"{run_dir} has no run.json: cannot tell which split it was trained against") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a readable run record ({type(exc).__name__}: {exc})") from None
+
+
+def _best_member_beta(run_dir: Path) -> float | None:
+    """The beta the adapter of a population run (``population.json`` beside ``run.json``) was last trained
+    with: its best member's in the last generation, which mutations move away from the recorded ``--beta``;
+    None for a run without a population or a beta there."""
+    path = run_dir / "population.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    member = next((m for m in record["generations"][-1]["members"] if m["member"] == record["best"]), {})
+    return float(member["beta"]) if "beta" in member else None
 
 
 def row_keys(dataset) -> set[str]:

@@ -343,8 +343,8 @@ def run_population(cfg) -> Path:
                     held_out = population.test(s.gym)
                     leader = population.evolve(step, held_out)
                     log.log(step, s.gym.progress, "eval", {"member": leader, **held_out[leader]})
-                    bar.write(f"step {step}: generation {len(population.history) - 1}, elite member {leader} "
-                              f"(lr {population.members[leader].agent.lr:.3g})")
+                    bar.write(f"step {step}: generation {len(population.history) - 1}, elite member {leader} ("
+                              + ", ".join(f"{k} {v:.3g}" for k, v in population.members[leader].hyper.items()) + ")")
                     population.activate(leader)
                     save_population(population, s, step, leader)
                 if step < s.total_steps:

@@ -365,3 +365,16 @@ def test_compare_refuses_a_prompt_that_leaves_no_room_for_its_answer(tiny_model_
                                       "context of 512 tokens; shorten it to at most 412 tokens or lower "
                                       "--max-new-tokens")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_population_run_is_scored_at_the_beta_its_best_member_trained_with(tmp_path):
+    from alignkit.config import DPOConfig
+
+    run = tmp_path / "pop"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"algo": "dpo", "config": {**DPOConfig(pop_size=3).to_dict(), "beta": 0.1}}))
+    assert read_run_record(run).beta == 0.1   # no population record: the recorded --beta
+    members = [{"member": i, "lr": 1e-4, "beta": b} for i, b in enumerate((0.3, 4.9, 0.05))]
+    (run / "population.json").write_text(json.dumps({"best": 1, "generations": [
+        {"generation": 0, "members": [{**m, "beta": 0.1} for m in members]}, {"generation": 1, "members": members}]}))
+    assert read_run_record(run).beta == 4.9
