@@ -18,11 +18,15 @@ import argparse
 import logging
 import sys
 
-from . import __version__, commands
-from .cliutil import ArgParser, guarded
-from .config import CONFIGS, add_arguments, build_config, unused_options
-from .errors import UserError
-from .pipeline import add_pipeline_parser
+try:   # torch, transformers and peft load here: Ctrl-C meanwhile ends with one line, as it does later
+    from . import __version__, commands
+    from .cliutil import ArgParser, guarded
+    from .config import CONFIGS, add_arguments, build_config, unused_options
+    from .errors import UserError
+    from .pipeline import add_pipeline_parser
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 _SEVERAL = ("\n\nseveral processes (DDP; FSDP2 or DeepSpeed ZeRO-2/3 on GPUs): accelerate launch --config_file "
             "configs/accelerate/<ddp_cpu|ddp_gpu|fsdp_gpu|zero2_gpu|zero3_gpu>.yaml -m alignkit.cli {algo} ...")

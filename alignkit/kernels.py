@@ -22,19 +22,7 @@ import types
 import torch
 from torch import nn
 
-KERNEL_CACHE_CAPACITY = 64
-"""How many built products oneDNN (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and torch's oneDNN bindings
-(``LRU_CACHE_CAPACITY``) each keep, set at import where the environment does not say otherwise. Both
-default to 1,024, and each kept product holds its work buffers (~1-3.5 MB for a training batch's
-products on the embedded model). A packed batch has a new row count nearly every micro-batch, so
-their entries only added up: +0.33 GB peak resident over 16 SFT steps of the demo's recipe (2.90 against
-2.57 GB capped), with no reuse.
-64 holds every product of one micro-batch's forward and backward (~21 shapes a layer, repeated by
-every layer) and bounds the rest. Both caches read their size at their first product in the process,
-so this holds where alignkit is imported before oneDNN first runs."""
-
-for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_variable, str(KERNEL_CACHE_CAPACITY))
+from . import KERNEL_CACHE_CAPACITY  # noqa: F401 - set in the environment by the package's import
 
 ONEDNN_GAIN = 1.1
 """How many times faster oneDNN's products must measure than torch's default ones on this machine

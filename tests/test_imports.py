@@ -58,3 +58,24 @@ def test_the_core_loads_without_command_line_or_plotting():
             "'alignkit.pipeline', 'alignkit.plots', 'alignkit.report', 'matplotlib')))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_import_alignkit_is_light_and_its_names_load_on_first_use():
+    code = ("import sys, alignkit; light = 'torch' not in sys.modules; "
+            "from alignkit import SFT, LoraConfig; print(light, SFT.__module__, LoraConfig.__module__.split('.')[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "alignkit.agents", "peft"]
+
+
+def test_ctrl_c_while_the_command_line_loads_ends_with_one_line():
+    import signal
+    import time
+
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); print('ready', flush=True); "
+            "from alignkit.cli import main; print('loaded', flush=True); sys.exit(main(['--help']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.2)   # inside torch's import, which takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, "", "interrupted\n")

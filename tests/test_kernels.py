@@ -120,4 +120,4 @@ def test_importing_alignkit_bounds_onednns_kernel_caches():
     # a user's own setting stands: oneDNN's and torch's default of 1,024 kept entries
     lru, primitives, unbounded = grown(LRU_CACHE_CAPACITY="1024", ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
     assert (lru, primitives) == ("1024", "1024")
-    assert unbounded > 250 and bounded < 0.6 * unbounded, (bounded, unbounded)
+    assert unbounded > 200 and bounded < 0.6 * unbounded, (bounded, unbounded)   # 245-255 MB unbounded, 70 bounded
