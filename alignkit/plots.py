@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -225,8 +226,11 @@ def _raw_and_smooth(ax, steps, values, smoothing, color, label, raw=True, **line
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the figure atomically so a crash never leaves a half-written PNG behind."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    """Write the figure atomically so a crash never leaves a half-written PNG behind. A title's characters the
+    font lacks (a run folder named in Japanese) are drawn as boxes without a warning per character."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _plot_training_loss(records, info, out_dir: Path, smoothing: float) -> Path | None:

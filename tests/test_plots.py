@@ -125,6 +125,16 @@ def test_plot_run_sft(tmp_path):
     assert not list(run.glob(".*")), "temporary files left behind"
 
 
+def test_a_run_named_in_characters_the_font_lacks_is_drawn_without_a_warning_per_character(tmp_path):
+    import warnings
+
+    run = write_run(tmp_path / "ünï 日本", "sft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plot_run(run)
+    assert [str(w.message) for w in caught] == []
+    assert [assert_png(p) and p.name for p in paths] == ["sft_training_loss.png", "eval_metrics.png"]
+
 @pytest.mark.parametrize("alpha, prefix", [(0.0, "dpo"), (1.0, "dpo_plus_nll")])
 def test_plot_run_dpo_names_follow_nll_alpha(tmp_path, alpha, prefix):
     run = write_run(tmp_path / "run", "dpo", nll_alpha=alpha)
