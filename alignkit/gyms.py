@@ -83,6 +83,7 @@ class EncodeStats:
     responses: int = 0              # responses fitted to the length (two per preference pair)
     truncated_responses: int = 0
     dropped_same_tokens: int = 0    # preference pairs whose answers are the same tokens once fitted
+    dropped_same_answers: int = 0   # preference pairs whose answers are the same tokens as written
     boundary_merges: int = field(default=0)
 
 
@@ -283,8 +284,11 @@ class _Gym:
                    "tokens)"] if stats.dropped_prompt_too_long else []
             why += [f"{stats.dropped_same_tokens} have the same chosen and rejected tokens once cut to "
                     "--max-length"] if stats.dropped_same_tokens else []
+            why += [f"{stats.dropped_same_answers} have the same chosen and rejected answer"] \
+                if stats.dropped_same_answers else []
+            fix = "; raise --max-length or shorten the prompts" if stats.dropped_same_answers < stats.rows else ""
             raise UserError(f"no training rows left after tokenization: of {stats.rows} train rows, "
-                            f"{' and '.join(why)}; raise --max-length or shorten the prompts")
+                            f"{' and '.join(why)}{fix}")
         self.test_examples = self._encode_split(test_dataset, "test") if test_dataset is not None else []
         if test_dataset is not None and self.encode_stats["test"].rows and not self.test_examples:
             logger.warning("test split: no row is left after tokenization (see above), so this run is not "
@@ -358,6 +362,9 @@ class _Gym:
             logger.warning("%s split: dropped %d of %d pairs whose chosen and rejected answers are the same tokens "
                            "once cut to --max-length (%d tokens)", split, stats.dropped_same_tokens, stats.rows,
                            self.max_context_length)
+        if stats.dropped_same_answers:
+            logger.warning("%s split: dropped %d of %d pairs whose chosen and rejected answers are the same",
+                           split, stats.dropped_same_answers, stats.rows)
         if stats.boundary_merges:
             logger.info("%s split: %d rows would merge tokens across the prompt/response boundary; "
                         "prompt and response were tokenized separately", split, stats.boundary_merges)
@@ -547,6 +554,9 @@ class PreferenceGym(_Gym):
         chosen, merged_c = encode_pair(self.tokenizer, row["prompt"], row["chosen"])
         rejected, merged_r = encode_pair(self.tokenizer, row["prompt"], row["rejected"])
         stats.boundary_merges += merged_c or merged_r
+        if chosen.input_ids == rejected.input_ids and chosen.labels == rejected.labels:
+            stats.dropped_same_answers += 1
+            return None
         chosen, rejected = self._fit(chosen, stats), self._fit(rejected, stats)
         if chosen is None or rejected is None:
             stats.dropped_prompt_too_long += 1

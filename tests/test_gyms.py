@@ -74,6 +74,17 @@ def test_pairs_whose_answers_are_the_same_tokens_once_cut_are_dropped_and_counte
         PreferenceGym(same_once_cut, None, tokenizer, max_context_length=50)
     # With room for the whole answers they differ and are kept.
     assert len(PreferenceGym(same_once_cut, None, tokenizer, max_context_length=256).train_examples) == 2
+    # The same answer as written: said so, with no length to blame.
+    caplog.clear()
+    same = [{"prompt": f"q{i}", "chosen": "Pasta!", "rejected": "Pasta!"} for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        assert len(PreferenceGym(rows + same, None, tokenizer, max_context_length=256).train_examples) == len(rows)
+    assert "train split: dropped 3 of 9 pairs whose chosen and rejected answers are the same" in caplog.text
+    assert "once cut" not in caplog.text
+    with pytest.raises(UserError) as err:
+        PreferenceGym(same, None, tokenizer)
+    assert str(err.value) == ("no training rows left after tokenization: of 3 train rows, 3 have the same chosen and "
+                              "rejected answer")
 
 
 def test_a_test_split_emptied_by_tokenization_is_said_plainly(tokenizer, rows, caplog):
