@@ -524,6 +524,12 @@ def generate_replies(model, tokenizer, prompts: list, max_new_tokens: int = 200,
     ``model.generate(do_sample=False)``, sampled ones reproducible when ``sampling.seed`` is set (per
     prompt and its key of ``keys``, whatever the batches).
     """
+    if isinstance(prompts, (str, dict)) or not all(isinstance(p, (str, list)) for p in prompts):
+        from .errors import ArgumentError
+
+        got = (f"a {type(prompts).__name__}: wrap one prompt in a list" if isinstance(prompts, (str, dict)) else
+               f"an item that is a {type(next(p for p in prompts if not isinstance(p, (str, list)))).__name__}")
+        raise ArgumentError(f"prompts must be a list of prompts, each text or a list of messages (got {got})")
     encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
     out = generate_ids(model, encoded, max_new_tokens, stop_token_ids(model, tokenizer), pad_token_id(tokenizer),
                        batch_size, sampling, adapters, cache_budget, keys)

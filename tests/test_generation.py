@@ -573,3 +573,17 @@ def test_output_whose_reader_went_away_ends_quietly_with_141():
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""   # no traceback
+
+
+@pytest.mark.parametrize("prompts, got", [
+    ("Hi there!", "a str: wrap one prompt in a list"),
+    ({"role": "user", "content": "Hi"}, "a dict: wrap one prompt in a list"),
+    (["Hi", None], "an item that is a NoneType"),
+])
+def test_prompts_that_are_not_a_list_of_prompts_are_named(model, tokenizer, prompts, got):
+    from alignkit.errors import UserError
+    from alignkit.evaluate import generate_answers
+
+    with pytest.raises(UserError) as err:   # a text used to be answered character by character
+        generate_answers(model, tokenizer, prompts, max_new_tokens=2)
+    assert str(err.value) == f"prompts must be a list of prompts, each text or a list of messages (got {got})"
