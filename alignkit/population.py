@@ -279,6 +279,16 @@ class _TermAsInterrupt(StopSignals):
 
 
 def run_population(cfg) -> Path:
+    """:func:`train_population`, its run folder unlocked once it ends (see ``alignkit.runs.claim_run_dir``)."""
+    from .runs import release_run_dirs
+
+    try:
+        return train_population(cfg)
+    finally:
+        release_run_dirs()
+
+
+def train_population(cfg) -> Path:
     """Train a population as ``cfg`` describes (or continue it: ``cfg.resume``); writes the run folder
     with the best member as ``actor/``.
 

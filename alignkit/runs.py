@@ -64,20 +64,52 @@ def check_save_path(cfg: SFTConfig) -> None:
                         "choose another --save-path")
 
 
+_HELD: dict[Path, int] = {}   # run folders this process trains, each by an open descriptor holding its lock
+
+
+def _hold(run_dir: Path) -> None:
+    """Lock ``run_dir`` for this process (``flock`` on the folder, released by :func:`release_run_dirs` or at
+    exit): a second process that resumes or overwrites a run while it trains is refused, where both would
+    write its checkpoints and log. Without ``flock`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = run_dir.resolve()
+    if key in _HELD:   # this process again (a run that failed before releasing it): one lock is enough
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{run_dir} is being trained by another process right now; let it end (or stop it) "
+                        "first") from None
+    _HELD[key] = fd
+
+
+def release_run_dirs() -> None:
+    """Unlock every run folder this process has claimed (:func:`claim_run_dir`), once its run has ended."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
 def claim_run_dir(cfg: SFTConfig, now: datetime | None = None) -> Path:
-    """Create the run's folder, or take ``--resume``'s (clearing what a killed save left in it); no other
-    run can claim the same one."""
+    """Create the run's folder, or take ``--resume``'s (clearing what a killed save left in it), and lock it
+    for this process until :func:`release_run_dirs`; no other run can claim the same one meanwhile."""
     if cfg.resume:
+        _hold(Path(cfg.resume))
         removed = remove_leftovers(cfg.resume)
         if removed:
             logger.info("removed %d temporary files of an interrupted save", len(removed))
         return Path(cfg.resume)
     base = Path(cfg.save_path)
     if cfg.no_timestamp:
-        if cfg.overwrite and base.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        _hold(base)   # before --overwrite empties it
+        if cfg.overwrite:
             for child in base.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        base.mkdir(parents=True, exist_ok=True)
         try:  # the record is created exclusively, so two runs started into one folder cannot both go on
             with open(base / RUN_RECORD, "x"):
                 pass
@@ -90,6 +122,7 @@ def claim_run_dir(cfg: SFTConfig, now: datetime | None = None) -> Path:
         folder = base / (stem if n == 1 else f"{stem}_{n}")
         try:
             folder.mkdir()
+            _hold(folder)
             return folder
         except FileExistsError:
             continue

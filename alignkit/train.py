@@ -46,7 +46,7 @@ from .io import atomic_write_json
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, read_chat_template
 from .processes import broadcast_from_main, gather_dicts, is_main_process, make_accelerator
 from .reference import REFERENCE_ADAPTER, reference_store
-from .runs import MetricsLog, check_save_path, claim_run_dir
+from .runs import MetricsLog, check_save_path, claim_run_dir, release_run_dirs
 from .runtime import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -446,5 +446,8 @@ def run(cfg: SFTConfig) -> Path:
     """Check where ``cfg``'s run writes, set it up and train it; returns its folder."""
     check_save_path(cfg)
     s = setup(cfg)
-    train(s)
+    try:
+        train(s)
+    finally:
+        release_run_dirs()
     return s.run_dir

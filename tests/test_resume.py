@@ -409,3 +409,25 @@ def test_a_signal_before_the_first_step_stops_after_the_evaluation_and_the_folde
                                "stopped before its first one); start it again: the same command without --resume, "
                                "with --overwrite"]
     assert main(["sft", *flags, "--overwrite"]) == 0 and sorted(_train_losses(cut)) == [1, 2]
+
+
+def test_a_run_being_trained_is_not_resumed_or_overwritten_by_another_process(tiny_model_dir, rows_file, tmp_path,
+                                                                               capsys):
+    cut = tmp_path / "cut"
+    flags = _flags(tiny_model_dir, rows_file, cut, "--save-interval", "1")
+    proc = _slow(1.0, ["sft", *flags])
+    _wait_for(cut / "checkpoint-1" / "training_state.json", proc)
+    capsys.readouterr()
+    assert main(["sft", "--resume", str(cut)]) == 2
+    assert _errors(capsys) == [f"error: {cut} is being trained by another process right now; let it end (or stop "
+                               "it) first"]
+    assert main(["sft", *flags, "--overwrite"]) == 2
+    assert _errors(capsys) == [f"error: {cut} is being trained by another process right now; let it end (or stop "
+                               "it) first"]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "resume with: alignkit sft --resume" in err
+    steps = sorted(_train_losses(cut))
+    assert steps == list(range(1, steps[-1] + 1))   # one writer: no step twice
+    assert main(["sft", "--resume", str(cut)]) == 0   # free again once it has ended
+    assert sorted(_train_losses(cut)) == list(range(1, 8))
