@@ -147,14 +147,19 @@ def _pass_seconds(model, row_counts, repeats: int = 5) -> dict[int, float]:
             products = [Product(m.weight, pack_rows=pack_rows, onednn=onednn) for m in model.modules()
                         if type(m) is torch.nn.Linear]
             inputs = {p.weight.shape[1]: torch.randn(rows, p.weight.shape[1]) for p in products}
-            best = float("inf")
-            for _ in range(repeats + 1):   # the first pass only warms up
-                start = time.perf_counter()
-                for product in products:
-                    product(inputs[product.weight.shape[1]])
-                best = min(best, time.perf_counter() - start)
-            seconds[rows] = best
+            seconds[rows] = _best_seconds(lambda ps=products, xs=inputs: [p(xs[p.weight.shape[1]]) for p in ps], repeats)
     return seconds
+
+
+def _best_seconds(one_pass, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``one_pass()``, after one untimed call that warms up."""
+    one_pass()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _matmul_bound(model, rows: int, repeats: int = 5) -> float:
@@ -175,13 +180,7 @@ def _read_seconds(model, repeats: int = 5) -> float:
 
     with merged_lora(model), torch.no_grad():
         weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
-        best = float("inf")
-        for _ in range(repeats + 1):   # the first pass only warms up
-            start = time.perf_counter()
-            for weight in weights:
-                weight.sum()
-            best = min(best, time.perf_counter() - start)
-    return best
+        return _best_seconds(lambda: [w.sum() for w in weights], repeats)
 
 
 def rows_per_step(answers: list[list[int]], max_new_tokens: int) -> list[int]:
