@@ -430,6 +430,17 @@ def _llama_cpp(path: str, single: list[int], batched: list[list[int]], max_new_t
     return result
 
 
+def _gguf_file(text: str) -> str:
+    """argparse type: a GGUF file, checked by its magic bytes before the model loads and the cases run."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file" + (" (a folder)" if path.is_dir() else ""))
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise argparse.ArgumentTypeError(f"{text} is not a GGUF file (alignkit export --format gguf writes one)")
+    return text
+
+
 def run(args) -> int:
     import torch
 
@@ -500,7 +511,7 @@ def main(argv=None) -> int:
     parser.add_argument("--conversation", type=non_negative_int, default=6,
                         help="turns of the chat case: each answer's first text with the conversation's cache kept "
                              "and computed again; 0 skips it [6]")
-    parser.add_argument("--gguf", help="a GGUF file for llama.cpp (needs llama-cpp-python)")
+    parser.add_argument("--gguf", type=_gguf_file, help="a GGUF file for llama.cpp (needs llama-cpp-python)")
     parser.add_argument("--json", type=output_file, help="write the numbers to this JSON file (its folder must exist)")
     return guarded(lambda: run(parser.parse_args(argv)))
 

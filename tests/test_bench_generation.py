@@ -38,3 +38,9 @@ def test_bad_adapter_or_json_is_refused_before_the_model_loads(monkeypatch, caps
     assert capsys.readouterr().err == (f"error: bench_generation.py: argument --json: {tmp_path} is a folder: "
                                        "give a file name inside it\n")
     assert list(tmp_path.iterdir()) == []
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("plain text")
+    for path, why in ((tmp_path / "none.gguf", f"{tmp_path / 'none.gguf'}: no such file"),
+                      (not_gguf, f"{not_gguf} is not a GGUF file (alignkit export --format gguf writes one)")):
+        assert bench.main(["--gguf", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: bench_generation.py: argument --gguf: {why}\n"
