@@ -13,6 +13,7 @@ is given explicitly, which is then checked to share no row with any run's traini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -108,13 +109,9 @@ def model_context(model_name: str) -> int | None:
 
     source = resolve_model_source(model_name)
     try:
-        if source.kind in ("embedded", "gguf"):
-            config = AutoConfig.from_pretrained(_gguf_folder(source.location))
-        elif source.kind == "hub":
-            with cache_only_if_unreachable():
-                config = AutoConfig.from_pretrained(source.location)
-        else:
-            config = AutoConfig.from_pretrained(source.location)
+        with cache_only_if_unreachable() if source.kind == "hub" else contextlib.nullcontext():
+            config = AutoConfig.from_pretrained(_gguf_folder(source.location) if source.kind in ("embedded", "gguf")
+                                                else source.location)
     except (OSError, ValueError):
         return None
     return getattr(config, "max_position_embeddings", None)

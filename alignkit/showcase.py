@@ -20,16 +20,13 @@ def _block(label: str, text: str) -> str:
 
 def train_and_show(algo: str, n_prompts: int = 3, max_new_tokens: int = 200, **options) -> dict:
     """Train ``algo`` with default options (plus ``options``), print answers and metrics; returns them."""
-    from .runs import check_save_path, release_run_dirs
+    from .runs import check_save_path
     from .train import setup, train
 
     cfg = build_config(algo, {"save_path": f"outputs/benchmark_{algo}", **options})
     check_save_path(cfg)
     s = setup(cfg)
-    try:
-        final = train(s)
-    finally:
-        release_run_dirs()
+    final = train(s)
     _, test = make_dataset(cfg.dataset, test_size=cfg.test_split, seed=cfg.seed, eval_dataset=cfg.eval_dataset)
     rows = [test[i] for i in range(min(n_prompts, len(test)))]
     prompts = [r["prompt"] for r in rows]

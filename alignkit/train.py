@@ -355,7 +355,15 @@ def _keep_held_out_logps(s: Setup) -> None:
 
 
 def train(s: Setup) -> dict:
-    """Run the loop of ``s``; returns the final held-out metrics."""
+    """Run the loop of ``s``; returns the final held-out metrics. The run folder it claims stays locked
+    (``alignkit.runs.claim_run_dir``) until the run ends, however it ends."""
+    try:
+        return _train(s)
+    finally:
+        release_run_dirs()
+
+
+def _train(s: Setup) -> dict:
     cfg, gym, agent = s.cfg, s.gym, s.agent
     say = print if s.main else (lambda *args, **kwargs: None)   # one process speaks for all
     s.run_dir = s.run_dir or broadcast_from_main(claim_run_dir(cfg) if s.main else None, s.accelerator)
@@ -446,8 +454,5 @@ def run(cfg: SFTConfig) -> Path:
     """Check where ``cfg``'s run writes, set it up and train it; returns its folder."""
     check_save_path(cfg)
     s = setup(cfg)
-    try:
-        train(s)
-    finally:
-        release_run_dirs()
+    train(s)
     return s.run_dir
